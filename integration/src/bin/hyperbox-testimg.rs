@@ -1,0 +1,107 @@
+//! `hyperbox-testimg`: builds the offline test images (reproducibly, cached) and pushes them
+//! to a loopback registry.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use hyperbox_integration::images::{self, BuildOptions, TestImage};
+
+#[derive(Debug, Parser)]
+#[command(name = "hyperbox-testimg", about = "Build and push the HyperBox offline test images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build images (or find them in the cache) and print `NAME DIGEST LAYOUT` per image.
+    Build {
+        /// Build from scratch, ignoring cached root filesystems and images.
+        #[arg(long)]
+        no_cache: bool,
+        /// Put the images in DIR/NAME/ (`oci/`, `image.tar`) instead of the cache.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// busybox, debian, debian-python or all (the default).
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Build (or find) images and push each as REGISTRY/hyperbox/NAME:latest.
+    Push {
+        /// The registry, `127.0.0.1:PORT`.
+        #[arg(long)]
+        registry: String,
+        /// busybox, debian, debian-python or all.
+        #[arg(value_name = "NAME", required = true)]
+        names: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let opts = BuildOptions::from_env().context("reading the build settings")?;
+    match cli.command {
+        Cmd::Build {
+            no_cache,
+            out,
+            names,
+        } => {
+            let mut opts = opts.with_no_cache(no_cache);
+            if let Some(out) = out {
+                opts = opts.with_out_dir(out);
+            }
+            for image in parse_names(&names)? {
+                let started = Instant::now();
+                let built = images::build(image, &opts)
+                    .with_context(|| format!("building the {image} image"))?;
+                tracing::info!(
+                    image = %image,
+                    seconds = started.elapsed().as_secs_f64(),
+                    bytes = built.size,
+                    from_cache = built.from_cache,
+                    "done"
+                );
+                println!(
+                    "{} {} {}",
+                    built.name,
+                    built.manifest_digest,
+                    built.layout_dir.display()
+                );
+            }
+        }
+        Cmd::Push { registry, names } => {
+            for image in parse_names(&names)? {
+                let built = images::build(image, &opts)
+                    .with_context(|| format!("building the {image} image"))?;
+                let repo_tag = format!("hyperbox/{}:latest", image.name());
+                images::push(&built, &registry, &repo_tag)
+                    .with_context(|| format!("pushing {image} to {registry}"))?;
+                println!("{} {} {registry}/{repo_tag}", built.name, built.manifest_digest);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Image names from the command line; none or `all` means every image.
+fn parse_names(names: &[String]) -> Result<Vec<TestImage>> {
+    if names.is_empty() || names.iter().any(|n| n == "all") {
+        return Ok(TestImage::all().to_vec());
+    }
+    names
+        .iter()
+        .map(|n| n.parse::<TestImage>().map_err(anyhow::Error::from))
+        .collect()
+}

@@ -1,0 +1,492 @@
+//! A small client of containerd's API for what `ctr` 1.6/1.7 cannot do: task update, create
+//! and checkpoint with explicit runtime options, and event subscription.
+//!
+//! `ctr` has no `task update`; it sends checkpoint options (and containerd honours image
+//! paths) only for runtimes named `io.containerd.runc*`; its `-t` needs a terminal. Tests that
+//! need any of that use this client instead.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use containerd_client::services::v1::events_client::EventsClient;
+use containerd_client::services::v1::snapshots::MountsRequest;
+use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::{
+    CheckpointTaskRequest, CreateTaskRequest, DeleteTaskRequest, GetContainerRequest,
+    GetRequest, KillRequest, StartRequest, SubscribeRequest, UpdateTaskRequest, WaitRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::{Code, Request, Status, Streaming};
+use containerd_client::types::{Descriptor, Envelope, Mount};
+use containerd_client::Client;
+use prost::Message;
+use prost_types::Any;
+
+/// Type URL containerd's Go client gives an OCI `LinuxResources` sent as JSON (typeurl
+/// registers runtime-spec types under this path).
+pub const LINUX_RESOURCES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
+
+/// Errors of the test client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to containerd at {socket}: {source}")]
+    Connect {
+        socket: String,
+        source: containerd_client::tonic::transport::Error,
+    },
+    #[error("{call} {id}: {status}")]
+    Call {
+        call: &'static str,
+        id: String,
+        status: Box<Status>,
+    },
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("event stream ended before {0}")]
+    StreamEnded(String),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+}
+
+impl ClientError {
+    /// The gRPC code of a failed call.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Call { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// runc's runtime options, `containerd.runc.v1.Options` (`api/types/runc/options/oci.proto`),
+/// as Docker, nerdctl and the CRI runc config send them.
+#[derive(Clone, PartialEq, Message)]
+pub struct RuncOptions {
+    #[prost(bool, tag = "1")]
+    pub no_pivot_root: bool,
+    #[prost(bool, tag = "2")]
+    pub no_new_keyring: bool,
+    #[prost(string, tag = "3")]
+    pub shim_cgroup: String,
+    #[prost(uint32, tag = "4")]
+    pub io_uid: u32,
+    #[prost(uint32, tag = "5")]
+    pub io_gid: u32,
+    #[prost(string, tag = "6")]
+    pub binary_name: String,
+    #[prost(string, tag = "7")]
+    pub root: String,
+    #[prost(bool, tag = "9")]
+    pub systemd_cgroup: bool,
+    #[prost(string, tag = "10")]
+    pub criu_image_path: String,
+    #[prost(string, tag = "11")]
+    pub criu_work_path: String,
+}
+
+impl prost::Name for RuncOptions {
+    const NAME: &'static str = "Options";
+    const PACKAGE: &'static str = "containerd.runc.v1";
+}
+
+/// runc's checkpoint options, `containerd.runc.v1.CheckpointOptions`.
+#[derive(Clone, PartialEq, Message)]
+pub struct CheckpointOptions {
+    #[prost(bool, tag = "1")]
+    pub exit: bool,
+    #[prost(bool, tag = "2")]
+    pub open_tcp: bool,
+    #[prost(bool, tag = "3")]
+    pub external_unix_sockets: bool,
+    #[prost(bool, tag = "4")]
+    pub terminal: bool,
+    #[prost(bool, tag = "5")]
+    pub file_locks: bool,
+    #[prost(string, repeated, tag = "6")]
+    pub empty_namespaces: Vec<String>,
+    #[prost(string, tag = "7")]
+    pub cgroups_mode: String,
+    #[prost(string, tag = "8")]
+    pub image_path: String,
+    #[prost(string, tag = "9")]
+    pub work_path: String,
+}
+
+impl prost::Name for CheckpointOptions {
+    const NAME: &'static str = "CheckpointOptions";
+    const PACKAGE: &'static str = "containerd.runc.v1";
+}
+
+/// Packs a message as containerd does: the type URL is the bare full name.
+pub fn to_any<M: Message + prost::Name>(m: &M) -> Any {
+    containerd_client::to_any(m)
+}
+
+/// What to create a task with. The rootfs defaults to the container's snapshot mounts.
+#[derive(Debug, Clone, Default)]
+pub struct CreateTask {
+    pub container_id: String,
+    /// Explicit rootfs mounts; empty means "the container's snapshot".
+    pub rootfs: Vec<Mount>,
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+    /// A checkpoint to restore from.
+    pub checkpoint: Option<Descriptor>,
+    /// Runtime options (for example [`RuncOptions`] through [`to_any`]).
+    pub options: Option<Any>,
+}
+
+/// A decoded event from containerd's event stream.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub topic: String,
+    pub namespace: String,
+    pub event: Option<Any>,
+}
+
+impl Event {
+    /// Decodes the payload as `M` when its type matches.
+    pub fn decode<M: Message + Default + prost::Name>(&self) -> Option<M> {
+        let any = self.event.as_ref()?;
+        let name = M::full_name();
+        (any.type_url == name || any.type_url.ends_with(&format!("/{name}")))
+            .then(|| M::decode(any.value.as_slice()).ok())
+            .flatten()
+    }
+}
+
+/// A subscription to containerd's events.
+#[derive(Debug)]
+pub struct EventStream {
+    inner: Streaming<Envelope>,
+}
+
+impl EventStream {
+    /// The next event, or `None` when the stream ends.
+    pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
+        match self.inner.message().await {
+            Ok(Some(env)) => Ok(Some(Event {
+                topic: env.topic,
+                namespace: env.namespace,
+                event: env.event,
+            })),
+            Ok(None) => Ok(None),
+            Err(status) => Err(ClientError::Call {
+                call: "events",
+                id: String::new(),
+                status: Box::new(status),
+            }),
+        }
+    }
+
+    /// Collects events until one with `topic` arrives (inclusive) or `limit` passes.
+    pub async fn until_topic(
+        &mut self,
+        topic: &str,
+        limit: Duration,
+    ) -> Result<Vec<Event>, ClientError> {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.next())
+                .await
+                .map_err(|_| ClientError::Timeout(limit, format!("event {topic}")))??;
+            let Some(event) = next else {
+                return Err(ClientError::StreamEnded(topic.to_string()));
+            };
+            let done = event.topic == topic;
+            seen.push(event);
+            if done {
+                return Ok(seen);
+            }
+        }
+    }
+}
+
+/// A connection to one containerd namespace.
+#[derive(Debug, Clone)]
+pub struct TestClient {
+    channel: Channel,
+    namespace: String,
+}
+
+fn call_err(call: &'static str, id: &str) -> impl FnOnce(Status) -> ClientError {
+    let id = id.to_string();
+    move |status| ClientError::Call {
+        call,
+        id,
+        status: Box::new(status),
+    }
+}
+
+impl TestClient {
+    /// Connects to the daemon at `socket`, working in `namespace`.
+    pub async fn connect(socket: &Path, namespace: &str) -> Result<Self, ClientError> {
+        let channel =
+            containerd_client::connect(socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    socket: socket.display().to_string(),
+                    source,
+                })?;
+        Ok(TestClient {
+            channel,
+            namespace: namespace.to_string(),
+        })
+    }
+
+    fn request<T>(&self, body: T) -> Request<T> {
+        let mut req = Request::new(body);
+        if let Ok(ns) = self.namespace.parse() {
+            req.metadata_mut().insert("containerd-namespace", ns);
+        }
+        req
+    }
+
+    fn tasks(&self) -> TasksClient<Channel> {
+        TasksClient::new(self.channel.clone())
+    }
+
+    /// The raw client, for calls not wrapped here.
+    pub fn raw(&self) -> Client {
+        Client::from(self.channel.clone())
+    }
+
+    /// The namespace this client works in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Updates a running task's resources. `resources` is an OCI `LinuxResources` object (as
+    /// JSON), sent the way containerd's Go client sends it.
+    pub async fn update_task(
+        &self,
+        id: &str,
+        resources: &serde_json::Value,
+    ) -> Result<(), ClientError> {
+        let value = serde_json::to_vec(resources).map_err(|source| ClientError::Encode {
+            what: "LinuxResources",
+            source,
+        })?;
+        let req = UpdateTaskRequest {
+            container_id: id.to_string(),
+            resources: Some(Any {
+                type_url: LINUX_RESOURCES_TYPE_URL.to_string(),
+                value,
+            }),
+            annotations: HashMap::new(),
+        };
+        self.tasks()
+            .update(self.request(req))
+            .await
+            .map_err(call_err("update", id))?;
+        Ok(())
+    }
+
+    /// Checkpoints a task, with runc-style options when given. Returns the descriptors
+    /// containerd stored (none when an image path was given).
+    pub async fn checkpoint_task(
+        &self,
+        id: &str,
+        options: Option<&CheckpointOptions>,
+    ) -> Result<Vec<Descriptor>, ClientError> {
+        let req = CheckpointTaskRequest {
+            container_id: id.to_string(),
+            parent_checkpoint: String::new(),
+            options: options.map(to_any),
+        };
+        let resp = self
+            .tasks()
+            .checkpoint(self.request(req))
+            .await
+            .map_err(call_err("checkpoint", id))?;
+        Ok(resp.into_inner().descriptors)
+    }
+
+    /// The mounts of a snapshot.
+    pub async fn snapshot_mounts(
+        &self,
+        snapshotter: &str,
+        key: &str,
+    ) -> Result<Vec<Mount>, ClientError> {
+        let req = MountsRequest {
+            snapshotter: snapshotter.to_string(),
+            key: key.to_string(),
+        };
+        let resp = self
+            .raw()
+            .snapshots()
+            .mounts(self.request(req))
+            .await
+            .map_err(call_err("snapshot mounts", key))?;
+        Ok(resp.into_inner().mounts)
+    }
+
+    /// Creates a task with explicit stdio, runtime options and optional checkpoint. Without
+    /// explicit rootfs mounts, the container's own snapshot is mounted, as `ctr` does.
+    pub async fn create_task(&self, task: CreateTask) -> Result<u32, ClientError> {
+        let id = task.container_id.clone();
+        let mut rootfs = task.rootfs;
+        if rootfs.is_empty() {
+            let container = self
+                .raw()
+                .containers()
+                .get(self.request(GetContainerRequest { id: id.clone() }))
+                .await
+                .map_err(call_err("get container", &id))?
+                .into_inner()
+                .container
+                .unwrap_or_default();
+            if !container.snapshot_key.is_empty() {
+                rootfs = self
+                    .snapshot_mounts(&container.snapshotter, &container.snapshot_key)
+                    .await?;
+            }
+        }
+        let req = CreateTaskRequest {
+            container_id: id.clone(),
+            rootfs,
+            stdin: task.stdin,
+            stdout: task.stdout,
+            stderr: task.stderr,
+            terminal: task.terminal,
+            checkpoint: task.checkpoint,
+            options: task.options,
+            runtime_path: String::new(),
+        };
+        let resp = self
+            .tasks()
+            .create(self.request(req))
+            .await
+            .map_err(call_err("create", &id))?;
+        Ok(resp.into_inner().pid)
+    }
+
+    /// Starts a task (or, with `exec_id`, an exec'd process).
+    pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32, ClientError> {
+        let req = StartRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        let resp = self
+            .tasks()
+            .start(self.request(req))
+            .await
+            .map_err(call_err("start", id))?;
+        Ok(resp.into_inner().pid)
+    }
+
+    /// Waits for a task (or exec) to exit and returns its exit status.
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<u32, ClientError> {
+        let req = WaitRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        let resp = self
+            .tasks()
+            .wait(self.request(req))
+            .await
+            .map_err(call_err("wait", id))?;
+        Ok(resp.into_inner().exit_status)
+    }
+
+    /// Sends `signal` to a task's process (or to all its processes).
+    pub async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<(), ClientError> {
+        let req = KillRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+            signal,
+            all,
+        };
+        self.tasks()
+            .kill(self.request(req))
+            .await
+            .map_err(call_err("kill", id))?;
+        Ok(())
+    }
+
+    /// Deletes a stopped task and returns its exit status.
+    pub async fn delete_task(&self, id: &str) -> Result<u32, ClientError> {
+        let req = DeleteTaskRequest {
+            container_id: id.to_string(),
+        };
+        let resp = self
+            .tasks()
+            .delete(self.request(req))
+            .await
+            .map_err(call_err("delete", id))?;
+        Ok(resp.into_inner().exit_status)
+    }
+
+    /// The task's status (`containerd.v1.types.Status` as a number) and pid.
+    pub async fn task_status(&self, id: &str) -> Result<(i32, u32), ClientError> {
+        let req = GetRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        };
+        let resp = self
+            .tasks()
+            .get(self.request(req))
+            .await
+            .map_err(call_err("get", id))?;
+        let p = resp.into_inner().process.unwrap_or_default();
+        Ok((p.status, p.pid))
+    }
+
+    /// Subscribes to events matching containerd filter expressions (for example
+    /// `topic~="/tasks/"`); the namespace filter is added.
+    pub async fn subscribe(&self, filters: &[&str]) -> Result<EventStream, ClientError> {
+        let mut all: Vec<String> = vec![format!("namespace=={}", self.namespace)];
+        all.extend(filters.iter().map(|f| f.to_string()));
+        let req = SubscribeRequest { filters: all };
+        let inner = EventsClient::new(self.channel.clone())
+            .subscribe(Request::new(req))
+            .await
+            .map_err(call_err("subscribe", ""))?
+            .into_inner();
+        Ok(EventStream { inner })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_use_containerd_type_urls() {
+        let any = to_any(&RuncOptions {
+            root: "/x".into(),
+            ..Default::default()
+        });
+        assert_eq!(any.type_url, "containerd.runc.v1.Options");
+        let back = RuncOptions::decode(any.value.as_slice()).unwrap();
+        assert_eq!(back.root, "/x");
+        let any = to_any(&CheckpointOptions::default());
+        assert_eq!(any.type_url, "containerd.runc.v1.CheckpointOptions");
+    }
+
+    #[test]
+    fn checkpoint_options_wire_format_matches_the_proto() {
+        // image_path is field 8 (string): tag byte (8 << 3 | 2) = 0x42.
+        let bytes = CheckpointOptions {
+            image_path: "/i".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(bytes, vec![0x42, 2, b'/', b'i']);
+        // systemd_cgroup is field 9 (bool): tag byte 9 << 3 = 0x48.
+        let bytes = RuncOptions {
+            systemd_cgroup: true,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(bytes, vec![0x48, 1]);
+    }
+}

@@ -1,0 +1,709 @@
+//! A private containerd daemon of a chosen version, in its own sandbox.
+//!
+//! Each daemon gets its own root, state dir, gRPC and ttrpc sockets, `opt` dir and generated
+//! config (version 2, understood by 1.6 and 1.7), plus a `bin/` directory put first on its
+//! `PATH`: containerd finds a runtime `io.containerd.X.v1` as the binary
+//! `containerd-shim-X-v1` on its `PATH`, so linking the workspace's shims there registers them
+//! without touching the host. Containers run in a containerd namespace unique to the daemon,
+//! so their cgroups (`/NS/ID`) and runc state can be found and removed at teardown.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::str::FromStr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::client::TestClient;
+use crate::host;
+use crate::sandbox::{Sandbox, SandboxError};
+
+/// The containerd versions the harness runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ContainerdVersion {
+    /// 1.6.20, Debian 12's package, binaries in `/usr/bin`.
+    V1_6,
+    /// 1.7.24, Debian 13's package unpacked by `scripts/setup-host` into
+    /// `$PREFIX/containerd-1.7`.
+    V1_7,
+}
+
+impl ContainerdVersion {
+    /// Every supported version, oldest first.
+    pub const ALL: [ContainerdVersion; 2] = [ContainerdVersion::V1_6, ContainerdVersion::V1_7];
+
+    /// The versions to test against: `HYPERBOX_CONTAINERD` (`1.6`, `1.7` or a comma-separated
+    /// list; default both).
+    pub fn selected() -> Vec<ContainerdVersion> {
+        match std::env::var("HYPERBOX_CONTAINERD") {
+            Ok(v) if !v.trim().is_empty() && v.trim() != "all" => v
+                .split(',')
+                .filter_map(|s| s.trim().parse().ok())
+                .collect(),
+            _ => Self::ALL.to_vec(),
+        }
+    }
+
+    /// `1.6` or `1.7`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerdVersion::V1_6 => "1.6",
+            ContainerdVersion::V1_7 => "1.7",
+        }
+    }
+
+    /// Directory holding `containerd`, `ctr` and `containerd-shim-runc-v2` of this version.
+    pub fn bin_dir(self) -> PathBuf {
+        match self {
+            ContainerdVersion::V1_6 => PathBuf::from("/usr/bin"),
+            ContainerdVersion::V1_7 => host::prefix().join("containerd-1.7/usr/bin"),
+        }
+    }
+
+    /// The daemon binary.
+    pub fn containerd(self) -> PathBuf {
+        self.bin_dir().join("containerd")
+    }
+
+    /// The matching `ctr`.
+    pub fn ctr(self) -> PathBuf {
+        self.bin_dir().join("ctr")
+    }
+}
+
+impl fmt::Display for ContainerdVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ContainerdVersion {
+    type Err = ContainerdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "1.6" => Ok(ContainerdVersion::V1_6),
+            "1.7" => Ok(ContainerdVersion::V1_7),
+            other => Err(ContainerdError::UnknownVersion(other.to_string())),
+        }
+    }
+}
+
+/// Errors of the private containerd.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    #[error("unknown containerd version {0:?}: expected 1.6 or 1.7")]
+    UnknownVersion(String),
+    #[error(
+        "containerd {version} is not installed at {path}: run scripts/setup-host (as root) first"
+    )]
+    NotInstalled {
+        version: ContainerdVersion,
+        path: PathBuf,
+    },
+    #[error("{binary} reports version {found:?}, expected containerd {expected}")]
+    WrongVersion {
+        binary: PathBuf,
+        found: String,
+        expected: ContainerdVersion,
+    },
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("containerd {version} did not come up within {secs} s; log {log}:\n{tail}")]
+    StartTimeout {
+        version: ContainerdVersion,
+        secs: u64,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("`ctr {args}` failed ({status}): {stderr}")]
+    Ctr {
+        args: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ContainerdError {
+    let path = path.to_path_buf();
+    move |source| ContainerdError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A runtime shim made visible to the daemon.
+#[derive(Debug, Clone)]
+struct ShimLink {
+    runtime: String,
+    binary: PathBuf,
+}
+
+/// A `[proxy_plugins.NAME]` entry.
+#[derive(Debug, Clone)]
+struct ProxyPlugin {
+    name: String,
+    kind: String,
+    address: PathBuf,
+}
+
+/// Builds a [`Containerd`].
+#[derive(Debug, Clone)]
+pub struct ContainerdBuilder {
+    version: ContainerdVersion,
+    namespace: Option<String>,
+    shims: Vec<ShimLink>,
+    proxy_plugins: Vec<ProxyPlugin>,
+    workspace_shims: bool,
+    log_level: String,
+}
+
+/// Shim binaries of this workspace and the runtime names containerd maps to them.
+pub const WORKSPACE_SHIMS: &[(&str, &str)] = &[
+    ("io.containerd.hyperbox.v1", "containerd-shim-hyperbox-v1"),
+    (
+        "io.containerd.hyperbox-wasm.v1",
+        "containerd-shim-hyperbox-wasm-v1",
+    ),
+];
+
+/// The binary containerd runs for a runtime name: `io.containerd.X.v1` runs
+/// `containerd-shim-X-v1`.
+pub fn shim_binary_name(runtime: &str) -> Option<String> {
+    let rest = runtime.strip_prefix("io.containerd.")?;
+    let (name, version) = rest.rsplit_once('.')?;
+    (!name.is_empty() && version.starts_with('v'))
+        .then(|| format!("containerd-shim-{name}-{version}"))
+}
+
+impl ContainerdBuilder {
+    /// A builder for `version` with the workspace's shims registered when built.
+    pub fn new(version: ContainerdVersion) -> Self {
+        ContainerdBuilder {
+            version,
+            namespace: None,
+            shims: Vec::new(),
+            proxy_plugins: Vec::new(),
+            workspace_shims: true,
+            log_level: "info".into(),
+        }
+    }
+
+    /// The containerd namespace clients use (default: unique per daemon).
+    pub fn with_namespace(mut self, ns: &str) -> Self {
+        self.namespace = Some(ns.to_string());
+        self
+    }
+
+    /// Registers `binary` as the shim of runtime `runtime` (`io.containerd.X.v1`).
+    pub fn with_shim(mut self, runtime: &str, binary: impl Into<PathBuf>) -> Self {
+        self.shims.push(ShimLink {
+            runtime: runtime.to_string(),
+            binary: binary.into(),
+        });
+        self
+    }
+
+    /// Whether to register the workspace's built shims (default yes).
+    pub fn with_workspace_shims(mut self, yes: bool) -> Self {
+        self.workspace_shims = yes;
+        self
+    }
+
+    /// Adds a proxy plugin (`kind` is `snapshot` or `content`) served on `address`.
+    pub fn with_proxy_plugin(mut self, name: &str, kind: &str, address: impl Into<PathBuf>) -> Self {
+        self.proxy_plugins.push(ProxyPlugin {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            address: address.into(),
+        });
+        self
+    }
+
+    /// containerd's log level (default `info`).
+    pub fn with_log_level(mut self, level: &str) -> Self {
+        self.log_level = level.to_string();
+        self
+    }
+
+    /// Starts the daemon and waits until it serves its API.
+    pub fn start(self) -> Result<Containerd, ContainerdError> {
+        let version = self.version;
+        check_installed(version)?;
+        let mut sandbox = Sandbox::create(&format!("containerd{}", version.as_str()))?;
+        let dir = sandbox.dir().to_path_buf();
+        let namespace = self.namespace.clone().unwrap_or_else(|| {
+            let base = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            format!("hbt-{}", base.unwrap_or_default().replace('.', "-"))
+        });
+        let socket = dir.join("containerd.sock");
+        sandbox.record_containerd(&socket, &namespace)?;
+
+        let bin = dir.join("bin");
+        fs::create_dir_all(&bin).map_err(io_err("cannot create", &bin))?;
+        let mut shims = self.shims.clone();
+        if self.workspace_shims {
+            for (runtime, name) in WORKSPACE_SHIMS {
+                if let Some(path) = host::workspace_binary(name) {
+                    shims.push(ShimLink {
+                        runtime: runtime.to_string(),
+                        binary: path,
+                    });
+                }
+            }
+        }
+        let mut runtimes = Vec::new();
+        for shim in &shims {
+            let name = shim_binary_name(&shim.runtime).ok_or_else(|| {
+                ContainerdError::UnknownVersion(format!("runtime name {}", shim.runtime))
+            })?;
+            let link = bin.join(&name);
+            let _ = fs::remove_file(&link);
+            symlink(&shim.binary, &link).map_err(io_err("cannot link shim", &link))?;
+            runtimes.push(shim.runtime.clone());
+        }
+
+        let config = dir.join("config.toml");
+        fs::write(&config, self.config_toml(&dir, &socket))
+            .map_err(io_err("cannot write", &config))?;
+
+        let path_env = daemon_path(version, &bin);
+        let mut containerd = Containerd {
+            version,
+            namespace,
+            socket,
+            config,
+            path_env,
+            runtimes,
+            child: None,
+            sandbox,
+        };
+        containerd.spawn_daemon()?;
+        Ok(containerd)
+    }
+
+    fn config_toml(&self, dir: &Path, socket: &Path) -> String {
+        let q = |p: &Path| toml_string(&p.to_string_lossy());
+        let mut s = String::new();
+        s.push_str("# Generated by the HyperBox test harness.\nversion = 2\n");
+        s.push_str(&format!("root = {}\n", q(&dir.join("root"))));
+        s.push_str(&format!("state = {}\n", q(&dir.join("state"))));
+        // The CRI plugin needs CNI and a sandbox image; tests that need CRI configure it.
+        s.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\n");
+        s.push_str(&format!("[grpc]\n  address = {}\n\n", q(socket)));
+        s.push_str(&format!(
+            "[ttrpc]\n  address = {}\n\n",
+            q(&dir.join("containerd.sock.ttrpc"))
+        ));
+        s.push_str(&format!(
+            "[debug]\n  level = {}\n\n",
+            toml_string(&self.log_level)
+        ));
+        s.push_str(&format!(
+            "[plugins.\"io.containerd.internal.v1.opt\"]\n  path = {}\n\n",
+            q(&dir.join("opt"))
+        ));
+        for p in &self.proxy_plugins {
+            s.push_str(&format!(
+                "[proxy_plugins.{}]\n  type = {}\n  address = {}\n\n",
+                toml_string(&p.name),
+                toml_string(&p.kind),
+                q(&p.address)
+            ));
+        }
+        s
+    }
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn daemon_path(version: ContainerdVersion, bin: &Path) -> String {
+    let mut parts = vec![
+        bin.to_string_lossy().into_owned(),
+        host::tools_bin().to_string_lossy().into_owned(),
+        version.bin_dir().to_string_lossy().into_owned(),
+    ];
+    parts.extend(
+        ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .map(String::from),
+    );
+    parts.dedup();
+    parts.join(":")
+}
+
+/// Checks that `version`'s binaries exist and report that version.
+pub fn check_installed(version: ContainerdVersion) -> Result<String, ContainerdError> {
+    if !version.ctr().is_file() {
+        return Err(ContainerdError::NotInstalled {
+            version,
+            path: version.ctr(),
+        });
+    }
+    check_installed_at(version, &version.containerd())
+}
+
+/// Checks that `binary` exists and is containerd `version`.
+pub fn check_installed_at(
+    version: ContainerdVersion,
+    binary: &Path,
+) -> Result<String, ContainerdError> {
+    let binary = binary.to_path_buf();
+    if !binary.is_file() {
+        return Err(ContainerdError::NotInstalled {
+            version,
+            path: binary,
+        });
+    }
+    let out = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .map_err(io_err("cannot run", &binary))?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let wanted = format!(" {}.", version.as_str());
+    let wanted_v = format!(" v{}.", version.as_str());
+    if text.contains(&wanted) || text.contains(&wanted_v) {
+        Ok(text)
+    } else {
+        Err(ContainerdError::WrongVersion {
+            binary,
+            found: text,
+            expected: version,
+        })
+    }
+}
+
+/// A running private containerd. Dropping it tears down every container, shim, mount and
+/// directory it made.
+#[derive(Debug)]
+pub struct Containerd {
+    version: ContainerdVersion,
+    namespace: String,
+    socket: PathBuf,
+    config: PathBuf,
+    path_env: String,
+    runtimes: Vec<String>,
+    child: Option<Child>,
+    sandbox: Sandbox,
+}
+
+impl Containerd {
+    /// Starts a daemon of `version` with default settings.
+    pub fn start(version: ContainerdVersion) -> Result<Self, ContainerdError> {
+        ContainerdBuilder::new(version).start()
+    }
+
+    /// A builder for finer control.
+    pub fn builder(version: ContainerdVersion) -> ContainerdBuilder {
+        ContainerdBuilder::new(version)
+    }
+
+    fn spawn_daemon(&mut self) -> Result<(), ContainerdError> {
+        let dir = self.sandbox.dir().to_path_buf();
+        let log_path = dir.join("containerd.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err("cannot open", &log_path))?;
+        let log2 = log.try_clone().map_err(io_err("cannot open", &log_path))?;
+        let binary = self.version.containerd();
+        let child = Command::new(&binary)
+            .arg("--config")
+            .arg(&self.config)
+            .env("PATH", &self.path_env)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(io_err("cannot start", &binary))?;
+        self.sandbox.track(&child, "containerd")?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<(), ContainerdError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let exited = match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(_))) => true,
+                _ => false,
+            };
+            if !exited && UnixStream::connect(&self.socket).is_ok() {
+                let ok = self
+                    .ctr()
+                    .arg("version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    return Ok(());
+                }
+            }
+            if exited || Instant::now() > deadline {
+                return Err(ContainerdError::StartTimeout {
+                    version: self.version,
+                    secs: limit.as_secs(),
+                    log: self.log_path(),
+                    tail: self.log_tail(30),
+                });
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The daemon's version.
+    pub fn version(&self) -> ContainerdVersion {
+        self.version
+    }
+
+    /// The containerd namespace of this daemon's containers.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The gRPC socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The sandbox directory (root, state, config, logs).
+    pub fn dir(&self) -> &Path {
+        self.sandbox.dir()
+    }
+
+    /// The sandbox record (for leftover checks).
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// Runtime names registered beside the built-in ones (`io.containerd.runc.v2`).
+    pub fn runtimes(&self) -> &[String] {
+        &self.runtimes
+    }
+
+    /// The `PATH` the daemon and its shims run with.
+    pub fn path_env(&self) -> &str {
+        &self.path_env
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `ctr -a SOCKET -n NS` of the daemon's version.
+    pub fn ctr(&self) -> Command {
+        let mut cmd = Command::new(self.version.ctr());
+        cmd.arg("-a")
+            .arg(&self.socket)
+            .arg("-n")
+            .arg(&self.namespace)
+            .env("PATH", &self.path_env);
+        cmd
+    }
+
+    /// Runs `ctr ARGS` and returns its output, failing with its stderr when it fails.
+    pub fn ctr_run(&self, args: &[&str]) -> Result<Output, ContainerdError> {
+        let out = self
+            .ctr()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err("cannot run", &self.version.ctr()))?;
+        if out.status.success() {
+            Ok(out)
+        } else {
+            Err(ContainerdError::Ctr {
+                args: args.join(" "),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
+    /// Runs `ctr ARGS` and returns its stdout as text.
+    pub fn ctr_stdout(&self, args: &[&str]) -> Result<String, ContainerdError> {
+        self.ctr_run(args)
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// Pulls `reference` over plain HTTP (the loopback registry).
+    pub fn pull(&self, reference: &str) -> Result<(), ContainerdError> {
+        self.ctr_run(&["images", "pull", "--plain-http", reference])
+            .map(drop)
+    }
+
+    /// Imports an oci-archive tar.
+    pub fn import(&self, archive: &Path) -> Result<(), ContainerdError> {
+        let archive = archive.to_string_lossy();
+        self.ctr_run(&["images", "import", &archive]).map(drop)
+    }
+
+    /// A client of the containerd API for what `ctr` cannot do.
+    pub async fn client(&self) -> Result<TestClient, crate::client::ClientError> {
+        TestClient::connect(&self.socket, &self.namespace).await
+    }
+
+    /// The last `lines` lines of the daemon's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The daemon's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.sandbox.dir().join("containerd.log")
+    }
+
+    /// Stops the daemon with SIGTERM (containers keep running, as on a host restarting
+    /// containerd), then starts it again with the same config and waits until it serves.
+    pub fn restart(&mut self) -> Result<(), ContainerdError> {
+        self.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+        self.spawn_daemon()
+    }
+
+    /// Kills the daemon with `signal` and reaps it; containers and shims stay.
+    pub fn stop_daemon(&mut self, signal: nix::sys::signal::Signal) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            let _ = self.sandbox.untrack(child.id());
+        }
+    }
+
+    /// Deletes every task and container through the API, as a user would, so shims exit and
+    /// unmount on their own; whatever resists is then removed by the sandbox teardown.
+    fn remove_containers(&self) {
+        if self.child.is_none() {
+            return;
+        }
+        let tasks = self.ctr_stdout(&["tasks", "ls", "-q"]).unwrap_or_default();
+        for id in tasks.split_whitespace() {
+            let _ = self.ctr_run(&["tasks", "kill", "-a", "-s", "SIGKILL", id]);
+        }
+        for id in tasks.split_whitespace() {
+            let _ = self.ctr_run(&["tasks", "rm", "-f", id]);
+        }
+        let containers = self
+            .ctr_stdout(&["containers", "ls", "-q"])
+            .unwrap_or_default();
+        for id in containers.split_whitespace() {
+            let _ = self.ctr_run(&["containers", "rm", id]);
+        }
+    }
+
+    /// Stops everything and verifies nothing is left: no process, mount, cgroup or directory.
+    pub fn teardown(&mut self) -> Result<(), ContainerdError> {
+        self.remove_containers();
+        self.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+        self.sandbox.teardown()?;
+        Ok(())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::error!("containerd {} teardown: {e}", self.version);
+            eprintln!("hyperbox harness: containerd {} teardown: {e}", self.version);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_names_map_to_shim_binaries() {
+        assert_eq!(
+            shim_binary_name("io.containerd.hyperbox.v1").as_deref(),
+            Some("containerd-shim-hyperbox-v1")
+        );
+        assert_eq!(
+            shim_binary_name("io.containerd.hyperbox-wasm.v1").as_deref(),
+            Some("containerd-shim-hyperbox-wasm-v1")
+        );
+        assert_eq!(
+            shim_binary_name("io.containerd.runc.v2").as_deref(),
+            Some("containerd-shim-runc-v2")
+        );
+        assert_eq!(shim_binary_name("runc"), None);
+        assert_eq!(shim_binary_name("io.containerd..v1"), None);
+    }
+
+    #[test]
+    fn versions_parse_and_print() {
+        for v in ContainerdVersion::ALL {
+            assert_eq!(v.as_str().parse::<ContainerdVersion>().unwrap(), v);
+        }
+        assert!("2.0".parse::<ContainerdVersion>().is_err());
+    }
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(toml_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(toml_string("x\ny"), "\"x\\u000ay\"");
+    }
+
+    #[test]
+    fn config_names_every_private_path() {
+        let b = ContainerdBuilder::new(ContainerdVersion::V1_7).with_proxy_plugin(
+            "hyperbox",
+            "snapshot",
+            "/run/hb.sock",
+        );
+        let dir = Path::new("/tmp/sb");
+        let text = b.config_toml(dir, &dir.join("containerd.sock"));
+        for want in [
+            "root = \"/tmp/sb/root\"",
+            "state = \"/tmp/sb/state\"",
+            "address = \"/tmp/sb/containerd.sock\"",
+            "address = \"/tmp/sb/containerd.sock.ttrpc\"",
+            "path = \"/tmp/sb/opt\"",
+            "[proxy_plugins.\"hyperbox\"]",
+            "type = \"snapshot\"",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+    }
+}

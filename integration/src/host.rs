@@ -1,0 +1,64 @@
+//! Where `scripts/setup-host` puts things, and where the workspace's built binaries are.
+//!
+//! The defaults match `scripts/setup-host`; `HYPERBOX_PREFIX` and `HYPERBOX_CACHE` override
+//! them in both places.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+/// Default install prefix of the private engines and CRIU (`HYPERBOX_PREFIX`).
+pub const DEFAULT_PREFIX: &str = "/opt/hyperbox";
+/// Default cache of downloads, image builds and the CI cargo target (`HYPERBOX_CACHE`).
+pub const DEFAULT_CACHE: &str = "/var/cache/hyperbox";
+/// Default parent of every harness sandbox (`HYPERBOX_TEST_ROOT`).
+pub const DEFAULT_TEST_ROOT: &str = "/var/lib/hyperbox-test";
+
+fn env_path(var: &str, default: &str) -> PathBuf {
+    env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+/// The install prefix (`/opt/hyperbox`).
+pub fn prefix() -> PathBuf {
+    env_path("HYPERBOX_PREFIX", DEFAULT_PREFIX)
+}
+
+/// The cache root (`/var/cache/hyperbox`).
+pub fn cache_root() -> PathBuf {
+    env_path("HYPERBOX_CACHE", DEFAULT_CACHE)
+}
+
+/// The directory under which sandboxes are made (`/var/lib/hyperbox-test`).
+pub fn test_root() -> PathBuf {
+    env_path("HYPERBOX_TEST_ROOT", DEFAULT_TEST_ROOT)
+}
+
+/// `$PREFIX/bin`: host tools the setup step provides (CRIU 4), put first on daemons' `PATH`.
+pub fn tools_bin() -> PathBuf {
+    prefix().join("bin")
+}
+
+/// The directory holding this workspace's built binaries (`target/<profile>`).
+///
+/// `HYPERBOX_BIN_DIR` wins; otherwise it is derived from the running executable, which is
+/// either a binary in `target/<profile>/` or a test in `target/<profile>/deps/`.
+pub fn workspace_bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = env::var_os("HYPERBOX_BIN_DIR").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    let exe = env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf)
+    } else {
+        Some(dir.to_path_buf())
+    }
+}
+
+/// A binary of this workspace by name, if it has been built.
+pub fn workspace_binary(name: &str) -> Option<PathBuf> {
+    let path = workspace_bin_dir()?.join(name);
+    path.is_file().then_some(path)
+}

@@ -1,0 +1,406 @@
+//! OCI image layouts (`oci-layout`, `index.json`, `blobs/sha256/...`) and oci-archive tars of
+//! them, written deterministically.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use flate2::write::GzEncoder;
+use flate2::{Compression, GzBuilder};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::layer::{self, EntryKind, LayerEntry};
+use super::ImageError;
+
+pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// The OCI annotation naming a manifest inside a layout (`oci:DIR:NAME`, `umoci DIR:NAME`).
+pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// The annotation `ctr images import` takes the image name from.
+pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
+/// Gzip level of layer blobs: fixed, since the level changes the bytes.
+const GZIP_LEVEL: u32 = 6;
+
+/// A content descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A layer blob written to a layout, with the digest of its uncompressed tar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    pub descriptor: Descriptor,
+    pub diff_id: String,
+}
+
+/// The runtime part of an image configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunConfig {
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    /// One `created_by` text per layer, for the history.
+    pub history: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct ImageConfigJson<'a> {
+    created: &'a str,
+    architecture: &'a str,
+    os: &'a str,
+    config: ContainerConfigJson<'a>,
+    rootfs: RootfsJson<'a>,
+    history: Vec<HistoryJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct ContainerConfigJson<'a> {
+    #[serde(rename = "Env")]
+    env: &'a [String],
+    #[serde(rename = "Cmd")]
+    cmd: &'a [String],
+    #[serde(rename = "WorkingDir")]
+    working_dir: &'a str,
+}
+
+#[derive(Serialize)]
+struct RootfsJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    diff_ids: Vec<&'a str>,
+}
+
+#[derive(Serialize)]
+struct HistoryJson<'a> {
+    created: &'a str,
+    created_by: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestJson<'a> {
+    schema_version: u32,
+    media_type: &'a str,
+    config: &'a Descriptor,
+    layers: Vec<&'a Descriptor>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexJson<'a> {
+    schema_version: u32,
+    media_type: &'a str,
+    manifests: [&'a Descriptor; 1],
+}
+
+/// Writes one image into an OCI image layout directory.
+#[derive(Debug)]
+pub struct LayoutWriter {
+    dir: PathBuf,
+    epoch: u64,
+    layers: Vec<Layer>,
+}
+
+impl LayoutWriter {
+    /// Starts a layout in `dir` (created; it should be empty). Modification times in layers
+    /// are clamped to `epoch`, which is also the image's creation time.
+    pub fn create(dir: &Path, epoch: u64) -> Result<Self, ImageError> {
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs).map_err(|e| ImageError::io("cannot create", &blobs, e))?;
+        write_file(
+            &dir.join("oci-layout"),
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            epoch,
+            layers: Vec::new(),
+        })
+    }
+
+    /// Writes `entries` as the next layer (a gzip-compressed tar).
+    pub fn add_layer(&mut self, entries: &mut [LayerEntry]) -> Result<&Layer, ImageError> {
+        let tmp = self.dir.join("blobs/sha256/.layer.tmp");
+        let file = File::create(&tmp).map_err(|e| ImageError::io("cannot create", &tmp, e))?;
+        let compressed = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let gz: GzEncoder<HashingWriter<BufWriter<File>>> = GzBuilder::new()
+            .mtime(0)
+            .operating_system(255)
+            .write(compressed, Compression::new(GZIP_LEVEL));
+        let tar_stream = HashingWriter::new(gz);
+        let tar_stream = layer::write_tar(entries, self.epoch, tar_stream)?;
+        let (gz, diff_id, _) = tar_stream.finish();
+        let compressed = gz
+            .finish()
+            .map_err(|e| ImageError::io("cannot compress layer", &tmp, e))?;
+        let (file, digest, size) = compressed.finish();
+        file.into_inner()
+            .map_err(|e| ImageError::io("cannot write", &tmp, e.into_error()))?
+            .sync_all()
+            .map_err(|e| ImageError::io("cannot write", &tmp, e))?;
+        let dest = self.blob_path(&digest);
+        fs::rename(&tmp, &dest).map_err(|e| ImageError::io("cannot rename into", &dest, e))?;
+        self.layers.push(Layer {
+            descriptor: descriptor(MEDIA_TYPE_LAYER_GZIP, digest, size),
+            diff_id,
+        });
+        Ok(self.layers.last().expect("a layer was just pushed"))
+    }
+
+    /// Reuses a layer blob of another layout (hard-linked, or copied across filesystems).
+    pub fn add_existing_layer(&mut self, from_layout: &Path, layer: &Layer) -> Result<(), ImageError> {
+        let src = blob_path(from_layout, &layer.descriptor.digest);
+        let dest = self.blob_path(&layer.descriptor.digest);
+        link_or_copy(&src, &dest)?;
+        self.layers.push(layer.clone());
+        Ok(())
+    }
+
+    /// Writes the configuration, the manifest and `index.json`; returns the manifest's
+    /// descriptor, annotated with the reference names.
+    pub fn finish(
+        self,
+        run: &RunConfig,
+        ref_name: &str,
+        containerd_name: &str,
+    ) -> Result<Written, ImageError> {
+        let created = rfc3339_utc(self.epoch);
+        let config = ImageConfigJson {
+            created: &created,
+            architecture: "amd64",
+            os: "linux",
+            config: ContainerConfigJson {
+                env: &run.env,
+                cmd: &run.cmd,
+                working_dir: "/",
+            },
+            rootfs: RootfsJson {
+                kind: "layers",
+                diff_ids: self.layers.iter().map(|l| l.diff_id.as_str()).collect(),
+            },
+            history: run
+                .history
+                .iter()
+                .map(|h| HistoryJson {
+                    created: &created,
+                    created_by: h,
+                })
+                .collect(),
+        };
+        let config_desc = self.add_json_blob(MEDIA_TYPE_CONFIG, &config)?;
+        let manifest = ManifestJson {
+            schema_version: 2,
+            media_type: MEDIA_TYPE_MANIFEST,
+            config: &config_desc,
+            layers: self.layers.iter().map(|l| &l.descriptor).collect(),
+        };
+        let mut manifest_desc = self.add_json_blob(MEDIA_TYPE_MANIFEST, &manifest)?;
+        manifest_desc
+            .annotations
+            .insert(ANNOTATION_REF_NAME.to_owned(), ref_name.to_owned());
+        manifest_desc.annotations.insert(
+            ANNOTATION_CONTAINERD_NAME.to_owned(),
+            containerd_name.to_owned(),
+        );
+        let index = IndexJson {
+            schema_version: 2,
+            media_type: MEDIA_TYPE_INDEX,
+            manifests: [&manifest_desc],
+        };
+        let index_bytes = json_bytes(&index)?;
+        write_file(&self.dir.join("index.json"), &index_bytes)?;
+        Ok(Written {
+            manifest: manifest_desc,
+            config: config_desc,
+            layers: self.layers,
+        })
+    }
+
+    fn add_json_blob<T: Serialize>(&self, media_type: &str, value: &T) -> Result<Descriptor, ImageError> {
+        let bytes = json_bytes(value)?;
+        let digest = sha256_digest(&bytes);
+        write_file(&self.blob_path(&digest), &bytes)?;
+        Ok(descriptor(media_type, digest, bytes.len() as u64))
+    }
+
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        blob_path(&self.dir, digest)
+    }
+}
+
+/// What [`LayoutWriter::finish`] wrote.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub manifest: Descriptor,
+    pub config: Descriptor,
+    pub layers: Vec<Layer>,
+}
+
+/// The path of a blob (`sha256:HEX`) inside a layout.
+pub fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    layout.join("blobs/sha256").join(hex)
+}
+
+/// Writes the layout directory `layout` as an oci-archive tar (what `ctr images import` and
+/// `skopeo copy oci-archive:` read): root-owned entries, modes 0644/0755, times `epoch`.
+pub fn write_archive(layout: &Path, archive: &Path, epoch: u64) -> Result<(), ImageError> {
+    let mut entries = layer::scan_tree(layout)?;
+    for e in &mut entries {
+        e.uid = 0;
+        e.gid = 0;
+        e.mtime = epoch;
+        e.xattrs.clear();
+        e.mode = match e.kind {
+            EntryKind::Directory => 0o755,
+            EntryKind::File { .. } => 0o644,
+            _ => {
+                return Err(ImageError::io(
+                    "unexpected non-regular file in image layout",
+                    &layout.join(&e.path),
+                    io::Error::from(io::ErrorKind::InvalidData),
+                ))
+            }
+        };
+    }
+    let tmp = archive.with_extension("tmp");
+    let file = File::create(&tmp).map_err(|e| ImageError::io("cannot create", &tmp, e))?;
+    let out = layer::write_tar(&mut entries, epoch, BufWriter::with_capacity(1 << 20, file))?;
+    out.into_inner()
+        .map_err(|e| ImageError::io("cannot write", &tmp, e.into_error()))?
+        .sync_all()
+        .map_err(|e| ImageError::io("cannot write", &tmp, e))?;
+    fs::rename(&tmp, archive).map_err(|e| ImageError::io("cannot rename into", archive, e))
+}
+
+/// `sha256:HEX` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// `sha256:HEX` of the file at `path`.
+pub fn file_digest(path: &Path) -> Result<String, ImageError> {
+    let mut file = File::open(path).map_err(|e| ImageError::io("cannot open", path, e))?;
+    let mut hasher = HashingWriter::new(io::sink());
+    io::copy(&mut file, &mut hasher).map_err(|e| ImageError::io("cannot read", path, e))?;
+    Ok(hasher.finish().1)
+}
+
+/// Hard-links `src` to `dest`, copying where a link is impossible; replaces `dest`.
+pub(crate) fn link_or_copy(src: &Path, dest: &Path) -> Result<(), ImageError> {
+    if dest.exists() {
+        fs::remove_file(dest).map_err(|e| ImageError::io("cannot replace", dest, e))?;
+    }
+    if fs::hard_link(src, dest).is_err() {
+        fs::copy(src, dest).map_err(|e| ImageError::io("cannot copy to", dest, e))?;
+    }
+    Ok(())
+}
+
+fn descriptor(media_type: &str, digest: String, size: u64) -> Descriptor {
+    Descriptor {
+        media_type: media_type.to_owned(),
+        digest,
+        size,
+        annotations: BTreeMap::new(),
+    }
+}
+
+fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, ImageError> {
+    serde_json::to_vec(value).map_err(|source| ImageError::Json {
+        what: "image metadata".to_owned(),
+        source,
+    })
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    fs::write(path, bytes).map_err(|e| ImageError::io("cannot write", path, e))
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (proleptic Gregorian calendar).
+pub fn rfc3339_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
+/// A writer that hashes (SHA-256) and counts what passes through it.
+#[derive(Debug)]
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    /// The inner writer, the `sha256:HEX` digest and the byte count.
+    pub fn finish(self) -> (W, String, u64) {
+        let digest = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+        (self.inner, digest, self.len)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_704_067_200), "2024-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_827_696), "2000-02-29T12:34:56Z");
+    }
+
+    #[test]
+    fn blob_paths_drop_the_algorithm() {
+        assert_eq!(
+            blob_path(Path::new("/l"), "sha256:abc"),
+            Path::new("/l/blobs/sha256/abc")
+        );
+    }
+}

@@ -1,0 +1,50 @@
+//! The HyperBox test harness.
+//!
+//! Everything here drives real parts: a private containerd (1.6 from Debian 12 or 1.7 unpacked
+//! from Debian 13 by `scripts/setup-host`) with its own root, state, socket and generated
+//! config; a real OCI registry on loopback; offline images built reproducibly from Debian
+//! packages; and a small client for the containerd calls `ctr` cannot make.
+//!
+//! Every daemon the harness starts lives in a [`sandbox::Sandbox`]: a directory with a record
+//! of what was started, watched by a guard process that tears everything down when the owner
+//! goes away, also when it panics or is killed.
+
+pub mod client;
+pub mod containerd;
+pub mod host;
+pub mod images;
+pub mod pty;
+pub mod registry;
+pub mod sandbox;
+pub mod testbed;
+
+/// Generates one test per containerd version: `per_version!(name, body_fn)` makes
+/// `name::v1_6` and `name::v1_7`, each calling `body_fn(version)`. A version left out by
+/// `HYPERBOX_CONTAINERD` is reported and skipped.
+#[macro_export]
+macro_rules! per_version {
+    ($name:ident, $body:path) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run(v: $crate::containerd::ContainerdVersion) {
+                if !$crate::containerd::ContainerdVersion::selected().contains(&v) {
+                    eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+                    return;
+                }
+                $body(v)
+            }
+
+            #[test]
+            fn v1_6() {
+                run($crate::containerd::ContainerdVersion::V1_6)
+            }
+
+            #[test]
+            fn v1_7() {
+                run($crate::containerd::ContainerdVersion::V1_7)
+            }
+        }
+    };
+}
