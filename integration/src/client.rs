@@ -13,8 +13,8 @@ use containerd_client::services::v1::events_client::EventsClient;
 use containerd_client::services::v1::snapshots::MountsRequest;
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
-    CheckpointTaskRequest, CreateTaskRequest, DeleteTaskRequest, GetContainerRequest,
-    GetRequest, KillRequest, StartRequest, SubscribeRequest, UpdateTaskRequest, WaitRequest,
+    CheckpointTaskRequest, CreateTaskRequest, DeleteTaskRequest, GetContainerRequest, GetRequest,
+    KillRequest, PublishRequest, StartRequest, SubscribeRequest, UpdateTaskRequest, WaitRequest,
 };
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status, Streaming};
@@ -172,6 +172,7 @@ impl EventStream {
     /// The next event, or `None` when the stream ends.
     pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
         match self.inner.message().await {
+            Ok(Some(env)) if env.topic == SYNC_TOPIC => Box::pin(self.next()).await,
             Ok(Some(env)) => Ok(Some(Event {
                 topic: env.topic,
                 namespace: env.namespace,
@@ -440,20 +441,71 @@ impl TestClient {
         Ok((p.status, p.pid))
     }
 
-    /// Subscribes to events matching containerd filter expressions (for example
-    /// `topic~="/tasks/"`); the namespace filter is added.
+    /// Subscribes to events of this namespace matching any of the containerd filter
+    /// expressions (for example `topic~="/tasks/"`; none means every event), and returns once
+    /// the subscription is live, so no event published after this returns is missed.
+    ///
+    /// containerd sends a stream's headers only with its first event, so the call would block
+    /// until something happens; the client therefore publishes a sync event of its own
+    /// (topic [`SYNC_TOPIC`]) until it comes back through the stream, then drops it.
     pub async fn subscribe(&self, filters: &[&str]) -> Result<EventStream, ClientError> {
-        let mut all: Vec<String> = vec![format!("namespace=={}", self.namespace)];
-        all.extend(filters.iter().map(|f| f.to_string()));
-        let req = SubscribeRequest { filters: all };
-        let inner = EventsClient::new(self.channel.clone())
-            .subscribe(Request::new(req))
-            .await
-            .map_err(call_err("subscribe", ""))?
-            .into_inner();
+        let ns = &self.namespace;
+        let mut all: Vec<String> = if filters.is_empty() {
+            vec![format!("namespace=={ns}")]
+        } else {
+            // Filters in the list are alternatives; a comma joins conditions.
+            filters
+                .iter()
+                .map(|f| format!("namespace=={ns},{f}"))
+                .collect()
+        };
+        all.push(format!("namespace=={ns},topic==\"{SYNC_TOPIC}\""));
+        let mut events = EventsClient::new(self.channel.clone());
+        let subscribe = events.subscribe(Request::new(SubscribeRequest { filters: all }));
+        tokio::pin!(subscribe);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut inner = loop {
+            self.publish_sync().await?;
+            match tokio::time::timeout(Duration::from_millis(100), &mut subscribe).await {
+                Ok(resp) => break resp.map_err(call_err("subscribe", ""))?.into_inner(),
+                Err(_) if tokio::time::Instant::now() < deadline => continue,
+                Err(_) => {
+                    return Err(ClientError::Timeout(
+                        Duration::from_secs(10),
+                        "the event subscription".into(),
+                    ))
+                }
+            }
+        };
+        // Skip our sync events up to the first one; later ones are filtered in `next`.
+        loop {
+            match inner.message().await.map_err(call_err("events", ""))? {
+                Some(env) if env.topic == SYNC_TOPIC => break,
+                Some(_) => continue,
+                None => return Err(ClientError::StreamEnded("the sync event".into())),
+            }
+        }
         Ok(EventStream { inner })
     }
+
+    async fn publish_sync(&self) -> Result<(), ClientError> {
+        let req = PublishRequest {
+            topic: SYNC_TOPIC.to_string(),
+            event: Some(Any {
+                type_url: "google.protobuf.Empty".into(),
+                value: Vec::new(),
+            }),
+        };
+        EventsClient::new(self.channel.clone())
+            .publish(self.request(req))
+            .await
+            .map_err(call_err("publish", SYNC_TOPIC))?;
+        Ok(())
+    }
 }
+
+/// Topic of the events the client publishes to learn that its subscription is live.
+pub const SYNC_TOPIC: &str = "/hyperbox-test/sync";
 
 #[cfg(test)]
 mod tests {

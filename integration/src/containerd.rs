@@ -40,10 +40,9 @@ impl ContainerdVersion {
     /// list; default both).
     pub fn selected() -> Vec<ContainerdVersion> {
         match std::env::var("HYPERBOX_CONTAINERD") {
-            Ok(v) if !v.trim().is_empty() && v.trim() != "all" => v
-                .split(',')
-                .filter_map(|s| s.trim().parse().ok())
-                .collect(),
+            Ok(v) if !v.trim().is_empty() && v.trim() != "all" => {
+                v.split(',').filter_map(|s| s.trim().parse().ok()).collect()
+            }
             _ => Self::ALL.to_vec(),
         }
     }
@@ -221,7 +220,12 @@ impl ContainerdBuilder {
     }
 
     /// Adds a proxy plugin (`kind` is `snapshot` or `content`) served on `address`.
-    pub fn with_proxy_plugin(mut self, name: &str, kind: &str, address: impl Into<PathBuf>) -> Self {
+    pub fn with_proxy_plugin(
+        mut self,
+        name: &str,
+        kind: &str,
+        address: impl Into<PathBuf>,
+    ) -> Self {
         self.proxy_plugins.push(ProxyPlugin {
             name: name.to_string(),
             kind: kind.to_string(),
@@ -348,8 +352,15 @@ fn daemon_path(version: ContainerdVersion, bin: &Path) -> String {
         version.bin_dir().to_string_lossy().into_owned(),
     ];
     parts.extend(
-        ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-            .map(String::from),
+        [
+            "/usr/local/sbin",
+            "/usr/local/bin",
+            "/usr/sbin",
+            "/usr/bin",
+            "/sbin",
+            "/bin",
+        ]
+        .map(String::from),
     );
     parts.dedup();
     parts.join(":")
@@ -553,6 +564,24 @@ impl Containerd {
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
+    /// Creates a container (no task) with `ctr containers create IMAGE ID ARGS...`.
+    pub fn create_container(
+        &self,
+        image: &str,
+        id: &str,
+        args: &[&str],
+    ) -> Result<(), ContainerdError> {
+        let mut all = vec!["containers", "create", image, id];
+        // ctr 1.6 parses flags anywhere on the line, so an argument such as `sh -c` would be
+        // taken as its own `--config`; `--` ends its flags there. ctr 1.7 stops at the first
+        // argument and would run `--` as the command.
+        if self.version == ContainerdVersion::V1_6 {
+            all.push("--");
+        }
+        all.extend_from_slice(args);
+        self.ctr_run(&all).map(drop)
+    }
+
     /// Pulls `reference` over plain HTTP (the loopback registry).
     pub fn pull(&self, reference: &str) -> Result<(), ContainerdError> {
         self.ctr_run(&["images", "pull", "--plain-http", reference])
@@ -644,7 +673,10 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
             tracing::error!("containerd {} teardown: {e}", self.version);
-            eprintln!("hyperbox harness: containerd {} teardown: {e}", self.version);
+            eprintln!(
+                "hyperbox harness: containerd {} teardown: {e}",
+                self.version
+            );
         }
     }
 }

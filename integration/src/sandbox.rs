@@ -18,8 +18,8 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Read};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
@@ -53,7 +53,10 @@ pub enum SandboxError {
     #[error("cannot start the sandbox guard {binary}: {source}")]
     Guard { binary: PathBuf, source: io::Error },
     #[error("teardown of {dir} left things behind: {leftovers:?}")]
-    Leftovers { dir: PathBuf, leftovers: Vec<String> },
+    Leftovers {
+        dir: PathBuf,
+        leftovers: Vec<String>,
+    },
 }
 
 /// A process the sandbox started, identified by pid and start time so that a reused pid is
@@ -311,7 +314,10 @@ pub fn leftovers(
 ) -> Vec<String> {
     let mut left = Vec::new();
     for pid in victims(dir, record, spare) {
-        left.push(format!("process {pid} ({})", cmdline(pid).unwrap_or_default()));
+        left.push(format!(
+            "process {pid} ({})",
+            cmdline(pid).unwrap_or_default()
+        ));
     }
     for m in mounts_under(dir) {
         left.push(format!("mount {}", m.display()));

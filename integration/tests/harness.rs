@@ -65,7 +65,11 @@ fn assert_footprint_is_real(fp: &Footprint, sleeper: u32) {
     assert!(!fp.cgroups.is_empty(), "no container cgroup seen: {fp:#?}");
     assert!(!fp.shim_sockets.is_empty(), "no shim socket: {fp:#?}");
     for s in &fp.shim_sockets {
-        assert!(s.exists(), "computed shim socket {} does not exist", s.display());
+        assert!(
+            s.exists(),
+            "computed shim socket {} does not exist",
+            s.display()
+        );
     }
 }
 
@@ -73,10 +77,7 @@ fn runc_container_from_the_registry(v: ContainerdVersion) {
     let bed = TestBed::start(v).expect("test bed");
     let image = bed.image(TestImage::Busybox).expect("busybox pulled");
     assert!(image.starts_with("127.0.0.1:"), "{image}");
-    let listed = bed
-        .containerd
-        .ctr_stdout(&["images", "ls", "-q"])
-        .unwrap();
+    let listed = bed.containerd.ctr_stdout(&["images", "ls", "-q"]).unwrap();
     assert!(listed.lines().any(|l| l == image), "{listed}");
 
     let (code, out) = ctr_run_rm(
@@ -173,7 +174,13 @@ fn child_owner_waits_to_be_killed() {
 fn spawn_child(test: &str, report: &Path) -> std::process::Child {
     let _ = fs::remove_file(report);
     Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(REPORT_ENV, report)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
