@@ -640,7 +640,8 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn unmount_under(dir: &Path) {
+/// Unmounts everything at or under `dir`, deepest first (detaching what is busy).
+pub fn unmount_under(dir: &Path) {
     for _ in 0..3 {
         let mounts = mounts_under(dir);
         if mounts.is_empty() {

@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use hyperbox_integration::images::{self, BuildOptions, TestImage};
 
 #[derive(Debug, Parser)]
-#[command(name = "hyperbox-testimg", about = "Build and push the HyperBox offline test images")]
+#[command(
+    name = "hyperbox-testimg",
+    about = "Build and push the HyperBox offline test images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -88,7 +91,10 @@ fn main() -> Result<()> {
                 let repo_tag = format!("hyperbox/{}:latest", image.name());
                 images::push(&built, &registry, &repo_tag)
                     .with_context(|| format!("pushing {image} to {registry}"))?;
-                println!("{} {} {registry}/{repo_tag}", built.name, built.manifest_digest);
+                println!(
+                    "{} {} {registry}/{repo_tag}",
+                    built.name, built.manifest_digest
+                );
             }
         }
     }

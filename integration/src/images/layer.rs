@@ -42,13 +42,26 @@ pub enum FileData {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryKind {
     Directory,
-    File { data: FileData, size: u64 },
-    Symlink { target: PathBuf },
+    File {
+        data: FileData,
+        size: u64,
+    },
+    Symlink {
+        target: PathBuf,
+    },
     /// A hard link to `target`, an earlier entry of the same layer.
-    HardLink { target: PathBuf },
+    HardLink {
+        target: PathBuf,
+    },
     Fifo,
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
 }
 
 /// One entry of a layer.
@@ -231,7 +244,13 @@ fn read_xattrs(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, ImageError> {
     let names = match xattr::list(path) {
         Ok(names) => names,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
-        Err(e) => return Err(ImageError::io("cannot list extended attributes of", path, e)),
+        Err(e) => {
+            return Err(ImageError::io(
+                "cannot list extended attributes of",
+                path,
+                e,
+            ))
+        }
     };
     for name in names {
         let Some(key) = name.to_str() else {
@@ -266,9 +285,8 @@ pub fn write_tar<W: Write>(
     sort_entries(entries);
     let mut builder = Builder::new(out);
     for entry in entries.iter() {
-        append_entry(&mut builder, entry, epoch).map_err(|e| {
-            ImageError::io("cannot add to layer tar the entry", &entry.path, e)
-        })?;
+        append_entry(&mut builder, entry, epoch)
+            .map_err(|e| ImageError::io("cannot add to layer tar the entry", &entry.path, e))?;
     }
     builder
         .into_inner()
@@ -392,7 +410,9 @@ pub fn diff_entries(
             emit.insert(e.path.as_path());
             let leader = match &e.kind {
                 EntryKind::HardLink { target } => Some(target.as_path()),
-                _ => groups.contains_key(e.path.as_path()).then_some(e.path.as_path()),
+                _ => groups
+                    .contains_key(e.path.as_path())
+                    .then_some(e.path.as_path()),
             };
             if let Some(group) = leader.and_then(|l| groups.get(l)) {
                 emit.extend(group.iter().copied());
@@ -454,16 +474,9 @@ fn same_entry(a: &LayerEntry, b: &LayerEntry, epoch: u64) -> Result<bool, ImageE
         return Ok(false);
     }
     match (&a.kind, &b.kind) {
-        (
-            EntryKind::File {
-                data: da,
-                size: sa,
-            },
-            EntryKind::File {
-                data: db,
-                size: sb,
-            },
-        ) => Ok(sa == sb && same_data(da, db)?),
+        (EntryKind::File { data: da, size: sa }, EntryKind::File { data: db, size: sb }) => {
+            Ok(sa == sb && same_data(da, db)?)
+        }
         (ka, kb) => Ok(ka == kb),
     }
 }

@@ -76,6 +76,10 @@ pub enum ImageError {
         tool: &'static str,
         package: &'static str,
     },
+    #[error(
+        "the Debian test images are amd64 and are debootstrapped natively: this host is {arch}"
+    )]
+    UnsupportedHost { arch: &'static str },
     #[error("cannot use busybox at {}: {reason}", path.display())]
     Busybox { path: PathBuf, reason: String },
     #[error(
@@ -509,7 +513,10 @@ impl Session<'_> {
                 text.push_str(&format!("busybox_sha256={}\n", oci::file_digest(&busybox)?));
             }
             TestImage::Debian => {
-                text.push_str(&format!("rootfs={}", key_of(&self.rootfs_recipe(image).unwrap_or_default())));
+                text.push_str(&format!(
+                    "rootfs={}\n",
+                    key_of(&self.rootfs_recipe(image).unwrap_or_default())
+                ));
             }
             TestImage::DebianPython => {
                 text.push_str(&format!(
@@ -529,7 +536,11 @@ impl Session<'_> {
             return Ok(found.clone());
         }
         let recipe = self.image_recipe(image)?;
-        let entry = self.store.join("images").join(image.name()).join(key_of(&recipe));
+        let entry = self
+            .store
+            .join("images")
+            .join(image.name())
+            .join(key_of(&recipe));
         let _lock = EntryLock::acquire(&entry)?;
         let record_path = entry.join(RECORD);
         let found = if !self.opts.no_cache && record_path.is_file() {
@@ -541,7 +552,7 @@ impl Session<'_> {
             let partial = prepare_partial(&entry)?;
             write(&partial.join(RECIPE), recipe.as_bytes())?;
             let rec = self.write_image(image, &partial)?;
-            write(&record_path_of(&partial), &json(&rec)?)?;
+            write(&partial.join(RECORD), &json(&rec)?)?;
             commit_partial(&partial, &entry)?;
             tracing::info!(
                 image = image.name(),
@@ -583,7 +594,10 @@ impl Session<'_> {
                 let lower = layer::scan_tree(&self.rootfs_tree(TestImage::Debian)?)?;
                 let upper = layer::scan_tree(&self.rootfs_tree(image)?)?;
                 let mut diff: Vec<LayerEntry> = layer::diff_entries(&lower, &upper, epoch)?;
-                tracing::info!(entries = diff.len(), "python layer: difference of the two trees");
+                tracing::info!(
+                    entries = diff.len(),
+                    "python layer: difference of the two trees"
+                );
                 writer.add_layer(&mut diff)?;
                 history.push(debootstrap_history(image));
             }
@@ -620,9 +634,15 @@ impl Session<'_> {
             return Ok(tree.clone());
         }
         let (Some(recipe), Some(text)) = (image.debootstrap(), self.rootfs_recipe(image)) else {
-            return Err(ImageError::UnknownImage(format!("{image} (no root filesystem tree)")));
+            return Err(ImageError::UnknownImage(format!(
+                "{image} (no root filesystem tree)"
+            )));
         };
-        let entry = self.store.join("rootfs").join(image.name()).join(key_of(&text));
+        let entry = self
+            .store
+            .join("rootfs")
+            .join(image.name())
+            .join(key_of(&text));
         let tree = entry.join("tree");
         let _lock = EntryLock::acquire(&entry)?;
         if !self.opts.no_cache && tree.is_dir() {
@@ -640,8 +660,16 @@ impl Session<'_> {
             let mirror = rootfs::debian_mirror(recipe.suite)?;
             let started = Instant::now();
             {
-                // One debootstrap at a time per download cache.
-                let _deb_lock = EntryLock::acquire(&deb_cache)?;
+                // debootstrap writes downloads into the shared .deb cache in place, so a run
+                // that may download holds the cache exclusively. Once a recipe's packages have
+                // all been fetched (the marker), its runs only read the cache and may run side
+                // by side.
+                let complete = deb_cache.join(format!(".complete-{}", key_of(&recipe.describe())));
+                let _deb_lock = if complete.is_file() {
+                    EntryLock::acquire_shared(&deb_cache)?
+                } else {
+                    EntryLock::acquire(&deb_cache)?
+                };
                 let result = rootfs::debootstrap(
                     &recipe,
                     &partial.join("tree"),
@@ -649,8 +677,9 @@ impl Session<'_> {
                     &mirror,
                     &partial.join("debootstrap.log"),
                 );
-                detach_mounts_under(&partial);
+                crate::sandbox::unmount_under(&partial);
                 result?;
+                write(&complete, recipe.describe().as_bytes())?;
             }
             let debootstrapped = started.elapsed();
             rootfs::normalize(&partial.join("tree"), self.epoch())?;
@@ -668,23 +697,10 @@ impl Session<'_> {
 }
 
 fn debootstrap_history(image: TestImage) -> String {
-    let recipe = image.debootstrap().unwrap_or(DebootstrapRecipe {
-        suite: "",
-        variant: "",
-        arch: "",
-        include: &[],
-    });
-    format!(
-        "debootstrap --variant={} --arch={}{} {}",
-        recipe.variant,
-        recipe.arch,
-        if recipe.include.is_empty() {
-            String::new()
-        } else {
-            format!(" --include={}", recipe.include.join(","))
-        },
-        recipe.suite
-    )
+    image
+        .debootstrap()
+        .map(|r| r.command_line())
+        .unwrap_or_default()
 }
 
 /// Hex SHA-256 of a recipe text: the cache key.
@@ -692,10 +708,6 @@ fn key_of(recipe: &str) -> String {
     oci::sha256_digest(recipe.as_bytes())
         .trim_start_matches("sha256:")
         .to_owned()
-}
-
-fn record_path_of(dir: &Path) -> PathBuf {
-    dir.join(RECORD)
 }
 
 fn read_record(path: &Path) -> Result<ImageRecord, ImageError> {
@@ -717,12 +729,23 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     fs::write(path, bytes).map_err(|e| ImageError::io("cannot write", path, e))
 }
 
-/// An exclusive flock on `ENTRY.lock`, held while an entry is looked up or built.
+/// A flock on `ENTRY.lock`, held while an entry is looked up or built.
 #[derive(Debug)]
-struct EntryLock(#[allow(dead_code)] Flock<File>);
+struct EntryLock {
+    _flock: Flock<File>,
+}
 
 impl EntryLock {
     fn acquire(entry: &Path) -> Result<Self, ImageError> {
+        Self::lock(entry, FlockArg::LockExclusive)
+    }
+
+    /// A shared lock: excludes only holders of the exclusive one.
+    fn acquire_shared(entry: &Path) -> Result<Self, ImageError> {
+        Self::lock(entry, FlockArg::LockShared)
+    }
+
+    fn lock(entry: &Path, arg: FlockArg) -> Result<Self, ImageError> {
         let path = with_suffix(entry, ".lock");
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(|e| ImageError::io("cannot create", parent, e))?;
@@ -733,9 +756,9 @@ impl EntryLock {
             .write(true)
             .open(&path)
             .map_err(|e| ImageError::io("cannot open lock", &path, e))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive)
+        let flock = Flock::lock(file, arg)
             .map_err(|(_, errno)| ImageError::io("cannot lock", &path, errno.into()))?;
-        Ok(Self(lock))
+        Ok(Self { _flock: flock })
     }
 }
 
@@ -765,17 +788,8 @@ fn remove_tree(dir: &Path) -> Result<(), ImageError> {
     if fs::symlink_metadata(dir).is_err() {
         return Ok(());
     }
-    detach_mounts_under(dir);
+    crate::sandbox::unmount_under(dir);
     fs::remove_dir_all(dir).map_err(|e| ImageError::io("cannot remove", dir, e))
-}
-
-fn detach_mounts_under(dir: &Path) {
-    for m in crate::sandbox::mounts_under(dir) {
-        tracing::warn!(mount = %m.display(), "detaching a mount left under a build directory");
-        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!(mount = %m.display(), error = %e, "cannot detach");
-        }
-    }
 }
 
 /// Copies a built image entry to `dest` (blobs and archive hard-linked where possible).

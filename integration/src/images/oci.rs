@@ -157,7 +157,11 @@ impl LayoutWriter {
     }
 
     /// Reuses a layer blob of another layout (hard-linked, or copied across filesystems).
-    pub fn add_existing_layer(&mut self, from_layout: &Path, layer: &Layer) -> Result<(), ImageError> {
+    pub fn add_existing_layer(
+        &mut self,
+        from_layout: &Path,
+        layer: &Layer,
+    ) -> Result<(), ImageError> {
         let src = blob_path(from_layout, &layer.descriptor.digest);
         let dest = self.blob_path(&layer.descriptor.digest);
         link_or_copy(&src, &dest)?;
@@ -225,7 +229,11 @@ impl LayoutWriter {
         })
     }
 
-    fn add_json_blob<T: Serialize>(&self, media_type: &str, value: &T) -> Result<Descriptor, ImageError> {
+    fn add_json_blob<T: Serialize>(
+        &self,
+        media_type: &str,
+        value: &T,
+    ) -> Result<Descriptor, ImageError> {
         let bytes = json_bytes(value)?;
         let digest = sha256_digest(&bytes);
         write_file(&self.blob_path(&digest), &bytes)?;

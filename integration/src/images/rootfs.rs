@@ -51,7 +51,8 @@ fn is_static_elf(path: &Path) -> Result<bool, ImageError> {
     let phentsize = u64::from(u16::from_le_bytes([eh[0x36], eh[0x37]]));
     let phnum = u64::from(u16::from_le_bytes([eh[0x38], eh[0x39]]));
     for i in 0..phnum {
-        f.seek(SeekFrom::Start(phoff + i * phentsize)).map_err(err)?;
+        f.seek(SeekFrom::Start(phoff + i * phentsize))
+            .map_err(err)?;
         let mut p_type = [0u8; 4];
         f.read_exact(&mut p_type).map_err(err)?;
         // PT_INTERP: the binary needs a dynamic loader.
@@ -157,6 +158,20 @@ pub struct DebootstrapRecipe {
 }
 
 impl DebootstrapRecipe {
+    /// The debootstrap options and suite, for the image history.
+    pub fn command_line(&self) -> String {
+        let mut line = format!(
+            "debootstrap --variant={} --arch={}",
+            self.variant, self.arch
+        );
+        if !self.include.is_empty() {
+            line.push_str(&format!(" --include={}", self.include.join(",")));
+        }
+        line.push(' ');
+        line.push_str(self.suite);
+        line
+    }
+
     /// The recipe as text, for cache keys.
     pub fn describe(&self) -> String {
         format!(
@@ -185,15 +200,21 @@ pub fn debian_mirror(suite: &str) -> Result<String, ImageError> {
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
     files.sort();
-    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "sources")) {
+    for f in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "sources"))
+    {
         if let Ok(text) = fs::read_to_string(f) {
             if let Some(m) = mirror_from_deb822(&text, suite) {
                 return Ok(m);
             }
         }
     }
-    let lists = std::iter::once(PathBuf::from("/etc/apt/sources.list"))
-        .chain(files.into_iter().filter(|f| f.extension().is_some_and(|e| e == "list")));
+    let lists = std::iter::once(PathBuf::from("/etc/apt/sources.list")).chain(
+        files
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "list")),
+    );
     for f in lists {
         if let Ok(text) = fs::read_to_string(&f) {
             if let Some(m) = mirror_from_one_line(&text, suite) {
@@ -273,11 +294,8 @@ pub fn debootstrap(
 ) -> Result<(), ImageError> {
     let debootstrap = find_tool("debootstrap", "debootstrap")?;
     if std::env::consts::ARCH != "x86_64" || recipe.arch != "amd64" {
-        return Err(ImageError::Command {
-            command: "debootstrap".to_owned(),
-            status: "not run".to_owned(),
-            output_tail: "the Debian test images are built for amd64 on amd64 hosts only"
-                .to_owned(),
+        return Err(ImageError::UnsupportedHost {
+            arch: std::env::consts::ARCH,
         });
     }
     let log_file = File::create(log).map_err(|e| ImageError::io("cannot create", log, e))?;
@@ -300,7 +318,12 @@ pub fn debootstrap(
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_err);
-    tracing::info!(target = %target.display(), suite = recipe.suite, include = ?recipe.include, "running debootstrap");
+    tracing::info!(
+        target = %target.display(),
+        suite = recipe.suite,
+        include = ?recipe.include,
+        "running debootstrap"
+    );
     let status = cmd
         .status()
         .map_err(|e| ImageError::io("cannot run", &debootstrap, e))?;
@@ -407,7 +430,10 @@ const NORMALIZATION: &[(Step, &str)] = &[
         Step::ShadowLastChange("etc/shadow"),
         "password change dates are the day of the build",
     ),
-    (Step::ShadowLastChange("etc/shadow-"), "shadow's backup, same"),
+    (
+        Step::ShadowLastChange("etc/shadow-"),
+        "shadow's backup, same",
+    ),
     (
         Step::RemoveFiles("var/lib/dpkg", "-old"),
         "dpkg's backups of status, available, diversions... from the previous run",
@@ -490,7 +516,8 @@ fn apply(root: &Path, step: Step, epoch: u64) -> Result<(), ImageError> {
                 let fixed = shadow_with_last_change(&text, epoch / 86_400);
                 if fixed != text {
                     // Rewrites in place: owner and mode stay.
-                    fs::write(&path, fixed).map_err(|e| ImageError::io("cannot write", &path, e))?;
+                    fs::write(&path, fixed)
+                        .map_err(|e| ImageError::io("cannot write", &path, e))?;
                 }
             }
         }
@@ -586,7 +613,8 @@ mod tests {
 
     #[test]
     fn deb822_suite_must_match_exactly() {
-        let text = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n\
+        let text =
+            "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n\
                     Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n\
                     Suites: bookworm-security\nComponents: main\n";
         assert_eq!(
