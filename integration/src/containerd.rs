@@ -460,10 +460,7 @@ impl Containerd {
     fn wait_ready(&mut self, limit: Duration) -> Result<(), ContainerdError> {
         let deadline = Instant::now() + limit;
         loop {
-            let exited = match self.child.as_mut().map(|c| c.try_wait()) {
-                Some(Ok(Some(_))) => true,
-                _ => false,
-            };
+            let exited = matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(Some(_))));
             if !exited && UnixStream::connect(&self.socket).is_ok() {
                 let ok = self
                     .ctr()

@@ -66,4 +66,12 @@ impl TestBed {
         pulled.insert(image.name(), reference.clone());
         Ok(reference)
     }
+
+    /// Tears down containerd and the registry, reporting anything left behind (dropping
+    /// does the same but can only log).
+    pub fn teardown(mut self) -> Result<(), TestBedError> {
+        self.containerd.teardown()?;
+        self.registry.teardown()?;
+        Ok(())
+    }
 }

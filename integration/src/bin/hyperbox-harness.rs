@@ -30,8 +30,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     match run(Cli::parse()) {
@@ -45,8 +44,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Guard { dir } => sandbox::run_guard(&dir)
-            .with_context(|| format!("guard of {}", dir.display())),
+        Cmd::Guard { dir } => {
+            sandbox::run_guard(&dir).with_context(|| format!("guard of {}", dir.display()))
+        }
         Cmd::Cleanup { all } => {
             let root = host::test_root();
             if all {

@@ -1,0 +1,123 @@
+//! `hyperbox-demo`: what HyperBox can do today, on a private containerd started for the demo
+//! (nothing on the host is reconfigured) and torn down at the end.
+//!
+//! It grows as components land; today it shows the foundation every component is tested on.
+
+use std::process::{ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use hyperbox_integration::client::CheckpointOptions;
+use hyperbox_integration::containerd::ContainerdVersion;
+use hyperbox_integration::images::TestImage;
+use hyperbox_integration::testbed::TestBed;
+
+#[derive(Parser)]
+#[command(about = "HyperBox demo on a private containerd")]
+struct Cli {
+    /// containerd version to run the demo on (1.6 or 1.7).
+    #[arg(long, default_value = "1.7")]
+    containerd: ContainerdVersion,
+}
+
+fn step(text: &str) {
+    println!("\n==> {text}");
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hyperbox-demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    step(&format!(
+        "starting a private containerd {} and a registry on loopback",
+        cli.containerd
+    ));
+    let t = Instant::now();
+    let bed = TestBed::start(cli.containerd).context("starting the test bed")?;
+    let c = &bed.containerd;
+    println!(
+        "    containerd socket {} (namespace {}), registry {}, up in {} ms",
+        c.socket().display(),
+        c.namespace(),
+        bed.registry.host(),
+        t.elapsed().as_millis()
+    );
+
+    step("building the offline busybox image (cached), pushing it, pulling it into containerd");
+    let t = Instant::now();
+    let image = bed.image(TestImage::Busybox).context("busybox image")?;
+    println!("    {image} in {} ms", t.elapsed().as_millis());
+
+    step("running a container through io.containerd.runc.v2 (the engine default)");
+    let t = Instant::now();
+    let out = c
+        .ctr()
+        .args(["run", "--rm", "--fifo-dir"])
+        .arg(c.dir().join("fifo"))
+        .args([&image, "demo-hello", "sh", "-c"])
+        .arg("echo \"hello from $(uname -s) container, pid $$\"")
+        .stdin(Stdio::null())
+        .output()
+        .context("ctr run")?;
+    if !out.status.success() {
+        bail!(
+            "ctr run failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    print!("    {}", String::from_utf8_lossy(&out.stdout));
+    println!("    ctr run --rm took {} ms", t.elapsed().as_millis());
+
+    step("checkpointing a running counter with CRIU 4 (leave running)");
+    c.ctr_run(&[
+        "run",
+        "-d",
+        "--null-io",
+        &image,
+        "demo-counter",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done",
+    ])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = rt.block_on(c.client())?;
+    let images = c.dir().join("demo-checkpoint");
+    let t = Instant::now();
+    rt.block_on(client.checkpoint_task(
+        "demo-counter",
+        Some(&CheckpointOptions {
+            image_path: images.to_string_lossy().into_owned(),
+            ..Default::default()
+        }),
+    ))
+    .context("checkpoint")?;
+    let files = std::fs::read_dir(&images)?.count();
+    println!(
+        "    {files} CRIU image files in {} ({} ms); the container runs on",
+        images.display(),
+        t.elapsed().as_millis()
+    );
+    print!("{}", c.ctr_stdout(&["tasks", "ls"])?);
+
+    step("tearing everything down");
+    bed.teardown().context("teardown")?;
+    println!("    done: no process, mount, cgroup or directory left behind");
+    Ok(())
+}
