@@ -1,0 +1,18 @@
+//! Side-by-side benchmarks of HyperBox against the engines' defaults.
+//!
+//! - [`runner`]: a round-robin timing runner over any number of variants, reporting median,
+//!   nearest-rank p95, mean, min, max and the ratio of each median to a baseline's;
+//! - [`engines`]: private containerd daemons (the integration harness's test beds) and the
+//!   `ctr` commands timed or measured;
+//! - [`memprobe`]: the runtime-side memory (PSS and RSS) of a container, from /proc;
+//! - [`machine`] and [`report`]: what each report says about where it was measured, and how
+//!   it is printed and saved.
+//!
+//! The `hyperbox-bench` binary drives them; `benches/README.md` says how to run it.
+
+pub mod engines;
+pub mod machine;
+pub mod memprobe;
+pub mod report;
+pub mod runner;
+pub mod stats;
