@@ -14,6 +14,7 @@ use hyperbox_benches::memprobe;
 use hyperbox_benches::report::{self, MemReport, MemRow, TimingReport};
 use hyperbox_benches::runner::{self, Plan, Variant};
 use hyperbox_benches::stats::Summary;
+use hyperbox_integration::cli;
 use hyperbox_integration::containerd::ContainerdVersion;
 
 #[derive(Parser)]
@@ -99,19 +100,8 @@ struct MemArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hyperbox-bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::init_logging("info");
+    cli::exit_code("hyperbox-bench", run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

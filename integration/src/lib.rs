@@ -9,6 +9,7 @@
 //! of what was started, watched by a guard process that tears everything down when the owner
 //! goes away, also when it panics or is killed.
 
+pub mod cli;
 pub mod client;
 pub mod containerd;
 pub mod host;

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use hyperbox_integration::cli;
 use hyperbox_integration::client::CheckpointOptions;
 use hyperbox_integration::containerd::ContainerdVersion;
 use hyperbox_integration::images::TestImage;
@@ -26,19 +27,8 @@ fn step(text: &str) {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hyperbox-demo: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::init_logging("warn");
+    cli::exit_code("hyperbox-demo", run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

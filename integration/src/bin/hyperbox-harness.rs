@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hyperbox_integration::{host, sandbox};
+use hyperbox_integration::{cli, host, sandbox};
 
 #[derive(Parser)]
 #[command(about = "HyperBox test harness helper")]
@@ -27,19 +27,8 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hyperbox-harness: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::init_logging("info");
+    cli::exit_code("hyperbox-harness", run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -1,12 +1,13 @@
 //! `hyperbox-testimg`: builds the offline test images (reproducibly, cached) and pushes them
 //! to a loopback registry.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use hyperbox_integration::cli;
 use hyperbox_integration::images::{self, BuildOptions, TestImage};
 
 #[derive(Debug, Parser)]
@@ -44,16 +45,12 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    cli::init_logging("info");
+    cli::exit_code("hyperbox-testimg", run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> Result<()> {
     let opts = BuildOptions::from_env().context("reading the build settings")?;
     match cli.command {
         Cmd::Build {
