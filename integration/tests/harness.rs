@@ -241,3 +241,38 @@ fn owner_killed_is_cleaned_by_the_guard() {
         }
     }
 }
+
+fn debian_images_run(v: ContainerdVersion) {
+    let bed = TestBed::start(v).expect("test bed");
+    let debian = bed.image(TestImage::Debian).expect("debian pulled");
+    let (code, out) = ctr_run_rm(
+        &bed.containerd,
+        &debian,
+        "deb",
+        &[
+            "sh",
+            "-c",
+            "cat /etc/debian_version; dpkg-query -W -f='${Version}' bash",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("12."), "{out}");
+
+    let python = bed
+        .image(TestImage::DebianPython)
+        .expect("debian-python pulled");
+    let (code, out) = ctr_run_rm(
+        &bed.containerd,
+        &python,
+        "py",
+        &[
+            "python3",
+            "-c",
+            "import ssl, sqlite3, json; print(json.dumps(6 * 7))",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.trim(), "42");
+    bed.teardown().expect("clean teardown");
+}
+per_version!(debian_images, debian_images_run);
