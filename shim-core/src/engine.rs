@@ -1,0 +1,102 @@
+//! The narrow interface a shim implements: what it takes to create, start, signal, inspect
+//! and remove one container and its extra processes. Everything containerd-facing (the task
+//! API, the process table, stdio, events, exit reaping) is done once, around it.
+
+use std::fmt::Debug;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::EngineError;
+
+/// A rootfs mount containerd passes in Create (from the snapshotter), to be mounted at
+/// `BUNDLE/rootfs` before the container is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsMount {
+    /// Filesystem type, such as `overlay` or `bind`.
+    pub kind: String,
+    pub source: String,
+    /// Mount options as containerd gives them: flags (`ro`, `rbind`) and data (`lowerdir=`).
+    pub options: Vec<String>,
+}
+
+/// A container to create.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    pub id: String,
+    /// The OCI bundle: `config.json` and the `rootfs` mount point.
+    pub bundle: PathBuf,
+    /// Mounts that make up the rootfs; empty when the bundle's rootfs is ready as it is.
+    pub rootfs: Vec<RootfsMount>,
+}
+
+/// An additional process to run in a running container.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    pub exec_id: String,
+    /// The OCI `process` object, as containerd sends it.
+    pub process: serde_json::Value,
+}
+
+/// The standard streams of a new process. `None` leaves the stream on `/dev/null`.
+#[derive(Debug, Default)]
+pub struct ProcessStdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Who started the process, for [`ShimContext::action`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShimAction {
+    /// The long-lived task server.
+    Serve,
+    /// `delete`: clean up after a shim that went away.
+    Delete,
+}
+
+/// What an engine is told when it is prepared.
+#[derive(Debug, Clone)]
+pub struct ShimContext {
+    /// containerd namespace.
+    pub namespace: String,
+    /// Container id the shim was started for.
+    pub id: String,
+    pub action: ShimAction,
+}
+
+/// A container engine behind the task service.
+///
+/// Every pid an engine returns must be a child of the shim process (directly, or by
+/// reparenting to it as subreaper): the shim reaps it and reports its exit. Processes are
+/// signalled by pid by the service itself; engines only signal whole containers.
+#[async_trait]
+pub trait Engine: Send + Sync + Debug + 'static {
+    /// Creates the container (mounting `spec.rootfs` first) and returns the pid of its init,
+    /// which waits for [`Engine::start`] before running the user's process. On failure,
+    /// nothing of the container may be left behind.
+    async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<u32, EngineError>;
+
+    /// Lets the created init run the user's process.
+    async fn start(&self, id: &str) -> Result<(), EngineError>;
+
+    /// Runs an extra process in the running container `id` and returns its pid.
+    async fn exec(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        stdio: ProcessStdio,
+    ) -> Result<u32, EngineError>;
+
+    /// Sends `signal` to every process of the container.
+    async fn signal_all(&self, id: &str, signal: i32) -> Result<(), EngineError>;
+
+    /// The pids of every process of the container.
+    async fn pids(&self, id: &str) -> Result<Vec<u32>, EngineError>;
+
+    /// Removes the container: kills what is left of it, removes its cgroup and state, and
+    /// unmounts the rootfs it mounted. Succeeds when there is nothing left to remove.
+    async fn delete(&self, id: &str, bundle: &Path) -> Result<(), EngineError>;
+}

@@ -1,0 +1,23 @@
+//! containerd shim v2 plumbing shared by the HyperBox shims.
+//!
+//! A shim is an [`Engine`] (create, start, exec, signal, list and delete containers) and a
+//! `main` that calls [`run`]. This crate does the rest, on the `containerd-shim` crate: the
+//! start/delete actions, the task API (Create, Start, Wait, Kill, Delete, State, Pids, Exec,
+//! CloseIO, Connect, Shutdown), the process table, stdio FIFOs, task events, and exit
+//! reaping as a child subreaper, with errors mapped to ttrpc codes in [`ShimError::code`].
+
+mod engine;
+mod error;
+mod reaper;
+mod service;
+mod shim;
+mod stdio;
+
+pub use engine::{
+    CreateSpec, Engine, ExecSpec, ProcessStdio, RootfsMount, ShimAction, ShimContext,
+};
+pub use error::{EngineError, ShimError};
+pub use reaper::exit_status;
+pub use service::TaskService;
+pub use shim::run;
+pub use stdio::StdioPaths;

@@ -1,0 +1,731 @@
+//! The containerd task service: the process table, the lifecycle calls and their events.
+//!
+//! One lock, `lifecycle`, orders everything that changes a process's state and publishes an
+//! event about it: Create, Start and exit handling each hold it across their engine call and
+//! their event. So an exit is never handled before the Create or Start of its process has
+//! registered the pid and sent TaskCreate/TaskStart, and containerd always sees TaskCreate,
+//! TaskStart, TaskExit, TaskDelete in that order.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use containerd_shim::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PidsRequest,
+    PidsResponse, ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse,
+    Status, WaitRequest, WaitResponse,
+};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc;
+use containerd_shim::protos::ttrpc::context::Context;
+use containerd_shim::protos::types::task::ProcessInfo;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, Task, TtrpcContext};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::{mpsc, watch};
+
+use crate::engine::{CreateSpec, Engine, ExecSpec, RootfsMount};
+use crate::error::ShimError;
+use crate::reaper::Reaped;
+use crate::stdio::{StdinFeeder, StdioPaths};
+
+/// How long Delete waits for a created-but-never-started init to die after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Exit {
+    status: u32,
+    at: SystemTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Init: created, waiting for Start. Exec: added, not started (no pid yet).
+    Created,
+    Running,
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Process {
+    pid: u32,
+    state: State,
+    exit: Option<Exit>,
+    exited: watch::Sender<Option<Exit>>,
+    stdio: StdioPaths,
+    stdin: Option<StdinFeeder>,
+    /// For an exec not yet started.
+    exec: Option<ExecSpec>,
+}
+
+impl Process {
+    fn new(pid: u32, state: State, stdio: StdioPaths) -> Self {
+        Process {
+            pid,
+            state,
+            exit: None,
+            exited: watch::channel(None).0,
+            stdio,
+            stdin: None,
+            exec: None,
+        }
+    }
+
+    fn status(&self) -> Status {
+        match self.state {
+            State::Created => Status::CREATED,
+            State::Running => Status::RUNNING,
+            State::Stopped => Status::STOPPED,
+        }
+    }
+
+    fn set_exit(&mut self, exit: Exit) {
+        self.state = State::Stopped;
+        self.exit = Some(exit);
+        self.exited.send_replace(Some(exit));
+    }
+}
+
+#[derive(Debug)]
+struct Container {
+    bundle: PathBuf,
+    init: Process,
+    execs: HashMap<String, Process>,
+}
+
+impl Container {
+    fn process(&self, id: &str, exec_id: &str) -> Result<&Process, ShimError> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| ShimError::NotFound(format!("exec {exec_id} of container {id}")))
+    }
+
+    fn process_mut(&mut self, id: &str, exec_id: &str) -> Result<&mut Process, ShimError> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| ShimError::NotFound(format!("exec {exec_id} of container {id}")))
+    }
+}
+
+struct Inner {
+    engine: Arc<dyn Engine>,
+    publisher: RemotePublisher,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+    lifecycle: tokio::sync::Mutex<()>,
+    containers: Mutex<HashMap<String, Container>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskService")
+            .field("engine", &self.engine)
+            .field("namespace", &self.namespace)
+            .field("containers", &self.containers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The task service containerd talks to.
+#[derive(Debug, Clone)]
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
+    MessageField::some(Timestamp::from(t))
+}
+
+impl TaskService {
+    /// A service over `engine`, handling the exits `reaped` reports.
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        publisher: RemotePublisher,
+        namespace: String,
+        exit: Arc<ExitSignal>,
+        mut reaped: mpsc::UnboundedReceiver<Reaped>,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            engine,
+            publisher,
+            namespace,
+            exit,
+            lifecycle: tokio::sync::Mutex::new(()),
+            containers: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            while let Some(r) = reaped.recv().await {
+                let Some(inner) = weak.upgrade() else { return };
+                inner.handle_exit(r).await;
+            }
+        });
+        TaskService { inner }
+    }
+}
+
+impl Inner {
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Container>> {
+        self.containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Err(e) = self
+            .publisher
+            .publish(Context::default(), topic, &self.namespace, event)
+            .await
+        {
+            tracing::warn!(topic, "cannot publish event: {e}");
+        }
+    }
+
+    async fn handle_exit(&self, r: Reaped) {
+        let _order = self.lifecycle.lock().await;
+        let exit = Exit {
+            status: r.status,
+            at: r.at,
+        };
+        let mut found = None;
+        {
+            let mut table = self.table();
+            for (id, c) in table.iter_mut() {
+                if c.init.pid == r.pid && c.init.state != State::Stopped {
+                    c.init.set_exit(exit);
+                    found = Some((id.clone(), id.clone()));
+                    break;
+                }
+                if let Some((exec_id, p)) = c
+                    .execs
+                    .iter_mut()
+                    .find(|(_, p)| p.pid == r.pid && p.state == State::Running)
+                {
+                    p.set_exit(exit);
+                    found = Some((id.clone(), exec_id.clone()));
+                    break;
+                }
+            }
+        }
+        let Some((container_id, id)) = found else {
+            tracing::debug!(pid = r.pid, status = r.status, "reaped a helper process");
+            return;
+        };
+        tracing::info!(container_id, id, pid = r.pid, status = r.status, "exited");
+        self.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            Box::new(TaskExit {
+                container_id,
+                id,
+                pid: r.pid,
+                exit_status: r.status,
+                exited_at: timestamp(r.at),
+                ..Default::default()
+            }),
+        )
+        .await;
+    }
+
+    async fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse, ShimError> {
+        let _order = self.lifecycle.lock().await;
+        let id = req.id.clone();
+        if self.table().contains_key(&id) {
+            return Err(ShimError::AlreadyExists(format!("container {id}")));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(ShimError::Unimplemented("restore from a checkpoint".into()));
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let (fds, feeder) = stdio.open()?;
+        let spec = CreateSpec {
+            id: id.clone(),
+            bundle: PathBuf::from(&req.bundle),
+            rootfs: req
+                .rootfs
+                .iter()
+                .map(|m| RootfsMount {
+                    kind: m.type_.clone(),
+                    source: m.source.clone(),
+                    options: m.options.clone(),
+                })
+                .collect(),
+        };
+        let created = self.engine.create(&spec, fds).await;
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Some(f) = feeder {
+                    f.close();
+                }
+                tracing::error!(id, "create failed: {e}");
+                return Err(e.into());
+            }
+        };
+        let mut init = Process::new(pid, State::Created, stdio);
+        init.stdin = feeder;
+        self.table().insert(
+            id.clone(),
+            Container {
+                bundle: spec.bundle.clone(),
+                init,
+                execs: HashMap::new(),
+            },
+        );
+        tracing::info!(id, pid, "created");
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: id,
+                bundle: req.bundle,
+                rootfs: req.rootfs,
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(&self, req: StartRequest) -> Result<StartResponse, ShimError> {
+        let _order = self.lifecycle.lock().await;
+        let (id, exec_id) = (req.id, req.exec_id);
+        let (state, pid, exec) = {
+            let table = self.table();
+            let c = table
+                .get(&id)
+                .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+            let p = c.process(&id, &exec_id)?;
+            (p.state, p.pid, p.exec.clone())
+        };
+        if state != State::Created {
+            return Err(ShimError::FailedPrecondition(format!(
+                "cannot start {}: it is {state:?}",
+                describe(&id, &exec_id)
+            )));
+        }
+        if exec_id.is_empty() {
+            self.engine.start(&id).await?;
+            if let Some(p) = self.table().get_mut(&id) {
+                if p.init.state == State::Created {
+                    p.init.state = State::Running;
+                }
+            }
+            tracing::info!(id, pid, "started");
+            self.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id: id,
+                    pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+            return Ok(StartResponse {
+                pid,
+                ..Default::default()
+            });
+        }
+
+        let exec = exec.ok_or_else(|| {
+            ShimError::FailedPrecondition(format!("{} has no spec", describe(&id, &exec_id)))
+        })?;
+        let stdio_paths = self.table()[&id].process(&id, &exec_id)?.stdio.clone();
+        let (fds, feeder) = stdio_paths.open()?;
+        let pid = match self.engine.exec(&id, &exec, fds).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Some(f) = feeder {
+                    f.close();
+                }
+                return Err(e.into());
+            }
+        };
+        {
+            let mut table = self.table();
+            let p = table
+                .get_mut(&id)
+                .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?
+                .process_mut(&id, &exec_id)?;
+            p.pid = pid;
+            p.state = State::Running;
+            p.stdin = feeder;
+            p.exec = None;
+        }
+        tracing::info!(id, exec_id, pid, "exec started");
+        self.publish(
+            topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+            Box::new(TaskExecStarted {
+                container_id: id,
+                exec_id,
+                pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn exec(&self, req: ExecProcessRequest) -> Result<(), ShimError> {
+        let _order = self.lifecycle.lock().await;
+        let (id, exec_id) = (req.id, req.exec_id);
+        let process: serde_json::Value = serde_json::from_slice(&req.spec.value)
+            .map_err(|e| ShimError::InvalidArgument(format!("exec {exec_id}: bad spec: {e}")))?;
+        {
+            let mut table = self.table();
+            let c = table
+                .get_mut(&id)
+                .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+            if c.init.state != State::Running {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "cannot exec in container {id}: it is not running"
+                )));
+            }
+            if c.execs.contains_key(&exec_id) {
+                return Err(ShimError::AlreadyExists(format!(
+                    "exec {exec_id} of container {id}"
+                )));
+            }
+            let stdio = StdioPaths {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+            };
+            if stdio.terminal {
+                return Err(ShimError::Unimplemented("exec with a terminal".into()));
+            }
+            let mut p = Process::new(0, State::Created, stdio);
+            p.exec = Some(ExecSpec {
+                exec_id: exec_id.clone(),
+                process,
+            });
+            c.execs.insert(exec_id.clone(), p);
+        }
+        self.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded {
+                container_id: id,
+                exec_id,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn kill(&self, req: KillRequest) -> Result<(), ShimError> {
+        let (id, exec_id) = (req.id, req.exec_id);
+        let signal = req.signal as i32;
+        let (pid, state) = {
+            let table = self.table();
+            let c = table
+                .get(&id)
+                .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+            let p = c.process(&id, &exec_id)?;
+            (p.pid, p.state)
+        };
+        if req.all && exec_id.is_empty() {
+            self.engine.signal_all(&id, signal).await?;
+            return Ok(());
+        }
+        if state == State::Stopped || pid == 0 {
+            return Err(ShimError::NotFound(format!(
+                "{}: process already finished",
+                describe(&id, &exec_id)
+            )));
+        }
+        let sig = Signal::try_from(signal)
+            .map_err(|_| ShimError::InvalidArgument(format!("signal {signal}")))?;
+        match kill(Pid::from_raw(pid as i32), sig) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::ESRCH) => Err(ShimError::NotFound(format!(
+                "{}: process already finished",
+                describe(&id, &exec_id)
+            ))),
+            Err(e) => Err(ShimError::Io {
+                what: "signal",
+                path: format!("pid {pid}").into(),
+                source: e.into(),
+            }),
+        }
+    }
+
+    async fn wait(&self, req: WaitRequest) -> Result<WaitResponse, ShimError> {
+        let mut rx = {
+            let table = self.table();
+            let c = table
+                .get(&req.id)
+                .ok_or_else(|| ShimError::NotFound(format!("container {}", req.id)))?;
+            c.process(&req.id, &req.exec_id)?.exited.subscribe()
+        };
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| ShimError::NotFound(describe(&req.id, &req.exec_id)))?
+            .expect("waited for Some");
+        Ok(WaitResponse {
+            exit_status: exit.status,
+            exited_at: timestamp(exit.at),
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, req: DeleteRequest) -> Result<DeleteResponse, ShimError> {
+        let (id, exec_id) = (req.id, req.exec_id);
+        if !exec_id.is_empty() {
+            let _order = self.lifecycle.lock().await;
+            let mut table = self.table();
+            let c = table
+                .get_mut(&id)
+                .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+            let p = c.process(&id, &exec_id)?;
+            if p.state == State::Running {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "cannot delete {}: it is running",
+                    describe(&id, &exec_id)
+                )));
+            }
+            let p = c.execs.remove(&exec_id).expect("looked up above");
+            let exit = p.exit.unwrap_or(Exit {
+                status: 0,
+                at: SystemTime::now(),
+            });
+            return Ok(DeleteResponse {
+                pid: p.pid,
+                exit_status: exit.status,
+                exited_at: timestamp(exit.at),
+                ..Default::default()
+            });
+        }
+
+        let (state, mut exited) = {
+            let table = self.table();
+            let c = table
+                .get(&id)
+                .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+            (c.init.state, c.init.exited.subscribe())
+        };
+        match state {
+            State::Running => {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "cannot delete container {id}: it is running"
+                )))
+            }
+            State::Created => {
+                // Never started: the init waits for Start. It dies now, and its exit is
+                // reported like any other before the container goes.
+                self.engine.signal_all(&id, Signal::SIGKILL as i32).await?;
+                let _ = tokio::time::timeout(KILL_WAIT, exited.wait_for(Option::is_some)).await;
+            }
+            State::Stopped => {}
+        }
+
+        let _order = self.lifecycle.lock().await;
+        let bundle = match self.table().get(&id) {
+            Some(c) => c.bundle.clone(),
+            None => return Err(ShimError::NotFound(format!("container {id}"))),
+        };
+        self.engine.delete(&id, &bundle).await?;
+        let c = self
+            .table()
+            .remove(&id)
+            .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+        if let Some(f) = &c.init.stdin {
+            f.close();
+        }
+        let exit = c.init.exit.unwrap_or(Exit {
+            status: 128 + Signal::SIGKILL as u32,
+            at: SystemTime::now(),
+        });
+        tracing::info!(id, "deleted");
+        self.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: id.clone(),
+                id,
+                pid: c.init.pid,
+                exit_status: exit.status,
+                exited_at: timestamp(exit.at),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(DeleteResponse {
+            pid: c.init.pid,
+            exit_status: exit.status,
+            exited_at: timestamp(exit.at),
+            ..Default::default()
+        })
+    }
+
+    fn state(&self, req: StateRequest) -> Result<StateResponse, ShimError> {
+        let table = self.table();
+        let c = table
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(format!("container {}", req.id)))?;
+        let p = c.process(&req.id, &req.exec_id)?;
+        Ok(StateResponse {
+            id: req.id.clone(),
+            bundle: c.bundle.to_string_lossy().into_owned(),
+            pid: p.pid,
+            status: p.status().into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: p.exit.map_or(0, |e| e.status),
+            exited_at: p.exit.map_or_else(MessageField::none, |e| timestamp(e.at)),
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    async fn pids(&self, req: PidsRequest) -> Result<PidsResponse, ShimError> {
+        if !self.table().contains_key(&req.id) {
+            return Err(ShimError::NotFound(format!("container {}", req.id)));
+        }
+        let pids = self.engine.pids(&req.id).await?;
+        Ok(PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn close_io(&self, req: CloseIORequest) -> Result<(), ShimError> {
+        let table = self.table();
+        let c = table
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(format!("container {}", req.id)))?;
+        if let Some(f) = &c.process(&req.id, &req.exec_id)?.stdin {
+            f.close();
+        }
+        Ok(())
+    }
+
+    fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse, ShimError> {
+        let table = self.table();
+        let task_pid = table.get(&req.id).map_or(0, |c| c.init.pid);
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self) {
+        if self.table().is_empty() {
+            tracing::info!("no container left: shutting down");
+            self.exit.signal();
+        }
+    }
+}
+
+fn describe(id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        format!("container {id}")
+    } else {
+        format!("exec {exec_id} of container {id}")
+    }
+}
+
+type TtrpcResult<T> = ttrpc::Result<T>;
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
+        Ok(self.inner.create(req).await?)
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        Ok(self.inner.start(req).await?)
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        self.inner.exec(req).await?;
+        Ok(Empty::new())
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        self.inner.kill(req).await?;
+        Ok(Empty::new())
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        Ok(self.inner.wait(req).await?)
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        Ok(self.inner.delete(req).await?)
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        Ok(self.inner.state(req)?)
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        Ok(self.inner.pids(req).await?)
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        self.inner.close_io(req)?;
+        Ok(Empty::new())
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> TtrpcResult<ConnectResponse> {
+        Ok(self.inner.connect(req)?)
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
+        self.inner.shutdown();
+        Ok(Empty::new())
+    }
+}

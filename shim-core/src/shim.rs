@@ -1,0 +1,181 @@
+//! The shim process: containerd's start and delete actions and the task server, on the
+//! `containerd-shim` crate, with the engine prepared before any thread exists.
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use containerd_shim::api::DeleteResponse;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::util::write_str_to_file;
+use containerd_shim::{spawn, Config, ExitSignal, Flags, Shim, StartOpts};
+use tracing_subscriber::EnvFilter;
+
+use crate::engine::{Engine, ShimAction, ShimContext};
+use crate::error::EngineError;
+use crate::reaper;
+use crate::service::TaskService;
+
+/// The engine prepared in [`run`] before the async runtime, handed to the shim instance the
+/// `containerd-shim` crate constructs.
+static ENGINE: OnceLock<Arc<dyn Engine>> = OnceLock::new();
+
+/// Runs a shim binary: parses containerd's arguments, sets up logging, lets `prepare` build
+/// the engine while the process is still single-threaded (a fork-based engine forks its
+/// helper there), then serves containerd's start, delete or task-server action.
+pub fn run(
+    runtime_id: &str,
+    prepare: fn(&ShimContext) -> Result<Arc<dyn Engine>, EngineError>,
+) -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let flags = match containerd_shim::parse(&args[1..]) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{runtime_id}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if flags.version {
+        println!("{runtime_id}: version {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let action = match flags.action.as_str() {
+        "start" => None,
+        "delete" => Some(ShimAction::Delete),
+        _ => Some(ShimAction::Serve),
+    };
+    init_logging(&flags, action);
+    if let Some(action) = action {
+        let ctx = ShimContext {
+            namespace: flags.namespace.clone(),
+            id: flags.id.clone(),
+            action,
+        };
+        match prepare(&ctx) {
+            Ok(engine) => {
+                let _ = ENGINE.set(engine);
+            }
+            Err(e) => {
+                tracing::error!(id = flags.id, "cannot prepare the engine: {e}");
+                eprintln!("{runtime_id}: cannot prepare the engine: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    // One thread is plenty for one container's task API and keeps the shim small.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{runtime_id}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = Config {
+        // Logging is ours (tracing, set up above); reaping too (see `reaper`).
+        no_setup_logger: true,
+        no_reaper: true,
+        no_sub_reaper: false,
+        ..Default::default()
+    };
+    rt.block_on(containerd_shim::asynchronous::run::<CoreShim>(
+        runtime_id,
+        Some(config),
+    ));
+    // A stdin copy may still wait for a writer that never comes; do not wait for it.
+    rt.shutdown_background();
+    ExitCode::SUCCESS
+}
+
+/// Logs where containerd reads them: the task server writes to the `log` FIFO containerd
+/// opened in the bundle (the shim's working directory), the short-lived start and delete
+/// actions to stderr, which containerd captures.
+fn init_logging(flags: &Flags, action: Option<ShimAction>) {
+    let level = if flags.debug { "debug" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_target(false);
+    let result = match action {
+        Some(ShimAction::Serve) => match OpenOptions::new().write(true).open("log") {
+            Ok(fifo) => builder.with_writer(Mutex::new(fifo)).try_init(),
+            Err(_) => builder.with_writer(std::io::stderr).try_init(),
+        },
+        _ => builder.with_writer(std::io::stderr).try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("cannot set up logging: {e}");
+    }
+}
+
+/// The `containerd-shim` crate's view of this shim.
+struct CoreShim {
+    id: String,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+}
+
+#[async_trait]
+impl Shim for CoreShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, flags: &Flags, _config: &mut Config) -> Self {
+        CoreShim {
+            id: flags.id.clone(),
+            namespace: flags.namespace.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // One shim per container: grouping by the container id.
+        let grouping = opts.id.clone();
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        // containerd runs `delete` in the bundle when the task server went away.
+        let bundle = std::env::current_dir()
+            .map_err(|e| containerd_shim::Error::Other(format!("no bundle directory: {e}")))?;
+        if let Some(engine) = ENGINE.get() {
+            if let Err(e) = engine.delete(&self.id, &bundle).await {
+                tracing::warn!(id = self.id, "cleanup of a lost shim: {e}");
+            }
+        }
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: MessageField::some(Timestamp::from(SystemTime::now())),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        let engine = ENGINE
+            .get()
+            .cloned()
+            .expect("the engine is prepared before the task server starts");
+        let reaped = reaper::spawn().expect("SIGCHLD handler");
+        TaskService::new(
+            engine,
+            publisher,
+            self.namespace.clone(),
+            self.exit.clone(),
+            reaped,
+        )
+    }
+}

@@ -1,0 +1,147 @@
+//! The libcontainer engine: each call is a request to the zygote (see `zygote`).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use hyperbox_shim_core::{CreateSpec, Engine, EngineError, ExecSpec, ProcessStdio, ShimContext};
+use nix::unistd::Pid;
+
+use crate::wire::{self, Reply, Request, StdioMask};
+use crate::zygote;
+
+/// Where container state lives: one directory per containerd namespace, one per container in
+/// it (libcontainer's `root`).
+const STATE_ROOT: &str = "/run/hyperbox/youki";
+
+/// Containers through libcontainer, created by the zygote.
+#[derive(Debug)]
+pub struct YoukiEngine {
+    zygote: Arc<Mutex<OwnedFd>>,
+    zygote_pid: Pid,
+}
+
+/// Forks the zygote; called by `hyperbox_shim_core::run` while the process has one thread.
+pub fn prepare(ctx: &ShimContext) -> Result<Arc<dyn Engine>, EngineError> {
+    let root = PathBuf::from(STATE_ROOT).join(&ctx.namespace);
+    let (sock, zygote_pid) = zygote::spawn(root)?;
+    tracing::debug!(id = ctx.id, zygote = zygote_pid.as_raw(), "zygote started");
+    Ok(Arc::new(YoukiEngine {
+        zygote: Arc::new(Mutex::new(sock)),
+        zygote_pid,
+    }))
+}
+
+fn split(stdio: ProcessStdio) -> (StdioMask, Vec<OwnedFd>) {
+    let mask = StdioMask {
+        stdin: stdio.stdin.is_some(),
+        stdout: stdio.stdout.is_some(),
+        stderr: stdio.stderr.is_some(),
+    };
+    let fds = [stdio.stdin, stdio.stdout, stdio.stderr]
+        .into_iter()
+        .flatten()
+        .collect();
+    (mask, fds)
+}
+
+impl YoukiEngine {
+    /// One request, one reply. The fds go to the zygote and are closed here once sent.
+    async fn call(&self, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, EngineError> {
+        let sock = self.zygote.clone();
+        let zygote = self.zygote_pid;
+        let reply = tokio::task::spawn_blocking(move || {
+            let sock = sock.lock().unwrap_or_else(PoisonError::into_inner);
+            wire::send(sock.as_fd(), &req, &fds)?;
+            drop(fds);
+            wire::recv::<Reply>(sock.as_fd())?
+                .map(|(r, _)| r)
+                .ok_or_else(|| format!("the zygote (pid {zygote}) exited"))
+        })
+        .await
+        .map_err(|e| EngineError::Failed(format!("zygote call: {e}")))?
+        .map_err(EngineError::Failed)?;
+        match reply {
+            Reply::Failed(e) => Err(e),
+            r => Ok(r),
+        }
+    }
+
+    async fn call_done(&self, req: Request) -> Result<(), EngineError> {
+        match self.call(req, Vec::new()).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(r: Reply) -> EngineError {
+    EngineError::Failed(format!("unexpected zygote reply {r:?}"))
+}
+
+#[async_trait]
+impl Engine for YoukiEngine {
+    async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<u32, EngineError> {
+        let (mask, fds) = split(stdio);
+        let req = Request::Create {
+            id: spec.id.clone(),
+            bundle: spec.bundle.clone(),
+            rootfs: spec.rootfs.clone(),
+            stdio: mask,
+        };
+        match self.call(req, fds).await? {
+            Reply::Pid(pid) => Ok(pid),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn start(&self, id: &str) -> Result<(), EngineError> {
+        self.call_done(Request::Start { id: id.to_string() }).await
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        stdio: ProcessStdio,
+    ) -> Result<u32, EngineError> {
+        let (mask, fds) = split(stdio);
+        let req = Request::Exec {
+            id: id.to_string(),
+            exec_id: spec.exec_id.clone(),
+            process: spec.process.clone(),
+            stdio: mask,
+        };
+        match self.call(req, fds).await? {
+            Reply::Pid(pid) => Ok(pid),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn signal_all(&self, id: &str, signal: i32) -> Result<(), EngineError> {
+        self.call_done(Request::SignalAll {
+            id: id.to_string(),
+            signal,
+        })
+        .await
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<u32>, EngineError> {
+        match self
+            .call(Request::Pids { id: id.to_string() }, Vec::new())
+            .await?
+        {
+            Reply::Pids(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete(&self, id: &str, bundle: &Path) -> Result<(), EngineError> {
+        self.call_done(Request::Delete {
+            id: id.to_string(),
+            bundle: bundle.to_path_buf(),
+        })
+        .await
+    }
+}

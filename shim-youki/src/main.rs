@@ -1,0 +1,12 @@
+//! `containerd-shim-hyperbox-v1`: Linux containers under containerd through youki's
+//! `libcontainer`, in-process. See `DESIGN.md` for how containers are created without
+//! forking the multi-threaded shim.
+
+mod engine;
+mod rootfs;
+mod wire;
+mod zygote;
+
+fn main() -> std::process::ExitCode {
+    hyperbox_shim_core::run("io.containerd.hyperbox.v1", engine::prepare)
+}

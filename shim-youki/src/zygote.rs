@@ -1,0 +1,310 @@
+//! The zygote: a single-threaded child forked in `main` before the async runtime exists, which
+//! does every `libcontainer` call for the shim.
+//!
+//! `libcontainer` forks (clone) and runs complex code in the children, which is undefined
+//! behaviour in a multi-threaded process such as the tokio-based task server. The zygote has
+//! one thread, so it may. It creates containers with `as_sibling`: libcontainer then clones
+//! the container's intermediate and init processes with `CLONE_PARENT`, making them children
+//! of the zygote's parent, the shim, which reaps them (it is a child subreaper, too, for
+//! anything reparented). Exits therefore reach the shim exactly as a runc shim's do.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use hyperbox_shim_core::EngineError;
+use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::signal::Signal;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::rootfs;
+use crate::wire::{self, Reply, Request, StdioMask};
+
+/// Forks the zygote serving containers whose state lives under `root` and returns the
+/// shim's end of its socket.
+pub fn spawn(root: PathBuf) -> Result<(OwnedFd, Pid), EngineError> {
+    let threads = thread_count();
+    if threads != Some(1) {
+        return Err(EngineError::Failed(format!(
+            "the zygote must be forked while the shim is single-threaded, found {threads:?} threads"
+        )));
+    }
+    let (shim_end, zygote_end) = wire::pair()
+        .map_err(|e| EngineError::Failed(format!("cannot create a socket pair: {e}")))?;
+    let parent = nix::unistd::getpid();
+    // SAFETY: the process has exactly one thread (checked above), so the child is a complete
+    // copy and may run any code.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { child }) => {
+            drop(zygote_end);
+            Ok((shim_end, child))
+        }
+        Ok(ForkResult::Child) => {
+            drop(shim_end);
+            let code = match become_zygote(parent) {
+                Ok(()) => serve(&zygote_end, &root),
+                Err(e) => {
+                    tracing::error!("zygote setup: {e}");
+                    1
+                }
+            };
+            // SAFETY: ends the zygote without running the parent's atexit handlers or
+            // destructors, which belong to the shim.
+            unsafe { libc::_exit(code) }
+        }
+        Err(e) => Err(EngineError::Failed(format!("cannot fork the zygote: {e}"))),
+    }
+}
+
+fn thread_count() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Detaches the zygote's standard streams from the shim's (stdout is the pipe `shim start`
+/// reads the address from: holding it would keep that read from ending) and ties its life
+/// to the shim's.
+fn become_zygote(parent: Pid) -> io::Result<()> {
+    let null = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for fd in 0..3 {
+        nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd)?;
+    }
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and changes no memory.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if nix::unistd::getppid() != parent {
+        return Err(io::Error::other(
+            "the shim exited before its zygote started",
+        ));
+    }
+    Ok(())
+}
+
+/// Answers requests until the shim closes its end.
+fn serve(sock: &OwnedFd, root: &Path) -> i32 {
+    loop {
+        let (req, fds) = match wire::recv::<Request>(sock.as_fd()) {
+            Ok(Some(m)) => m,
+            Ok(None) => return 0,
+            Err(e) => {
+                tracing::error!("zygote: {e}");
+                return 1;
+            }
+        };
+        let reply = match handle(root, req, fds) {
+            Ok(r) => r,
+            Err(e) => Reply::Failed(e),
+        };
+        if let Err(e) = wire::send(sock.as_fd(), &reply, &[]) {
+            tracing::error!("zygote: {e}");
+            return 1;
+        }
+    }
+}
+
+fn handle(root: &Path, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, EngineError> {
+    match req {
+        Request::Create {
+            id,
+            bundle,
+            rootfs,
+            stdio,
+        } => create(root, &id, &bundle, &rootfs, stdio, fds).map(Reply::Pid),
+        Request::Start { id } => {
+            load(root, &id)?.start().map_err(failed(&id, "start"))?;
+            Ok(Reply::Done)
+        }
+        Request::Exec {
+            id,
+            exec_id,
+            process,
+            stdio,
+        } => exec(root, &id, &exec_id, &process, stdio, fds).map(Reply::Pid),
+        Request::SignalAll { id, signal } => {
+            let sig = Signal::try_from(signal)
+                .map_err(|e| EngineError::InvalidSpec(format!("signal {signal}: {e}")))?;
+            load(root, &id)?
+                .kill(sig, true)
+                .map_err(failed(&id, "signal"))?;
+            Ok(Reply::Done)
+        }
+        Request::Pids { id } => pids(root, &id).map(Reply::Pids),
+        Request::Delete { id, bundle } => delete(root, &id, &bundle).map(|()| Reply::Done),
+    }
+}
+
+fn failed<'a>(
+    id: &'a str,
+    what: &'a str,
+) -> impl FnOnce(libcontainer::error::LibcontainerError) -> EngineError + 'a {
+    move |e| EngineError::Failed(format!("cannot {what} container {id}: {}", chain(&e)))
+}
+
+/// An error with its sources, which is where libcontainer puts the detail.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn load(root: &Path, id: &str) -> Result<Container, EngineError> {
+    let dir = root.join(id);
+    if !dir.exists() {
+        return Err(EngineError::NotFound(format!(
+            "container {id} has no state in {}",
+            dir.display()
+        )));
+    }
+    Container::load(dir).map_err(failed(id, "load"))
+}
+
+fn builder(
+    root: &Path,
+    id: &str,
+    stdio: StdioMask,
+    fds: Vec<OwnedFd>,
+) -> Result<ContainerBuilder, EngineError> {
+    fs::create_dir_all(root).map_err(|e| {
+        EngineError::Failed(format!("cannot create state dir {}: {e}", root.display()))
+    })?;
+    let mut b = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(root)
+        .map_err(failed(id, "use state dir for"))?;
+    let mut fds = fds.into_iter();
+    let mut next = |wanted: bool| if wanted { fds.next() } else { None };
+    if let Some(fd) = next(stdio.stdin) {
+        b = b.with_stdin(fd);
+    }
+    if let Some(fd) = next(stdio.stdout) {
+        b = b.with_stdout(fd);
+    }
+    if let Some(fd) = next(stdio.stderr) {
+        b = b.with_stderr(fd);
+    }
+    Ok(b)
+}
+
+fn create(
+    root: &Path,
+    id: &str,
+    bundle: &Path,
+    mounts: &[hyperbox_shim_core::RootfsMount],
+    stdio: StdioMask,
+    fds: Vec<OwnedFd>,
+) -> Result<u32, EngineError> {
+    let b = builder(root, id, stdio, fds)?;
+    let target = bundle.join("rootfs");
+    rootfs::mount_all(mounts, &target).map_err(EngineError::Failed)?;
+    let built = b.validate_id().and_then(|b| {
+        b.as_init(bundle)
+            .as_sibling(true)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+    });
+    match built {
+        Ok(c) => {
+            let pid = c.pid().map(Pid::as_raw).unwrap_or_default();
+            tracing::info!(id, pid, "container created");
+            Ok(pid as u32)
+        }
+        Err(e) => {
+            let err = EngineError::Failed(format!("cannot create container {id}: {}", chain(&e)));
+            if let Err(clean) = delete(root, id, bundle) {
+                tracing::warn!(id, "cleanup after failed create: {clean:?}");
+            }
+            Err(err)
+        }
+    }
+}
+
+fn exec(
+    root: &Path,
+    id: &str,
+    exec_id: &str,
+    process: &serde_json::Value,
+    stdio: StdioMask,
+    fds: Vec<OwnedFd>,
+) -> Result<u32, EngineError> {
+    let dir = root.join(id);
+    if !dir.exists() {
+        return Err(EngineError::NotFound(format!("container {id}")));
+    }
+    let path = dir.join(format!("exec-{exec_id}.json"));
+    fs::write(&path, serde_json::to_vec(process).unwrap_or_default())
+        .map_err(|e| EngineError::Failed(format!("cannot write {}: {e}", path.display())))?;
+    let built = builder(root, id, stdio, fds).and_then(|b| {
+        b.as_tenant()
+            .with_process(Some(&path))
+            .as_sibling(true)
+            .with_detach(true)
+            .build()
+            .map_err(|e| {
+                EngineError::Failed(format!(
+                    "cannot exec {exec_id} in container {id}: {}",
+                    chain(&e)
+                ))
+            })
+    });
+    let _ = fs::remove_file(&path);
+    Ok(built?.as_raw() as u32)
+}
+
+fn pids(root: &Path, id: &str) -> Result<Vec<u32>, EngineError> {
+    let c = load(root, id)?;
+    let config = c.spec().map_err(failed(id, "read the config of"))?;
+    let manager = create_cgroup_manager(CgroupConfig {
+        cgroup_path: config.cgroup_path,
+        systemd_cgroup: false,
+        container_name: id.to_string(),
+    })
+    .map_err(|e| EngineError::Failed(format!("cgroup of container {id}: {}", chain(&e))))?;
+    let pids = manager
+        .get_all_pids()
+        .map_err(|e| EngineError::Failed(format!("pids of container {id}: {}", chain(&e))))?;
+    Ok(pids.into_iter().map(|p| p.as_raw() as u32).collect())
+}
+
+fn delete(root: &Path, id: &str, bundle: &Path) -> Result<(), EngineError> {
+    let dir = root.join(id);
+    let mut result = Ok(());
+    if dir.exists() {
+        match Container::load(dir.clone()) {
+            Ok(mut c) => {
+                if let Err(e) = c.delete(true) {
+                    result = Err(EngineError::Failed(format!(
+                        "cannot delete container {id}: {}",
+                        chain(&e)
+                    )));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(id, "unreadable state, removing it: {}", chain(&e));
+                let _ = fs::remove_dir_all(&dir);
+            }
+        }
+    }
+    rootfs::unmount_all(&bundle.join("rootfs")).map_err(EngineError::Failed)?;
+    // The namespace's state dir goes with its last container.
+    let _ = fs::remove_dir(root);
+    result
+}
