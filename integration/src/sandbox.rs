@@ -33,6 +33,11 @@ use sha2::{Digest, Sha256};
 
 use crate::host;
 
+/// Where runtimes keep per-namespace state outside containerd's own directories: runc's
+/// default root (runc shim; swept at teardown) and libcontainer's root of
+/// `containerd-shim-hyperbox-v1` (checked, not swept: the shim must clean up after itself).
+pub const RUNTIME_STATE_ROOTS: &[&str] = &["/run/containerd/runc", "/run/hyperbox/youki"];
+
 /// Name of the record file inside a sandbox.
 const RECORD: &str = "sandbox.json";
 /// Name of the harness binary that provides the guard.
@@ -284,7 +289,9 @@ pub fn teardown_dir(dir: &Path) -> Result<(), SandboxError> {
         for cg in namespace_cgroups(ns) {
             remove_cgroup_tree(&cg);
         }
-        let _ = fs::remove_dir_all(Path::new("/run/containerd/runc").join(ns));
+        // runc leaves its namespace directory behind by design; our shim must remove its
+        // own state, so teardown does not sweep it: what remains is reported below.
+        let _ = fs::remove_dir_all(Path::new(RUNTIME_STATE_ROOTS[0]).join(ns));
     }
     for s in &shim_sockets {
         let _ = fs::remove_file(s);
@@ -326,9 +333,11 @@ pub fn leftovers(
         for cg in namespace_cgroups(ns) {
             left.push(format!("cgroup {}", cg.display()));
         }
-        let runc = Path::new("/run/containerd/runc").join(ns);
-        if runc.exists() {
-            left.push(format!("runc state {}", runc.display()));
+        for root in RUNTIME_STATE_ROOTS {
+            let state = Path::new(root).join(ns);
+            if state.exists() {
+                left.push(format!("runtime state {}", state.display()));
+            }
         }
     }
     for s in shim_sockets {
@@ -476,6 +485,17 @@ fn all_pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Whether a command line names `dir` or a path inside it. Sandboxes `NAME-1` and `NAME-10`
+/// share a prefix, so a plain substring test would take one's processes for the other's.
+fn names_dir(cmdline: &str, dir: &Path) -> bool {
+    let dir = dir.to_string_lossy();
+    let inside = format!("{dir}/");
+    cmdline.split(' ').any(|arg| {
+        let path = arg.rsplit_once('=').map_or(arg, |(_, v)| v);
+        path == dir || path.contains(&inside)
+    })
+}
+
 /// Processes to kill: recorded daemons still alive, processes whose command line names the
 /// sandbox directory, and processes in the recorded namespaces' cgroups.
 fn victims(dir: &Path, record: &Record, spare: &BTreeSet<u32>) -> Vec<u32> {
@@ -485,9 +505,8 @@ fn victims(dir: &Path, record: &Record, spare: &BTreeSet<u32>) -> Vec<u32> {
             out.insert(p.pid);
         }
     }
-    let needle = dir.to_string_lossy().into_owned();
     for pid in all_pids() {
-        if cmdline(pid).is_some_and(|c| c.contains(&needle)) {
+        if cmdline(pid).is_some_and(|c| names_dir(&c, dir)) {
             out.insert(pid);
         }
     }
@@ -691,6 +710,32 @@ pub fn shim_socket_path(address: &str, ns: &str, id: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_lines_name_a_sandbox_only_by_whole_path() {
+        let dir = Path::new("/var/lib/hyperbox-test/containerd1.7-9-1");
+        assert!(names_dir(
+            "containerd --config /var/lib/hyperbox-test/containerd1.7-9-1/config.toml",
+            dir
+        ));
+        assert!(names_dir(
+            "shim -address /var/lib/hyperbox-test/containerd1.7-9-1/c.sock",
+            dir
+        ));
+        assert!(names_dir(
+            "hyperbox-harness guard /var/lib/hyperbox-test/containerd1.7-9-1",
+            dir
+        ));
+        assert!(names_dir(
+            "x --root=/var/lib/hyperbox-test/containerd1.7-9-1/root",
+            dir
+        ));
+        assert!(!names_dir(
+            "containerd --config /var/lib/hyperbox-test/containerd1.7-9-10/config.toml",
+            dir
+        ));
+        assert!(!names_dir("sleep 1000", dir));
+    }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {
