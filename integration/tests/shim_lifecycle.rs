@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
+use hyperbox_integration::pty::run_in_pty;
 use hyperbox_integration::sandbox::Footprint;
 use hyperbox_integration::testbed::TestBed;
 
@@ -420,3 +421,55 @@ fn missing_executable_is_named(v: ContainerdVersion) {
     assert_eq!(fp.leftovers(), Vec::<String>::new());
 }
 per_version!(missing_executable, missing_executable_is_named);
+
+/// Under a pseudo-terminal, `ctr run -t` gives the container a terminal of its own: `tty`
+/// names a pts, typed input reaches an interactive shell, `ctr task exec -t` gets one too, and
+/// each returns its process's exit code, also when a background process keeps the terminal.
+fn terminal_through_ctr(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    let fifo = c.dir().join("fifo");
+    let limit = Duration::from_secs(60);
+
+    let mut run = c.ctr();
+    run.args(["run", "-t", "--rm", "--runtime", RUNTIME, "--fifo-dir"])
+        .arg(&fifo)
+        .args([&image, "tty1", "sh", "-c", "tty; stty size; exit 6"]);
+    let out = run_in_pty(run, b"", limit).expect("ctr run -t");
+    assert!(
+        out.output.contains("/dev/pts/"),
+        "{out:?}\nlog:\n{}",
+        c.log_tail(30)
+    );
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+
+    let mut run = c.ctr();
+    run.args(["run", "-t", "--rm", "--runtime", RUNTIME, "--fifo-dir"])
+        .arg(&fifo)
+        .args([&image, "tty2", "sh"]);
+    let out =
+        run_in_pty(run, b"echo typed-$((6*7))\nexit 2\n", limit).expect("interactive ctr run -t");
+    assert!(out.output.contains("typed-42"), "{out:?}");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    run_detached(c, &image, "host", &["sleep", "1000"]);
+    let mut exec = c.ctr();
+    exec.args(["tasks", "exec", "-t", "--exec-id", "e1", "host"])
+        .args(["sh", "-c", "tty; exit 9"]);
+    let out = run_in_pty(exec, b"", limit).expect("ctr task exec -t");
+    assert!(
+        out.output.contains("/dev/pts/"),
+        "{out:?}\nlog:\n{}",
+        c.log_tail(30)
+    );
+    assert_eq!(out.status.code(), Some(9), "{out:?}");
+
+    // A background process still holding the terminal does not keep the client waiting.
+    let mut exec = c.ctr();
+    exec.args(["tasks", "exec", "-t", "--exec-id", "e2", "host"])
+        .args(["sh", "-c", "sleep 1000 & echo left; exit 4"]);
+    let out = run_in_pty(exec, b"", limit).expect("ctr task exec -t with a background child");
+    assert!(out.output.contains("left"), "{out:?}");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+}
+per_version!(terminal, terminal_through_ctr);

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
+use crate::options::RuntimeOptions;
 
 /// A rootfs mount containerd passes in Create (from the snapshotter), to be mounted at
 /// `BUNDLE/rootfs` before the container is created.
@@ -30,6 +31,8 @@ pub struct CreateSpec {
     pub bundle: PathBuf,
     /// Mounts that make up the rootfs; empty when the bundle's rootfs is ready as it is.
     pub rootfs: Vec<RootfsMount>,
+    /// The runtime options of the Create, decoded and checked.
+    pub options: RuntimeOptions,
 }
 
 /// An additional process to run in a running container.
@@ -46,6 +49,18 @@ pub struct ProcessStdio {
     pub stdin: Option<OwnedFd>,
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
+    /// The process gets a new pseudo-terminal as its stdio (the spec's `process.terminal`);
+    /// the three streams are then `None`, and the engine returns the terminal's master in
+    /// [`Spawned::console`].
+    pub terminal: bool,
+}
+
+/// A process an engine created or started.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: u32,
+    /// The master side of the process's terminal, when [`ProcessStdio::terminal`] asked for one.
+    pub console: Option<OwnedFd>,
 }
 
 /// Who started the process, for [`ShimContext::action`].
@@ -74,21 +89,21 @@ pub struct ShimContext {
 /// signalled by pid by the service itself; engines only signal whole containers.
 #[async_trait]
 pub trait Engine: Send + Sync + Debug + 'static {
-    /// Creates the container (mounting `spec.rootfs` first) and returns the pid of its init,
+    /// Creates the container (mounting `spec.rootfs` first) and returns its init,
     /// which waits for [`Engine::start`] before running the user's process. On failure,
     /// nothing of the container may be left behind.
-    async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<u32, EngineError>;
+    async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<Spawned, EngineError>;
 
     /// Lets the created init run the user's process.
     async fn start(&self, id: &str) -> Result<(), EngineError>;
 
-    /// Runs an extra process in the running container `id` and returns its pid.
+    /// Runs an extra process in the running container `id` and returns it.
     async fn exec(
         &self,
         id: &str,
         spec: &ExecSpec,
         stdio: ProcessStdio,
-    ) -> Result<u32, EngineError>;
+    ) -> Result<Spawned, EngineError>;
 
     /// Sends `signal` to every process of the container.
     async fn signal_all(&self, id: &str, signal: i32) -> Result<(), EngineError>;

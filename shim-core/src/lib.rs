@@ -3,20 +3,24 @@
 //! A shim is an [`Engine`] (create, start, exec, signal, list and delete containers) and a
 //! `main` that calls [`run`]. This crate does the rest, on the `containerd-shim` crate: the
 //! start/delete actions, the task API (Create, Start, Wait, Kill, Delete, State, Pids, Exec,
-//! CloseIO, Connect, Shutdown), the process table, stdio FIFOs, task events, and exit
+//! ResizePty, CloseIO, Connect, Shutdown), the process table, stdio FIFOs and terminals, task
+//! events, and exit
 //! reaping as a child subreaper, with errors mapped to ttrpc codes in [`ShimError::code`].
 
+mod console;
 mod engine;
 mod error;
+mod options;
 mod reaper;
 mod service;
 mod shim;
 mod stdio;
 
 pub use engine::{
-    CreateSpec, Engine, ExecSpec, ProcessStdio, RootfsMount, ShimAction, ShimContext,
+    CreateSpec, Engine, ExecSpec, ProcessStdio, RootfsMount, ShimAction, ShimContext, Spawned,
 };
 pub use error::{EngineError, ShimError};
+pub use options::RuntimeOptions;
 pub use reaper::exit_status;
 pub use service::TaskService;
 pub use shim::run;

@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use containerd_shim::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
     DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PidsRequest,
-    PidsResponse, ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse,
-    Status, WaitRequest, WaitResponse,
+    PidsResponse, ResizePtyRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest,
+    StateResponse, Status, WaitRequest, WaitResponse,
 };
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
@@ -33,8 +33,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::{mpsc, watch};
 
-use crate::engine::{CreateSpec, Engine, ExecSpec, RootfsMount};
-use crate::error::ShimError;
+use crate::console::Console;
+use crate::engine::{CreateSpec, Engine, ExecSpec, RootfsMount, Spawned};
+use crate::error::{EngineError, ShimError};
+use crate::options::RuntimeOptions;
 use crate::reaper::Reaped;
 use crate::stdio::{StdinFeeder, StdioPaths};
 
@@ -64,6 +66,8 @@ struct Process {
     exited: watch::Sender<Option<Exit>>,
     stdio: StdioPaths,
     stdin: Option<StdinFeeder>,
+    /// The process's terminal, when it has one.
+    console: Option<Console>,
     /// For an exec not yet started.
     exec: Option<ExecSpec>,
 }
@@ -77,6 +81,7 @@ impl Process {
             exited: watch::channel(None).0,
             stdio,
             stdin: None,
+            console: None,
             exec: None,
         }
     }
@@ -92,6 +97,9 @@ impl Process {
     fn set_exit(&mut self, exit: Exit) {
         self.state = State::Stopped;
         self.exit = Some(exit);
+        if let Some(c) = &self.console {
+            c.exited();
+        }
         self.exited.send_replace(Some(exit));
     }
 }
@@ -251,6 +259,10 @@ impl Inner {
         if !req.checkpoint.is_empty() {
             return Err(ShimError::Unimplemented("restore from a checkpoint".into()));
         }
+        // Checked before anything is opened or created: a refusal leaves nothing behind.
+        let options = RuntimeOptions::from_any(req.options.as_ref()).inspect_err(|e| {
+            tracing::error!(id, "create refused: {e}");
+        })?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -270,10 +282,11 @@ impl Inner {
                     options: m.options.clone(),
                 })
                 .collect(),
+            options,
         };
         let created = self.engine.create(&spec, fds).await;
-        let pid = match created {
-            Ok(pid) => pid,
+        let (pid, console) = match created {
+            Ok(Spawned { pid, console }) => (pid, console),
             Err(e) => {
                 if let Some(f) = feeder {
                     f.close();
@@ -282,8 +295,19 @@ impl Inner {
                 return Err(e.into());
             }
         };
+        let console = match attach_console(console, &stdio) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(id, "create failed: {e}");
+                if let Err(clean) = self.engine.delete(&id, &spec.bundle).await {
+                    tracing::warn!(id, "cleanup after failed create: {clean}");
+                }
+                return Err(e);
+            }
+        };
         let mut init = Process::new(pid, State::Created, stdio);
         init.stdin = feeder;
+        init.console = console;
         self.table().insert(
             id.clone(),
             Container {
@@ -362,8 +386,8 @@ impl Inner {
         })?;
         let stdio_paths = self.table()[&id].process(&id, &exec_id)?.stdio.clone();
         let (fds, feeder) = stdio_paths.open()?;
-        let pid = match self.engine.exec(&id, &exec, fds).await {
-            Ok(pid) => pid,
+        let (pid, console) = match self.engine.exec(&id, &exec, fds).await {
+            Ok(Spawned { pid, console }) => (pid, console),
             Err(e) => {
                 if let Some(f) = feeder {
                     f.close();
@@ -371,6 +395,10 @@ impl Inner {
                 return Err(e.into());
             }
         };
+        let console = attach_console(console, &stdio_paths).inspect_err(|_| {
+            // Without its terminal's copies the process would hang its client: end it.
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        })?;
         {
             let mut table = self.table();
             let p = table
@@ -380,6 +408,7 @@ impl Inner {
             p.pid = pid;
             p.state = State::Running;
             p.stdin = feeder;
+            p.console = console;
             p.exec = None;
         }
         tracing::info!(id, exec_id, pid, "exec started");
@@ -425,9 +454,6 @@ impl Inner {
                 stderr: req.stderr,
                 terminal: req.terminal,
             };
-            if stdio.terminal {
-                return Err(ShimError::Unimplemented("exec with a terminal".into()));
-            }
             let mut p = Process::new(0, State::Created, stdio);
             p.exec = Some(ExecSpec {
                 exec_id: exec_id.clone(),
@@ -636,10 +662,28 @@ impl Inner {
         let c = table
             .get(&req.id)
             .ok_or_else(|| ShimError::NotFound(format!("container {}", req.id)))?;
-        if let Some(f) = &c.process(&req.id, &req.exec_id)?.stdin {
+        let p = c.process(&req.id, &req.exec_id)?;
+        if let Some(f) = &p.stdin {
             f.close();
         }
+        if let Some(c) = &p.console {
+            c.close_stdin();
+        }
         Ok(())
+    }
+
+    fn resize_pty(&self, req: ResizePtyRequest) -> Result<(), ShimError> {
+        let table = self.table();
+        let c = table
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(format!("container {}", req.id)))?;
+        match &c.process(&req.id, &req.exec_id)?.console {
+            Some(console) => console.resize(req.width, req.height),
+            None => Err(ShimError::FailedPrecondition(format!(
+                "cannot resize the terminal of {}: it has none",
+                describe(&req.id, &req.exec_id)
+            ))),
+        }
     }
 
     fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse, ShimError> {
@@ -658,6 +702,20 @@ impl Inner {
             tracing::info!("no container left: shutting down");
             self.exit.signal();
         }
+    }
+}
+
+/// Starts the copies of a process's terminal, when the engine returned one.
+fn attach_console(
+    master: Option<std::os::fd::OwnedFd>,
+    stdio: &StdioPaths,
+) -> Result<Option<Console>, ShimError> {
+    match master {
+        Some(m) => Console::attach(m, stdio).map(Some),
+        None if stdio.terminal => Err(ShimError::Engine(EngineError::Failed(
+            "the engine returned no terminal for a process that asked for one".into(),
+        ))),
+        None => Ok(None),
     }
 }
 
@@ -713,6 +771,11 @@ impl Task for TaskService {
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
         self.inner.close_io(req)?;
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        self.inner.resize_pty(req)?;
         Ok(Empty::new())
     }
 

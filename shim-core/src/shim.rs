@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
@@ -152,6 +153,7 @@ impl Shim for CoreShim {
                 tracing::warn!(id = self.id, "cleanup of a lost shim: {e}");
             }
         }
+        remove_dead_socket(&self.id, &bundle.join("address"));
         Ok(DeleteResponse {
             pid: 0,
             exit_status: 128 + libc::SIGKILL as u32,
@@ -177,5 +179,27 @@ impl Shim for CoreShim {
             self.exit.clone(),
             reaped,
         )
+    }
+}
+
+/// Removes the task socket named in the bundle's `address` file when nothing listens on it
+/// any more: a shim that was killed could not remove it itself.
+fn remove_dead_socket(id: &str, address_file: &Path) {
+    let Ok(address) = std::fs::read_to_string(address_file) else {
+        return;
+    };
+    let path = Path::new(address.trim().trim_start_matches("unix://"));
+    let refused = matches!(
+        std::os::unix::net::UnixStream::connect(path),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    );
+    if refused {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(
+                id,
+                "cannot remove the dead shim's socket {}: {e}",
+                path.display()
+            );
+        }
     }
 }

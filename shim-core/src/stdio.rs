@@ -30,15 +30,23 @@ impl StdioPaths {
     /// Opens the streams: the fds for the new process and, when there is a stdin, the feeder
     /// that copies the stdin FIFO into it.
     pub fn open(&self) -> Result<(ProcessStdio, Option<StdinFeeder>), ShimError> {
-        if self.terminal {
-            return Err(ShimError::Unimplemented("a terminal (ctr -t)".into()));
-        }
         for uri in [&self.stdout, &self.stderr] {
             if uri.contains("://") {
                 return Err(ShimError::Unimplemented(format!(
                     "the log URI {uri:?} (binary:// and file://)"
                 )));
             }
+        }
+        if self.terminal {
+            // The streams are the terminal's: see `Console`, which takes them once the
+            // engine has returned the terminal's master.
+            return Ok((
+                ProcessStdio {
+                    terminal: true,
+                    ..Default::default()
+                },
+                None,
+            ));
         }
         let stdout = open_output(&self.stdout)?;
         let stderr = open_output(&self.stderr)?;
@@ -59,6 +67,7 @@ impl StdioPaths {
                 stdin,
                 stdout,
                 stderr,
+                terminal: false,
             },
             feeder,
         ))
@@ -68,7 +77,7 @@ impl StdioPaths {
 /// Opens an output FIFO for writing without waiting for its reader: opened read-write first
 /// (which never blocks), then reopened write-only through `/proc/self/fd`, which does not
 /// block either since a reader (the first fd) exists at that moment.
-fn open_output(path: &str) -> Result<Option<OwnedFd>, ShimError> {
+pub(crate) fn open_output(path: &str) -> Result<Option<OwnedFd>, ShimError> {
     if path.is_empty() {
         return Ok(None);
     }
@@ -89,15 +98,16 @@ fn open_output(path: &str) -> Result<Option<OwnedFd>, ShimError> {
     Ok(Some(wo.into()))
 }
 
-/// Copies a stdin FIFO into the process's stdin pipe on a thread of its own, until the FIFO's
-/// writer closes it or [`StdinFeeder::close`] is called.
+/// Copies a stdin FIFO into the process's stdin pipe (or its terminal's master, see `Console`)
+/// on a thread of its own, until the FIFO's writer closes it or [`StdinFeeder::close`] is
+/// called.
 #[derive(Debug, Clone)]
 pub struct StdinFeeder {
     pipe: Arc<Mutex<Option<File>>>,
 }
 
 impl StdinFeeder {
-    fn spawn(fifo: &str, pipe: File) -> Result<Self, ShimError> {
+    pub(crate) fn spawn(fifo: &str, pipe: File) -> Result<Self, ShimError> {
         let pipe = Arc::new(Mutex::new(Some(pipe)));
         let feeder = StdinFeeder { pipe: pipe.clone() };
         let path = fifo.to_string();

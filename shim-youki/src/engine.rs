@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use hyperbox_shim_core::{CreateSpec, Engine, EngineError, ExecSpec, ProcessStdio, ShimContext};
+use hyperbox_shim_core::{
+    CreateSpec, Engine, EngineError, ExecSpec, ProcessStdio, ShimContext, Spawned,
+};
 use nix::unistd::Pid;
 
+use crate::console::ConsoleSocket;
 use crate::wire::{self, Reply, Request, StdioMask};
 use crate::zygote;
 
@@ -20,6 +23,8 @@ const STATE_ROOT: &str = "/run/hyperbox/youki";
 pub struct YoukiEngine {
     zygote: Arc<Mutex<OwnedFd>>,
     zygote_pid: Pid,
+    /// containerd namespace, joined to a state root given in the runtime options.
+    namespace: String,
 }
 
 /// Forks the zygote; called by `hyperbox_shim_core::run` while the process has one thread.
@@ -30,14 +35,25 @@ pub fn prepare(ctx: &ShimContext) -> Result<Arc<dyn Engine>, EngineError> {
     Ok(Arc::new(YoukiEngine {
         zygote: Arc::new(Mutex::new(sock)),
         zygote_pid,
+        namespace: ctx.namespace.clone(),
     }))
 }
 
-fn split(stdio: ProcessStdio) -> (StdioMask, Vec<OwnedFd>) {
+/// A console socket for a process that asks for a terminal. It lives beside the state
+/// directories, whatever the runtime options say of those, so that its path stays short.
+fn console_socket(stdio: &ProcessStdio) -> Result<Option<ConsoleSocket>, EngineError> {
+    stdio
+        .terminal
+        .then(|| ConsoleSocket::bind(Path::new(STATE_ROOT)))
+        .transpose()
+}
+
+fn split(stdio: ProcessStdio, console: Option<&ConsoleSocket>) -> (StdioMask, Vec<OwnedFd>) {
     let mask = StdioMask {
         stdin: stdio.stdin.is_some(),
         stdout: stdio.stdout.is_some(),
         stderr: stdio.stderr.is_some(),
+        console_socket: console.map(|c| c.path().to_path_buf()),
     };
     let fds = [stdio.stdin, stdio.stdout, stdio.stderr]
         .into_iter()
@@ -82,17 +98,41 @@ fn unexpected(r: Reply) -> EngineError {
 
 #[async_trait]
 impl Engine for YoukiEngine {
-    async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<u32, EngineError> {
-        let (mask, fds) = split(stdio);
+    async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<Spawned, EngineError> {
+        if spec.options.systemd_cgroup {
+            return Err(EngineError::Unsupported(format!(
+                "container {}: SystemdCgroup requested but this shim is built without systemd \
+                 cgroup support; set SystemdCgroup = false in the runtime options",
+                spec.id
+            )));
+        }
+        let console = console_socket(&stdio)?;
+        let (mask, fds) = split(stdio, console.as_ref());
         let req = Request::Create {
             id: spec.id.clone(),
             bundle: spec.bundle.clone(),
             rootfs: spec.rootfs.clone(),
             stdio: mask,
+            state_root: spec
+                .options
+                .state_root
+                .as_ref()
+                .map(|r| r.join(&self.namespace)),
+            no_pivot_root: spec.options.no_pivot_root,
         };
-        match self.call(req, fds).await? {
-            Reply::Pid(pid) => Ok(pid),
-            other => Err(unexpected(other)),
+        let pid = match self.call(req, fds).await? {
+            Reply::Pid(pid) => pid,
+            other => return Err(unexpected(other)),
+        };
+        // The process sent its master before the zygote replied: this does not wait.
+        match console.map(|c| c.receive_master()).transpose() {
+            Ok(console) => Ok(Spawned { pid, console }),
+            Err(e) => {
+                if let Err(clean) = self.delete(&spec.id, &spec.bundle).await {
+                    tracing::warn!(id = spec.id, "cleanup after failed create: {clean}");
+                }
+                Err(e)
+            }
         }
     }
 
@@ -105,17 +145,29 @@ impl Engine for YoukiEngine {
         id: &str,
         spec: &ExecSpec,
         stdio: ProcessStdio,
-    ) -> Result<u32, EngineError> {
-        let (mask, fds) = split(stdio);
+    ) -> Result<Spawned, EngineError> {
+        let console = console_socket(&stdio)?;
+        let (mask, fds) = split(stdio, console.as_ref());
         let req = Request::Exec {
             id: id.to_string(),
             exec_id: spec.exec_id.clone(),
             process: spec.process.clone(),
             stdio: mask,
         };
-        match self.call(req, fds).await? {
-            Reply::Pid(pid) => Ok(pid),
-            other => Err(unexpected(other)),
+        let pid = match self.call(req, fds).await? {
+            Reply::Pid(pid) => pid,
+            other => return Err(unexpected(other)),
+        };
+        match console.map(|c| c.receive_master()).transpose() {
+            Ok(console) => Ok(Spawned { pid, console }),
+            Err(e) => {
+                // A process without its terminal's copies would hang its client.
+                let _ = nix::sys::signal::kill(
+                    Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                Err(e)
+            }
         }
     }
 

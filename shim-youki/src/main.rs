@@ -2,6 +2,7 @@
 //! `libcontainer`, in-process. See `DESIGN.md` for how containers are created without
 //! forking the multi-threaded shim.
 
+mod console;
 mod engine;
 mod rootfs;
 mod wire;

@@ -16,11 +16,14 @@ use serde::{Deserialize, Serialize};
 const MAX_MESSAGE: usize = 256 * 1024;
 
 /// Which standard streams follow a request as fds, in this order.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StdioMask {
     pub stdin: bool,
     pub stdout: bool,
     pub stderr: bool,
+    /// For a process with a terminal: the shim's console socket, which libcontainer connects
+    /// to and the process sends its terminal's master on (no stdio fds follow then).
+    pub console_socket: Option<PathBuf>,
 }
 
 /// What the shim asks the zygote.
@@ -31,6 +34,10 @@ pub enum Request {
         bundle: PathBuf,
         rootfs: Vec<RootfsMount>,
         stdio: StdioMask,
+        /// The container's state directory's parent when not the zygote's default (runc's
+        /// `root` option, with the namespace joined).
+        state_root: Option<PathBuf>,
+        no_pivot_root: bool,
     },
     Start {
         id: String,

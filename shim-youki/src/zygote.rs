@@ -8,6 +8,7 @@
 //! of the zygote's parent, the shim, which reaps them (it is a child subreaper, too, for
 //! anything reparented). Exits therefore reach the shim exactly as a runc shim's do.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -93,6 +94,10 @@ fn become_zygote(parent: Pid) -> io::Result<()> {
 
 /// Answers requests until the shim closes its end.
 fn serve(sock: &OwnedFd, root: &Path) -> i32 {
+    let mut roots = StateRoots {
+        default: root.to_path_buf(),
+        by_id: HashMap::new(),
+    };
     loop {
         let (req, fds) = match wire::recv::<Request>(sock.as_fd()) {
             Ok(Some(m)) => m,
@@ -102,7 +107,7 @@ fn serve(sock: &OwnedFd, root: &Path) -> i32 {
                 return 1;
             }
         };
-        let reply = match handle(root, req, fds) {
+        let reply = match handle(&mut roots, req, fds) {
             Ok(r) => r,
             Err(e) => Reply::Failed(e),
         };
@@ -113,16 +118,73 @@ fn serve(sock: &OwnedFd, root: &Path) -> i32 {
     }
 }
 
-fn handle(root: &Path, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, EngineError> {
+/// Where each container's state lives: under the default root, or under the one its runtime
+/// options named. That choice is also kept in the bundle (`STATE_ROOT_FILE`), for a `delete`
+/// action run by a new shim after this one went away.
+#[derive(Debug)]
+struct StateRoots {
+    default: PathBuf,
+    by_id: HashMap<String, PathBuf>,
+}
+
+/// The state root a container was created with, when not the default; in its bundle.
+const STATE_ROOT_FILE: &str = "hyperbox-state-root";
+
+impl StateRoots {
+    fn of(&self, id: &str) -> &Path {
+        self.by_id.get(id).unwrap_or(&self.default)
+    }
+
+    /// The root of a container to delete; looked up in its bundle when never known here.
+    fn for_delete(&self, id: &str, bundle: &Path) -> PathBuf {
+        let recorded = || fs::read_to_string(bundle.join(STATE_ROOT_FILE)).ok();
+        self.by_id
+            .get(id)
+            .cloned()
+            .or_else(|| recorded().map(PathBuf::from))
+            .unwrap_or_else(|| self.default.clone())
+    }
+
+    /// Forgets a deleted container's root.
+    fn forget(&mut self, id: &str, bundle: &Path) {
+        self.by_id.remove(id);
+        let _ = fs::remove_file(bundle.join(STATE_ROOT_FILE));
+    }
+}
+
+fn handle(roots: &mut StateRoots, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, EngineError> {
     match req {
         Request::Create {
             id,
             bundle,
             rootfs,
             stdio,
-        } => create(root, &id, &bundle, &rootfs, stdio, fds).map(Reply::Pid),
+            state_root,
+            no_pivot_root,
+        } => {
+            let root = state_root.unwrap_or_else(|| roots.default.clone());
+            if root != roots.default {
+                let file = bundle.join(STATE_ROOT_FILE);
+                fs::write(&file, root.as_os_str().as_encoded_bytes()).map_err(|e| {
+                    EngineError::Failed(format!("cannot write {}: {e}", file.display()))
+                })?;
+            }
+            let created = create(&root, &id, &bundle, &rootfs, stdio, fds, no_pivot_root);
+            match created {
+                Ok(_) if root != roots.default => {
+                    roots.by_id.insert(id, root);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = fs::remove_file(bundle.join(STATE_ROOT_FILE));
+                }
+            }
+            created.map(Reply::Pid)
+        }
         Request::Start { id } => {
-            load(root, &id)?.start().map_err(failed(&id, "start"))?;
+            load(roots.of(&id), &id)?
+                .start()
+                .map_err(failed(&id, "start"))?;
             Ok(Reply::Done)
         }
         Request::Exec {
@@ -130,17 +192,22 @@ fn handle(root: &Path, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, EngineE
             exec_id,
             process,
             stdio,
-        } => exec(root, &id, &exec_id, &process, stdio, fds).map(Reply::Pid),
+        } => exec(roots.of(&id), &id, &exec_id, &process, stdio, fds).map(Reply::Pid),
         Request::SignalAll { id, signal } => {
             let sig = Signal::try_from(signal)
                 .map_err(|e| EngineError::InvalidSpec(format!("signal {signal}: {e}")))?;
-            load(root, &id)?
+            load(roots.of(&id), &id)?
                 .kill(sig, true)
                 .map_err(failed(&id, "signal"))?;
             Ok(Reply::Done)
         }
-        Request::Pids { id } => pids(root, &id).map(Reply::Pids),
-        Request::Delete { id, bundle } => delete(root, &id, &bundle).map(|()| Reply::Done),
+        Request::Pids { id } => pids(roots.of(&id), &id).map(Reply::Pids),
+        Request::Delete { id, bundle } => {
+            let root = roots.for_delete(&id, &bundle);
+            delete(&root, &id, &bundle)?;
+            roots.forget(&id, &bundle);
+            Ok(Reply::Done)
+        }
     }
 }
 
@@ -200,6 +267,9 @@ fn builder(
     if let Some(fd) = next(stdio.stderr) {
         b = b.with_stderr(fd);
     }
+    if stdio.console_socket.is_some() {
+        b = b.with_console_socket(stdio.console_socket);
+    }
     Ok(b)
 }
 
@@ -210,6 +280,7 @@ fn create(
     mounts: &[hyperbox_shim_core::RootfsMount],
     stdio: StdioMask,
     fds: Vec<OwnedFd>,
+    no_pivot_root: bool,
 ) -> Result<u32, EngineError> {
     let b = builder(root, id, stdio, fds)?;
     let target = bundle.join("rootfs");
@@ -218,6 +289,7 @@ fn create(
         b.as_init(bundle)
             .as_sibling(true)
             .with_systemd(false)
+            .with_no_pivot(no_pivot_root)
             .with_detach(true)
             .build()
     });
@@ -307,4 +379,42 @@ fn delete(root: &Path, id: &str, bundle: &Path) -> Result<(), EngineError> {
     // The namespace's state dir goes with its last container.
     let _ = fs::remove_dir(root);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delete_finds_the_root_in_memory_then_in_the_bundle_then_the_default() {
+        let bundle = std::env::temp_dir().join(format!("hb-roots-{}", std::process::id()));
+        fs::create_dir_all(&bundle).unwrap();
+        let mut roots = StateRoots {
+            default: PathBuf::from("/run/hyperbox/youki/ns"),
+            by_id: HashMap::new(),
+        };
+        assert_eq!(roots.for_delete("a", &bundle), roots.default);
+
+        // A later shim: only the bundle knows.
+        fs::write(bundle.join(STATE_ROOT_FILE), "/run/elsewhere/ns").unwrap();
+        assert_eq!(
+            roots.for_delete("a", &bundle),
+            PathBuf::from("/run/elsewhere/ns")
+        );
+
+        // The shim that created it: its memory wins.
+        roots
+            .by_id
+            .insert("a".into(), PathBuf::from("/run/other/ns"));
+        assert_eq!(roots.of("a"), Path::new("/run/other/ns"));
+        assert_eq!(
+            roots.for_delete("a", &bundle),
+            PathBuf::from("/run/other/ns")
+        );
+
+        roots.forget("a", &bundle);
+        assert_eq!(roots.of("a"), roots.default.as_path());
+        assert!(!bundle.join(STATE_ROOT_FILE).exists());
+        fs::remove_dir(&bundle).unwrap();
+    }
 }

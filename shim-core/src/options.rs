@@ -1,0 +1,357 @@
+//! Runtime options in Create (`CreateTaskRequest.options`): what engines send, decoded and
+//! checked once, so that an engine sees only what it is asked to honour.
+//!
+//! Two messages arrive here: runc's `containerd.runc.v1.Options` (Docker, nerdctl, CRI's runc
+//! runtime config) and CRI's `runtimeoptions.v1.Options` (CRI's config for other runtimes).
+//! What does not apply to this shim is ignored with a debug log (`binary_name` names runc's
+//! binary); what cannot be honoured is refused, before anything is created.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+
+use crate::error::ShimError;
+
+/// runc's options, as containerd's `api/types/runc/options/oci.proto` defines them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RuncOptions {
+    #[prost(bool, tag = "1")]
+    pub no_pivot_root: bool,
+    #[prost(bool, tag = "2")]
+    pub no_new_keyring: bool,
+    #[prost(string, tag = "3")]
+    pub shim_cgroup: String,
+    #[prost(uint32, tag = "4")]
+    pub io_uid: u32,
+    #[prost(uint32, tag = "5")]
+    pub io_gid: u32,
+    #[prost(string, tag = "6")]
+    pub binary_name: String,
+    #[prost(string, tag = "7")]
+    pub root: String,
+    /// Removed in containerd 2.0; still sent by 1.x clients.
+    #[prost(string, tag = "8")]
+    pub criu_path: String,
+    #[prost(bool, tag = "9")]
+    pub systemd_cgroup: bool,
+    #[prost(string, tag = "10")]
+    pub criu_image_path: String,
+    #[prost(string, tag = "11")]
+    pub criu_work_path: String,
+    #[prost(string, tag = "12")]
+    pub task_api_address: String,
+    #[prost(uint32, tag = "13")]
+    pub task_api_version: u32,
+}
+
+/// CRI's options for runtimes other than runc (`api/types/runtimeoptions/v1/api.proto`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CriOptions {
+    /// The type of the runtime's own options, in the file at `config_path`.
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    #[prost(string, tag = "2")]
+    pub config_path: String,
+}
+
+const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
+const CRI_OPTIONS: &str = "runtimeoptions.v1.Options";
+
+/// What the engine is asked to honour, from the runtime options. The default is what the shim
+/// does without options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeOptions {
+    /// Where the engine keeps container state instead of its default: runc's `root`. As
+    /// under runc's shim, a container's state is then `ROOT/NAMESPACE/ID`.
+    pub state_root: Option<PathBuf>,
+    /// Cgroups through systemd rather than cgroupfs; only set when systemd runs the host.
+    pub systemd_cgroup: bool,
+    /// Move the rootfs with `MS_MOVE` and `chroot` instead of `pivot_root` (runc's
+    /// `no_pivot_root`, for rootfs on ramfs).
+    pub no_pivot_root: bool,
+}
+
+impl RuntimeOptions {
+    /// Decodes and checks the options of a Create; `None` gives the defaults.
+    pub fn from_any(any: Option<&Any>) -> Result<Self, ShimError> {
+        let Some(any) = any else {
+            return Ok(Self::default());
+        };
+        let name = any.type_url.rsplit('/').next().unwrap_or_default();
+        match name {
+            RUNC_OPTIONS => Self::from_runc(decode(name, &any.value)?, &Host),
+            CRI_OPTIONS => Self::from_cri(decode(name, &any.value)?),
+            _ => Err(ShimError::InvalidArgument(format!(
+                "unsupported runtime options type {:?}: this shim takes {RUNC_OPTIONS} or \
+                 {CRI_OPTIONS}",
+                any.type_url
+            ))),
+        }
+    }
+
+    fn from_runc(o: RuncOptions, host: &dyn HostFacts) -> Result<Self, ShimError> {
+        let refuse = |what: String| Err(ShimError::FailedPrecondition(what));
+        if !o.binary_name.is_empty() {
+            tracing::debug!(
+                binary_name = o.binary_name,
+                "ignored: this shim runs no binary"
+            );
+        }
+        for (field, path) in [
+            ("criu_path", &o.criu_path),
+            ("criu_image_path", &o.criu_image_path),
+            ("criu_work_path", &o.criu_work_path),
+        ] {
+            if !path.is_empty() {
+                return refuse(format!(
+                    "runtime option {field} ({path}) cannot be honoured: this shim does not \
+                     checkpoint or restore yet; remove it from the runtime options"
+                ));
+            }
+        }
+        if o.no_new_keyring {
+            return refuse(
+                "runtime option no_new_keyring cannot be honoured: libcontainer always \
+                 creates a session keyring; remove it from the runtime options"
+                    .into(),
+            );
+        }
+        if !o.shim_cgroup.is_empty() {
+            return refuse(format!(
+                "runtime option shim_cgroup ({}) cannot be honoured: this shim does not move \
+                 itself into a cgroup yet; remove it from the runtime options",
+                o.shim_cgroup
+            ));
+        }
+        if o.io_uid != 0 || o.io_gid != 0 {
+            return refuse(format!(
+                "runtime options io_uid {} / io_gid {} cannot be honoured: this shim passes \
+                 containerd's stdio to the container as it is; remove them from the runtime \
+                 options",
+                o.io_uid, o.io_gid
+            ));
+        }
+        if !o.task_api_address.is_empty() {
+            return refuse(format!(
+                "runtime option task_api_address ({}) cannot be honoured: this shim serves \
+                 its own task API",
+                o.task_api_address
+            ));
+        }
+        if o.systemd_cgroup && !host.systemd_running() {
+            return refuse(format!(
+                "SystemdCgroup requested but systemd is not running (PID 1 is {}); set \
+                 SystemdCgroup = false in the runtime options to use cgroupfs",
+                host.pid1_name()
+            ));
+        }
+        let state_root = match o.root.as_str() {
+            "" => None,
+            root if Path::new(root).is_absolute() => Some(PathBuf::from(root)),
+            root => {
+                return Err(ShimError::InvalidArgument(format!(
+                    "runtime option root {root:?} is not an absolute path"
+                )))
+            }
+        };
+        Ok(Self {
+            state_root,
+            systemd_cgroup: o.systemd_cgroup,
+            no_pivot_root: o.no_pivot_root,
+        })
+    }
+
+    fn from_cri(o: CriOptions) -> Result<Self, ShimError> {
+        if !o.config_path.is_empty() {
+            return Err(ShimError::FailedPrecondition(format!(
+                "runtime option config_path ({}) cannot be honoured: this shim reads no \
+                 configuration file; remove ConfigPath from the runtime's options",
+                o.config_path
+            )));
+        }
+        if !o.type_url.is_empty() {
+            tracing::debug!(
+                type_url = o.type_url,
+                "ignored: no configuration file to read"
+            );
+        }
+        Ok(Self::default())
+    }
+}
+
+fn decode<M: prost::Message + Default>(name: &str, bytes: &[u8]) -> Result<M, ShimError> {
+    M::decode(bytes).map_err(|e| {
+        ShimError::InvalidArgument(format!("cannot decode runtime options {name}: {e}"))
+    })
+}
+
+/// What the checks need to know about the host, behind a trait for the unit tests.
+trait HostFacts {
+    fn systemd_running(&self) -> bool;
+    fn pid1_name(&self) -> String;
+}
+
+struct Host;
+
+impl HostFacts for Host {
+    /// As `sd_booted(3)` decides it.
+    fn systemd_running(&self) -> bool {
+        Path::new("/run/systemd/system").is_dir()
+    }
+
+    fn pid1_name(&self) -> String {
+        fs::read_to_string("/proc/1/comm")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|e| format!("unknown: cannot read /proc/1/comm: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use containerd_shim::protos::ttrpc::Code;
+    use prost::Message;
+
+    use super::*;
+
+    struct NoSystemd;
+
+    impl HostFacts for NoSystemd {
+        fn systemd_running(&self) -> bool {
+            false
+        }
+        fn pid1_name(&self) -> String {
+            "tini".into()
+        }
+    }
+
+    fn any(type_url: &str, value: Vec<u8>) -> Any {
+        let mut a = Any::new();
+        a.type_url = type_url.into();
+        a.value = value;
+        a
+    }
+
+    #[test]
+    fn no_options_are_the_defaults() {
+        assert_eq!(
+            RuntimeOptions::from_any(None).unwrap(),
+            RuntimeOptions::default()
+        );
+    }
+
+    #[test]
+    fn runc_root_becomes_the_state_root_and_binary_name_is_ignored() {
+        let o = RuncOptions {
+            root: "/run/elsewhere".into(),
+            binary_name: "/usr/bin/runc".into(),
+            ..Default::default()
+        };
+        for url in [
+            RUNC_OPTIONS,
+            "type.googleapis.com/containerd.runc.v1.Options",
+        ] {
+            let got = RuntimeOptions::from_any(Some(&any(url, o.encode_to_vec()))).unwrap();
+            assert_eq!(
+                got.state_root,
+                Some(PathBuf::from("/run/elsewhere")),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn systemd_cgroup_without_systemd_is_refused_naming_pid1() {
+        let o = RuncOptions {
+            systemd_cgroup: true,
+            ..Default::default()
+        };
+        let e = RuntimeOptions::from_runc(o, &NoSystemd).unwrap_err();
+        assert_eq!(e.code(), Code::FAILED_PRECONDITION);
+        assert!(
+            e.to_string()
+                .starts_with("SystemdCgroup requested but systemd is not running (PID 1 is tini)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_honoured_is_refused_naming_the_option() {
+        let cases = [
+            (
+                RuncOptions {
+                    criu_image_path: "/x".into(),
+                    ..Default::default()
+                },
+                "criu_image_path",
+            ),
+            (
+                RuncOptions {
+                    criu_path: "/usr/sbin/criu".into(),
+                    ..Default::default()
+                },
+                "criu_path",
+            ),
+            (
+                RuncOptions {
+                    shim_cgroup: "/shims".into(),
+                    ..Default::default()
+                },
+                "shim_cgroup",
+            ),
+            (
+                RuncOptions {
+                    io_uid: 1000,
+                    ..Default::default()
+                },
+                "io_uid",
+            ),
+            (
+                RuncOptions {
+                    no_new_keyring: true,
+                    ..Default::default()
+                },
+                "no_new_keyring",
+            ),
+        ];
+        for (o, field) in cases {
+            let e = RuntimeOptions::from_runc(o, &NoSystemd).unwrap_err();
+            assert_eq!(e.code(), Code::FAILED_PRECONDITION, "{e}");
+            assert!(e.to_string().contains(field), "{e}");
+        }
+        let e = RuntimeOptions::from_runc(
+            RuncOptions {
+                root: "relative".into(),
+                ..Default::default()
+            },
+            &NoSystemd,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
+    }
+
+    #[test]
+    fn cri_options_without_a_config_file_are_the_defaults() {
+        let empty = CriOptions {
+            type_url: String::new(),
+            config_path: String::new(),
+        };
+        let got = RuntimeOptions::from_any(Some(&any(CRI_OPTIONS, empty.encode_to_vec())));
+        assert_eq!(got.unwrap(), RuntimeOptions::default());
+        let with_file = CriOptions {
+            type_url: "x".into(),
+            config_path: "/etc/hyperbox.toml".into(),
+        };
+        let e = RuntimeOptions::from_any(Some(&any(CRI_OPTIONS, with_file.encode_to_vec())))
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FAILED_PRECONDITION);
+        assert!(e.to_string().contains("/etc/hyperbox.toml"), "{e}");
+    }
+
+    #[test]
+    fn unknown_types_are_refused_naming_them() {
+        let e = RuntimeOptions::from_any(Some(&any("example.v1.Other", vec![]))).unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT);
+        assert!(e.to_string().contains("example.v1.Other"), "{e}");
+    }
+}

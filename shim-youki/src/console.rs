@@ -1,0 +1,153 @@
+//! The console socket of a process with a terminal, as runc's `--console-socket`: the shim
+//! listens on a unix socket, libcontainer (in the zygote) connects to it before cloning the
+//! process, and the process sends its new terminal's master over that connection
+//! (`SCM_RIGHTS`) before it reports ready. So the master lands in the shim, not the zygote,
+//! and is waiting on the connection by the time the zygote replies.
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hyperbox_shim_core::EngineError;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    accept4, bind, listen, recvmsg, socket, AddressFamily, Backlog, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
+};
+
+/// How long, in milliseconds, to wait for the master once the zygote has said the process is
+/// ready (it sent the master before that, so this only bounds a broken peer).
+const RECEIVE_WAIT_MS: u16 = 5000;
+
+/// A listening console socket, removed when dropped.
+#[derive(Debug)]
+pub struct ConsoleSocket {
+    listener: OwnedFd,
+    path: PathBuf,
+}
+
+fn failed(what: &str, path: &Path, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Failed(format!(
+        "cannot {what} console socket {}: {e}",
+        path.display()
+    ))
+}
+
+impl ConsoleSocket {
+    /// Listens on a new socket in `dir` (kept short: a socket path has at most 107 bytes).
+    pub fn bind(dir: &Path) -> Result<Self, EngineError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(".console-{}-{n}.sock", std::process::id()));
+        std::fs::create_dir_all(dir).map_err(|e| failed("create the directory of", &path, e))?;
+        let _ = std::fs::remove_file(&path);
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| failed("create", &path, e))?;
+        let addr = UnixAddr::new(&path).map_err(|e| failed("name", &path, e))?;
+        bind(listener.as_raw_fd(), &addr).map_err(|e| failed("bind", &path, e))?;
+        let socket = ConsoleSocket { listener, path };
+        listen(
+            &socket.listener,
+            Backlog::new(1).expect("1 is a valid backlog"),
+        )
+        .map_err(|e| failed("listen on", &socket.path, e))?;
+        Ok(socket)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The terminal master the process sent.
+    pub fn receive_master(&self) -> Result<OwnedFd, EngineError> {
+        let path = &self.path;
+        wait_readable(self.listener.as_fd(), path)?;
+        let raw = accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| failed("accept on", path, e))?;
+        // SAFETY: accept4 returned a new fd that nothing else owns.
+        let conn = unsafe { OwnedFd::from_raw_fd(raw) };
+        wait_readable(conn.as_fd(), path)?;
+        let mut buf = [0u8; 256];
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let msg = recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(|e| failed("receive the terminal from", path, e))?;
+        let mut master = None;
+        for c in msg.cmsgs().map_err(|e| failed("read", path, e))? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for fd in fds {
+                    // SAFETY: SCM_RIGHTS gave this process this new fd; nothing else owns it.
+                    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                    master.get_or_insert(fd);
+                }
+            }
+        }
+        master.ok_or_else(|| failed("receive the terminal from", path, "no fd came"))
+    }
+}
+
+fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<(), EngineError> {
+    loop {
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(RECEIVE_WAIT_MS)) {
+            Ok(0) => return Err(failed("receive the terminal from", path, "timed out")),
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(failed("poll", path, e)),
+        }
+    }
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{connect, sendmsg, ControlMessage};
+    use std::io::IoSlice;
+
+    #[test]
+    fn a_sent_master_is_received() {
+        let dir = std::env::temp_dir().join(format!("console-test-{}", std::process::id()));
+        let console = ConsoleSocket::bind(&dir).unwrap();
+        let peer = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        connect(peer.as_raw_fd(), &UnixAddr::new(console.path()).unwrap()).unwrap();
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        sendmsg::<()>(
+            peer.as_raw_fd(),
+            &[IoSlice::new(b"/dev/ptmx")],
+            &[ControlMessage::ScmRights(&[r.as_raw_fd()])],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        drop(peer);
+        assert!(console.receive_master().is_ok());
+        let path = console.path().to_path_buf();
+        drop(console);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
