@@ -63,36 +63,9 @@ impl ClientError {
     }
 }
 
-/// runc's runtime options, `containerd.runc.v1.Options` (`api/types/runc/options/oci.proto`),
-/// as Docker, nerdctl and the CRI runc config send them.
-#[derive(Clone, PartialEq, Message)]
-pub struct RuncOptions {
-    #[prost(bool, tag = "1")]
-    pub no_pivot_root: bool,
-    #[prost(bool, tag = "2")]
-    pub no_new_keyring: bool,
-    #[prost(string, tag = "3")]
-    pub shim_cgroup: String,
-    #[prost(uint32, tag = "4")]
-    pub io_uid: u32,
-    #[prost(uint32, tag = "5")]
-    pub io_gid: u32,
-    #[prost(string, tag = "6")]
-    pub binary_name: String,
-    #[prost(string, tag = "7")]
-    pub root: String,
-    #[prost(bool, tag = "9")]
-    pub systemd_cgroup: bool,
-    #[prost(string, tag = "10")]
-    pub criu_image_path: String,
-    #[prost(string, tag = "11")]
-    pub criu_work_path: String,
-}
-
-impl prost::Name for RuncOptions {
-    const NAME: &'static str = "Options";
-    const PACKAGE: &'static str = "containerd.runc.v1";
-}
+/// runc's runtime options (`containerd.runc.v1.Options`) and CRI's (`runtimeoptions.v1.Options`),
+/// as Docker, nerdctl and CRI send them: the shim's own definitions, so client and shim agree.
+pub use hyperbox_shim_core::{CriOptions, RuncOptions};
 
 /// runc's checkpoint options, `containerd.runc.v1.CheckpointOptions`.
 #[derive(Clone, PartialEq, Message)]

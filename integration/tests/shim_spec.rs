@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use containerd_client::tonic::Code;
-use hyperbox_integration::client::{to_any, CreateTask, RuncOptions};
+use hyperbox_integration::client::{to_any, CreateTask, CriOptions, RuncOptions};
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
@@ -200,20 +200,6 @@ per_version!(
     systemd_cgroup_refused,
     systemd_cgroup_refused_without_systemd
 );
-
-/// CRI's `runtimeoptions.v1.Options`, which CRI sends for runtimes other than runc.
-#[derive(Clone, PartialEq, prost::Message)]
-struct CriOptions {
-    #[prost(string, tag = "1")]
-    type_url: String,
-    #[prost(string, tag = "2")]
-    config_path: String,
-}
-
-impl prost::Name for CriOptions {
-    const NAME: &'static str = "Options";
-    const PACKAGE: &'static str = "runtimeoptions.v1";
-}
 
 /// CRI's options are taken when they name no configuration file (the task runs), and refused
 /// naming the file when they do: this shim reads none.

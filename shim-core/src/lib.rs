@@ -20,7 +20,7 @@ pub use engine::{
     CreateSpec, Engine, ExecSpec, ProcessStdio, RootfsMount, ShimAction, ShimContext, Spawned,
 };
 pub use error::{EngineError, ShimError};
-pub use options::RuntimeOptions;
+pub use options::{CriOptions, RuncOptions, RuntimeOptions};
 pub use reaper::exit_status;
 pub use service::TaskService;
 pub use shim::run;

@@ -45,6 +45,11 @@ pub struct RuncOptions {
     pub task_api_version: u32,
 }
 
+impl prost::Name for RuncOptions {
+    const NAME: &'static str = "Options";
+    const PACKAGE: &'static str = "containerd.runc.v1";
+}
+
 /// CRI's options for runtimes other than runc (`api/types/runtimeoptions/v1/api.proto`).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct CriOptions {
@@ -53,6 +58,11 @@ pub struct CriOptions {
     pub type_url: String,
     #[prost(string, tag = "2")]
     pub config_path: String,
+}
+
+impl prost::Name for CriOptions {
+    const NAME: &'static str = "Options";
+    const PACKAGE: &'static str = "runtimeoptions.v1";
 }
 
 const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
