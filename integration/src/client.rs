@@ -477,6 +477,15 @@ impl TestClient {
     }
 }
 
+/// The task events containerd publishes, in order, for a container run to completion and
+/// deleted (`ctr run --rm`), as the runc shim produces them.
+pub const TASK_LIFECYCLE_TOPICS: [&str; 4] = [
+    "/tasks/create",
+    "/tasks/start",
+    "/tasks/exit",
+    "/tasks/delete",
+];
+
 /// Topic of the events the client publishes to learn that its subscription is live.
 pub const SYNC_TOPIC: &str = "/hyperbox-test/sync";
 

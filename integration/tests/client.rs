@@ -7,7 +7,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hyperbox_integration::client::{to_any, CheckpointOptions, CreateTask, RuncOptions};
+use hyperbox_integration::client::{
+    to_any, CheckpointOptions, CreateTask, RuncOptions, TASK_LIFECYCLE_TOPICS,
+};
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
@@ -55,16 +57,7 @@ fn events_in_order(v: ContainerdVersion) {
         .block_on(events.until_topic("/tasks/delete", Duration::from_secs(30)))
         .expect("events");
     let topics: Vec<&str> = seen.iter().map(|e| e.topic.as_str()).collect();
-    assert_eq!(
-        topics,
-        [
-            "/tasks/create",
-            "/tasks/start",
-            "/tasks/exit",
-            "/tasks/delete"
-        ],
-        "{seen:#?}"
-    );
+    assert_eq!(topics, TASK_LIFECYCLE_TOPICS, "{seen:#?}");
     let exit: containerd_client::events::TaskExit = seen[2].decode().expect("TaskExit payload");
     assert_eq!(exit.container_id, "evt");
     assert_eq!(exit.exit_status, 4);

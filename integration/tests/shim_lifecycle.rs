@@ -11,6 +11,7 @@ use std::process::{Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use hyperbox_integration::client::TASK_LIFECYCLE_TOPICS;
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
@@ -315,38 +316,22 @@ per_version!(teardown, teardown_leaves_nothing);
 fn events_in_order(v: ContainerdVersion) {
     let (bed, image) = bed(v);
     let c = &bed.containerd;
-    let mut events = c
-        .ctr()
-        .arg("events")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ctr events");
-    // `ctr events` subscribes asynchronously: give it a moment before the run.
-    thread::sleep(Duration::from_millis(300));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let client = rt.block_on(c.client()).expect("client");
+    // The subscription is live when subscribe returns: no event of the run can be missed.
+    let mut events = rt
+        .block_on(client.subscribe(&[r#"topic~="/tasks/""#]))
+        .expect("subscribe");
     let out = run_rm(c, &image, "evented", None, &["true"]);
     assert_eq!(out.status.code(), Some(0));
-    // Events are forwarded asynchronously: let the last ones arrive.
-    thread::sleep(Duration::from_millis(500));
-    let _ = events.kill();
-    let out = events.wait_with_output().expect("ctr events ends");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let topics: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("evented"))
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
-        .collect();
-    assert_eq!(
-        topics,
-        [
-            "/tasks/create",
-            "/tasks/start",
-            "/tasks/exit",
-            "/tasks/delete"
-        ],
-        "events:\n{text}"
-    );
+    let seen = rt
+        .block_on(events.until_topic("/tasks/delete", Duration::from_secs(30)))
+        .expect("events");
+    let topics: Vec<&str> = seen.iter().map(|e| e.topic.as_str()).collect();
+    assert_eq!(topics, TASK_LIFECYCLE_TOPICS, "events:\n{seen:#?}");
 }
 per_version!(events, events_in_order);
 
