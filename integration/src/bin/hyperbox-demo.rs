@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use hyperbox_integration::cli;
 use hyperbox_integration::client::CheckpointOptions;
-use hyperbox_integration::containerd::ContainerdVersion;
+use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::testbed::TestBed;
 
@@ -55,48 +55,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     println!("    {image} in {} ms", t.elapsed().as_millis());
 
     step("running a container through io.containerd.runc.v2 (the engine default)");
-    let t = Instant::now();
-    let out = c
-        .ctr()
-        .args(["run", "--rm", "--fifo-dir"])
-        .arg(c.dir().join("fifo"))
-        .args([&image, "demo-hello", "sh", "-c"])
-        .arg("echo \"hello from $(uname -s) container, pid $$\"")
-        .stdin(Stdio::null())
-        .output()
-        .context("ctr run")?;
-    if !out.status.success() {
-        bail!(
-            "ctr run failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    print!("    {}", String::from_utf8_lossy(&out.stdout));
+    let ms = run_hello(c, &image, "io.containerd.runc.v2", "demo-hello")?;
     println!(
-        "    ctr run --rm took {} ms (the first run also unpacks the image into a snapshot)",
-        t.elapsed().as_millis()
+        "    ctr run --rm took {ms} ms (the first run also unpacks the image into a snapshot)"
     );
 
     if c.runtimes().iter().any(|r| r == HYPERBOX_RUNTIME) {
         step("the same through io.containerd.hyperbox.v1 (libcontainer in-process)");
-        let t = Instant::now();
-        let out = c
-            .ctr()
-            .args(["run", "--rm", "--runtime", HYPERBOX_RUNTIME, "--fifo-dir"])
-            .arg(c.dir().join("fifo"))
-            .args([&image, "demo-hyperbox", "sh", "-c"])
-            .arg("echo \"hello from $(uname -s) container, pid $$\"")
-            .stdin(Stdio::null())
-            .output()
-            .context("ctr run --runtime io.containerd.hyperbox.v1")?;
-        if !out.status.success() {
-            bail!(
-                "ctr run through {HYPERBOX_RUNTIME} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        print!("    {}", String::from_utf8_lossy(&out.stdout));
-        println!("    ctr run --rm took {} ms", t.elapsed().as_millis());
+        let ms = run_hello(c, &image, HYPERBOX_RUNTIME, "demo-hyperbox")?;
+        println!("    ctr run --rm took {ms} ms");
     } else {
         step("io.containerd.hyperbox.v1 is not built: `cargo build --workspace` adds it");
     }
@@ -138,4 +105,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     bed.teardown().context("teardown")?;
     println!("    done: no process, mount, cgroup or directory left behind");
     Ok(())
+}
+
+/// Runs a greeting container to completion through `runtime`, prints its output and returns
+/// how long the whole `ctr run --rm` took, in milliseconds.
+fn run_hello(c: &Containerd, image: &str, runtime: &str, id: &str) -> anyhow::Result<u128> {
+    let t = Instant::now();
+    let out = c
+        .ctr()
+        .args(["run", "--rm", "--runtime", runtime, "--fifo-dir"])
+        .arg(c.dir().join("fifo"))
+        .args([image, id, "sh", "-c"])
+        .arg("echo \"hello from $(uname -s) container, pid $$\"")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("ctr run --runtime {runtime}"))?;
+    if !out.status.success() {
+        bail!(
+            "ctr run through {runtime} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    print!("    {}", String::from_utf8_lossy(&out.stdout));
+    Ok(t.elapsed().as_millis())
 }
