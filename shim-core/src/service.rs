@@ -38,10 +38,13 @@ use crate::engine::{CreateSpec, Engine, ExecSpec, RootfsMount, Spawned};
 use crate::error::{EngineError, ShimError};
 use crate::options::RuntimeOptions;
 use crate::reaper::Reaped;
-use crate::stdio::{StdinFeeder, StdioPaths};
+use crate::stdio::{OutputCopy, StdinFeeder, StdioPaths, StreamOwner};
 
 /// How long Delete waits for a created-but-never-started init to die after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// How long an exit waits for the process's output to reach its `file://` log.
+const LOG_DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +69,8 @@ struct Process {
     exited: watch::Sender<Option<Exit>>,
     stdio: StdioPaths,
     stdin: Option<StdinFeeder>,
+    /// The copy of its output into a `file://` log, when it has one.
+    output: Option<OutputCopy>,
     /// The process's terminal, when it has one.
     console: Option<Console>,
     /// For an exec not yet started.
@@ -81,6 +86,7 @@ impl Process {
             exited: watch::channel(None).0,
             stdio,
             stdin: None,
+            output: None,
             console: None,
             exec: None,
         }
@@ -211,6 +217,21 @@ impl Inner {
             status: r.status,
             at: r.at,
         };
+        // The process's `file://` log gets everything it wrote before anyone hears of its
+        // exit (a pid namespace's processes die with its init, so the pipe closes at once;
+        // an exec's children may hold it, hence the limit).
+        let output = {
+            let table = self.table();
+            table.values().find_map(|c| {
+                std::iter::once(&c.init)
+                    .chain(c.execs.values())
+                    .find(|p| p.pid == r.pid && p.state != State::Stopped)
+                    .and_then(|p| p.output.clone())
+            })
+        };
+        if let Some(copy) = output {
+            copy.drained(LOG_DRAIN_WAIT).await;
+        }
         let mut found = None;
         {
             let mut table = self.table();
@@ -269,7 +290,11 @@ impl Inner {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let (fds, feeder) = stdio.open()?;
+        let opened = stdio.open(StreamOwner {
+            namespace: &self.namespace,
+            container_id: &id,
+        })?;
+        let (fds, feeder, output) = (opened.fds, opened.stdin, opened.output);
         let spec = CreateSpec {
             id: id.clone(),
             bundle: PathBuf::from(&req.bundle),
@@ -307,6 +332,7 @@ impl Inner {
         };
         let mut init = Process::new(pid, State::Created, stdio);
         init.stdin = feeder;
+        init.output = output;
         init.console = console;
         self.table().insert(
             id.clone(),
@@ -385,7 +411,11 @@ impl Inner {
             ShimError::FailedPrecondition(format!("{} has no spec", describe(&id, &exec_id)))
         })?;
         let stdio_paths = self.table()[&id].process(&id, &exec_id)?.stdio.clone();
-        let (fds, feeder) = stdio_paths.open()?;
+        let opened = stdio_paths.open(StreamOwner {
+            namespace: &self.namespace,
+            container_id: &id,
+        })?;
+        let (fds, feeder, output) = (opened.fds, opened.stdin, opened.output);
         let (pid, console) = match self.engine.exec(&id, &exec, fds).await {
             Ok(Spawned { pid, console }) => (pid, console),
             Err(e) => {
@@ -408,6 +438,7 @@ impl Inner {
             p.pid = pid;
             p.state = State::Running;
             p.stdin = feeder;
+            p.output = output;
             p.console = console;
             p.exec = None;
         }

@@ -1,21 +1,42 @@
 //! The standard streams containerd gives a process: FIFO paths it reads and writes on the
-//! other side (`ctr`'s `--fifo-dir`), or empty for none.
+//! other side (`ctr`'s `--fifo-dir`), a log URI, or empty for none.
 //!
 //! stdout and stderr FIFOs are handed to the process itself, so its output goes to containerd
 //! without passing through the shim. stdin goes through a pipe the shim feeds from the FIFO:
 //! that way the process sees end-of-file when the writer closes the FIFO (or on CloseIO),
 //! which it would not if it held the FIFO open itself, and opening the FIFO, which blocks
 //! until a writer comes, never holds up Create.
+//!
+//! Log URIs (`ctr run --log-uri`, Docker's log drivers through containerd) are taken as
+//! runc's shim takes them:
+//! - `file:///PATH`: stdout and stderr are appended to PATH (created `0640`, with its
+//!   directory), copied there by the shim; the container never holds the file itself.
+//! - `binary:///PATH?K=V`: the logging program PATH is started with arguments `K V` for each
+//!   query pair and only `CONTAINER_ID` and `CONTAINER_NAMESPACE` in its environment; it
+//!   reads the process's stdout on fd 3 and stderr on fd 4, and closes fd 5 once it is ready,
+//!   which Create waits for.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
+use std::time::Duration;
+
+use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use percent_encoding::percent_decode_str;
+use tokio::sync::watch;
 
 use crate::engine::ProcessStdio;
 use crate::error::ShimError;
+
+/// How long Create waits for a logging binary to report it is ready.
+const LOGGER_READY_WAIT: Duration = Duration::from_secs(30);
 
 /// The stream paths of a process, as given by containerd and reported back in State.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,35 +47,140 @@ pub struct StdioPaths {
     pub terminal: bool,
 }
 
-impl StdioPaths {
-    /// Opens the streams: the fds for the new process and, when there is a stdin, the feeder
-    /// that copies the stdin FIFO into it.
-    pub fn open(&self) -> Result<(ProcessStdio, Option<StdinFeeder>), ShimError> {
-        for uri in [&self.stdout, &self.stderr] {
-            if uri.contains("://") {
-                return Err(ShimError::Unimplemented(format!(
-                    "the log URI {uri:?} (binary:// and file://)"
+/// Whose streams are opened: a logging binary is told in its environment.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamOwner<'a> {
+    pub namespace: &'a str,
+    pub container_id: &'a str,
+}
+
+/// The opened streams of a new process.
+#[derive(Debug, Default)]
+pub struct OpenedStdio {
+    /// The fds the new process gets.
+    pub fds: ProcessStdio,
+    /// Copies the stdin FIFO into the process, when it has a stdin.
+    pub stdin: Option<StdinFeeder>,
+    /// The shim's copy of the process's output into a log file, when it has one.
+    pub output: Option<OutputCopy>,
+}
+
+/// Where a process's stdout and stderr go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OutputTarget {
+    /// FIFO paths (or nothing, for an empty path).
+    Fifos,
+    /// `file://`: both streams appended to one file.
+    File(PathBuf),
+    /// `binary://`: a logging program and its arguments.
+    Binary { program: PathBuf, args: Vec<String> },
+}
+
+impl OutputTarget {
+    fn parse(stdout: &str, stderr: &str) -> Result<Self, ShimError> {
+        let Some((scheme, _)) = stdout.split_once("://") else {
+            if stderr.contains("://") {
+                return Err(ShimError::InvalidArgument(format!(
+                    "stderr is the log URI {stderr:?} but stdout is not a log URI"
                 )));
             }
+            return Ok(OutputTarget::Fifos);
+        };
+        if !stderr.is_empty() && stderr != stdout {
+            return Err(ShimError::InvalidArgument(format!(
+                "stdout is the log URI {stdout:?} but stderr is {stderr:?}: one URI takes both"
+            )));
         }
+        let rest = &stdout[scheme.len() + 3..];
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if !path.starts_with('/') {
+            return Err(ShimError::InvalidArgument(format!(
+                "the log URI {stdout:?} names no absolute path (a host part is not supported)"
+            )));
+        }
+        let decode = |s: &str| {
+            percent_decode_str(&s.replace('+', " "))
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| {
+                    ShimError::InvalidArgument(format!("the log URI {stdout:?} is not UTF-8"))
+                })
+        };
+        let path = PathBuf::from(
+            percent_decode_str(path)
+                .decode_utf8()
+                .map_err(|_| {
+                    ShimError::InvalidArgument(format!("the log URI {stdout:?} is not UTF-8"))
+                })?
+                .into_owned(),
+        );
+        match scheme {
+            "file" => Ok(OutputTarget::File(path)),
+            "binary" => {
+                // As containerd's runc shim: each query pair gives the key and its value as
+                // two arguments (a key without a value gives an empty argument).
+                let mut args = Vec::new();
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    args.push(decode(k)?);
+                    args.push(decode(v)?);
+                }
+                Ok(OutputTarget::Binary {
+                    program: path,
+                    args,
+                })
+            }
+            other => Err(ShimError::InvalidArgument(format!(
+                "the log URI {stdout:?} has the scheme {other:?}: only fifo paths, \
+                 file:// and binary:// are supported"
+            ))),
+        }
+    }
+}
+
+impl StdioPaths {
+    /// Opens the streams for a new process of `owner`: the fds it gets, the feeder that
+    /// copies the stdin FIFO into it, and the copy of its output to a log file.
+    pub fn open(&self, owner: StreamOwner<'_>) -> Result<OpenedStdio, ShimError> {
+        let target = OutputTarget::parse(&self.stdout, &self.stderr)?;
         if self.terminal {
+            if target != OutputTarget::Fifos {
+                return Err(ShimError::InvalidArgument(format!(
+                    "a terminal cannot be combined with the log URI {:?}",
+                    self.stdout
+                )));
+            }
             // The streams are the terminal's: see `Console`, which takes them once the
             // engine has returned the terminal's master.
-            return Ok((
-                ProcessStdio {
+            return Ok(OpenedStdio {
+                fds: ProcessStdio {
                     terminal: true,
                     ..Default::default()
                 },
-                None,
-            ));
+                ..Default::default()
+            });
         }
-        let stdout = open_output(&self.stdout)?;
-        let stderr = open_output(&self.stderr)?;
+        let (stdout, stderr, output) = match &target {
+            OutputTarget::Fifos => (open_output(&self.stdout)?, open_output(&self.stderr)?, None),
+            OutputTarget::File(path) => {
+                let (w, copy) = OutputCopy::to_file(path)?;
+                let w2 = w.try_clone().map_err(|source| ShimError::Io {
+                    what: "duplicate the log pipe of",
+                    path: path.clone(),
+                    source,
+                })?;
+                (Some(w), Some(w2), Some(copy))
+            }
+            OutputTarget::Binary { program, args } => {
+                let (out, err) = start_logger(program, args, owner)?;
+                (Some(out), Some(err), None)
+            }
+        };
         let (stdin, feeder) = if self.stdin.is_empty() {
             (None, None)
         } else {
             let (read, write) =
-                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::Io {
+                nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ShimError::Io {
                     what: "create a stdin pipe for",
                     path: self.stdin.clone().into(),
                     source: e.into(),
@@ -62,16 +188,136 @@ impl StdioPaths {
             let feeder = StdinFeeder::spawn(&self.stdin, File::from(write))?;
             (Some(read), Some(feeder))
         };
-        Ok((
-            ProcessStdio {
+        Ok(OpenedStdio {
+            fds: ProcessStdio {
                 stdin,
                 stdout,
                 stderr,
                 terminal: false,
             },
-            feeder,
-        ))
+            stdin: feeder,
+            output,
+        })
     }
+}
+
+/// The shim's copy of a process's output pipe into its `file://` log, on a thread of its own
+/// until every writer of the pipe is gone.
+#[derive(Debug, Clone)]
+pub struct OutputCopy {
+    done: watch::Receiver<bool>,
+}
+
+impl OutputCopy {
+    /// Opens (creating) the log file and starts copying; returns the pipe's write end.
+    fn to_file(path: &Path) -> Result<(OwnedFd, Self), ShimError> {
+        let io_err = |what, source| ShimError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(|e| io_err("create the directory of the log file", e))?;
+        }
+        let mut file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|e| io_err("open the log file", e))?;
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+            .map_err(|e| io_err("create the log pipe of", e.into()))?;
+        let (tx, done) = watch::channel(false);
+        let log = path.display().to_string();
+        thread::Builder::new()
+            .name("log-copy".into())
+            .spawn(move || {
+                if let Err(e) = io::copy(&mut File::from(read), &mut file) {
+                    tracing::warn!(log, "log copy ended: {e}");
+                }
+                tx.send_replace(true);
+            })
+            .map_err(|e| io_err("start the copy to the log file", e))?;
+        Ok((write, OutputCopy { done }))
+    }
+
+    /// Waits until everything the process wrote is in the file, for at most `limit` (its
+    /// children may hold the pipe open after it exits).
+    pub async fn drained(&self, limit: Duration) {
+        let mut done = self.done.clone();
+        let _ = tokio::time::timeout(limit, done.wait_for(|d| *d)).await;
+    }
+}
+
+/// Starts a `binary://` logging program and waits until it reports ready; returns the write
+/// ends of the stdout and stderr pipes it reads.
+fn start_logger(
+    program: &Path,
+    args: &[String],
+    owner: StreamOwner<'_>,
+) -> Result<(OwnedFd, OwnedFd), ShimError> {
+    let io_err = |what, source: io::Error| ShimError::Io {
+        what,
+        path: program.to_path_buf(),
+        source,
+    };
+    let pipe =
+        || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| io_err("create a pipe for", e.into()));
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    let passed = [out_r.as_raw_fd(), err_r.as_raw_fd(), ready_w.as_raw_fd()];
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env("CONTAINER_ID", owner.container_id)
+        .env("CONTAINER_NAMESPACE", owner.namespace)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the closure only calls fcntl and dup2, which are async-signal-safe, on fds that
+    // stay open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Moved above the targets first, so no source is overwritten before it is used.
+            let mut high = [0; 3];
+            for (i, fd) in passed.iter().enumerate() {
+                let h = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
+                if h < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                high[i] = h;
+            }
+            for (i, h) in high.iter().enumerate() {
+                if libc::dup2(*h, 3 + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| io_err("start the logging binary", e))?;
+    // Reaped by the shim's reaper with every other child; nothing waits for it here.
+    drop(child);
+    drop((out_r, err_r, ready_w));
+    let mut fds = [PollFd::new(ready_r.as_fd(), PollFlags::POLLIN)];
+    let ms = u16::try_from(LOGGER_READY_WAIT.as_millis()).unwrap_or(u16::MAX);
+    let ready = poll(&mut fds, PollTimeout::from(ms)).map_err(|e| io_err("wait for", e.into()))?;
+    if ready == 0 {
+        return Err(ShimError::FailedPrecondition(format!(
+            "the logging binary {} did not close fd 5 (its ready signal) within {:?}",
+            program.display(),
+            LOGGER_READY_WAIT
+        )));
+    }
+    Ok((out_w, err_w))
 }
 
 /// Opens an output FIFO for writing without waiting for its reader: opened read-write first
@@ -183,7 +429,8 @@ mod tests {
             stdin: fifo.to_string_lossy().into_owned(),
             ..Default::default()
         };
-        let (stdio, feeder) = paths.open().unwrap();
+        let opened = paths.open(OWNER).unwrap();
+        let (stdio, feeder) = (opened.fds, opened.stdin);
         assert!(feeder.is_some());
         let mut writer = OpenOptions::new().write(true).open(&fifo).unwrap();
         writer.write_all(b"x\n").unwrap();
@@ -205,7 +452,7 @@ mod tests {
             stdout: fifo.to_string_lossy().into_owned(),
             ..Default::default()
         };
-        let (stdio, _) = paths.open().unwrap();
+        let stdio = paths.open(OWNER).unwrap().fds;
         let mut reader = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
@@ -219,14 +466,123 @@ mod tests {
     }
 
     #[test]
-    fn log_uris_are_refused_clearly() {
-        let paths = StdioPaths {
-            stdout: "binary:///usr/bin/logger".into(),
-            ..Default::default()
-        };
-        let err = paths.open().unwrap_err().to_string();
-        assert!(err.contains("binary:///usr/bin/logger"), "{err}");
+    fn log_uris_parse_as_containerd_writes_them() {
+        let uri = "binary:///usr/local/bin/my%20logger?tag=a%2Fb&verbose";
+        assert_eq!(
+            OutputTarget::parse(uri, uri).unwrap(),
+            OutputTarget::Binary {
+                program: "/usr/local/bin/my logger".into(),
+                args: vec!["tag".into(), "a/b".into(), "verbose".into(), String::new()],
+            }
+        );
+        assert_eq!(
+            OutputTarget::parse("file:///var/log/c.log", "file:///var/log/c.log").unwrap(),
+            OutputTarget::File("/var/log/c.log".into())
+        );
+        assert_eq!(
+            OutputTarget::parse("/run/fifo/out", "/run/fifo/err").unwrap(),
+            OutputTarget::Fifos
+        );
     }
 
-    use std::os::unix::fs::OpenOptionsExt;
+    #[test]
+    fn bad_log_uris_are_refused_naming_them() {
+        for (out, err) in [
+            ("syslog:///x", "syslog:///x"),
+            ("file://host/x", "file://host/x"),
+            ("file:///a", "file:///b"),
+            ("/fifo", "file:///b"),
+        ] {
+            let e = OutputTarget::parse(out, err).unwrap_err();
+            assert!(matches!(e, ShimError::InvalidArgument(_)), "{e}");
+            assert!(
+                e.to_string().contains(out) || e.to_string().contains(err),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn file_log_gets_both_streams_and_drains() {
+        let dir = temp_dir("filelog");
+        let log = dir.join("sub/c.log");
+        let uri = format!("file://{}", log.display());
+        let paths = StdioPaths {
+            stdout: uri.clone(),
+            stderr: uri,
+            ..Default::default()
+        };
+        let opened = paths.open(OWNER).unwrap();
+        let copy = opened.output.expect("a copy to the file");
+        File::from(opened.fds.stdout.unwrap())
+            .write_all(b"out\n")
+            .unwrap();
+        File::from(opened.fds.stderr.unwrap())
+            .write_all(b"err\n")
+            .unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(copy.drained(std::time::Duration::from_secs(5)));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "out\nerr\n");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn binary_log_gets_fds_and_env() {
+        let dir = temp_dir("binlog");
+        let script = dir.join("logger");
+        let got = dir.join("got");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nexec 5>&-\n{{ echo \"$CONTAINER_NAMESPACE/$CONTAINER_ID $*\"; cat <&3; cat <&4; }} > {}\n",
+                got.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let uri = format!("binary://{}?k=v", script.display());
+        let paths = StdioPaths {
+            stdout: uri.clone(),
+            stderr: uri,
+            ..Default::default()
+        };
+        let opened = paths.open(OWNER).unwrap();
+        File::from(opened.fds.stdout.unwrap())
+            .write_all(b"out\n")
+            .unwrap();
+        File::from(opened.fds.stderr.unwrap())
+            .write_all(b"err\n")
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let s = std::fs::read_to_string(&got).unwrap_or_default();
+            if s == "ns/c1 k v\nout\nerr\n" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "logger wrote {s:?}");
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn missing_logging_binary_is_named() {
+        let uri = "binary:///no/such/logger";
+        let paths = StdioPaths {
+            stdout: uri.into(),
+            stderr: uri.into(),
+            ..Default::default()
+        };
+        let e = paths.open(OWNER).unwrap_err().to_string();
+        assert!(e.contains("/no/such/logger"), "{e}");
+    }
+
+    const OWNER: StreamOwner<'static> = StreamOwner {
+        namespace: "ns",
+        container_id: "c1",
+    };
 }
