@@ -1,11 +1,14 @@
 //! Mounting the rootfs containerd describes in Create at `BUNDLE/rootfs`, and unmounting it at
 //! delete, as runc's shim does. Runs in the zygote.
 
-use std::path::Path;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
 
 use hyperbox_shim_core::RootfsMount;
 use nix::errno::Errno;
+use nix::fcntl::{openat, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{mkdirat, Mode};
 
 /// Mount options that are flags rather than filesystem data: (name, flag, clears it).
 const FLAGS: &[(&str, MsFlags, bool)] = &[
@@ -68,11 +71,20 @@ pub fn mount_all(mounts: &[RootfsMount], target: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The mount(2) data limit: one page.
+const PAGE: usize = 4096;
+
 fn mount_one(m: &RootfsMount, target: &Path) -> Result<(), String> {
     let (flags, data) = parse_options(&m.options);
-    // Page-size limit of mount(2) data: long overlay lowerdir lists need the chdir trick
-    // runc's shim uses, not done yet.
-    if data.len() >= 4096 {
+    // Long overlay lowerdir lists (images of many layers) overflow the page mount(2) takes:
+    // as runc's shim does, the lowerdirs are given relative to their common parent, which
+    // becomes the working directory for the mount (the zygote is single-threaded).
+    let (data, chdir) = if data.len() >= PAGE && m.kind == "overlay" {
+        compact_lowerdir(&data)
+    } else {
+        (data, None)
+    };
+    if data.len() >= PAGE {
         return Err(format!(
             "rootfs mount options of {} bytes are too long (more than a page) for {}",
             data.len(),
@@ -81,7 +93,13 @@ fn mount_one(m: &RootfsMount, target: &Path) -> Result<(), String> {
     }
     let fstype = (!m.kind.is_empty() && m.kind != "bind").then_some(m.kind.as_str());
     let data = (!data.is_empty()).then_some(data.as_str());
-    mount(Some(m.source.as_str()), target, fstype, flags, data).map_err(|e| {
+    let mounted = match &chdir {
+        Some(dir) => in_dir(dir, || {
+            mount(Some(m.source.as_str()), target, fstype, flags, data)
+        }),
+        None => mount(Some(m.source.as_str()), target, fstype, flags, data),
+    };
+    mounted.map_err(|e| {
         format!(
             "cannot mount {} ({}) at {}: {e}",
             m.source,
@@ -95,6 +113,161 @@ fn mount_one(m: &RootfsMount, target: &Path) -> Result<(), String> {
             .map_err(|e| format!("cannot make {} read-only: {e}", target.display()))?;
     }
     Ok(())
+}
+
+/// Runs `f` with `dir` as the working directory, then returns to `/`.
+fn in_dir<T>(dir: &Path, f: impl FnOnce() -> nix::Result<T>) -> nix::Result<T> {
+    nix::unistd::chdir(dir)?;
+    let r = f();
+    let _ = nix::unistd::chdir("/");
+    r
+}
+
+/// Rewrites the `lowerdir=` option of overlay mount data with paths relative to the lower
+/// dirs' longest common parent directory; returns the data and that directory, or the data
+/// unchanged when nothing is gained.
+fn compact_lowerdir(data: &str) -> (String, Option<PathBuf>) {
+    let opts: Vec<&str> = data.split(',').collect();
+    let Some(at) = opts.iter().position(|o| o.starts_with("lowerdir=")) else {
+        return (data.to_string(), None);
+    };
+    let lowers: Vec<&str> = opts[at]["lowerdir=".len()..].split(':').collect();
+    if lowers.len() < 2 || !lowers.iter().all(|l| l.starts_with('/')) {
+        return (data.to_string(), None);
+    }
+    // The longest prefix ending at a '/' that every lower dir shares.
+    let first = lowers[0];
+    let mut common = first.len();
+    for l in &lowers[1..] {
+        common = common.min(
+            first
+                .bytes()
+                .zip(l.bytes())
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    let Some(cut) = first[..common].rfind('/') else {
+        return (data.to_string(), None);
+    };
+    if cut == 0 {
+        return (data.to_string(), None);
+    }
+    let dir = &first[..cut];
+    let relative: Vec<&str> = lowers.iter().map(|l| &l[cut + 1..]).collect();
+    if relative.iter().any(|r| r.is_empty()) {
+        return (data.to_string(), None);
+    }
+    let mut out: Vec<String> = opts.iter().map(|o| o.to_string()).collect();
+    out[at] = format!("lowerdir={}", relative.join(":"));
+    (out.join(","), Some(dir.into()))
+}
+
+/// What the rootfs checks need from a bundle's `config.json`.
+#[derive(Debug, Clone, Default)]
+pub struct SpecPaths {
+    /// `root.path`, made absolute against the bundle.
+    pub root: PathBuf,
+    /// `process.cwd`.
+    pub cwd: Option<String>,
+    /// The destinations of the spec's mounts.
+    pub mount_destinations: Vec<String>,
+}
+
+impl SpecPaths {
+    pub fn read(bundle: &Path) -> Result<Self, String> {
+        let path = bundle.join("config.json");
+        let config: serde_json::Value = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = |p: &str| {
+            config
+                .pointer(p)
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
+        Ok(SpecPaths {
+            root: bundle.join(text("/root/path").unwrap_or_else(|| "rootfs".into())),
+            cwd: text("/process/cwd"),
+            mount_destinations: config
+                .pointer("/mounts")
+                .and_then(|m| m.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|m| Some(m.get("destination")?.as_str()?.to_string()))
+                .collect(),
+        })
+    }
+
+    /// Creates `process.cwd` in the rootfs when it is missing, as runc does, so a process
+    /// may start in a directory the image lacks. Walks from the rootfs without following
+    /// symlinks (a symlinked component is left to the runtime, which resolves it inside the
+    /// container); a cwd under one of the spec's mounts is left alone too (it lives in that
+    /// mount, not in the rootfs).
+    pub fn create_cwd(&self) -> Result<(), String> {
+        let Some(cwd) = &self.cwd else {
+            return Ok(());
+        };
+        let cwd_path = Path::new(cwd);
+        if self
+            .mount_destinations
+            .iter()
+            .any(|d| d != "/" && cwd_path.starts_with(d))
+        {
+            return Ok(());
+        }
+        let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_PATH;
+        let raw = nix::fcntl::open(&self.root, flags, Mode::empty())
+            .map_err(|e| format!("cannot open rootfs {}: {e}", self.root.display()))?;
+        // SAFETY: `open` returned a new fd that nothing else owns.
+        let mut dir = unsafe { OwnedFd::from_raw_fd(raw) };
+        for part in cwd_path.components() {
+            let Component::Normal(name) = part else {
+                continue;
+            };
+            let next = match openat(Some(dir.as_raw_fd()), name, flags, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => {
+                    let mode = Mode::from_bits_truncate(0o755);
+                    match mkdirat(Some(dir.as_raw_fd()), name, mode) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(format!("cannot create {cwd:?} in the rootfs: {e}")),
+                    }
+                    openat(Some(dir.as_raw_fd()), name, flags, Mode::empty())
+                        .map_err(|e| format!("cannot open {cwd:?} in the rootfs: {e}"))?
+                }
+                // A symlink or a file: the runtime decides (and names it when it fails).
+                Err(_) => return Ok(()),
+            };
+            // SAFETY: `openat` returned a new fd that nothing else owns.
+            dir = unsafe { OwnedFd::from_raw_fd(next) };
+        }
+        Ok(())
+    }
+
+    /// After a failed create, names the working directory when it is what failed:
+    /// libcontainer reports a failed `chdir` without the path. Looked up without following
+    /// symlinks (the rootfs is the container's, not the host's); says nothing when unsure.
+    pub fn diagnose_cwd(&self) -> Option<String> {
+        let cwd = self.cwd.as_deref()?;
+        let mut path = self.root.clone();
+        for part in Path::new(cwd).components() {
+            if let Component::Normal(p) = part {
+                path.push(p);
+                let meta = std::fs::symlink_metadata(&path).ok()?;
+                if meta.file_type().is_symlink() {
+                    return None;
+                }
+                if !meta.is_dir() {
+                    return Some(format!(
+                        "the process's cwd {cwd:?} is not a directory in the container"
+                    ));
+                }
+            }
+        }
+        None
+    }
 }
 
 /// Unmounts everything mounted at `target`; nothing mounted there is fine.
@@ -130,6 +303,34 @@ mod tests {
         let (flags, data) = parse_options(&opts);
         assert_eq!(flags, MsFlags::MS_RDONLY);
         assert_eq!(data, "index=off,workdir=/w,upperdir=/u,lowerdir=/l1:/l2");
+    }
+
+    #[test]
+    fn long_lowerdir_lists_become_relative_to_their_parent() {
+        let lowers: Vec<String> = (0..200)
+            .map(|i| format!("/var/lib/containerd/snapshots/{i}/fs"))
+            .collect();
+        let data = format!("index=off,lowerdir={},upperdir=/u", lowers.join(":"));
+        assert!(data.len() >= PAGE);
+        let (short, dir) = compact_lowerdir(&data);
+        assert_eq!(
+            dir.as_deref(),
+            Some(Path::new("/var/lib/containerd/snapshots"))
+        );
+        assert!(short.len() < PAGE, "{} bytes", short.len());
+        assert!(
+            short.starts_with("index=off,lowerdir=0/fs:1/fs:"),
+            "{short}"
+        );
+        assert!(short.ends_with(",upperdir=/u"), "{short}");
+    }
+
+    #[test]
+    fn lowerdirs_without_a_common_parent_stay_as_they_are() {
+        let data = "lowerdir=/a/x:/b/y";
+        assert_eq!(compact_lowerdir(data), (data.to_string(), None));
+        let data = "lowerdir=/a/x";
+        assert_eq!(compact_lowerdir(data), (data.to_string(), None));
     }
 
     #[test]

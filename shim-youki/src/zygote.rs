@@ -282,9 +282,19 @@ fn create(
     fds: Vec<OwnedFd>,
     no_pivot_root: bool,
 ) -> Result<u32, EngineError> {
+    let spec = rootfs::SpecPaths::read(bundle).map_err(EngineError::InvalidSpec)?;
+    if mounts.is_empty() && !spec.root.is_dir() {
+        return Err(EngineError::InvalidSpec(format!(
+            "cannot create container {id}: its rootfs {} does not exist",
+            spec.root.display()
+        )));
+    }
     let b = builder(root, id, stdio, fds)?;
     let target = bundle.join("rootfs");
     rootfs::mount_all(mounts, &target).map_err(EngineError::Failed)?;
+    if let Err(e) = spec.create_cwd() {
+        tracing::warn!(id, "cannot create the process's cwd: {e}");
+    }
     let built = b.validate_id().and_then(|b| {
         b.as_init(bundle)
             .as_sibling(true)
@@ -300,7 +310,12 @@ fn create(
             Ok(pid as u32)
         }
         Err(e) => {
-            let err = EngineError::Failed(format!("cannot create container {id}: {}", chain(&e)));
+            let mut text = format!("cannot create container {id}: {}", chain(&e));
+            if let Some(hint) = spec.diagnose_cwd() {
+                text.push_str(": ");
+                text.push_str(&hint);
+            }
+            let err = EngineError::Failed(text);
             if let Err(clean) = delete(root, id, bundle) {
                 tracing::warn!(id, "cleanup after failed create: {clean:?}");
             }

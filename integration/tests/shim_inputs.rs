@@ -1,0 +1,504 @@
+//! `containerd-shim-hyperbox-v1` against runc's shim on the inputs users get wrong or rely
+//! on at the edges: log URIs, bad working dirs and root filesystems, signals a process traps,
+//! joining another container's namespaces (a pod), and OCI hooks. Each case runs through
+//! both runtimes in the same containerd and compares; nothing is hard-coded from runc.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
+use hyperbox_integration::images::TestImage;
+use hyperbox_integration::per_version;
+use hyperbox_integration::sandbox::Footprint;
+use hyperbox_integration::testbed::TestBed;
+
+const OURS: &str = "io.containerd.hyperbox.v1";
+const RUNC: &str = "io.containerd.runc.v2";
+const RUNTIMES: [&str; 2] = [RUNC, OURS];
+
+fn bed(v: ContainerdVersion) -> (TestBed, String) {
+    let bed = TestBed::start(v).expect("test bed");
+    assert!(
+        bed.containerd.runtimes().iter().any(|r| r == OURS),
+        "{OURS} is not registered: build containerd-shim-hyperbox-v1 first"
+    );
+    let image = bed.image(TestImage::Busybox).expect("busybox pulled");
+    (bed, image)
+}
+
+/// `ctr run --rm FLAGS --runtime RUNTIME TARGET ID CMD...` (TARGET: an image, or a rootfs
+/// path with `--rootfs`, or nothing with `--config`).
+fn ctr_run(
+    c: &Containerd,
+    runtime: &str,
+    flags: &[&str],
+    target: &[&str],
+    id: &str,
+    cmd: &[&str],
+) -> Output {
+    let mut ctr = c.ctr();
+    ctr.args(["run", "--rm"])
+        .args(flags)
+        .args(["--runtime", runtime, "--fifo-dir"])
+        .arg(c.dir().join("fifo"))
+        .args(target)
+        .arg(id)
+        .args(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = ctr.spawn().expect("ctr runs");
+    wait_output(child, Duration::from_secs(60), c)
+}
+
+fn wait_output(mut child: Child, limit: Duration, c: &Containerd) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("ctr waits").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "ctr did not finish within {limit:?}; stderr: {}\ncontainerd log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                c.log_tail(40)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Waits until `path` holds `want` (as a sorted set of lines: runc's shim copies stdout and
+/// stderr on two goroutines, so their relative order is not kept).
+fn wait_lines(path: &Path, want: &[&str]) {
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = std::fs::read_to_string(path).unwrap_or_default();
+        let mut lines: Vec<String> = got.lines().map(str::to_string).collect();
+        lines.sort();
+        if lines == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} holds {got:?}, want the lines {want:?}",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ctr run --log-uri file://` and `binary://` give the same logs through both runtimes.
+fn log_uris_as_runc(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    let logs = c.dir().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let logger = c.dir().join("logger.sh");
+    // The logging-binary protocol: stdout on fd 3, stderr on fd 4, fd 5 closed when ready;
+    // the query's pairs come as arguments ("dir" DIR).
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\nexec 5>&-\n\
+         cat <&3 > \"$2/$CONTAINER_NAMESPACE.$CONTAINER_ID.out\" &\n\
+         cat <&4 > \"$2/$CONTAINER_NAMESPACE.$CONTAINER_ID.err\" &\n\
+         wait\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = ["sh", "-c", "echo out; echo err >&2; echo out2"];
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let file = logs.join(format!("file-{n}/c.log"));
+        let uri = format!("file://{}", file.display());
+        let out = ctr_run(
+            c,
+            runtime,
+            &["--log-uri", &uri],
+            &[&image],
+            &format!("lf{n}"),
+            &script,
+        );
+        assert!(out.status.success(), "{runtime}: {}", text(&out.stderr));
+        wait_lines(&file, &["out", "err", "out2"]);
+
+        let id = format!("lb{n}");
+        let uri = format!("binary://{}?dir={}", logger.display(), logs.display());
+        let out = ctr_run(c, runtime, &["--log-uri", &uri], &[&image], &id, &script);
+        assert!(out.status.success(), "{runtime}: {}", text(&out.stderr));
+        let base = logs.join(format!("{}.{id}", c.namespace()));
+        wait_lines(&base.with_extension(format!("{id}.out")), &["out", "out2"]);
+        wait_lines(&base.with_extension(format!("{id}.err")), &["err"]);
+    }
+    // A logging binary that does not exist: both fail the run, ours naming it.
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let out = ctr_run(
+            c,
+            runtime,
+            &["--log-uri", "binary:///no/such/logger"],
+            &[&image],
+            &format!("lm{n}"),
+            &["true"],
+        );
+        assert!(!out.status.success(), "{runtime} ran without its logger");
+        if runtime == OURS {
+            assert!(
+                text(&out.stderr).contains("/no/such/logger"),
+                "{}",
+                text(&out.stderr)
+            );
+        }
+    }
+}
+per_version!(log_uris, log_uris_as_runc);
+
+/// A working directory that is a file, and a root filesystem that does not exist: both
+/// runtimes refuse; ours names the path, and leaves no process, mount, cgroup or state.
+/// A working directory that does not exist is created by both.
+fn bad_paths_named_and_nothing_left(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    let fp = Footprint::of(c.dir()).expect("footprint");
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let out = ctr_run(
+            c,
+            runtime,
+            &["--cwd", "/etc/passwd"],
+            &[&image],
+            &format!("cf{n}"),
+            &["pwd"],
+        );
+        assert!(
+            !out.status.success(),
+            "{runtime} ran in a file: {}",
+            text(&out.stdout)
+        );
+        if runtime == OURS {
+            assert!(
+                text(&out.stderr).contains("/etc/passwd"),
+                "{}",
+                text(&out.stderr)
+            );
+        }
+
+        let out = ctr_run(
+            c,
+            runtime,
+            &["--cwd", "/new/dir"],
+            &[&image],
+            &format!("cn{n}"),
+            &["pwd"],
+        );
+        assert!(out.status.success(), "{runtime}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "/new/dir\n", "{runtime}");
+
+        let missing = c.dir().join("no-such-rootfs");
+        let out = ctr_run(
+            c,
+            runtime,
+            &["--rootfs"],
+            &[missing.to_str().unwrap()],
+            &format!("rm{n}"),
+            &["true"],
+        );
+        assert!(!out.status.success(), "{runtime} ran without a rootfs");
+        if runtime == OURS {
+            assert!(
+                text(&out.stderr).contains("no-such-rootfs"),
+                "{}",
+                text(&out.stderr)
+            );
+        }
+    }
+    let tasks = c.ctr_stdout(&["tasks", "ls"]).expect("tasks ls");
+    assert_eq!(tasks.lines().count(), 1, "tasks left:\n{tasks}");
+    let state = Path::new("/run/hyperbox/youki").join(c.namespace());
+    let left: Vec<PathBuf> = std::fs::read_dir(&state)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "state left: {left:?}");
+    drop(bed);
+    assert_eq!(fp.leftovers(), Vec::<String>::new());
+}
+per_version!(bad_paths, bad_paths_named_and_nothing_left);
+
+/// Starts `ctr run --rm` in the background and waits for its first line of output.
+fn run_until_line(
+    c: &Containerd,
+    runtime: &str,
+    image: &str,
+    id: &str,
+    cmd: &[&str],
+) -> (Child, String) {
+    use std::io::BufRead;
+    let mut child = c
+        .ctr()
+        .args(["run", "--rm", "--runtime", runtime, "--fifo-dir"])
+        .arg(c.dir().join("fifo"))
+        .args([image, id])
+        .args(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr runs");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).expect("first line");
+    // Drained in the background so the process never blocks on a full pipe.
+    thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    (child, first)
+}
+
+/// SIGTERM to a process that traps it runs the trap (its exit code is the trap's), through
+/// both runtimes.
+fn sigterm_runs_the_trap(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let id = format!("trap{n}");
+        let script = "trap 'exit 5' TERM; echo ready; while :; do sleep 0.1; done";
+        let (ctr, first) = run_until_line(c, runtime, &image, &id, &["sh", "-c", script]);
+        assert_eq!(first, "ready\n", "{runtime}");
+        c.ctr_run(&["tasks", "kill", &id]).expect("kill (SIGTERM)");
+        let out = wait_output(ctr, Duration::from_secs(30), c);
+        assert_eq!(
+            out.status.code(),
+            Some(5),
+            "{runtime}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+per_version!(sigterm_trap, sigterm_runs_the_trap);
+
+/// The pid of running task `id`.
+fn task_pid(c: &Containerd, id: &str) -> u32 {
+    let tasks = c.ctr_stdout(&["tasks", "ls"]).expect("tasks ls");
+    tasks
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no task {id}:\n{tasks}"))
+}
+
+/// A container joins another's network, IPC, UTS and pid namespaces by path (`--with-ns`,
+/// as CRI does for a pod's containers): same namespaces as the pod's first container, and
+/// its processes visible there.
+fn joins_pod_namespaces(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let pause = format!("pause{n}");
+        c.ctr_run(&[
+            "run",
+            "-d",
+            "--null-io",
+            "--runtime",
+            runtime,
+            &image,
+            &pause,
+            "sleep",
+            "1000",
+        ])
+        .expect("pod's first container");
+        let pid = task_pid(c, &pause);
+        let kinds = [
+            ("network", "net"),
+            ("ipc", "ipc"),
+            ("uts", "uts"),
+            ("pid", "pid"),
+        ];
+        let mut flags = Vec::new();
+        for (kind, file) in kinds {
+            flags.push("--with-ns".to_string());
+            flags.push(format!("{kind}:/proc/{pid}/ns/{file}"));
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let out = ctr_run(
+            c,
+            runtime,
+            &flags,
+            &[&image],
+            &format!("member{n}"),
+            &[
+                "sh",
+                "-c",
+                "for n in net ipc uts; do readlink /proc/self/ns/$n; done; \
+                 readlink /proc/self/ns/pid; cat /proc/1/comm",
+            ],
+        );
+        assert!(out.status.success(), "{runtime}: {}", text(&out.stderr));
+        let mut want: Vec<String> = ["net", "ipc", "uts", "pid"]
+            .iter()
+            .map(|f| {
+                std::fs::read_link(format!("/proc/{pid}/ns/{f}"))
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        want.push("sleep".into());
+        assert_eq!(text(&out.stdout), want.join("\n") + "\n", "{runtime}");
+        c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", &pause])
+            .expect("kill");
+    }
+}
+per_version!(pod_namespaces, joins_pod_namespaces);
+
+/// A rootfs of the host's static busybox, for `ctr run --config` specs.
+fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "hooklog"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static installed");
+    for applet in ["sh", "cat", "grep", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    root
+}
+
+/// OCI hooks in the spec run at their points, in order, with the state on their stdin, as
+/// runc runs them: the same log through both runtimes.
+fn hooks_as_runc(v: ContainerdVersion) {
+    let (bed, _image) = bed(v);
+    let c = &bed.containerd;
+    let mut logs = Vec::new();
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let dir = c.dir().join(format!("hooks-{n}"));
+        let host_log = dir.join("log");
+        let root = busybox_rootfs(&dir);
+        let spec_out = c
+            .ctr()
+            .args(["oci", "spec"])
+            .output()
+            .expect("ctr oci spec");
+        assert!(spec_out.status.success());
+        let mut spec: serde_json::Value = serde_json::from_slice(&spec_out.stdout).unwrap();
+        spec["root"] = serde_json::json!({"path": root, "readonly": false});
+        // The process logs once poststart has (runc runs poststart after the process starts).
+        spec["process"]["args"] = serde_json::json!([
+            "sh",
+            "-c",
+            "until grep -q poststart /hooklog/log; do sleep 0.05; done; echo process >> /hooklog/log"
+        ]);
+        spec["process"]["terminal"] = serde_json::json!(false);
+        spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+        spec["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "destination": "/hooklog", "type": "bind", "source": dir,
+                "options": ["rbind", "rw"]
+            }));
+        // Each hook logs its name and the state's id to the first of `logs` it can
+        // write: the container's own hooks through the bind mount, or the host path for a
+        // runtime that runs them before the container's mounts exist.
+        let hook = |name: &str, logs: &[&str]| {
+            let tries: Vec<String> = logs
+                .iter()
+                .map(|l| format!("echo \"$m\" >> {l} 2>/dev/null"))
+                .collect();
+            serde_json::json!({
+                "path": "/bin/sh",
+                "args": ["sh", "-c", format!(
+                    "m=\"{name} $(cat | grep -o '\"id\":\"[a-z0-9]*\"')\"; {}",
+                    tries.join(" || ")
+                )],
+            })
+        };
+        let host = host_log.to_str().unwrap();
+        spec["hooks"] = serde_json::json!({
+            "createRuntime": [hook("createRuntime", &[host])],
+            "createContainer": [hook("createContainer", &["/hooklog/log", host])],
+            "startContainer": [hook("startContainer", &["/hooklog/log"])],
+            "poststart": [hook("poststart", &[host])],
+            "poststop": [hook("poststop", &[host])],
+        });
+        let spec_path = dir.join("config.json");
+        std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+        let out = ctr_run(
+            c,
+            runtime,
+            &["--config", spec_path.to_str().unwrap()],
+            &[],
+            &format!("hooks{n}"),
+            &[],
+        );
+        assert!(out.status.success(), "{runtime}: {}", text(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let log = loop {
+            let log = std::fs::read_to_string(&host_log).unwrap_or_default();
+            if log.contains("poststop") || Instant::now() > deadline {
+                break log;
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        logs.push(log.replace(&format!("hooks{n}"), "ID"));
+    }
+    // The same hooks, each once, with the container's state on stdin; in the order OCI
+    // fixes. startContainer (in the container) and poststart (in the runtime) race each
+    // other under runc as well, so their relative order is not compared. What libcontainer
+    // puts in the state's status differs from runc for startContainer and poststart
+    // (shim-youki/DESIGN.md), so the status is not logged.
+    let order = [
+        "createRuntime",
+        "createContainer",
+        "startContainer",
+        "poststart",
+        "process",
+        "poststop",
+    ];
+    for (log, runtime) in logs.iter().zip(RUNTIMES) {
+        let names: Vec<&str> = log
+            .lines()
+            .map(|l| l.split(' ').next().unwrap_or(""))
+            .collect();
+        let at = |name: &str| {
+            let seen: Vec<usize> = names
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n == name)
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(
+                seen.len(),
+                1,
+                "{runtime}: {name} ran {} times:\n{log}",
+                seen.len()
+            );
+            seen[0]
+        };
+        let i: Vec<usize> = order.iter().map(|n| at(n)).collect();
+        assert!(
+            i[0] < i[1] && i[1] < i[2].min(i[3]) && i[2].max(i[3]) < i[4] && i[4] < i[5],
+            "{runtime}: hooks out of order:\n{log}"
+        );
+        for l in log.lines().filter(|l| !l.starts_with("process")) {
+            assert!(
+                l.ends_with("\"id\":\"ID\""),
+                "{runtime}: no state on stdin: {l:?}"
+            );
+        }
+    }
+    assert_eq!(
+        names_sorted(&logs[1]),
+        names_sorted(&logs[0]),
+        "hyperbox's hooks vs runc's"
+    );
+}
+per_version!(hooks, hooks_as_runc);
+
+fn names_sorted(log: &str) -> Vec<String> {
+    let mut v: Vec<String> = log.lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
