@@ -1,0 +1,24 @@
+//! Storage core of `hyperbox-snapshotter`: layers as EROFS images whose file data lives in a
+//! host-wide content-addressed chunk store, mounted by the kernel with the store's pack files
+//! as extra devices.
+//!
+//! - [`write_image`]: an EROFS image from a directory tree (the layer's upper dir).
+//! - [`ChunkStore`]: the chunk store: packs, index, reference counts, GC, verify.
+//! - [`commit_layer`]: both of the above, crash-safe, for one layer.
+//! - [`mount_image`]: the kernel mount (file-backed, or through loop devices).
+
+pub mod format;
+mod layer;
+mod mount;
+mod store;
+mod writer;
+
+pub use layer::{commit_layer, LayerError, LayerReport};
+pub use mount::{device_options, mount_image, MountError, MountMode, MountedImage};
+pub use store::{
+    chunk_digest, ChunkDigest, ChunkProblem, ChunkStore, GcStats, LayerStats, LayerWriter,
+    StoreConfig, StoreError, StoreStats, VerifyReport, DEFAULT_CHUNK_BITS,
+};
+pub use writer::{
+    write_image, ChunkLocation, ChunkSink, DeviceSlot, ImageError, ImageOptions, ImageStats,
+};

@@ -1,0 +1,913 @@
+//! EROFS image writer: walks a directory tree without following symlinks and writes an
+//! EROFS metadata image whose large files are chunk-based, their chunks stored through a
+//! [`ChunkSink`] (the host-wide [`crate::ChunkStore`]) and addressed by device id.
+//!
+//! Layout: block 0 holds the superblock and the device table; inodes (with inline xattrs,
+//! inline tails and chunk indexes) follow from block 1, the root first; whole data blocks of
+//! directories, long symlinks and small files that do not fit inline come last.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use nix::dir::Dir;
+use nix::errno::Errno;
+use nix::fcntl::{self, AtFlags, OFlag};
+use nix::sys::stat::{self, FileStat, Mode};
+use nix::unistd::{self, Whence};
+
+use crate::format::{self, align_up, Le, BLOCK_SIZE};
+use crate::store::StoreError;
+
+/// Errors of [`write_image`].
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A system call on a path of the source tree or the image failed.
+    #[error("failed to {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A file name is longer than EROFS allows.
+    #[error("file name longer than 255 bytes at {path}")]
+    NameTooLong { path: PathBuf },
+    /// An xattr name has a prefix EROFS cannot encode.
+    #[error("xattr {name} on {path} cannot be stored in EROFS (unsupported name prefix)")]
+    UnsupportedXattr { path: PathBuf, name: String },
+    /// An xattr value is larger than an EROFS xattr entry can hold.
+    #[error("xattr {name} on {path} has a value over 65535 bytes")]
+    XattrTooLarge { path: PathBuf, name: String },
+    /// A file changed type, identity or size while it was read.
+    #[error("{path} changed while the image was written; retry once the tree is quiet")]
+    Changed { path: PathBuf },
+    /// The tree exceeds an EROFS limit.
+    #[error("tree at {path} does not fit in an EROFS image: {what}")]
+    TooLarge { path: PathBuf, what: &'static str },
+    /// Storing a chunk of a file failed.
+    #[error("failed to store a chunk of {path}: {source}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> ImageError + 'a {
+    move |e| ImageError::Io {
+        op,
+        path: path.to_path_buf(),
+        source: io::Error::from(e),
+    }
+}
+
+/// Where a stored chunk lies: `device_id` 1..=n is slot n-1 of the device table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkLocation {
+    pub device_id: u16,
+    pub blkaddr: u32,
+}
+
+/// One entry of an image's device table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSlot {
+    /// Name recorded in the slot (the device path where it fits in 64 bytes).
+    pub tag: Vec<u8>,
+    /// Size of the device in blocks when the image was written.
+    pub blocks: u32,
+}
+
+/// Receives the data chunks of chunk-based files.
+pub trait ChunkSink {
+    /// log2 of the chunk size; at least [`format::BLOCK_BITS`].
+    fn chunk_bits(&self) -> u8;
+    /// Stores one chunk (at most the chunk size, the last one of a file may be shorter,
+    /// never all zeroes) and says where it lies.
+    fn put_chunk(&mut self, data: &[u8]) -> Result<ChunkLocation, StoreError>;
+    /// The device table the image must carry, in device id order.
+    fn device_table(&self) -> Vec<DeviceSlot>;
+}
+
+/// Options of [`write_image`].
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    inline_max: u64,
+    uuid: [u8; 16],
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        Self {
+            inline_max: 2048,
+            uuid: [0; 16],
+        }
+    }
+}
+
+impl ImageOptions {
+    /// Regular files up to this many bytes live in the image (inline after their inode
+    /// where they fit) instead of the chunk store. Default 2048.
+    pub fn with_inline_max(mut self, bytes: u64) -> Self {
+        self.inline_max = bytes;
+        self
+    }
+
+    /// The file system UUID. Default all zeroes.
+    pub fn with_uuid(mut self, uuid: [u8; 16]) -> Self {
+        self.uuid = uuid;
+        self
+    }
+}
+
+/// What [`write_image`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageStats {
+    /// Inodes in the image (hard links counted once).
+    pub inodes: u64,
+    /// Regular files stored as chunk-based inodes.
+    pub chunked_files: u64,
+    /// Chunks handed to the sink.
+    pub chunks: u64,
+    /// Chunks recorded as holes (never stored).
+    pub hole_chunks: u64,
+    /// Bytes of file data kept in the image itself.
+    pub inline_bytes: u64,
+    /// Distinct xattrs stored once in the shared xattr area (carried by several inodes).
+    pub shared_xattrs: u64,
+    /// Size of the image file.
+    pub image_bytes: u64,
+}
+
+/// An entry's xattrs: full names and values, sorted by name.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+#[derive(Debug)]
+enum Body {
+    Dir {
+        entries: Vec<(Vec<u8>, usize)>,
+        parent: usize,
+    },
+    Bytes(Vec<u8>),
+    Chunked(Vec<Option<ChunkLocation>>),
+    Empty,
+}
+
+#[derive(Debug)]
+struct Node {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    mtime_nsec: u32,
+    rdev: u64,
+    size: u64,
+    nlink: u32,
+    xattrs: Xattrs,
+    body: Body,
+}
+
+impl Node {
+    fn new(st: &FileStat, xattrs: Xattrs, body: Body) -> Self {
+        Self {
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mtime: st.st_mtime,
+            mtime_nsec: st.st_mtime_nsec as u32,
+            rdev: st.st_rdev,
+            size: 0,
+            nlink: 1,
+            xattrs,
+            body,
+        }
+    }
+
+    fn file_type(&self) -> u8 {
+        match self.mode & libc::S_IFMT {
+            libc::S_IFREG => format::FT_REG_FILE,
+            libc::S_IFDIR => format::FT_DIR,
+            libc::S_IFCHR => format::FT_CHRDEV,
+            libc::S_IFBLK => format::FT_BLKDEV,
+            libc::S_IFIFO => format::FT_FIFO,
+            libc::S_IFSOCK => format::FT_SOCK,
+            _ => format::FT_SYMLINK,
+        }
+    }
+}
+
+/// Writes an EROFS image of the tree at `root` into `out` (truncated first).
+///
+/// Symlinks are never followed: every entry is reached with `openat`/`fstatat` relative to
+/// its already opened parent, with `O_NOFOLLOW`. Regular files larger than the inline limit
+/// are cut into chunks of `sink.chunk_bits()`; all-zero chunks and holes become null chunk
+/// addresses. Hard links within the tree share one inode.
+pub fn write_image(
+    root: &Path,
+    out: &File,
+    out_path: &Path,
+    sink: &mut dyn ChunkSink,
+    options: &ImageOptions,
+) -> Result<ImageStats, ImageError> {
+    let chunk_bits = sink.chunk_bits();
+    if !(format::BLOCK_BITS..=format::BLOCK_BITS + 31).contains(&chunk_bits) {
+        return Err(ImageError::TooLarge {
+            path: root.to_path_buf(),
+            what: "chunk size must be a block size multiple below 2^43",
+        });
+    }
+    let mut walker = Walker {
+        nodes: Vec::new(),
+        links: HashMap::new(),
+        sink,
+        chunk_bits,
+        inline_max: options.inline_max,
+        buf: vec![0; 1 << chunk_bits],
+        zeroes: vec![0; 1 << chunk_bits],
+        stats: ImageStats::default(),
+    };
+    let root_dir = Dir::open(
+        root,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io_err("open directory", root))?;
+    let st = stat::fstat(root_dir.as_raw_fd()).map_err(io_err("stat", root))?;
+    let xattrs = read_xattrs(&proc_path(root_dir.as_raw_fd(), b"."), root)?;
+    walker.nodes.push(Node::new(
+        &st,
+        xattrs,
+        Body::Dir {
+            entries: Vec::new(),
+            parent: 0,
+        },
+    ));
+    walker.walk_dir(&root_dir, root, 0)?;
+    let devices = walker.sink.device_table();
+    let mut stats = walker.stats;
+    let image = layout(
+        &mut walker.nodes,
+        &devices,
+        options,
+        chunk_bits,
+        root,
+        &mut stats,
+    )?;
+    out.set_len(0).map_err(|source| ImageError::Io {
+        op: "truncate",
+        path: out_path.to_path_buf(),
+        source,
+    })?;
+    out.write_all_at(&image, 0)
+        .map_err(|source| ImageError::Io {
+            op: "write",
+            path: out_path.to_path_buf(),
+            source,
+        })?;
+    stats.image_bytes = image.len() as u64;
+    stats.inodes = walker.nodes.len() as u64;
+    tracing::debug!(root = %root.display(), image = %out_path.display(), ?stats, "wrote erofs image");
+    Ok(stats)
+}
+
+/// Path that reaches `name` inside the open directory `dirfd` without resolving any
+/// component but `name` itself, which the `l*xattr` calls do not follow.
+fn proc_path(dirfd: RawFd, name: &[u8]) -> PathBuf {
+    let mut p = format!("/proc/self/fd/{dirfd}/").into_bytes();
+    p.extend_from_slice(name);
+    PathBuf::from(OsStr::from_bytes(&p))
+}
+
+fn read_xattrs(at: &Path, shown: &Path) -> Result<Xattrs, ImageError> {
+    let io = |op| {
+        move |source| ImageError::Io {
+            op,
+            path: shown.to_path_buf(),
+            source,
+        }
+    };
+    let mut out = Vec::new();
+    let names = match xattr::list(at) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(out),
+        Err(e) => return Err(io("list xattrs of")(e)),
+    };
+    for name in names {
+        let Some(value) = xattr::get(at, &name).map_err(io("read xattr of"))? else {
+            continue;
+        };
+        let name = name.as_bytes().to_vec();
+        let shown_name = || String::from_utf8_lossy(&name).into_owned();
+        if format::xattr_name_index(&name).is_none() {
+            return Err(ImageError::UnsupportedXattr {
+                path: shown.to_path_buf(),
+                name: shown_name(),
+            });
+        }
+        if value.len() > usize::from(u16::MAX) {
+            return Err(ImageError::XattrTooLarge {
+                path: shown.to_path_buf(),
+                name: shown_name(),
+            });
+        }
+        out.push((name, value));
+    }
+    out.sort();
+    Ok(out)
+}
+
+struct Walker<'a> {
+    nodes: Vec<Node>,
+    links: HashMap<(u64, u64), usize>,
+    sink: &'a mut dyn ChunkSink,
+    chunk_bits: u8,
+    inline_max: u64,
+    buf: Vec<u8>,
+    zeroes: Vec<u8>,
+    stats: ImageStats,
+}
+
+impl Walker<'_> {
+    fn add_entry(&mut self, dir: usize, name: Vec<u8>, child: usize) {
+        if let Body::Dir { entries, .. } = &mut self.nodes[dir].body {
+            entries.push((name, child));
+        }
+    }
+
+    fn walk_dir(&mut self, dir: &Dir, dir_path: &Path, me: usize) -> Result<(), ImageError> {
+        let fd = dir.as_raw_fd();
+        let mut names = Vec::new();
+        {
+            // Iterate a duplicate descriptor: `dir` stays borrowed as the *at() base.
+            let dup = unistd::dup(fd).map_err(io_err("duplicate descriptor of", dir_path))?;
+            let mut it = Dir::from_fd(dup).map_err(io_err("read directory", dir_path))?;
+            for entry in it.iter() {
+                let entry = entry.map_err(io_err("read directory", dir_path))?;
+                let name = entry.file_name().to_bytes();
+                if name != b"." && name != b".." {
+                    names.push(name.to_vec());
+                }
+            }
+        }
+        names.sort();
+        for name in names {
+            let path = dir_path.join(OsStr::from_bytes(&name));
+            if name.len() > format::NAME_LEN {
+                return Err(ImageError::NameTooLong { path });
+            }
+            let cname = OsStr::from_bytes(&name);
+            let st = stat::fstatat(Some(fd), cname, AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(io_err("stat", &path))?;
+            let kind = st.st_mode & libc::S_IFMT;
+            if kind != libc::S_IFDIR && st.st_nlink > 1 {
+                if let Some(&existing) = self.links.get(&(st.st_dev, st.st_ino)) {
+                    self.nodes[existing].nlink += 1;
+                    self.add_entry(me, name, existing);
+                    continue;
+                }
+            }
+            let xattrs = read_xattrs(&proc_path(fd, &name), &path)?;
+            let idx = self.nodes.len();
+            match kind {
+                libc::S_IFDIR => {
+                    let child = Dir::openat(
+                        Some(fd),
+                        cname,
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(io_err("open directory", &path))?;
+                    let cst = stat::fstat(child.as_raw_fd()).map_err(io_err("stat", &path))?;
+                    if (cst.st_dev, cst.st_ino) != (st.st_dev, st.st_ino) {
+                        return Err(ImageError::Changed { path });
+                    }
+                    self.nodes.push(Node::new(
+                        &st,
+                        xattrs,
+                        Body::Dir {
+                            entries: Vec::new(),
+                            parent: me,
+                        },
+                    ));
+                    self.add_entry(me, name, idx);
+                    self.walk_dir(&child, &path, idx)?;
+                }
+                libc::S_IFREG => {
+                    let raw = fcntl::openat(
+                        Some(fd),
+                        cname,
+                        OFlag::O_RDONLY
+                            | OFlag::O_NOFOLLOW
+                            | OFlag::O_NONBLOCK
+                            | OFlag::O_NOCTTY
+                            | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(io_err("open", &path))?;
+                    // SAFETY: `raw` was just returned by openat and is owned by nothing else.
+                    let file = unsafe { File::from_raw_fd(raw) };
+                    let fst = stat::fstat(file.as_raw_fd()).map_err(io_err("stat", &path))?;
+                    if (fst.st_dev, fst.st_ino, fst.st_mode) != (st.st_dev, st.st_ino, st.st_mode) {
+                        return Err(ImageError::Changed { path });
+                    }
+                    let size = fst.st_size as u64;
+                    let body = if size == 0 {
+                        Body::Empty
+                    } else if size <= self.inline_max {
+                        let mut data = vec![0; size as usize];
+                        file.read_exact_at(&mut data, 0)
+                            .map_err(|_| ImageError::Changed { path: path.clone() })?;
+                        self.stats.inline_bytes += size;
+                        Body::Bytes(data)
+                    } else {
+                        self.stats.chunked_files += 1;
+                        Body::Chunked(self.chunk_file(&file, size, &path)?)
+                    };
+                    let end = stat::fstat(file.as_raw_fd()).map_err(io_err("stat", &path))?;
+                    if end.st_size as u64 != size {
+                        return Err(ImageError::Changed { path });
+                    }
+                    let mut node = Node::new(&st, xattrs, body);
+                    node.size = size;
+                    self.nodes.push(node);
+                    self.add_entry(me, name, idx);
+                }
+                libc::S_IFLNK => {
+                    let target = fcntl::readlinkat(Some(fd), cname)
+                        .map_err(io_err("read symlink", &path))?;
+                    let target = target.as_bytes().to_vec();
+                    let mut node = Node::new(&st, xattrs, Body::Empty);
+                    node.size = target.len() as u64;
+                    node.body = Body::Bytes(target);
+                    self.nodes.push(node);
+                    self.add_entry(me, name, idx);
+                }
+                _ => {
+                    self.nodes.push(Node::new(&st, xattrs, Body::Empty));
+                    self.add_entry(me, name, idx);
+                }
+            }
+            if kind != libc::S_IFDIR && st.st_nlink > 1 {
+                self.links.insert((st.st_dev, st.st_ino), idx);
+            }
+        }
+        Ok(())
+    }
+
+    fn chunk_file(
+        &mut self,
+        file: &File,
+        size: u64,
+        path: &Path,
+    ) -> Result<Vec<Option<ChunkLocation>>, ImageError> {
+        let chunk = 1u64 << self.chunk_bits;
+        let count = size.div_ceil(chunk);
+        let mut out = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let off = i * chunk;
+            let len = chunk.min(size - off) as usize;
+            // Holes are skipped without reading them.
+            let data_at = match unistd::lseek(file.as_raw_fd(), off as i64, Whence::SeekData) {
+                Ok(d) => d as u64,
+                Err(Errno::ENXIO) => u64::MAX,
+                Err(e) => return Err(io_err("seek in", path)(e)),
+            };
+            if data_at >= off + len as u64 {
+                self.stats.hole_chunks += 1;
+                out.push(None);
+                continue;
+            }
+            let buf = &mut self.buf[..len];
+            file.read_exact_at(buf, off)
+                .map_err(|_| ImageError::Changed {
+                    path: path.to_path_buf(),
+                })?;
+            if buf[..] == self.zeroes[..len] {
+                self.stats.hole_chunks += 1;
+                out.push(None);
+                continue;
+            }
+            let loc = self
+                .sink
+                .put_chunk(buf)
+                .map_err(|source| ImageError::Store {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            self.stats.chunks += 1;
+            out.push(Some(loc));
+        }
+        Ok(out)
+    }
+}
+
+/// Where and how one inode is laid out.
+#[derive(Debug, Default, Clone)]
+struct Placement {
+    pos: u64,
+    compact: bool,
+    layout: u16,
+    xattr_body: Vec<u8>,
+    /// Bytes stored after the inode and its xattrs (inline tail).
+    tail: u64,
+    /// Whole data blocks in the image.
+    blocks: u64,
+    startblk: u64,
+}
+
+/// Splits sorted directory entries (name lengths) into blocks; returns the first entry
+/// index of each block and the directory's size.
+fn pack_dir(names: &[&[u8]]) -> (Vec<usize>, u64) {
+    let mut starts = Vec::new();
+    let mut used = 0usize;
+    for (i, n) in names.iter().enumerate() {
+        let need = format::DIRENT_SIZE + n.len();
+        if starts.is_empty() || used + need > BLOCK_SIZE as usize {
+            starts.push(i);
+            used = 0;
+        }
+        used += need;
+    }
+    let size = (starts.len() as u64 - 1) * BLOCK_SIZE + used as u64;
+    (starts, size)
+}
+
+/// Appends one xattr entry (4-byte aligned) to `out`.
+fn push_xattr_entry(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    let Some((index, suffix)) = format::xattr_name_index(name) else {
+        return; // rejected by read_xattrs
+    };
+    let start = out.len();
+    out.extend_from_slice(&[suffix.len() as u8, index]);
+    out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+    out.extend_from_slice(suffix);
+    out.extend_from_slice(value);
+    let end = start + align_up((out.len() - start) as u64, 4) as usize;
+    out.resize(end, 0);
+}
+
+/// Shared xattrs: (name, value) pairs several inodes carry, stored once at `xattr_blkaddr`
+/// and referenced by id (offset / 4) from each inode.
+#[derive(Debug, Default)]
+struct SharedXattrs {
+    area: Vec<u8>,
+    ids: HashMap<(Vec<u8>, Vec<u8>), u32>,
+}
+
+impl SharedXattrs {
+    fn build(nodes: &[Node]) -> Self {
+        let mut counts: HashMap<(&[u8], &[u8]), u32> = HashMap::new();
+        for n in nodes {
+            for (k, v) in &n.xattrs {
+                *counts.entry((k.as_slice(), v.as_slice())).or_default() += 1;
+            }
+        }
+        let mut shared: Vec<_> = counts
+            .into_iter()
+            .filter(|&(_, c)| c > 1)
+            .map(|(p, _)| p)
+            .collect();
+        shared.sort();
+        let mut out = Self::default();
+        for (k, v) in shared {
+            let id = (out.area.len() / 4) as u32;
+            push_xattr_entry(&mut out.area, k, v);
+            out.ids.insert((k.to_vec(), v.to_vec()), id);
+        }
+        out
+    }
+}
+
+/// The inline xattr body of an inode: header, shared xattr ids, inline entries.
+fn xattr_body(xattrs: &[(Vec<u8>, Vec<u8>)], shared: &SharedXattrs) -> Vec<u8> {
+    if xattrs.is_empty() {
+        return Vec::new();
+    }
+    let mut ids = Vec::new();
+    let mut inline = Vec::new();
+    for (name, value) in xattrs {
+        // h_shared_count is one byte
+        match shared.ids.get(&(name.clone(), value.clone())) {
+            Some(&id) if ids.len() < usize::from(u8::MAX) => ids.push(id),
+            _ => push_xattr_entry(&mut inline, name, value),
+        }
+    }
+    let mut body = vec![0u8; format::XATTR_IBODY_HEADER_SIZE];
+    body[4] = ids.len() as u8;
+    for id in ids {
+        body.extend_from_slice(&id.to_le_bytes());
+    }
+    body.extend_from_slice(&inline);
+    body
+}
+
+fn layout(
+    nodes: &mut [Node],
+    devices: &[DeviceSlot],
+    options: &ImageOptions,
+    chunk_bits: u8,
+    root: &Path,
+    stats: &mut ImageStats,
+) -> Result<Vec<u8>, ImageError> {
+    let too_large = |what| ImageError::TooLarge {
+        path: root.to_path_buf(),
+        what,
+    };
+    let bs = BLOCK_SIZE;
+    let devt_off = format::SUPER_OFFSET + format::SUPER_SIZE;
+    if devt_off + devices.len() * format::DEVT_SLOT_SIZE > bs as usize {
+        return Err(too_large("more devices than fit in block 0"));
+    }
+
+    // Directories: add "." and "..", sort, count links and sizes.
+    let mut subdirs = vec![0u32; nodes.len()];
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if let Body::Dir { entries, parent } = &mut node.body {
+            let parent = *parent;
+            entries.push((b".".to_vec(), i));
+            entries.push((b"..".to_vec(), parent));
+            entries.sort();
+            if i != 0 {
+                subdirs[parent] += 1;
+            }
+        }
+    }
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if let Body::Dir { entries, .. } = &node.body {
+            node.nlink = 2 + subdirs[i];
+            let names: Vec<&[u8]> = entries.iter().map(|(n, _)| n.as_slice()).collect();
+            node.size = pack_dir(&names).1;
+        }
+    }
+
+    // Compact inodes take their mtime from the superblock: pick the most common one.
+    let mut times: HashMap<(i64, u32), u64> = HashMap::new();
+    for n in nodes.iter().filter(|n| n.mtime >= 0) {
+        *times.entry((n.mtime, n.mtime_nsec)).or_default() += 1;
+    }
+    let (build_time, build_nsec) = times
+        .into_iter()
+        .max_by_key(|&(t, c)| (c, std::cmp::Reverse(t)))
+        .map(|(t, _)| t)
+        .unwrap_or((0, 0));
+
+    let shared = SharedXattrs::build(nodes);
+    stats.shared_xattrs = shared.ids.len() as u64;
+    let xattr_blkaddr = if shared.area.is_empty() { 0 } else { 1u64 };
+    let meta_blkaddr = 1 + align_up(shared.area.len() as u64, bs) / bs;
+    let meta_start = meta_blkaddr * bs;
+    let mut pos = meta_start;
+    let mut place = Vec::with_capacity(nodes.len());
+    let mut chunked = false;
+    for n in nodes.iter() {
+        let mut p = Placement {
+            compact: n.uid <= u16::MAX.into()
+                && n.gid <= u16::MAX.into()
+                && n.nlink <= u16::MAX.into()
+                && n.size <= u32::MAX.into()
+                && (n.mtime, n.mtime_nsec) == (build_time, build_nsec),
+            xattr_body: xattr_body(&n.xattrs, &shared),
+            ..Default::default()
+        };
+        let isize = if p.compact {
+            format::COMPACT_INODE_SIZE
+        } else {
+            format::EXTENDED_INODE_SIZE
+        } as u64;
+        let head = isize + p.xattr_body.len() as u64;
+        pos = align_up(pos, format::INODE_SLOT_SIZE);
+        let need = match &n.body {
+            Body::Chunked(idx) => {
+                chunked = true;
+                p.layout = format::LAYOUT_CHUNK_BASED;
+                align_up(pos + head, format::CHUNK_INDEX_SIZE as u64) - pos
+                    + (idx.len() * format::CHUNK_INDEX_SIZE) as u64
+            }
+            _ if n.size == 0 => {
+                p.layout = format::LAYOUT_FLAT_PLAIN;
+                head
+            }
+            _ => {
+                let tail = n.size % bs;
+                if tail != 0 && head + tail <= bs {
+                    p.layout = format::LAYOUT_FLAT_INLINE;
+                    p.tail = tail;
+                    p.blocks = n.size / bs;
+                    if pos % bs + head + tail > bs {
+                        pos = align_up(pos, bs);
+                    }
+                } else {
+                    p.layout = format::LAYOUT_FLAT_PLAIN;
+                    p.blocks = n.size.div_ceil(bs);
+                }
+                head + p.tail
+            }
+        };
+        p.pos = pos;
+        pos += need;
+        place.push(p);
+    }
+    let nid = |p: &Placement| (p.pos - meta_start) / format::INODE_SLOT_SIZE;
+    if nid(&place[0]) > u16::MAX.into() {
+        return Err(too_large("root inode beyond nid 65535"));
+    }
+    let mut next_block = align_up(pos, bs) / bs;
+    for p in place.iter_mut().filter(|p| p.blocks > 0) {
+        p.startblk = next_block;
+        next_block += p.blocks;
+    }
+    if next_block > u32::MAX.into() {
+        return Err(too_large("image over 2^32 blocks"));
+    }
+
+    let mut img = vec![0u8; (next_block * bs) as usize];
+    let mut incompat = 0;
+    if chunked {
+        incompat |= format::FEATURE_INCOMPAT_CHUNKED_FILE;
+    }
+    if !devices.is_empty() {
+        incompat |= format::FEATURE_INCOMPAT_DEVICE_TABLE;
+    }
+    format::SuperBlock {
+        root_nid: nid(&place[0]) as u16,
+        inos: nodes.len() as u64,
+        build_time: build_time as u64,
+        build_time_nsec: build_nsec,
+        blocks: next_block as u32,
+        meta_blkaddr: meta_blkaddr as u32,
+        xattr_blkaddr: xattr_blkaddr as u32,
+        uuid: options.uuid,
+        volume_name: [0; 16],
+        feature_incompat: incompat,
+        extra_devices: devices.len() as u16,
+        devt_slotoff: (devt_off / format::DEVT_SLOT_SIZE) as u16,
+    }
+    .encode(&mut img[format::SUPER_OFFSET..]);
+    let xa = (xattr_blkaddr * bs) as usize;
+    img[xa..xa + shared.area.len()].copy_from_slice(&shared.area);
+    for (i, d) in devices.iter().enumerate() {
+        let off = devt_off + i * format::DEVT_SLOT_SIZE;
+        format::encode_device_slot(
+            &mut img[off..off + format::DEVT_SLOT_SIZE],
+            &d.tag,
+            d.blocks,
+        );
+    }
+
+    for (i, (n, p)) in nodes.iter().zip(place.iter()).enumerate() {
+        let data: Vec<u8> = match &n.body {
+            Body::Dir { entries, .. } => {
+                let names: Vec<&[u8]> = entries.iter().map(|(n, _)| n.as_slice()).collect();
+                let (starts, _) = pack_dir(&names);
+                let mut out = Vec::with_capacity(n.size as usize);
+                for (b, &start) in starts.iter().enumerate() {
+                    let end = starts.get(b + 1).copied().unwrap_or(entries.len());
+                    let mut blk = vec![0u8; bs as usize];
+                    let mut nameoff = (end - start) * format::DIRENT_SIZE;
+                    for (j, (name, child)) in entries[start..end].iter().enumerate() {
+                        let mut d = Le(&mut blk[j * format::DIRENT_SIZE..]);
+                        d.u64(0, nid(&place[*child]));
+                        d.u16(8, nameoff as u16);
+                        d.u8(10, nodes[*child].file_type());
+                        blk[nameoff..nameoff + name.len()].copy_from_slice(name);
+                        nameoff += name.len();
+                    }
+                    if end == entries.len() {
+                        blk.truncate(nameoff);
+                    }
+                    out.extend_from_slice(&blk);
+                }
+                out
+            }
+            Body::Bytes(b) => b.clone(),
+            Body::Chunked(_) | Body::Empty => Vec::new(),
+        };
+        debug_assert_eq!(
+            data.len() as u64,
+            if matches!(n.body, Body::Chunked(_)) {
+                0
+            } else {
+                n.size
+            }
+        );
+
+        let at = p.pos as usize;
+        let isize = if p.compact {
+            format::COMPACT_INODE_SIZE
+        } else {
+            format::EXTENDED_INODE_SIZE
+        };
+        let i_u = match &n.body {
+            Body::Chunked(_) => {
+                u32::from(
+                    u16::from(chunk_bits - format::BLOCK_BITS) & format::CHUNK_FORMAT_BLKBITS_MASK,
+                ) | u32::from(format::CHUNK_FORMAT_INDEXES)
+            }
+            _ if matches!(n.mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) => {
+                format::encode_dev(libc::major(n.rdev), libc::minor(n.rdev))
+            }
+            _ => p.startblk as u32,
+        };
+        let icount = if p.xattr_body.is_empty() {
+            0
+        } else {
+            1 + (p.xattr_body.len() - format::XATTR_IBODY_HEADER_SIZE) / 4
+        };
+        if icount > u16::MAX.into() {
+            return Err(too_large("xattrs of one inode over 256 KiB"));
+        }
+        let ino = (i + 1) as u32;
+        {
+            let mut b = Le(&mut img[at..at + isize]);
+            b.u16(0, u16::from(!p.compact) | (p.layout << 1));
+            b.u16(2, icount as u16);
+            b.u16(4, n.mode as u16);
+            if p.compact {
+                b.u16(6, n.nlink as u16);
+                b.u32(8, n.size as u32);
+                b.u32(12, 0);
+                b.u32(16, i_u);
+                b.u32(20, ino);
+                b.u16(24, n.uid as u16);
+                b.u16(26, n.gid as u16);
+            } else {
+                b.u16(6, 0);
+                b.u64(8, n.size);
+                b.u32(16, i_u);
+                b.u32(20, ino);
+                b.u32(24, n.uid);
+                b.u32(28, n.gid);
+                b.u64(32, n.mtime as u64);
+                b.u32(40, n.mtime_nsec);
+                b.u32(44, n.nlink);
+            }
+        }
+        let xat = at + isize;
+        img[xat..xat + p.xattr_body.len()].copy_from_slice(&p.xattr_body);
+        let after = xat + p.xattr_body.len();
+        match &n.body {
+            Body::Chunked(idx) => {
+                let base = align_up(after as u64, format::CHUNK_INDEX_SIZE as u64) as usize;
+                for (k, c) in idx.iter().enumerate() {
+                    let off = base + k * format::CHUNK_INDEX_SIZE;
+                    let (dev, blk) = c.map_or((0, format::NULL_ADDR), |c| (c.device_id, c.blkaddr));
+                    format::encode_chunk_index(
+                        &mut img[off..off + format::CHUNK_INDEX_SIZE],
+                        dev,
+                        blk,
+                    );
+                }
+            }
+            _ => {
+                let full = (p.blocks * bs) as usize;
+                let in_blocks = full.min(data.len());
+                if p.blocks > 0 {
+                    let s = (p.startblk * bs) as usize;
+                    img[s..s + in_blocks].copy_from_slice(&data[..in_blocks]);
+                }
+                if p.tail > 0 {
+                    img[after..after + p.tail as usize].copy_from_slice(&data[in_blocks..]);
+                }
+            }
+        }
+    }
+    stats.inodes = nodes.len() as u64;
+    Ok(img)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_entries_fill_blocks_without_splitting_one() {
+        let long = vec![b'n'; 255];
+        // 12 + 255 = 267 bytes each: 15 fit in a 4096-byte block, the 16th starts the next.
+        let names: Vec<&[u8]> = (0..16).map(|_| long.as_slice()).collect();
+        let (starts, size) = pack_dir(&names);
+        assert_eq!(starts, vec![0, 15]);
+        assert_eq!(size, BLOCK_SIZE + 267);
+        let (starts, size) = pack_dir(&[b".", b".."]);
+        assert_eq!((starts, size), (vec![0], 12 + 1 + 12 + 2));
+    }
+
+    #[test]
+    fn xattr_entries_are_four_byte_aligned() {
+        let body = xattr_body(
+            &[
+                (b"user.a".to_vec(), b"xyz".to_vec()),
+                (b"security.capability".to_vec(), vec![1; 20]),
+            ],
+            &SharedXattrs::default(),
+        );
+        // header 12; "a"+"xyz": 4+1+3 = 8; "capability"+20: 4+10+20 = 34 -> 36
+        assert_eq!(body.len(), 12 + 8 + 36);
+        assert_eq!(&body[12..16], &[1, 1, 3, 0]);
+        assert_eq!(&body[20..24], &[10, 6, 20, 0]);
+    }
+}
