@@ -13,8 +13,10 @@ use containerd_client::services::v1::events_client::EventsClient;
 use containerd_client::services::v1::snapshots::MountsRequest;
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
-    CheckpointTaskRequest, CreateTaskRequest, DeleteTaskRequest, GetContainerRequest, GetRequest,
-    KillRequest, PublishRequest, StartRequest, SubscribeRequest, UpdateTaskRequest, WaitRequest,
+    CheckpointTaskRequest, CreateTaskRequest, DeleteTaskRequest, ExecProcessRequest,
+    GetContainerRequest, GetRequest, KillRequest, MetricsRequest, PauseTaskRequest, PublishRequest,
+    ResizePtyRequest, ResumeTaskRequest, StartRequest, SubscribeRequest, UpdateTaskRequest,
+    WaitRequest,
 };
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status, Streaming};
@@ -22,6 +24,9 @@ use containerd_client::types::{Descriptor, Envelope, Mount};
 use containerd_client::Client;
 use prost::Message;
 use prost_types::Any;
+
+/// How containerd's Go client types an OCI `Process` (JSON) in an exec.
+pub const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
 
 /// Type URL containerd's Go client gives an OCI `LinuxResources` sent as JSON (typeurl
 /// registers runtime-spec types under this path).
@@ -384,6 +389,112 @@ impl TestClient {
             .await
             .map_err(call_err("kill", id))?;
         Ok(())
+    }
+
+    /// Adds an exec'd process to a running task (started with [`TestClient::start`]).
+    /// `process` is an OCI `Process` object; no stdio.
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &serde_json::Value,
+    ) -> Result<(), ClientError> {
+        let value = serde_json::to_vec(process).map_err(|source| ClientError::Encode {
+            what: "Process",
+            source,
+        })?;
+        let req = ExecProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            spec: Some(Any {
+                type_url: PROCESS_TYPE_URL.to_string(),
+                value,
+            }),
+            ..Default::default()
+        };
+        self.tasks()
+            .exec(self.request(req))
+            .await
+            .map_err(call_err("exec", id))?;
+        Ok(())
+    }
+
+    /// Sends a signal to one exec'd process.
+    pub async fn kill_exec(&self, id: &str, exec_id: &str, signal: u32) -> Result<(), ClientError> {
+        let req = KillRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            signal,
+            all: false,
+        };
+        self.tasks()
+            .kill(self.request(req))
+            .await
+            .map_err(call_err("kill", id))?;
+        Ok(())
+    }
+
+    /// Resizes the terminal of a task (or exec'd process).
+    pub async fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), ClientError> {
+        let req = ResizePtyRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            width,
+            height,
+        };
+        self.tasks()
+            .resize_pty(self.request(req))
+            .await
+            .map_err(call_err("resize", id))?;
+        Ok(())
+    }
+
+    /// Pauses (freezes) a task.
+    pub async fn pause(&self, id: &str) -> Result<(), ClientError> {
+        let req = PauseTaskRequest {
+            container_id: id.to_string(),
+        };
+        self.tasks()
+            .pause(self.request(req))
+            .await
+            .map_err(call_err("pause", id))?;
+        Ok(())
+    }
+
+    /// Resumes a paused task.
+    pub async fn resume(&self, id: &str) -> Result<(), ClientError> {
+        let req = ResumeTaskRequest {
+            container_id: id.to_string(),
+        };
+        self.tasks()
+            .resume(self.request(req))
+            .await
+            .map_err(call_err("resume", id))?;
+        Ok(())
+    }
+
+    /// A task's metrics as containerd returns them: the type URL and the encoded message.
+    pub async fn metrics(&self, id: &str) -> Result<Any, ClientError> {
+        let req = MetricsRequest {
+            filters: vec![format!("id=={id}")],
+        };
+        let resp = self
+            .tasks()
+            .metrics(self.request(req))
+            .await
+            .map_err(call_err("metrics", id))?;
+        resp.into_inner()
+            .metrics
+            .into_iter()
+            .next()
+            .and_then(|m| m.data)
+            .ok_or_else(|| ClientError::StreamEnded(format!("no metrics for task {id}")))
     }
 
     /// Deletes a stopped task and returns its exit status.

@@ -111,6 +111,10 @@ pub trait Engine: Send + Sync + Debug + 'static {
     /// The pids of every process of the container.
     async fn pids(&self, id: &str) -> Result<Vec<u32>, EngineError>;
 
+    /// The container's cgroup in cgroupfs form (the spec's `linux.cgroupsPath` as the engine
+    /// applied it), through which the service pauses, updates, measures and watches it.
+    async fn cgroups_path(&self, id: &str) -> Result<PathBuf, EngineError>;
+
     /// Removes the container: kills what is left of it, removes its cgroup and state, and
     /// unmounts the rootfs it mounted. Succeeds when there is nothing left to remove.
     async fn delete(&self, id: &str, bundle: &Path) -> Result<(), EngineError>;

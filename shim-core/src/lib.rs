@@ -3,10 +3,12 @@
 //! A shim is an [`Engine`] (create, start, exec, signal, list and delete containers) and a
 //! `main` that calls [`run`]. This crate does the rest, on the `containerd-shim` crate: the
 //! start/delete actions, the task API (Create, Start, Wait, Kill, Delete, State, Pids, Exec,
-//! ResizePty, CloseIO, Connect, Shutdown), the process table, stdio FIFOs and terminals, task
-//! events, and exit
-//! reaping as a child subreaper, with errors mapped to ttrpc codes in [`ShimError::code`].
+//! ResizePty, CloseIO, Connect, Shutdown, Pause, Resume, Update, Stats), the process table,
+//! stdio FIFOs, log URIs and terminals, the container's cgroup (freezer, limits, metrics,
+//! OOM events), task events, and exit reaping as a child subreaper, with errors mapped to
+//! ttrpc codes in [`ShimError::code`].
 
+mod cgroup;
 mod console;
 mod engine;
 mod error;
@@ -16,6 +18,7 @@ mod service;
 mod shim;
 mod stdio;
 
+pub use cgroup::ContainerCgroup;
 pub use engine::{
     CreateSpec, Engine, ExecSpec, ProcessStdio, RootfsMount, ShimAction, ShimContext, Spawned,
 };

@@ -13,13 +13,15 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use containerd_shim::api::{
-    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
-    DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PidsRequest,
-    PidsResponse, ResizePtyRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest,
-    StateResponse, Status, WaitRequest, WaitResponse,
+    CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest,
+    CreateTaskResponse, DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest,
+    PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest,
+    StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, Status,
+    UpdateTaskRequest, WaitRequest, WaitResponse,
 };
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
@@ -33,6 +35,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::{mpsc, watch};
 
+use crate::cgroup::ContainerCgroup;
 use crate::console::Console;
 use crate::engine::{CreateSpec, Engine, ExecSpec, RootfsMount, Spawned};
 use crate::error::{EngineError, ShimError};
@@ -115,7 +118,15 @@ struct Container {
     bundle: PathBuf,
     init: Process,
     execs: HashMap<String, Process>,
+    /// Its cgroup, for Pause/Resume, Update, Stats and OOM events; `None` when the engine's
+    /// cgroup could not be opened (logged at Create).
+    cgroup: Option<Arc<ContainerCgroup>>,
+    /// Frozen by Pause.
+    paused: bool,
 }
+
+/// The resources type containerd sends in Update (OCI `LinuxResources`, as JSON).
+const LINUX_RESOURCES: &str = "opencontainers/runtime-spec/1/LinuxResources";
 
 impl Container {
     fn process(&self, id: &str, exec_id: &str) -> Result<&Process, ShimError> {
@@ -271,7 +282,10 @@ impl Inner {
         .await;
     }
 
-    async fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse, ShimError> {
+    async fn create(
+        self: &Arc<Self>,
+        req: CreateTaskRequest,
+    ) -> Result<CreateTaskResponse, ShimError> {
         let _order = self.lifecycle.lock().await;
         let id = req.id.clone();
         if self.table().contains_key(&id) {
@@ -334,12 +348,15 @@ impl Inner {
         init.stdin = feeder;
         init.output = output;
         init.console = console;
+        let cgroup = self.open_cgroup(&id).await;
         self.table().insert(
             id.clone(),
             Container {
                 bundle: spec.bundle.clone(),
                 init,
                 execs: HashMap::new(),
+                cgroup,
+                paused: false,
             },
         );
         tracing::info!(id, pid, "created");
@@ -363,6 +380,153 @@ impl Inner {
         .await;
         Ok(CreateTaskResponse {
             pid,
+            ..Default::default()
+        })
+    }
+
+    /// Opens the container's cgroup and starts its OOM watch, which publishes TaskOOM.
+    async fn open_cgroup(self: &Arc<Self>, id: &str) -> Option<Arc<ContainerCgroup>> {
+        let opened = match self.engine.cgroups_path(id).await {
+            Ok(path) => ContainerCgroup::open(id, &path),
+            Err(e) => Err(e),
+        };
+        let cgroup = match opened {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::warn!(
+                    id,
+                    "no cgroup: Pause, Update, Stats and OOM events fail: {e}"
+                );
+                return None;
+            }
+        };
+        let weak = Arc::downgrade(self);
+        let runtime = tokio::runtime::Handle::current();
+        let container_id = id.to_string();
+        let watched = cgroup.watch_oom(move || {
+            let Some(inner) = weak.upgrade() else { return };
+            let container_id = container_id.clone();
+            runtime.spawn(async move {
+                inner
+                    .publish(
+                        topics::TASK_OOM_EVENT_TOPIC,
+                        Box::new(TaskOOM {
+                            container_id,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+            });
+        });
+        if let Err(e) = watched {
+            tracing::warn!(id, "no OOM events: {e}");
+        }
+        Some(cgroup)
+    }
+
+    /// The cgroup of running container `id`, for a call named `what`.
+    fn cgroup_of(&self, id: &str, what: &str) -> Result<(Arc<ContainerCgroup>, bool), ShimError> {
+        let table = self.table();
+        let c = table
+            .get(id)
+            .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+        if c.init.state != State::Running {
+            return Err(ShimError::FailedPrecondition(format!(
+                "cannot {what} container {id}: it is not running"
+            )));
+        }
+        let cgroup = c.cgroup.clone().ok_or_else(|| {
+            ShimError::FailedPrecondition(format!(
+                "cannot {what} container {id}: its cgroup could not be opened (see the shim log)"
+            ))
+        })?;
+        Ok((cgroup, c.paused))
+    }
+
+    fn set_paused(&self, id: &str, paused: bool) {
+        if let Some(c) = self.table().get_mut(id) {
+            c.paused = paused;
+        }
+    }
+
+    async fn pause(&self, req: PauseRequest) -> Result<(), ShimError> {
+        let _order = self.lifecycle.lock().await;
+        let (cgroup, paused) = self.cgroup_of(&req.id, "pause")?;
+        if paused {
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {} is already paused",
+                req.id
+            )));
+        }
+        blocking(move || cgroup.freeze(true)).await?;
+        self.set_paused(&req.id, true);
+        tracing::info!(id = req.id, "paused");
+        self.publish(
+            topics::TASK_PAUSED_EVENT_TOPIC,
+            Box::new(TaskPaused {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn resume(&self, req: ResumeRequest) -> Result<(), ShimError> {
+        let _order = self.lifecycle.lock().await;
+        let (cgroup, paused) = self.cgroup_of(&req.id, "resume")?;
+        if !paused {
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {} is not paused",
+                req.id
+            )));
+        }
+        blocking(move || cgroup.freeze(false)).await?;
+        self.set_paused(&req.id, false);
+        tracing::info!(id = req.id, "resumed");
+        self.publish(
+            topics::TASK_RESUMED_EVENT_TOPIC,
+            Box::new(TaskResumed {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn update(&self, req: UpdateTaskRequest) -> Result<(), ShimError> {
+        let resources = req.resources.into_option().ok_or_else(|| {
+            ShimError::InvalidArgument(format!("update of container {} has no resources", req.id))
+        })?;
+        if !resources.type_url.ends_with(LINUX_RESOURCES) {
+            return Err(ShimError::InvalidArgument(format!(
+                "update of container {}: resources of type {:?}, not {LINUX_RESOURCES}",
+                req.id, resources.type_url
+            )));
+        }
+        let (cgroup, _) = self.cgroup_of(&req.id, "update")?;
+        blocking(move || cgroup.update(&resources.value)).await?;
+        tracing::info!(id = req.id, "resources updated");
+        Ok(())
+    }
+
+    async fn stats(&self, req: StatsRequest) -> Result<StatsResponse, ShimError> {
+        let cgroup = {
+            let table = self.table();
+            let c = table
+                .get(&req.id)
+                .ok_or_else(|| ShimError::NotFound(format!("container {}", req.id)))?;
+            c.cgroup.clone().ok_or_else(|| {
+                ShimError::FailedPrecondition(format!(
+                    "no stats for container {}: its cgroup could not be opened (see the shim log)",
+                    req.id
+                ))
+            })?
+        };
+        let stats = blocking(move || cgroup.metrics()).await?;
+        Ok(StatsResponse {
+            stats: MessageField::some(stats),
             ..Default::default()
         })
     }
@@ -517,6 +681,8 @@ impl Inner {
         };
         if req.all && exec_id.is_empty() {
             self.engine.signal_all(&id, signal).await?;
+            self.thaw_after_kill(&id, signal).await;
+            self.keep_paused(&id).await;
             return Ok(());
         }
         if state == State::Stopped || pid == 0 {
@@ -525,10 +691,21 @@ impl Inner {
                 describe(&id, &exec_id)
             )));
         }
-        let sig = Signal::try_from(signal)
-            .map_err(|_| ShimError::InvalidArgument(format!("signal {signal}")))?;
+        // Signal 0 checks that the process exists, as kill(2) does.
+        let sig = match signal {
+            0 => None,
+            n => Some(
+                Signal::try_from(n)
+                    .map_err(|_| ShimError::InvalidArgument(format!("signal {signal}")))?,
+            ),
+        };
         match kill(Pid::from_raw(pid as i32), sig) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if exec_id.is_empty() {
+                    self.thaw_after_kill(&id, signal).await;
+                }
+                Ok(())
+            }
             Err(nix::errno::Errno::ESRCH) => Err(ShimError::NotFound(format!(
                 "{}: process already finished",
                 describe(&id, &exec_id)
@@ -538,6 +715,44 @@ impl Inner {
                 path: format!("pid {pid}").into(),
                 source: e.into(),
             }),
+        }
+    }
+
+    /// A frozen process cannot act on SIGKILL: as runc does, a paused container is thawed
+    /// after it is sent one, so it dies.
+    async fn thaw_after_kill(&self, id: &str, signal: i32) {
+        if signal != Signal::SIGKILL as i32 {
+            return;
+        }
+        let cgroup = {
+            let table = self.table();
+            match table.get(id) {
+                Some(c) if c.paused => c.cgroup.clone(),
+                _ => None,
+            }
+        };
+        if let Some(cgroup) = cgroup {
+            match blocking(move || cgroup.freeze(false)).await {
+                Ok(()) => self.set_paused(id, false),
+                Err(e) => tracing::warn!(id, "cannot thaw after SIGKILL: {e}"),
+            }
+        }
+    }
+
+    /// Signalling every process freezes and thaws the cgroup on the way (so none escapes
+    /// by forking): a container paused before stays paused.
+    async fn keep_paused(&self, id: &str) {
+        let cgroup = {
+            let table = self.table();
+            match table.get(id) {
+                Some(c) if c.paused => c.cgroup.clone(),
+                _ => None,
+            }
+        };
+        if let Some(cgroup) = cgroup.filter(|c| !c.is_frozen()) {
+            if let Err(e) = blocking(move || cgroup.freeze(true)).await {
+                tracing::warn!(id, "cannot freeze again after signalling all: {e}");
+            }
         }
     }
 
@@ -659,7 +874,12 @@ impl Inner {
             id: req.id.clone(),
             bundle: c.bundle.to_string_lossy().into_owned(),
             pid: p.pid,
-            status: p.status().into(),
+            status: if c.paused && p.state == State::Running {
+                Status::PAUSED
+            } else {
+                p.status()
+            }
+            .into(),
             stdin: p.stdio.stdin.clone(),
             stdout: p.stdio.stdout.clone(),
             stderr: p.stdio.stderr.clone(),
@@ -708,12 +928,10 @@ impl Inner {
         let c = table
             .get(&req.id)
             .ok_or_else(|| ShimError::NotFound(format!("container {}", req.id)))?;
+        // A process without a terminal has nothing to resize: a no-op, as in runc's shim.
         match &c.process(&req.id, &req.exec_id)?.console {
             Some(console) => console.resize(req.width, req.height),
-            None => Err(ShimError::FailedPrecondition(format!(
-                "cannot resize the terminal of {}: it has none",
-                describe(&req.id, &req.exec_id)
-            ))),
+            None => Ok(()),
         }
     }
 
@@ -748,6 +966,16 @@ fn attach_console(
         ))),
         None => Ok(None),
     }
+}
+
+/// Runs cgroup file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, ShimError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ShimError::Engine(EngineError::Failed(format!("cgroup work panicked: {e}"))))?
+        .map_err(ShimError::from)
 }
 
 fn describe(id: &str, exec_id: &str) -> String {
@@ -816,6 +1044,37 @@ impl Task for TaskService {
         req: ConnectRequest,
     ) -> TtrpcResult<ConnectResponse> {
         Ok(self.inner.connect(req)?)
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
+        self.inner.pause(req).await?;
+        Ok(Empty::new())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
+        self.inner.resume(req).await?;
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        self.inner.update(req).await?;
+        Ok(Empty::new())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        Ok(self.inner.stats(req).await?)
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CheckpointTaskRequest,
+    ) -> TtrpcResult<Empty> {
+        Err(ShimError::Unimplemented(format!(
+            "checkpoint of container {}: this shim does not checkpoint yet",
+            req.id
+        ))
+        .into())
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {

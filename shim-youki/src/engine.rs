@@ -189,6 +189,16 @@ impl Engine for YoukiEngine {
         }
     }
 
+    async fn cgroups_path(&self, id: &str) -> Result<PathBuf, EngineError> {
+        match self
+            .call(Request::CgroupsPath { id: id.to_string() }, Vec::new())
+            .await?
+        {
+            Reply::Path(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn delete(&self, id: &str, bundle: &Path) -> Result<(), EngineError> {
         self.call_done(Request::Delete {
             id: id.to_string(),

@@ -55,6 +55,9 @@ pub enum Request {
     Pids {
         id: String,
     },
+    CgroupsPath {
+        id: String,
+    },
     Delete {
         id: String,
         bundle: PathBuf,
@@ -66,6 +69,7 @@ pub enum Request {
 pub enum Reply {
     Pid(u32),
     Pids(Vec<u32>),
+    Path(PathBuf),
     Done,
     Failed(EngineError),
 }

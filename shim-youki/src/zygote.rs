@@ -202,6 +202,11 @@ fn handle(roots: &mut StateRoots, req: Request, fds: Vec<OwnedFd>) -> Result<Rep
             Ok(Reply::Done)
         }
         Request::Pids { id } => pids(roots.of(&id), &id).map(Reply::Pids),
+        Request::CgroupsPath { id } => {
+            let c = load(roots.of(&id), &id)?;
+            let config = c.spec().map_err(failed(&id, "read the config of"))?;
+            Ok(Reply::Path(config.cgroup_path))
+        }
         Request::Delete { id, bundle } => {
             let root = roots.for_delete(&id, &bundle);
             delete(&root, &id, &bundle)?;
