@@ -3,7 +3,8 @@
 //! Everything here drives real parts: a private containerd (1.6 from Debian 12 or 1.7 unpacked
 //! from Debian 13 by `scripts/setup-host`) with its own root, state, socket and generated
 //! config; a real OCI registry on loopback; offline images built reproducibly from Debian
-//! packages; and a small client for the containerd calls `ctr` cannot make.
+//! packages; a small client for the containerd calls `ctr` cannot make; and a private Docker
+//! Engine driving a harness containerd.
 //!
 //! Every daemon the harness starts lives in a [`sandbox::Sandbox`]: a directory with a record
 //! of what was started, watched by a guard process that tears everything down when the owner
@@ -12,6 +13,7 @@
 pub mod cli;
 pub mod client;
 pub mod containerd;
+pub mod docker;
 pub mod host;
 pub mod images;
 pub mod pty;

@@ -6,12 +6,15 @@
 //! Ctrl-C or a test runner's kill of the owner's group does not take it along) waits for
 //! end-of-file. A clean owner tears down in-process first ([`Sandbox::teardown`]); an owner
 //! that panicked without unwinding or was killed leaves the work to the guard. Either way the
-//! same [`teardown_dir`] runs, driven by the record in `DIR/sandbox.json`:
+//! same teardown runs ([`teardown_dir`]; [`teardown_abandoned`] in the guard), driven by the
+//! record in `DIR/sandbox.json`:
 //!
-//! 1. processes: thaw, then SIGKILL, everything in the containerd namespaces' cgroups and every
-//!    process whose command line names the sandbox (containerd, shims, the registry);
+//! 1. processes: thaw, then SIGKILL, everything in the containerd namespaces' cgroups, every
+//!    process whose command line names the sandbox (containerd, shims, the registry) and the
+//!    shims of its namespaces (a dockerd's sandbox is a client of another's containerd);
 //! 2. mounts under the sandbox, deepest first;
-//! 3. the namespaces' cgroups, runc's state (`/run/containerd/runc/NS`) and shim sockets that
+//! 3. the namespaces' cgroups, runc's state (`/run/containerd/runc/NS`; after an owner died,
+//!    the hyperbox shim's too, as its killed shims cannot remove it) and shim sockets that
 //!    containerd keeps outside its root;
 //! 4. the directory itself, only when nothing is mounted under it any more.
 
@@ -87,6 +90,10 @@ pub struct Record {
     pub namespaces: Vec<String>,
     /// The containerd gRPC socket, to find shim sockets outside the sandbox.
     pub containerd_socket: Option<PathBuf>,
+    /// The containerd at `containerd_socket` belongs to another sandbox (this one is a client
+    /// of it, as a dockerd is): only the shims of `namespaces` are this sandbox's.
+    #[serde(default)]
+    pub containerd_client: bool,
 }
 
 /// One sandbox directory and its guard.
@@ -110,7 +117,7 @@ impl Sandbox {
         let dir = root.join(format!("{kind}-{}-{n}", std::process::id()));
         if dir.exists() {
             // Left by an earlier process that had our pid: it is dead, so undo its work.
-            let _ = teardown_dir(&dir);
+            let _ = teardown_abandoned(&dir);
         }
         fs::create_dir_all(&dir).map_err(|source| SandboxError::Create {
             path: dir.clone(),
@@ -204,6 +211,18 @@ impl Sandbox {
         self.save()
     }
 
+    /// Records a containerd of another sandbox that this sandbox's daemon is a client of,
+    /// and a namespace it uses there: teardown then takes that namespace's containers, cgroups
+    /// and shims (and only those) as this sandbox's.
+    pub fn record_containerd_client(
+        &mut self,
+        socket: &Path,
+        namespace: &str,
+    ) -> Result<(), SandboxError> {
+        self.record.containerd_client = true;
+        self.record_containerd(socket, namespace)
+    }
+
     fn save(&self) -> Result<(), SandboxError> {
         let path = self.dir.join(RECORD);
         let tmp = self.dir.join(format!("{RECORD}.tmp"));
@@ -258,7 +277,7 @@ pub fn run_guard(dir: &Path) -> Result<(), SandboxError> {
     }
     if dir.join(RECORD).exists() {
         tracing::info!(dir = %dir.display(), "owner gone without teardown; tearing down");
-        teardown_dir(dir)
+        teardown_abandoned(dir)
     } else {
         Ok(())
     }
@@ -266,6 +285,17 @@ pub fn run_guard(dir: &Path) -> Result<(), SandboxError> {
 
 /// Tears down whatever the sandbox at `dir` recorded, then verifies nothing is left.
 pub fn teardown_dir(dir: &Path) -> Result<(), SandboxError> {
+    teardown_with(dir, false)
+}
+
+/// Tears down the sandbox of an owner that died without tearing down: as [`teardown_dir`],
+/// but the shims killed here cannot remove their own runtime state, so every root in
+/// [`RUNTIME_STATE_ROOTS`] is swept for the sandbox's namespaces too.
+pub fn teardown_abandoned(dir: &Path) -> Result<(), SandboxError> {
+    teardown_with(dir, true)
+}
+
+fn teardown_with(dir: &Path, abandoned: bool) -> Result<(), SandboxError> {
     let record = read_record(dir).unwrap_or_default();
     let spare = record_spares(&record);
 
@@ -292,6 +322,11 @@ pub fn teardown_dir(dir: &Path) -> Result<(), SandboxError> {
         // runc leaves its namespace directory behind by design; our shim must remove its
         // own state, so teardown does not sweep it: what remains is reported below.
         let _ = fs::remove_dir_all(Path::new(RUNTIME_STATE_ROOTS[0]).join(ns));
+        if abandoned {
+            for root in &RUNTIME_STATE_ROOTS[1..] {
+                let _ = fs::remove_dir_all(Path::new(root).join(ns));
+            }
+        }
     }
     for s in &shim_sockets {
         let _ = fs::remove_file(s);
@@ -437,7 +472,7 @@ pub fn sweep_stale(root: &Path) {
         let alive = |p: &Option<TrackedProcess>| p.as_ref().is_some_and(is_alive);
         if !alive(&record.owner) && !alive(&record.guard) {
             tracing::info!(dir = %dir.display(), "sweeping a stale sandbox");
-            let _ = teardown_dir(&dir);
+            let _ = teardown_abandoned(&dir);
         }
     }
 }
@@ -497,7 +532,9 @@ fn names_dir(cmdline: &str, dir: &Path) -> bool {
 }
 
 /// Processes to kill: recorded daemons still alive, processes whose command line names the
-/// sandbox directory, and processes in the recorded namespaces' cgroups.
+/// sandbox directory, shims of the recorded namespaces on the recorded containerd (a client's
+/// shims name the containerd's sandbox, not its own), and processes in the recorded
+/// namespaces' cgroups.
 fn victims(dir: &Path, record: &Record, spare: &BTreeSet<u32>) -> Vec<u32> {
     let mut out = BTreeSet::new();
     for p in &record.processes {
@@ -506,7 +543,7 @@ fn victims(dir: &Path, record: &Record, spare: &BTreeSet<u32>) -> Vec<u32> {
         }
     }
     for pid in all_pids() {
-        if cmdline(pid).is_some_and(|c| names_dir(&c, dir)) {
+        if cmdline(pid).is_some_and(|c| names_dir(&c, dir) || is_recorded_shim(&c, record)) {
             out.insert(pid);
         }
     }
@@ -676,7 +713,8 @@ pub fn unmount_under(dir: &Path) {
 
 /// Sockets of this sandbox's shims. containerd 1.6 and 1.7 place a shim's socket at
 /// `/run/containerd/s/HEX(sha256(ADDRESS/NS/ID))` whatever its own state dir is; the shims'
-/// command lines give namespace and id.
+/// command lines give namespace and id. A client of another sandbox's containerd
+/// ([`Record::containerd_client`]) owns only the shims of its namespaces.
 pub fn shim_sockets(record: &Record) -> Vec<PathBuf> {
     let Some(address) = &record.containerd_socket else {
         return Vec::new();
@@ -685,20 +723,41 @@ pub fn shim_sockets(record: &Record) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for pid in all_pids() {
         let Some(cmd) = cmdline(pid) else { continue };
-        if !cmd.contains(&address) || !cmd.contains("-namespace") {
+        if !cmd.contains(&address) {
             continue;
         }
-        let args: Vec<&str> = cmd.split(' ').collect();
-        let arg = |flag: &str| {
-            args.iter()
-                .position(|a| *a == flag)
-                .and_then(|i| args.get(i + 1))
-        };
-        if let (Some(ns), Some(id)) = (arg("-namespace"), arg("-id")) {
-            out.push(shim_socket_path(&address, ns, id));
+        if let Some((ns, id)) = shim_namespace_and_id(&cmd) {
+            if !record.containerd_client || record.namespaces.iter().any(|n| n == ns) {
+                out.push(shim_socket_path(&address, ns, id));
+            }
         }
     }
     out
+}
+
+/// The `-namespace` and `-id` of a shim's command line.
+fn shim_namespace_and_id(cmd: &str) -> Option<(&str, &str)> {
+    let args: Vec<&str> = cmd.split(' ').collect();
+    let arg = |flag: &str| {
+        args.iter()
+            .position(|a| *a == flag)
+            .and_then(|i| args.get(i + 1).copied())
+    };
+    Some((arg("-namespace")?, arg("-id")?))
+}
+
+/// Whether `cmd` is a shim of one of the record's namespaces on the record's containerd.
+fn is_recorded_shim(cmd: &str, record: &Record) -> bool {
+    let Some(address) = &record.containerd_socket else {
+        return false;
+    };
+    let args: Vec<&str> = cmd.split(' ').collect();
+    let on_address = args
+        .windows(2)
+        .any(|w| w[0] == "-address" && Path::new(w[1]) == address);
+    on_address
+        && shim_namespace_and_id(cmd)
+            .is_some_and(|(ns, _)| record.namespaces.iter().any(|n| n == ns))
 }
 
 /// The socket path containerd gives the shim of `ns`/`id` on the daemon at `address`.
@@ -735,6 +794,35 @@ mod tests {
             dir
         ));
         assert!(!names_dir("sleep 1000", dir));
+    }
+
+    #[test]
+    fn a_client_owns_the_shims_of_its_namespaces_only() {
+        let record = Record {
+            containerd_socket: Some(PathBuf::from("/sb/containerd.sock")),
+            namespaces: vec!["hbt-docker-9-0".into()],
+            containerd_client: true,
+            ..Record::default()
+        };
+        let shim = |ns: &str, address: &str| {
+            format!(
+                "/sb/bin/containerd-shim-hyperbox-v1 -namespace {ns} -id abc -address {address}"
+            )
+        };
+        assert!(is_recorded_shim(
+            &shim("hbt-docker-9-0", "/sb/containerd.sock"),
+            &record
+        ));
+        assert!(!is_recorded_shim(
+            &shim("hbt-containerd", "/sb/containerd.sock"),
+            &record
+        ));
+        assert!(!is_recorded_shim(
+            &shim("hbt-docker-9-0", "/sb/containerd.sock2"),
+            &record
+        ));
+        assert!(!is_recorded_shim("sleep 1000", &record));
+        assert_eq!(shim_namespace_and_id(&shim("n", "/a")), Some(("n", "abc")));
     }
 
     #[test]
