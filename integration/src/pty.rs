@@ -39,7 +39,18 @@ pub enum PtyError {
 
 /// Runs `cmd` with a new pseudo-terminal as its controlling terminal and stdio, writes
 /// `input` to it, and collects the output until the command exits (killing it after `limit`).
-pub fn run_in_pty(mut cmd: Command, input: &[u8], limit: Duration) -> Result<PtyOutput, PtyError> {
+pub fn run_in_pty(cmd: Command, input: &[u8], limit: Duration) -> Result<PtyOutput, PtyError> {
+    run_in_pty_when(cmd, "", input, limit)
+}
+
+/// As [`run_in_pty`], but types `input` only once the output contains `ready` (a prompt), as
+/// a user would: input typed before a program set up its terminal may be discarded by it.
+pub fn run_in_pty_when(
+    mut cmd: Command,
+    ready: &str,
+    input: &[u8],
+    limit: Duration,
+) -> Result<PtyOutput, PtyError> {
     let winsize = Winsize {
         ws_row: 24,
         ws_col: 80,
@@ -94,15 +105,31 @@ pub fn run_in_pty(mut cmd: Command, input: &[u8], limit: Duration) -> Result<Pty
             }
         }
     });
-    if !input.is_empty() {
-        writer.write_all(input)?;
-    }
+    let mut pending = (!input.is_empty()).then_some(input);
 
     let deadline = std::time::Instant::now() + limit;
     let mut output = Vec::new();
+    let mut answered = 0;
+    let mut quiet_since = std::time::Instant::now();
     let status = loop {
         while let Ok(chunk) = rx.try_recv() {
             output.extend(chunk);
+            quiet_since = std::time::Instant::now();
+        }
+        // Answer cursor position queries (ESC [ 6 n) as a terminal does: busybox's shell asks
+        // at its prompt and takes what it reads next as the answer.
+        let text = String::from_utf8_lossy(&output);
+        let asked = text.matches("\x1b[6n").count();
+        while answered < asked {
+            writer.write_all(b"\x1b[1;1R")?;
+            answered += 1;
+        }
+        if let Some(typed) = pending {
+            let settled = quiet_since.elapsed() > Duration::from_millis(200);
+            if ready.is_empty() || (text.contains(ready) && settled) {
+                writer.write_all(typed)?;
+                pending = None;
+            }
         }
         if let Some(status) = child.try_wait()? {
             break status;

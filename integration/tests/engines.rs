@@ -20,7 +20,7 @@ use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::docker::{config_file, Docker, HYPERBOX_RUNTIME};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
-use hyperbox_integration::pty::run_in_pty;
+use hyperbox_integration::pty::{run_in_pty, run_in_pty_when};
 use hyperbox_integration::sandbox::{Footprint, Sandbox};
 
 const RUNTIME: &str = "io.containerd.hyperbox.v1";
@@ -310,7 +310,8 @@ fn tty(v: ContainerdVersion) {
             runtime,
         ])
         .args([&b.image, "sh"]);
-        let out = run_in_pty(run, b"echo typed-$((6*7))\nexit 2\n", limit).expect("docker -it");
+        let out = run_in_pty_when(run, "# ", b"echo typed-$((6*7))\nexit 2\n", limit)
+            .expect("docker -it");
         assert!(out.output.contains("typed-42"), "{runtime}: {out:?}");
         assert_eq!(out.status.code(), Some(2), "{runtime}: {out:?}");
     }

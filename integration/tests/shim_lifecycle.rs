@@ -15,7 +15,7 @@ use hyperbox_integration::client::TASK_LIFECYCLE_TOPICS;
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
-use hyperbox_integration::pty::run_in_pty;
+use hyperbox_integration::pty::{run_in_pty, run_in_pty_when};
 use hyperbox_integration::sandbox::Footprint;
 use hyperbox_integration::testbed::TestBed;
 
@@ -427,13 +427,19 @@ fn terminal_through_ctr(v: ContainerdVersion) {
         c.log_tail(30)
     );
     assert_eq!(out.status.code(), Some(6), "{out:?}");
+    // The terminal has a size from the start (ctr's first resize comes after Start).
+    assert!(
+        !out.output.contains("\n0 0"),
+        "an unsized terminal: {out:?}"
+    );
 
     let mut run = c.ctr();
     run.args(["run", "-t", "--rm", "--runtime", RUNTIME, "--fifo-dir"])
         .arg(&fifo)
         .args([&image, "tty2", "sh"]);
-    let out =
-        run_in_pty(run, b"echo typed-$((6*7))\nexit 2\n", limit).expect("interactive ctr run -t");
+    // Typed at the prompt, as a user types.
+    let out = run_in_pty_when(run, "# ", b"echo typed-$((6*7))\nexit 2\n", limit)
+        .expect("interactive ctr run -t");
     assert!(out.output.contains("typed-42"), "{out:?}");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use hyperbox_integration::containerd::ContainerdVersion;
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
-use hyperbox_integration::pty::run_in_pty;
+use hyperbox_integration::pty::{run_in_pty, run_in_pty_when};
 use hyperbox_integration::testbed::TestBed;
 
 fn tty_through_ctr(v: ContainerdVersion) {
@@ -27,8 +27,9 @@ fn tty_through_ctr(v: ContainerdVersion) {
     run.args(["run", "-t", "--rm", "--fifo-dir"])
         .arg(c.dir().join("fifo"))
         .args([&image, "tty2", "sh"]);
-    let out = run_in_pty(
+    let out = run_in_pty_when(
         run,
+        "# ",
         b"echo typed-$((6*7))\nexit 2\n",
         Duration::from_secs(60),
     )

@@ -57,11 +57,32 @@ impl Console {
             }
             return Err(io_err("start the output copy of")(e));
         }
-        Ok(Console {
+        let console = Console {
             master,
             stdin,
             exited: Mutex::new(Some(exited_w)),
-        })
+        };
+        console.size_unsized()?;
+        Ok(console)
+    }
+
+    /// A new pty is 0x0 until the client's first ResizePty, which `ctr` sends only after
+    /// Start: a process reading its size before then (`stty size`, a shell laying out its
+    /// prompt) would see no columns. An unsized terminal starts at the VT100's 80x24 instead;
+    /// the client's resize replaces it.
+    fn size_unsized(&self) -> Result<(), ShimError> {
+        let mut size = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which outlives the call.
+        let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
+        if rc == 0 && size.ws_row == 0 && size.ws_col == 0 {
+            self.resize(80, 24)?;
+        }
+        Ok(())
     }
 
     /// Sets the terminal's window size (ResizePty); the process gets SIGWINCH.
@@ -110,6 +131,9 @@ impl Drop for Console {
 /// Copies the master into `out` until no slave is left open (EIO) or, once `exited` reports
 /// the process gone, until the master has nothing more to read. Closing `out` on return is
 /// what ends the reader's copy on containerd's side.
+/// How long the output copy waits for more of an exited process's output.
+const DRAIN_QUIET_MS: u16 = 50;
+
 fn copy_output(master: &File, mut out: Option<File>, exited: &OwnedFd) {
     let mut buf = vec![0u8; 32 * 1024];
     let mut draining = false;
@@ -119,8 +143,12 @@ fn copy_output(master: &File, mut out: Option<File>, exited: &OwnedFd) {
                 PollFd::new(master.as_fd(), PollFlags::POLLIN),
                 PollFd::new(exited.as_fd(), PollFlags::POLLIN),
             ];
+            // Once the process is gone, what it wrote last may still be on its way through
+            // the terminal's buffers (the kernel moves it to the master side on a work
+            // queue): wait a little for it, and stop at the first quiet spell (something
+            // else may keep the terminal open) or at EIO (nothing does).
             let (watched, timeout) = if draining {
-                (&mut fds[..1], PollTimeout::ZERO)
+                (&mut fds[..1], PollTimeout::from(DRAIN_QUIET_MS))
             } else {
                 (&mut fds[..], PollTimeout::NONE)
             };
