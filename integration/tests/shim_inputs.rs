@@ -366,6 +366,116 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
     root
 }
 
+/// `ctr oci spec`'s default spec over a busybox rootfs in `dir`, without a terminal, for
+/// `ctr run --config`.
+fn config_spec(c: &Containerd, dir: &Path) -> serde_json::Value {
+    let root = busybox_rootfs(dir);
+    let out = c
+        .ctr()
+        .args(["oci", "spec"])
+        .output()
+        .expect("ctr oci spec");
+    assert!(out.status.success());
+    let mut spec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    spec["root"] = serde_json::json!({"path": root, "readonly": false});
+    spec["process"]["terminal"] = serde_json::json!(false);
+    spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+    spec
+}
+
+/// The directory of `pid`'s cgroup in the v1 hierarchy that has `controller`.
+fn cgroup_dir(pid: u32, controller: &str) -> PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup of pid");
+    let (mount, path) = text
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            ctrls
+                .split(',')
+                .any(|c| c == controller)
+                .then(|| (ctrls.to_string(), path.to_string()))
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}:\n{text}"));
+    Path::new("/sys/fs/cgroup")
+        .join(mount)
+        .join(path.trim_start_matches('/'))
+}
+
+/// Resource limits from the spec (memory, CPU shares and quota, pids, rlimits,
+/// oom_score_adj) are applied as runc applies them: the same cgroup files and process limits
+/// through both runtimes.
+fn spec_limits_as_runc(v: ContainerdVersion) {
+    let (bed, _image) = bed(v);
+    let c = &bed.containerd;
+    let mut seen = Vec::new();
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let id = format!("limits{n}");
+        let dir = c.dir().join(&id);
+        let mut spec = config_spec(c, &dir);
+        spec["process"]["args"] = serde_json::json!(["sleep", "1000"]);
+        spec["process"]["oomScoreAdj"] = serde_json::json!(321);
+        spec["process"]["rlimits"] = serde_json::json!([
+            {"type": "RLIMIT_NOFILE", "soft": 555, "hard": 666},
+            {"type": "RLIMIT_NPROC", "soft": 77, "hard": 88},
+        ]);
+        spec["linux"]["resources"] = serde_json::json!({
+            "devices": spec["linux"]["resources"]["devices"].clone(),
+            "memory": {"limit": 50_331_648},
+            "cpu": {"shares": 300, "quota": 25_000, "period": 100_000},
+            "pids": {"limit": 42},
+        });
+        spec["linux"]["cgroupsPath"] = serde_json::json!(format!("/{}/{id}", c.namespace()));
+        let spec_path = dir.join("config.json");
+        std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+        c.ctr_run(&[
+            "run",
+            "-d",
+            "--null-io",
+            "--config",
+            spec_path.to_str().unwrap(),
+            "--runtime",
+            runtime,
+            &id,
+        ])
+        .unwrap_or_else(|e| panic!("{runtime}: {e}"));
+        let pid = task_pid(c, &id);
+        let read = |p: PathBuf| {
+            std::fs::read_to_string(&p)
+                .unwrap_or_else(|e| panic!("{runtime}: {}: {e}", p.display()))
+                .trim()
+                .to_string()
+        };
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let limit_line = |name: &str| {
+            limits
+                .lines()
+                .find(|l| l.starts_with(name))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        seen.push(vec![
+            read(cgroup_dir(pid, "memory").join("memory.limit_in_bytes")),
+            read(cgroup_dir(pid, "cpu").join("cpu.shares")),
+            read(cgroup_dir(pid, "cpu").join("cpu.cfs_quota_us")),
+            read(cgroup_dir(pid, "cpu").join("cpu.cfs_period_us")),
+            read(cgroup_dir(pid, "pids").join("pids.max")),
+            read(PathBuf::from(format!("/proc/{pid}/oom_score_adj"))),
+            limit_line("Max open files"),
+            limit_line("Max processes"),
+        ]);
+        c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", &id])
+            .expect("kill");
+    }
+    assert_eq!(
+        seen[0][..6],
+        ["50331648", "300", "25000", "100000", "42", "321"],
+        "runc's view"
+    );
+    assert_eq!(seen[1], seen[0], "hyperbox vs runc");
+}
+per_version!(spec_limits, spec_limits_as_runc);
+
 /// OCI hooks in the spec run at their points, in order, with the state on their stdin, as
 /// runc runs them: the same log through both runtimes.
 fn hooks_as_runc(v: ContainerdVersion) {
@@ -375,23 +485,13 @@ fn hooks_as_runc(v: ContainerdVersion) {
     for (n, runtime) in RUNTIMES.into_iter().enumerate() {
         let dir = c.dir().join(format!("hooks-{n}"));
         let host_log = dir.join("log");
-        let root = busybox_rootfs(&dir);
-        let spec_out = c
-            .ctr()
-            .args(["oci", "spec"])
-            .output()
-            .expect("ctr oci spec");
-        assert!(spec_out.status.success());
-        let mut spec: serde_json::Value = serde_json::from_slice(&spec_out.stdout).unwrap();
-        spec["root"] = serde_json::json!({"path": root, "readonly": false});
+        let mut spec = config_spec(c, &dir);
         // The process logs once poststart has (runc runs poststart after the process starts).
         spec["process"]["args"] = serde_json::json!([
             "sh",
             "-c",
             "until grep -q poststart /hooklog/log; do sleep 0.05; done; echo process >> /hooklog/log"
         ]);
-        spec["process"]["terminal"] = serde_json::json!(false);
-        spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
         spec["mounts"]
             .as_array_mut()
             .unwrap()
