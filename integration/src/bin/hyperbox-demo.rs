@@ -64,6 +64,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         step("the same through io.containerd.hyperbox.v1 (libcontainer in-process)");
         let ms = run_hello(c, &image, HYPERBOX_RUNTIME, "demo-hyperbox")?;
         println!("    ctr run --rm took {ms} ms");
+        running_task(c, &image)?;
     } else {
         step("io.containerd.hyperbox.v1 is not built: `cargo build --workspace` adds it");
     }
@@ -104,6 +105,65 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     step("tearing everything down");
     bed.teardown().context("teardown")?;
     println!("    done: no process, mount, cgroup or directory left behind");
+    Ok(())
+}
+
+/// A service through our runtime, as an engine manages it: its output in a `file://` log,
+/// its metrics, Pause and Resume, then SIGKILL.
+fn running_task(c: &Containerd, image: &str) -> anyhow::Result<()> {
+    step("a service through io.containerd.hyperbox.v1: file:// log, metrics, pause, resume");
+    let log = c.dir().join("demo-service.log");
+    let uri = format!("file://{}", log.display());
+    c.ctr_run(&[
+        "run",
+        "-d",
+        "--log-uri",
+        &uri,
+        "--memory-limit",
+        "67108864",
+        "--runtime",
+        HYPERBOX_RUNTIME,
+        image,
+        "demo-service",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done",
+    ])?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let metrics = c.ctr_stdout(&["tasks", "metrics", "demo-service"])?;
+    for row in metrics.lines().filter(|l| {
+        [
+            "memory.usage_in_bytes",
+            "memory.limit_in_bytes",
+            "cpuacct.usage ",
+            "pids.current",
+        ]
+        .iter()
+        .any(|m| l.starts_with(m))
+    }) {
+        println!(
+            "    {}",
+            row.split_whitespace().collect::<Vec<_>>().join("  ")
+        );
+    }
+    c.ctr_run(&["tasks", "pause", "demo-service"])?;
+    let paused = std::fs::read_to_string(&log)?.lines().count();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let still = std::fs::read_to_string(&log)?.lines().count();
+    print!(
+        "    {}",
+        c.ctr_stdout(&["tasks", "ls"])?
+            .lines()
+            .filter(|l| l.contains("demo-service"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    );
+    println!("    paused: the log stays at {paused} lines ({still} half a second later)");
+    c.ctr_run(&["tasks", "resume", "demo-service"])?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let resumed = std::fs::read_to_string(&log)?.lines().count();
+    println!("    resumed: {resumed} lines in {}", log.display());
+    c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", "demo-service"])?;
     Ok(())
 }
 
