@@ -1,0 +1,161 @@
+//! The configuration file (`/etc/hyperbox/snapshotter.toml`), read once at start-up.
+//!
+//! Every option has a default; `config/snapshotter.toml` shows each one.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the configuration file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/hyperbox/snapshotter.toml";
+/// Default state and layer directory.
+pub const DEFAULT_ROOT: &str = "/var/lib/hyperbox/snapshotter";
+/// Default socket, the address containerd's `[proxy_plugins.hyperbox]` names.
+pub const DEFAULT_ADDRESS: &str = "/run/hyperbox/snapshotter.sock";
+/// Default socket mode: only root (containerd) may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// Errors reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config option `{option}` must be an absolute path, got {value:?}")]
+    NotAbsolute {
+        option: &'static str,
+        value: PathBuf,
+    },
+    #[error("config option `socket_mode` must be a file mode between 0o000 and 0o777, got {0:#o}")]
+    SocketMode(u32),
+    #[error(
+        "config option `root` ({0}) must not contain `,` or `:`: they separate overlayfs mount \
+         options"
+    )]
+    RootSeparator(PathBuf),
+    #[error("config option `address` ({address}) must not lie inside `root` ({root})")]
+    AddressInRoot { address: PathBuf, root: PathBuf },
+}
+
+/// The snapshotter's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory holding the database and every layer (default
+    /// `/var/lib/hyperbox/snapshotter`). Created with mode 0700.
+    pub root: PathBuf,
+    /// Unix socket serving the snapshots API (default `/run/hyperbox/snapshotter.sock`).
+    pub address: PathBuf,
+    /// Mode of the socket file (default `0o600`: root only).
+    pub socket_mode: u32,
+    /// Log filter in `tracing_subscriber::EnvFilter` syntax (default `info`); `RUST_LOG`
+    /// overrides it.
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from(DEFAULT_ROOT),
+            address: PathBuf::from(DEFAULT_ADDRESS),
+            socket_mode: DEFAULT_SOCKET_MODE,
+            log_level: "info".to_string(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses a configuration from TOML text (`path` names it in errors) and validates it.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Checks the values: absolute paths, a real file mode, the socket outside the root.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (option, value) in [("root", &self.root), ("address", &self.address)] {
+            if !value.is_absolute() {
+                return Err(ConfigError::NotAbsolute {
+                    option,
+                    value: value.clone(),
+                });
+            }
+        }
+        if self.root.to_string_lossy().contains([',', ':']) {
+            return Err(ConfigError::RootSeparator(self.root.clone()));
+        }
+        if self.socket_mode > 0o777 {
+            return Err(ConfigError::SocketMode(self.socket_mode));
+        }
+        if self.address.starts_with(&self.root) {
+            return Err(ConfigError::AddressInRoot {
+                address: self.address.clone(),
+                root: self.root.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = Config::from_toml("", Path::new("x.toml")).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.root, Path::new("/var/lib/hyperbox/snapshotter"));
+        assert_eq!(c.address, Path::new("/run/hyperbox/snapshotter.sock"));
+        assert_eq!(c.socket_mode, 0o600);
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../../config/snapshotter.toml");
+        let c = Config::from_toml(text, Path::new("config/snapshotter.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let p = Path::new("x.toml");
+        let e = Config::from_toml("rooot = \"/x\"", p).unwrap_err();
+        assert!(e.to_string().contains("rooot"), "{e}");
+        assert!(matches!(
+            Config::from_toml("root = \"rel\"", p),
+            Err(ConfigError::NotAbsolute { option: "root", .. })
+        ));
+        assert!(matches!(
+            Config::from_toml("socket_mode = 0o1777", p),
+            Err(ConfigError::SocketMode(_))
+        ));
+        assert!(matches!(
+            Config::from_toml("root = \"/a:b\"", p),
+            Err(ConfigError::RootSeparator(_))
+        ));
+        assert!(matches!(
+            Config::from_toml("root = \"/r\"\naddress = \"/r/s.sock\"", p),
+            Err(ConfigError::AddressInRoot { .. })
+        ));
+    }
+}

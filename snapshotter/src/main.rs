@@ -1,0 +1,177 @@
+//! `hyperbox-snapshotter`: serves containerd's snapshots API on a unix socket.
+//!
+//! ```text
+//! hyperbox-snapshotter [--config FILE] [--root DIR] [--address SOCKET]
+//! ```
+//!
+//! Logs go to stderr (journald under systemd). SIGTERM or SIGINT stops it; containers keep
+//! running, since their mounts do not go through this process.
+
+use std::fs;
+use std::io::{self, IsTerminal};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use containerd_snapshots::tonic::transport::Server;
+use hyperbox_snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
+use hyperbox_snapshotter::HyperboxSnapshotter;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{info, warn};
+
+#[derive(Debug, Parser)]
+#[command(name = "hyperbox-snapshotter", version, about)]
+struct Args {
+    /// Configuration file (default /etc/hyperbox/snapshotter.toml, if it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides `root` of the configuration.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Overrides `address` of the configuration.
+    #[arg(long)]
+    address: Option<PathBuf>,
+}
+
+fn load_config(args: &Args) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+            Config::load(Path::new(DEFAULT_CONFIG_PATH))?
+        }
+        None => Config::default(),
+    };
+    if let Some(root) = &args.root {
+        config.root = root.clone();
+    }
+    if let Some(address) = &args.address {
+        config.address = address.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Binds the socket with `mode`, never wider even for an instant: the umask is narrowed
+/// around the bind. A stale socket file is replaced; anything else at the path is refused.
+fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(dir)
+            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?,
+        Ok(_) => bail!(
+            "{} exists and is not a socket: refusing to replace it",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+    // SAFETY: umask only swaps the process's file-creation mask; no tokio thread exists yet,
+    // so nothing else creates files while it is narrowed.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("cannot make {} non-blocking", path.display()))?;
+    Ok(listener)
+}
+
+/// How long in-flight requests may finish after SIGTERM before the process exits anyway
+/// (a client holding its connection open must not keep the snapshotter alive).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+async fn serve(
+    snapshotter: HyperboxSnapshotter,
+    listener: std::os::unix::net::UnixListener,
+    address: &Path,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .with_context(|| format!("cannot serve on {}", address.display()))?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let stop = Arc::new(Notify::new());
+    let stopped = stop.clone();
+    info!(address = %address.display(), "serving the snapshots API");
+    let server = Server::builder()
+        .add_service(containerd_snapshots::server(Arc::new(snapshotter)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            stopped.notified().await
+        });
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = term.recv() => {
+            info!("SIGTERM: stopping");
+            drain(&stop, &mut server).await
+        }
+        _ = int.recv() => {
+            info!("SIGINT: stopping");
+            drain(&stop, &mut server).await
+        }
+    };
+    let _ = fs::remove_file(address);
+    result.with_context(|| format!("serving on {}", address.display()))
+}
+
+/// Stops accepting, then gives open requests [`SHUTDOWN_GRACE`] to finish.
+async fn drain<F, E>(stop: &Notify, server: &mut std::pin::Pin<&mut F>) -> Result<(), E>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    stop.notify_one();
+    match tokio::time::timeout(SHUTDOWN_GRACE, server.as_mut()).await {
+        Ok(r) => r,
+        Err(_) => {
+            warn!("connections still open after {SHUTDOWN_GRACE:?}: exiting anyway");
+            Ok(())
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = load_config(&args)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log_level))
+        .with_context(|| format!("invalid log_level {:?}", config.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .init();
+
+    let snapshotter = HyperboxSnapshotter::open(&config.root)
+        .with_context(|| format!("cannot open snapshotter root {}", config.root.display()))?;
+    info!(root = %config.root.display(), "snapshotter state recovered");
+    let listener = bind_socket(&config.address, config.socket_mode)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(snapshotter, listener, &config.address))
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hyperbox-snapshotter: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
