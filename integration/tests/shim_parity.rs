@@ -463,6 +463,98 @@ per_version!(
     containerd_restart_keeps_tasks_manageable
 );
 
+/// A newer shim binary installed while a container runs: the running shim keeps serving it
+/// (exec, kill, delete), new containers start with the new binary, and the new binary's
+/// `delete` action cleans up after the old shim when that one is killed.
+fn new_binary_under_running_containers(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    let fp = Footprint::of(c.dir()).expect("footprint");
+    let old_pid = detached(c, OURS, &image, "before", &[], &["sleep", "1000"]);
+    let other_pid = detached(c, OURS, &image, "orphaned", &[], &["sleep", "1000"]);
+    // Install a new binary: a new file (new inode) where containerd finds the shim.
+    let shim = c.dir().join("bin/containerd-shim-hyperbox-v1");
+    let source = std::fs::canonicalize(&shim).expect("installed shim");
+    let staged = c.dir().join("bin/.containerd-shim-hyperbox-v1.new");
+    std::fs::copy(&source, &staged).expect("copy the shim");
+    std::fs::rename(&staged, &shim).expect("replace the shim");
+
+    let out = c
+        .ctr()
+        .args([
+            "tasks",
+            "exec",
+            "--exec-id",
+            "x",
+            "before",
+            "sh",
+            "-c",
+            "exit 3",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("exec");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_pid = detached(c, OURS, &image, "after", &[], &["sleep", "1000"]);
+    let shim_of = |id: &str| {
+        Footprint::of(c.dir())
+            .expect("footprint")
+            .processes
+            .into_iter()
+            .find(|p| p.what.contains("containerd-shim-hyperbox-v1") && p.what.contains(id))
+            .unwrap_or_else(|| panic!("no shim for {id}"))
+            .pid
+    };
+    let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
+    assert!(
+        exe(shim_of("before"))
+            .to_string_lossy()
+            .ends_with("(deleted)")
+            || exe(shim_of("before")) != exe(shim_of("after")),
+        "the old shim should run the replaced binary"
+    );
+    // The old shim dies: the new binary's delete action cleans up its container.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_of("orphaned") as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the old shim");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{other_pid}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the old shim's container survived"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    if task_field(c, "orphaned", 2).is_some() {
+        c.ctr_run(&["tasks", "rm", "orphaned"]).expect("task rm");
+    }
+    c.ctr_run(&["containers", "rm", "orphaned"])
+        .expect("container rm");
+    remove(c, "before");
+    remove(c, "after");
+    for pid in [old_pid, new_pid, other_pid] {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "{pid} survived"
+        );
+    }
+    let state = Path::new("/run/hyperbox/youki").join(c.namespace());
+    let left: Vec<PathBuf> = std::fs::read_dir(&state)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "state left: {left:?}");
+    drop(bed);
+    assert_eq!(fp.leftovers(), Vec::<String>::new());
+}
+per_version!(new_binary, new_binary_under_running_containers);
+
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
