@@ -268,9 +268,79 @@ fn read_u64(path: &Path) -> u64 {
         .unwrap_or_default()
 }
 
-/// `max` reads as 0, as containerd reports an unlimited pids or memory limit.
+/// A v1 limit: `max` (pids) reads as 0, as containerd's v1 metrics report it.
 fn read_limit(path: &Path) -> u64 {
     read_u64(path)
+}
+
+/// A v2 limit: `max` reads as `u64::MAX`, as containerd's v2 metrics report it.
+fn read_limit_v2(path: &Path) -> u64 {
+    match fs::read_to_string(path) {
+        Ok(s) if s.trim() == "max" => u64::MAX,
+        Ok(s) => s.trim().parse().unwrap_or_default(),
+        Err(_) => 0,
+    }
+}
+
+/// A pressure file (`cpu.pressure`): `some` and `full` lines of `avg10= avg60= avg300=
+/// total=`.
+fn read_psi(path: &Path) -> MessageField<v2::PSIStats> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return MessageField::none();
+    };
+    let mut stats = v2::PSIStats::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let kind = f.next().unwrap_or_default();
+        let mut data = v2::PSIData::new();
+        for kv in f {
+            let Some((k, v)) = kv.split_once('=') else {
+                continue;
+            };
+            match k {
+                "avg10" => data.avg10 = v.parse().unwrap_or_default(),
+                "avg60" => data.avg60 = v.parse().unwrap_or_default(),
+                "avg300" => data.avg300 = v.parse().unwrap_or_default(),
+                "total" => data.total = v.parse().unwrap_or_default(),
+                _ => {}
+            }
+        }
+        match kind {
+            "some" => stats.some = MessageField::some(data),
+            "full" => stats.full = MessageField::some(data),
+            _ => {}
+        }
+    }
+    MessageField::some(stats)
+}
+
+/// `rdma.current` / `rdma.max`: a line per device of `hca_handle=N hca_object=N`.
+fn read_rdma(path: &Path) -> Vec<v2::RdmaEntry> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let mut e = v2::RdmaEntry {
+                device: f.next()?.to_string(),
+                ..Default::default()
+            };
+            for kv in f {
+                let (k, v) = kv.split_once('=')?;
+                let n = if v == "max" {
+                    u32::MAX
+                } else {
+                    v.parse().ok()?
+                };
+                match k {
+                    "hca_handle" => e.hca_handles = n,
+                    "hca_object" => e.hca_objects = n,
+                    _ => {}
+                }
+            }
+            Some(e)
+        })
+        .collect()
 }
 
 /// A flat-keyed file (`memory.stat`, `cpu.stat`, `memory.events`).
@@ -326,6 +396,14 @@ fn v1_metrics(dirs: &HashMap<ControllerType, PathBuf>) -> v1::Metrics {
     }
     if let Some(d) = dir(ControllerType::Memory) {
         m.memory = MessageField::some(v1_memory(d));
+        let oom = read_kv(&d.join("memory.oom_control"));
+        let g = |k: &str| oom.get(k).copied().unwrap_or_default();
+        m.memory_oom_control = MessageField::some(v1::MemoryOomControl {
+            oom_kill_disable: g("oom_kill_disable"),
+            under_oom: g("under_oom"),
+            oom_kill: g("oom_kill"),
+            ..Default::default()
+        });
     }
     if let Some(d) = dir(ControllerType::Blkio) {
         m.blkio = MessageField::some(v1_blkio(d));
@@ -473,7 +551,7 @@ fn v2_metrics(d: &Path) -> v2::Metrics {
     let mut m = v2::Metrics::new();
     m.pids = MessageField::some(v2::PidsStat {
         current: read_u64(&d.join("pids.current")),
-        limit: read_limit(&d.join("pids.max")),
+        limit: read_limit_v2(&d.join("pids.max")),
         ..Default::default()
     });
     let c = read_kv(&d.join("cpu.stat"));
@@ -487,6 +565,7 @@ fn v2_metrics(d: &Path) -> v2::Metrics {
         throttled_usec: g("throttled_usec"),
         nr_bursts: g("nr_bursts"),
         burst_usec: g("burst_usec"),
+        psi: read_psi(&d.join("cpu.pressure")),
         ..Default::default()
     });
     let s = read_kv(&d.join("memory.stat"));
@@ -524,11 +603,12 @@ fn v2_metrics(d: &Path) -> v2::Metrics {
         thp_fault_alloc: g("thp_fault_alloc"),
         thp_collapse_alloc: g("thp_collapse_alloc"),
         usage: read_u64(&d.join("memory.current")),
-        usage_limit: read_limit(&d.join("memory.max")),
+        usage_limit: read_limit_v2(&d.join("memory.max")),
         swap_usage: read_u64(&d.join("memory.swap.current")),
-        swap_limit: read_limit(&d.join("memory.swap.max")),
+        swap_limit: read_limit_v2(&d.join("memory.swap.max")),
         max_usage: read_u64(&d.join("memory.peak")),
         swap_max_usage: read_u64(&d.join("memory.swap.peak")),
+        psi: read_psi(&d.join("memory.pressure")),
         ..Default::default()
     });
     let e = read_kv(&d.join("memory.events"));
@@ -568,9 +648,48 @@ fn v2_metrics(d: &Path) -> v2::Metrics {
         .collect();
     m.io = MessageField::some(v2::IOStat {
         usage,
+        psi: read_psi(&d.join("io.pressure")),
         ..Default::default()
     });
+    m.rdma = MessageField::some(v2::RdmaStat {
+        current: read_rdma(&d.join("rdma.current")),
+        limit: read_rdma(&d.join("rdma.max")),
+        ..Default::default()
+    });
+    m.hugetlb = v2_hugetlb(d);
     m
+}
+
+/// `hugetlb.SIZE.current` / `.max` / `.events` (its `max` count is the failure count).
+fn v2_hugetlb(d: &Path) -> Vec<v2::HugeTlbStat> {
+    let mut sizes: Vec<String> = fs::read_dir(d)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let size = name.strip_prefix("hugetlb.")?.strip_suffix(".current")?;
+            // `hugetlb.2MB.rsvd.current` is the reservation counter, not a page size.
+            (!size.contains('.')).then(|| size.to_string())
+        })
+        .collect();
+    sizes.sort();
+    sizes
+        .into_iter()
+        .map(|size| {
+            let f = |n: &str| d.join(format!("hugetlb.{size}.{n}"));
+            v2::HugeTlbStat {
+                current: read_u64(&f("current")),
+                max: read_limit_v2(&f("max")),
+                failcnt: read_kv(&f("events"))
+                    .get("max")
+                    .copied()
+                    .unwrap_or_default(),
+                pagesize: size,
+                ..Default::default()
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -615,6 +734,11 @@ mod tests {
         fs::write(mem.join("memory.usage_in_bytes"), "4096\n").unwrap();
         fs::write(mem.join("memory.limit_in_bytes"), "67108864\n").unwrap();
         fs::write(
+            mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        fs::write(
             blk.join("blkio.io_service_bytes_recursive"),
             "8:0 Read 512\n8:0 Write 1024\nTotal 1536\n",
         )
@@ -641,6 +765,7 @@ mod tests {
         assert_eq!(m.memory.pg_maj_fault, 2);
         assert_eq!(m.memory.usage.usage, 4096);
         assert_eq!(m.memory.usage.limit, 64 << 20);
+        assert_eq!(m.memory_oom_control.oom_kill, 3);
         let io = &m.blkio.io_service_bytes_recursive;
         assert_eq!(io.len(), 2);
         assert_eq!(
@@ -673,6 +798,15 @@ mod tests {
             "8:0 rbytes=10 wbytes=20 rios=1 wios=2 dbytes=0 dios=0\n",
         )
         .unwrap();
+        fs::write(
+            d.join("cpu.pressure"),
+            "some avg10=1.50 avg60=0.00 avg300=0.00 total=7\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=42\n",
+        )
+        .unwrap();
+        fs::write(d.join("hugetlb.2MB.current"), "4096\n").unwrap();
+        fs::write(d.join("hugetlb.2MB.max"), "max\n").unwrap();
+        fs::write(d.join("hugetlb.2MB.events"), "max 2\n").unwrap();
+        fs::write(d.join("hugetlb.2MB.rsvd.current"), "0\n").unwrap();
         let m = v2_metrics(&d);
         assert_eq!((m.pids.current, m.pids.limit), (2, 50));
         assert_eq!(
@@ -683,7 +817,19 @@ mod tests {
             (m.memory.anon, m.memory.file, m.memory.usage),
             (4096, 8192, 12288)
         );
-        assert_eq!(m.memory.usage_limit, 0);
+        assert_eq!(m.memory.usage_limit, u64::MAX);
+        assert_eq!(m.cpu.psi.some.avg10, 1.5);
+        assert_eq!(m.cpu.psi.full.total, 42);
+        assert_eq!(m.hugetlb.len(), 1);
+        assert_eq!(
+            (
+                m.hugetlb[0].pagesize.as_str(),
+                m.hugetlb[0].current,
+                m.hugetlb[0].max
+            ),
+            ("2MB", 4096, u64::MAX)
+        );
+        assert_eq!(m.hugetlb[0].failcnt, 2);
         assert_eq!(m.memory_events.oom_kill, 1);
         assert_eq!((m.io.usage[0].rbytes, m.io.usage[0].wios), (10, 2));
         fs::remove_dir_all(d).unwrap();
