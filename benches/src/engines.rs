@@ -1,6 +1,7 @@
 //! The engines under test: one private containerd per version (a harness [`TestBed`]) with
 //! busybox pulled, and the `ctr` commands the benchmarks time or measure.
 
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -9,10 +10,12 @@ use hyperbox_integration::host;
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::testbed::{TestBed, TestBedError};
 
-use crate::runner::Variant;
+use crate::runner::{describe, CommandFailure, Variant};
 
 /// containerd's default runtime: the baseline every benchmark compares with.
 pub const RUNC_V2: &str = "io.containerd.runc.v2";
+/// HyperBox's Linux shim, what the parity benchmarks (`stats`, `parallel`) compare by default.
+pub const HYPERBOX_V1: &str = "io.containerd.hyperbox.v1";
 
 /// Errors preparing or driving an engine.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +159,91 @@ impl Engine {
                 "true",
             ]);
             cmd
+        })
+    }
+
+    /// The parallel-lifecycles variant: `containers` × `ctr run --rm` through `runtime`, all
+    /// spawned at once, container `I` running `sh -c 'exit I'` (`I` mod 256); done when every
+    /// `ctr` has exited, and failed unless every one exited with its container's code.
+    pub fn ctr_run_batch(&self, runtime: &str, containers: usize) -> Variant<'_> {
+        let c = &self.bed.containerd;
+        let fifo = c.dir().join("fifo");
+        let name = variant_name(runtime, self.version);
+        let description = format!(
+            "{containers} at once: ctr run --rm --fifo-dir {} --runtime {runtime} {} \
+             par-{{n}}-I sh -c 'exit I'",
+            fifo.display(),
+            self.image
+        );
+        let runtime = runtime.to_string();
+        Variant::new(name, description, move |n| {
+            let mut running: Vec<(i32, String, Child)> = Vec::with_capacity(containers);
+            let mut failures: Vec<CommandFailure> = Vec::new();
+            for i in 0..containers {
+                let code = (i % 256) as i32;
+                let mut cmd = c.ctr();
+                cmd.args(["run", "--rm", "--fifo-dir"]).arg(&fifo).args([
+                    "--runtime",
+                    &runtime,
+                    &self.image,
+                    &format!("par-{n}-{i}"),
+                    // `ctr run` (1.6 and 1.7) stops taking flags at the image: `-c` is sh's.
+                    "sh",
+                    "-c",
+                    &format!("exit {code}"),
+                ]);
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
+                let shown = describe(&cmd);
+                match cmd.spawn() {
+                    Ok(child) => running.push((code, shown, child)),
+                    Err(e) => failures.push(CommandFailure {
+                        command: shown,
+                        status: "not started".into(),
+                        stderr: e.to_string(),
+                    }),
+                }
+            }
+            // Every child is waited for, also after a failure, so none outlives the round.
+            for (code, shown, child) in running {
+                let failure = match child.wait_with_output() {
+                    Err(e) => Some((format!("not waited for: {e}"), String::new())),
+                    Ok(out) => {
+                        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                        // A failing ctr exits 1 and says `ctr: ...`; a container's own code
+                        // comes back as ctr's exit status, with nothing said.
+                        let ok = out.status.code() == Some(code) && !stderr.contains("ctr: ");
+                        (!ok).then(|| {
+                            (
+                                format!("{}, expected exit status {code}", out.status),
+                                stderr,
+                            )
+                        })
+                    }
+                };
+                if let Some((status, stderr)) = failure {
+                    failures.push(CommandFailure {
+                        command: shown,
+                        status,
+                        stderr,
+                    });
+                }
+            }
+            match failures.len() {
+                0 => Ok(()),
+                count => {
+                    let mut first = failures.swap_remove(0);
+                    if count > 1 {
+                        first.stderr = format!(
+                            "{} (and {} more of the {containers} failed)",
+                            first.stderr,
+                            count - 1
+                        );
+                    }
+                    Err(first)
+                }
+            }
         })
     }
 

@@ -5,6 +5,8 @@
 //! - [`engines`]: private containerd daemons (the integration harness's test beds) and the
 //!   `ctr` commands timed or measured;
 //! - [`memprobe`]: the runtime-side memory (PSS and RSS) of a container, from /proc;
+//! - [`task_stats`]: a running task's Stats asked of its shim (ttrpc, containerd bypassed) and
+//!   of containerd;
 //! - [`machine`] and [`report`]: what each report says about where it was measured, and how
 //!   it is printed and saved.
 //!
@@ -16,3 +18,4 @@ pub mod memprobe;
 pub mod report;
 pub mod runner;
 pub mod stats;
+pub mod task_stats;

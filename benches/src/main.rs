@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use hyperbox_benches::engines::{self, Engine, RUNC_V2};
+use hyperbox_benches::engines::{self, Engine, HYPERBOX_V1, RUNC_V2};
 use hyperbox_benches::machine::Machine;
 use hyperbox_benches::memprobe;
 use hyperbox_benches::report::{self, MemReport, MemRow, TimingReport};
 use hyperbox_benches::runner::{self, Plan, Variant};
 use hyperbox_benches::stats::Summary;
+use hyperbox_benches::task_stats::{self, StatsTarget};
 use hyperbox_integration::cli;
 use hyperbox_integration::containerd::ContainerdVersion;
 
@@ -32,6 +33,10 @@ enum Cmd {
     CtrRun(CtrRunArgs),
     /// Measure the runtime-side memory (PSS, RSS) of K running containers per runtime.
     Mem(MemArgs),
+    /// Time a running task's Stats, asked of its shim directly and through containerd.
+    Stats(StatsArgs),
+    /// Time N `ctr run --rm` started at once, per runtime, round by round.
+    Parallel(ParallelArgs),
 }
 
 #[derive(Args)]
@@ -99,6 +104,45 @@ struct MemArgs {
     output: Output,
 }
 
+#[derive(Args)]
+struct StatsArgs {
+    /// Measured rounds; each asks every task once each way.
+    #[arg(long, default_value_t = 500)]
+    rounds: usize,
+    /// Unrecorded rounds first.
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// containerd versions, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1.7")]
+    containerd: Vec<ContainerdVersion>,
+    /// Runtimes, comma-separated; io.containerd.runc.v2 is always included.
+    #[arg(long, value_delimiter = ',', default_value = HYPERBOX_V1)]
+    runtime: Vec<String>,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Args)]
+struct ParallelArgs {
+    /// Measured rounds; each runs one batch per variant.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Unrecorded rounds first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Containers per batch, all started at once.
+    #[arg(long, default_value_t = 50)]
+    containers: usize,
+    /// containerd versions, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1.7")]
+    containerd: Vec<ContainerdVersion>,
+    /// Runtimes, comma-separated; io.containerd.runc.v2 is always included.
+    #[arg(long, value_delimiter = ',', default_value = HYPERBOX_V1)]
+    runtime: Vec<String>,
+    #[command(flatten)]
+    output: Output,
+}
+
 fn main() -> ExitCode {
     cli::init_logging("info");
     cli::exit_code("hyperbox-bench", run(Cli::parse()))
@@ -109,6 +153,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Time(args) => time(args),
         Cmd::CtrRun(args) => ctr_run(args),
         Cmd::Mem(args) => mem(args),
+        Cmd::Stats(args) => stats(args),
+        Cmd::Parallel(args) => parallel(args),
     }
 }
 
@@ -174,18 +220,7 @@ fn ctr_run(args: CtrRunArgs) -> anyhow::Result<()> {
     let versions = dedup_versions(args.containerd)?;
     let runtimes = engines::with_default_runtime(&args.runtime);
     let mut machine = Machine::collect(None);
-    let mut started = Vec::new();
-    for v in &versions {
-        started.push(Engine::start(*v).with_context(|| format!("preparing containerd {v}"))?);
-    }
-    if let Some(first) = started.first() {
-        machine.locate_runc(first.bed.containerd.path_env());
-    }
-    for e in &started {
-        for rt in &runtimes {
-            e.check_runtime(rt)?;
-        }
-    }
+    let started = start_engines(&versions, &runtimes, &mut machine)?;
     let mut variants: Vec<Variant<'_>> = started
         .iter()
         .flat_map(|e| runtimes.iter().map(move |rt| e.ctr_run_rm(rt)))
@@ -317,4 +352,178 @@ fn measure_runtime(
         "measured"
     );
     Ok(row)
+}
+
+/// Starts one containerd per version, all at once, and checks that each can run `runtimes`.
+fn start_engines(
+    versions: &[ContainerdVersion],
+    runtimes: &[String],
+    machine: &mut Machine,
+) -> anyhow::Result<Vec<Engine>> {
+    let mut started = Vec::new();
+    for v in versions {
+        started.push(Engine::start(*v).with_context(|| format!("preparing containerd {v}"))?);
+    }
+    if let Some(first) = started.first() {
+        machine.locate_runc(first.bed.containerd.path_env());
+    }
+    for e in &started {
+        for rt in runtimes {
+            e.check_runtime(rt)?;
+        }
+    }
+    Ok(started)
+}
+
+/// For each variant, the index of its baseline: the variant of the same group (containerd
+/// version, way of asking) whose runtime is runc.v2. `keys` are (group, runtime) per variant.
+fn runc_baselines(keys: &[(String, String)]) -> Vec<usize> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, (group, _))| {
+            keys.iter()
+                .position(|(g, rt)| g == group && rt == RUNC_V2)
+                .unwrap_or(i)
+        })
+        .collect()
+}
+
+fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let versions = dedup_versions(args.containerd)?;
+    let runtimes = engines::with_default_runtime(&args.runtime);
+    let mut machine = Machine::collect(None);
+    let started = start_engines(&versions, &runtimes, &mut machine)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a tokio runtime")?;
+
+    // One sleeping container per (containerd, runtime), and connections to it both ways.
+    let mut targets: Vec<Vec<StatsTarget>> = Vec::new();
+    for e in &started {
+        let mut of_engine = Vec::new();
+        for (ri, runtime) in runtimes.iter().enumerate() {
+            let id = format!("stats-{ri}");
+            e.start_sleeper(runtime, &id)?;
+            let target = StatsTarget::locate(e, runtime, &id).with_context(|| {
+                format!("finding the shim of {runtime} on containerd {}", e.version)
+            })?;
+            tracing::info!(
+                containerd = %e.version,
+                runtime,
+                address = target.address,
+                confirmed_by = ?target.confirmed_by,
+                "shim found"
+            );
+            of_engine.push(target);
+        }
+        targets.push(of_engine);
+    }
+    let mut connected = Vec::new();
+    for (e, of_engine) in started.iter().zip(&targets) {
+        connected.push(
+            task_stats::connect(&rt, e, of_engine)
+                .with_context(|| format!("asking for stats on containerd {}", e.version))?,
+        );
+    }
+
+    let mut variants = Vec::new();
+    let mut keys = Vec::new();
+    for ((e, of_engine), (clients, answers)) in started.iter().zip(&targets).zip(&connected) {
+        for (i, (target, answer)) in of_engine.iter().zip(answers).enumerate() {
+            let [shim, containerd] = task_stats::variants(&rt, e, clients, i, target, answer);
+            variants.push(shim);
+            keys.push((format!("{} shim", e.version), target.runtime.clone()));
+            variants.push(containerd);
+            keys.push((format!("{} containerd", e.version), target.runtime.clone()));
+        }
+    }
+    let plan = Plan {
+        rounds: args.rounds,
+        warmup: args.warmup,
+        baseline: None,
+    };
+    machine.restart_cpu_sample();
+    let mut timings = runner::run(&mut variants, &plan)?;
+    drop(variants);
+    machine.finish();
+    runner::rebase(
+        &mut timings,
+        &runc_baselines(&keys),
+        format!("{RUNC_V2} on the same containerd, asked the same way"),
+    );
+    let report = TimingReport {
+        benchmark: "stats".into(),
+        command_line: command_line(),
+        machine,
+        timings,
+    };
+    print_timings(&report, args.output.json.as_ref())?;
+    drop(connected);
+    for (e, of_engine) in started.iter().zip(&targets) {
+        let ids: Vec<String> = of_engine.iter().map(|t| t.id.clone()).collect();
+        e.remove(&ids)?;
+    }
+    Ok(())
+}
+
+fn parallel(args: ParallelArgs) -> anyhow::Result<()> {
+    let versions = dedup_versions(args.containerd)?;
+    let runtimes = engines::with_default_runtime(&args.runtime);
+    if args.containers == 0 {
+        bail!("--containers must be at least 1");
+    }
+    let mut machine = Machine::collect(None);
+    let started = start_engines(&versions, &runtimes, &mut machine)?;
+    let mut variants = Vec::new();
+    let mut keys = Vec::new();
+    for e in &started {
+        for runtime in &runtimes {
+            variants.push(e.ctr_run_batch(runtime, args.containers));
+            keys.push((e.version.to_string(), runtime.clone()));
+        }
+    }
+    let plan = Plan {
+        rounds: args.rounds,
+        warmup: args.warmup,
+        baseline: None,
+    };
+    machine.restart_cpu_sample();
+    let mut timings = runner::run(&mut variants, &plan)?;
+    drop(variants);
+    machine.finish();
+    runner::rebase(
+        &mut timings,
+        &runc_baselines(&keys),
+        format!("{RUNC_V2} on the same containerd"),
+    );
+    let report = TimingReport {
+        benchmark: "parallel".into(),
+        command_line: command_line(),
+        machine,
+        timings,
+    };
+    print_timings(&report, args.output.json.as_ref())?;
+    print!("{}", report.render_samples());
+    drop(started);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_variant_is_compared_with_runc_of_its_own_group() {
+        let key = |g: &str, rt: &str| (g.to_string(), rt.to_string());
+        let keys = [
+            key("1.6 shim", RUNC_V2),
+            key("1.6 shim", HYPERBOX_V1),
+            key("1.7 shim", HYPERBOX_V1),
+            key("1.7 shim", RUNC_V2),
+            key("1.7 containerd", HYPERBOX_V1),
+        ];
+        // A group without runc is its own baseline (ratio 1), not another group's.
+        assert_eq!(runc_baselines(&keys), [0, 0, 3, 3, 4]);
+    }
 }

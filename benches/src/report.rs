@@ -51,14 +51,43 @@ impl TimingReport {
             "{:<width$}  {:>4}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}\n",
             "variant", "runs", "median", "p95", "mean", "min", "max", "×base"
         ));
+        let digits = decimals_for(t.variants.iter().map(|v| v.summary.median));
         for v in &t.variants {
             let m = &v.summary;
             s.push_str(&format!(
-                "{:<width$}  {:>4}  {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>8.3}\n",
+                "{:<width$}  {:>4}  {:>8.digits$}  {:>8.digits$}  {:>8.digits$}  {:>8.digits$}  \
+                 {:>8.digits$}  {:>8.3}\n",
                 v.name, m.runs, m.median, m.p95, m.mean, m.min, m.max, v.ratio_to_baseline
             ));
         }
         s
+    }
+
+    /// Every measured sample, in the order taken: one line per variant (for benchmarks of few
+    /// rounds, where each round is worth seeing).
+    pub fn render_samples(&self) -> String {
+        let t = &self.timings;
+        let digits = decimals_for(t.variants.iter().map(|v| v.summary.median));
+        let mut s = String::from("\nper round, in the order run (ms):\n");
+        for v in &t.variants {
+            let samples: Vec<String> = v
+                .samples_ms
+                .iter()
+                .map(|x| format!("{x:.digits$}"))
+                .collect();
+            s.push_str(&format!("{}: {}\n", v.name, samples.join(" ")));
+        }
+        s
+    }
+}
+
+/// Decimals for a table of times in ms: 1, or 3 when a median is under 10 ms (sub-millisecond
+/// calls such as Stats would otherwise print as 0.3 against 0.4).
+pub fn decimals_for(medians: impl Iterator<Item = f64>) -> usize {
+    if medians.into_iter().any(|m| m < 10.0) {
+        3
+    } else {
+        1
     }
 }
 
@@ -185,6 +214,13 @@ pub fn write_json<T: Serialize>(path: &Path, report: &T) -> Result<(), ReportErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_times_get_three_decimals() {
+        assert_eq!(decimals_for([137.2, 90.7].into_iter()), 1);
+        assert_eq!(decimals_for([0.41, 1.2].into_iter()), 3);
+        assert_eq!(decimals_for(std::iter::empty()), 1);
+    }
 
     #[test]
     fn command_lines_are_quoted_for_the_shell() {

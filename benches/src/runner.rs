@@ -233,6 +233,18 @@ pub fn summarize(times: Vec<VariantTimes>, baseline: usize) -> Vec<VariantResult
         .collect()
 }
 
+/// Gives each variant its own baseline: the ratio of variant `i` becomes its median over the
+/// median of variant `baseline_of[i]` (indexes in the order the variants were run), and
+/// `label` says in the report what the baselines are. For reports with one baseline per
+/// group, such as runc.v2 on each containerd version.
+pub fn rebase(timings: &mut Timings, baseline_of: &[usize], label: impl Into<String>) {
+    let medians: Vec<f64> = timings.variants.iter().map(|v| v.summary.median).collect();
+    for (v, b) in timings.variants.iter_mut().zip(baseline_of) {
+        v.ratio_to_baseline = medians.get(*b).map_or(f64::NAN, |m| v.summary.median / m);
+    }
+    timings.baseline = label.into();
+}
+
 /// Runs `plan.warmup` then `plan.rounds` rounds of `variants`, rotated, and summarizes them.
 pub fn run(variants: &mut [Variant<'_>], plan: &Plan) -> Result<Timings, RunnerError> {
     if plan.rounds == 0 {
@@ -379,6 +391,29 @@ mod tests {
         let r = summarize(times, 0);
         assert_eq!(r[0].ratio_to_baseline, 1.0);
         assert_eq!(r[1].ratio_to_baseline, 0.5);
+    }
+
+    #[test]
+    fn rebased_ratios_divide_by_each_variants_own_baseline() {
+        let times = ["a1", "b1", "a2", "b2"]
+            .iter()
+            .zip([10.0, 5.0, 40.0, 10.0])
+            .map(|(name, ms)| VariantTimes {
+                name: name.to_string(),
+                command: String::new(),
+                samples_ms: vec![ms],
+            })
+            .collect();
+        let mut t = Timings {
+            rounds: 1,
+            warmup: 0,
+            baseline: "a1".into(),
+            variants: summarize(times, 0),
+        };
+        rebase(&mut t, &[0, 0, 2, 2], "a of the same number");
+        let ratios: Vec<f64> = t.variants.iter().map(|v| v.ratio_to_baseline).collect();
+        assert_eq!(ratios, [1.0, 0.5, 1.0, 0.25]);
+        assert_eq!(t.baseline, "a of the same number");
     }
 
     #[test]
