@@ -11,6 +11,7 @@ use hyperbox_shim_core::{
 use nix::unistd::Pid;
 
 use crate::console::ConsoleSocket;
+use crate::executor::{ExecutorFactory, NativeExecutors};
 use crate::wire::{self, Reply, Request, StdioMask};
 use crate::zygote;
 
@@ -29,8 +30,17 @@ pub struct YoukiEngine {
 
 /// Forks the zygote; called by `hyperbox_shim_core::run` while the process has one thread.
 pub fn prepare(ctx: &ShimContext) -> Result<Arc<dyn Engine>, EngineError> {
+    prepare_with(ctx, Box::new(NativeExecutors))
+}
+
+/// As [`prepare`], with the executor of each container chosen by `executors` in the zygote
+/// (see [`ExecutorFactory`]).
+pub fn prepare_with(
+    ctx: &ShimContext,
+    executors: Box<dyn ExecutorFactory>,
+) -> Result<Arc<dyn Engine>, EngineError> {
     let root = PathBuf::from(STATE_ROOT).join(&ctx.namespace);
-    let (sock, zygote_pid) = zygote::spawn(root)?;
+    let (sock, zygote_pid) = zygote::spawn(root, executors)?;
     tracing::debug!(id = ctx.id, zygote = zygote_pid.as_raw(), "zygote started");
     Ok(Arc::new(YoukiEngine {
         zygote: Arc::new(Mutex::new(sock)),

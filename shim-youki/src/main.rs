@@ -2,12 +2,6 @@
 //! `libcontainer`, in-process. See `DESIGN.md` for how containers are created without
 //! forking the multi-threaded shim.
 
-mod console;
-mod engine;
-mod rootfs;
-mod wire;
-mod zygote;
-
 fn main() -> std::process::ExitCode {
-    hyperbox_shim_core::run("io.containerd.hyperbox.v1", engine::prepare)
+    hyperbox_shim_core::run("io.containerd.hyperbox.v1", hyperbox_shim_youki::prepare)
 }

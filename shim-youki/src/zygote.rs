@@ -22,12 +22,16 @@ use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::unistd::{fork, ForkResult, Pid};
 
+use crate::executor::{BoxedExecutor, ExecutorFactory, NewContainer};
 use crate::rootfs;
 use crate::wire::{self, Reply, Request, StdioMask};
 
-/// Forks the zygote serving containers whose state lives under `root` and returns the
-/// shim's end of its socket.
-pub fn spawn(root: PathBuf) -> Result<(OwnedFd, Pid), EngineError> {
+/// Forks the zygote serving containers whose state lives under `root`, their executors
+/// chosen by `executors`, and returns the shim's end of its socket.
+pub fn spawn(
+    root: PathBuf,
+    mut executors: Box<dyn ExecutorFactory>,
+) -> Result<(OwnedFd, Pid), EngineError> {
     let threads = thread_count();
     if threads != Some(1) {
         return Err(EngineError::Failed(format!(
@@ -47,7 +51,7 @@ pub fn spawn(root: PathBuf) -> Result<(OwnedFd, Pid), EngineError> {
         Ok(ForkResult::Child) => {
             drop(shim_end);
             let code = match become_zygote(parent) {
-                Ok(()) => serve(&zygote_end, &root),
+                Ok(()) => serve(&zygote_end, &root, executors.as_mut()),
                 Err(e) => {
                     tracing::error!("zygote setup: {e}");
                     1
@@ -93,7 +97,7 @@ fn become_zygote(parent: Pid) -> io::Result<()> {
 }
 
 /// Answers requests until the shim closes its end.
-fn serve(sock: &OwnedFd, root: &Path) -> i32 {
+fn serve(sock: &OwnedFd, root: &Path, executors: &mut dyn ExecutorFactory) -> i32 {
     let mut roots = StateRoots {
         default: root.to_path_buf(),
         by_id: HashMap::new(),
@@ -107,7 +111,7 @@ fn serve(sock: &OwnedFd, root: &Path) -> i32 {
                 return 1;
             }
         };
-        let reply = match handle(&mut roots, req, fds) {
+        let reply = match handle(&mut roots, executors, req, fds) {
             Ok(r) => r,
             Err(e) => Reply::Failed(e),
         };
@@ -152,7 +156,12 @@ impl StateRoots {
     }
 }
 
-fn handle(roots: &mut StateRoots, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, EngineError> {
+fn handle(
+    roots: &mut StateRoots,
+    executors: &mut dyn ExecutorFactory,
+    req: Request,
+    fds: Vec<OwnedFd>,
+) -> Result<Reply, EngineError> {
     match req {
         Request::Create {
             id,
@@ -169,7 +178,16 @@ fn handle(roots: &mut StateRoots, req: Request, fds: Vec<OwnedFd>) -> Result<Rep
                     EngineError::Failed(format!("cannot write {}: {e}", file.display()))
                 })?;
             }
-            let created = create(&root, &id, &bundle, &rootfs, stdio, fds, no_pivot_root);
+            let created = create(
+                &root,
+                &id,
+                &bundle,
+                &rootfs,
+                stdio,
+                fds,
+                no_pivot_root,
+                executors,
+            );
             match created {
                 Ok(_) if root != roots.default => {
                     roots.by_id.insert(id, root);
@@ -278,6 +296,7 @@ fn builder(
     Ok(b)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn create(
     root: &Path,
     id: &str,
@@ -286,6 +305,7 @@ fn create(
     stdio: StdioMask,
     fds: Vec<OwnedFd>,
     no_pivot_root: bool,
+    executors: &mut dyn ExecutorFactory,
 ) -> Result<u32, EngineError> {
     let spec = rootfs::SpecPaths::read(bundle).map_err(EngineError::InvalidSpec)?;
     if mounts.is_empty() && !spec.root.is_dir() {
@@ -300,8 +320,23 @@ fn create(
     if let Err(e) = spec.create_cwd() {
         tracing::warn!(id, "cannot create the process's cwd: {e}");
     }
+    let new = NewContainer {
+        id,
+        bundle,
+        rootfs: &spec.root,
+    };
+    let executor = match executors.executor(&new) {
+        Ok(e) => e,
+        Err(e) => {
+            if let Err(clean) = delete(root, id, bundle) {
+                tracing::warn!(id, "cleanup after failed create: {clean:?}");
+            }
+            return Err(e);
+        }
+    };
     let built = b.validate_id().and_then(|b| {
-        b.as_init(bundle)
+        b.with_executor(BoxedExecutor(executor))
+            .as_init(bundle)
             .as_sibling(true)
             .with_systemd(false)
             .with_no_pivot(no_pivot_root)

@@ -1,0 +1,91 @@
+//! The wasm shim's `Engine`: the youki shim's, with Exec refused in containers that run a
+//! WebAssembly guest (their init is the guest; there is no program to exec beside it that
+//! the image can be assumed to have). Native containers accept Exec as under the youki shim.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use hyperbox_shim_core::{CreateSpec, Engine, EngineError, ExecSpec, ProcessStdio, Spawned};
+
+use crate::guest;
+
+#[derive(Debug)]
+pub struct WasmEngine {
+    containers: Arc<dyn Engine>,
+    /// Containers running a guest: id → the guest's name.
+    guests: Mutex<HashMap<String, String>>,
+}
+
+impl WasmEngine {
+    pub fn new(containers: Arc<dyn Engine>) -> Self {
+        WasmEngine {
+            containers,
+            guests: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn guests(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.guests.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl Engine for WasmEngine {
+    async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<Spawned, EngineError> {
+        let spawned = self.containers.create(spec, stdio).await?;
+        // The rootfs is mounted now: the same lookup the zygote made.
+        let found = guest::load_spec(&spec.bundle).and_then(|s| {
+            let rootfs = guest::rootfs_of(&spec.bundle, &s);
+            guest::locate(&s, &rootfs)
+        });
+        match found {
+            Ok(Some(g)) => {
+                self.guests().insert(spec.id.clone(), g.name);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(id = spec.id, "cannot tell whether it runs a guest: {e}"),
+        }
+        Ok(spawned)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), EngineError> {
+        self.containers.start(id).await
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        stdio: ProcessStdio,
+    ) -> Result<Spawned, EngineError> {
+        if let Some(name) = self.guests().get(id) {
+            return Err(EngineError::Unsupported(format!(
+                "container {id} runs the WebAssembly guest {name}: exec is not supported in \
+                 WebAssembly containers"
+            )));
+        }
+        self.containers.exec(id, spec, stdio).await
+    }
+
+    async fn signal_all(&self, id: &str, signal: i32) -> Result<(), EngineError> {
+        self.containers.signal_all(id, signal).await
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<u32>, EngineError> {
+        self.containers.pids(id).await
+    }
+
+    async fn cgroups_path(&self, id: &str) -> Result<PathBuf, EngineError> {
+        self.containers.cgroups_path(id).await
+    }
+
+    async fn delete(&self, id: &str, bundle: &Path) -> Result<(), EngineError> {
+        let result = self.containers.delete(id, bundle).await;
+        if result.is_ok() {
+            self.guests().remove(id);
+        }
+        result
+    }
+}

@@ -1,0 +1,6 @@
+//! `containerd-shim-hyperbox-wasm-v1`: WebAssembly containers under containerd through
+//! wasmtime. See `DESIGN.md`.
+
+fn main() -> std::process::ExitCode {
+    hyperbox_shim_core::run(hyperbox_shim_wasm::RUNTIME, hyperbox_shim_wasm::prepare)
+}

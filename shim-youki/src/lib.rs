@@ -1,0 +1,14 @@
+//! `containerd-shim-hyperbox-v1`'s engine: Linux containers through youki's `libcontainer`,
+//! in-process, created by a single-threaded zygote. A library so that another shim can run
+//! its containers through the same path with its own executor ([`prepare_with`]); see
+//! `DESIGN.md` for how containers are created without forking the multi-threaded shim.
+
+mod console;
+mod engine;
+mod executor;
+mod rootfs;
+mod wire;
+mod zygote;
+
+pub use engine::{prepare, prepare_with};
+pub use executor::{ExecutorFactory, NativeExecutors, NewContainer};
