@@ -74,9 +74,10 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Waits until `path` holds `want` (as a sorted set of lines: runc's shim copies stdout and
-/// stderr on two goroutines, so their relative order is not kept).
-fn wait_lines(path: &Path, want: &[&str]) {
+/// The sorted lines of `path` once they are `want` (as a set: runc's shim copies stdout and
+/// stderr on two goroutines, so their relative order is not kept), or what it holds after
+/// 10 s.
+fn lines_when(path: &Path, want: &[&str]) -> Vec<String> {
     let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
     want.sort();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -84,15 +85,28 @@ fn wait_lines(path: &Path, want: &[&str]) {
         let got = std::fs::read_to_string(path).unwrap_or_default();
         let mut lines: Vec<String> = got.lines().map(str::to_string).collect();
         lines.sort();
-        if lines == want {
-            return;
+        if lines == want || Instant::now() > deadline {
+            return lines;
         }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Checks a log through `runtime`: ours must hold every line; runc's shim is the reference
+/// but loses a stream's tail now and then (its copy of stderr into a `file://` log races
+/// the task's deletion under `ctr run --rm`), so its lines need only be among them.
+fn check_log(runtime: &str, path: &Path, want: &[&str]) {
+    let got = lines_when(path, want);
+    let mut sorted: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    sorted.sort();
+    if runtime == OURS {
+        assert_eq!(got, sorted, "{runtime}: {}", path.display());
+    } else {
         assert!(
-            Instant::now() < deadline,
-            "{} holds {got:?}, want the lines {want:?}",
+            !got.is_empty() && got.iter().all(|l| sorted.contains(l)),
+            "{runtime}: {} holds {got:?}",
             path.display()
         );
-        thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -127,15 +141,19 @@ fn log_uris_as_runc(v: ContainerdVersion) {
             &script,
         );
         assert!(out.status.success(), "{runtime}: {}", text(&out.stderr));
-        wait_lines(&file, &["out", "err", "out2"]);
+        check_log(runtime, &file, &["out", "err", "out2"]);
 
         let id = format!("lb{n}");
         let uri = format!("binary://{}?dir={}", logger.display(), logs.display());
         let out = ctr_run(c, runtime, &["--log-uri", &uri], &[&image], &id, &script);
         assert!(out.status.success(), "{runtime}: {}", text(&out.stderr));
         let base = logs.join(format!("{}.{id}", c.namespace()));
-        wait_lines(&base.with_extension(format!("{id}.out")), &["out", "out2"]);
-        wait_lines(&base.with_extension(format!("{id}.err")), &["err"]);
+        check_log(
+            runtime,
+            &base.with_extension(format!("{id}.out")),
+            &["out", "out2"],
+        );
+        check_log(runtime, &base.with_extension(format!("{id}.err")), &["err"]);
     }
     // A logging binary that does not exist: both fail the run, ours naming it.
     for (n, runtime) in RUNTIMES.into_iter().enumerate() {
