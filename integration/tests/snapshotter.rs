@@ -2,7 +2,11 @@
 //! plugin `hyperbox`: images pulled through it run through the runc shim (and concurrent pulls
 //! share a layer), Usage matches `du`, removing an image gives its disk back, bad input gets
 //! the error codes containerd's own overlayfs snapshotter gives, and a `kill -9` during an
-//! unpack loses nothing while a running container keeps reading its files.
+//! unpack loses nothing while a running container keeps reading its files. Committed layers
+//! become EROFS images over the chunk store (`erofs_*`): containers run from them (file-backed
+//! and loop mounts), a root built from every kind of entry equals overlayfs's (`fidelity`),
+//! five flattened Debian images share their data (`dedup`), and `kill -9` during conversions
+//! loses nothing.
 //!
 //! The snapshotter runs in a sandbox of its own (root, socket and log inside it), so the
 //! harness's guard kills it and removes its files whatever happens to the test.
@@ -41,19 +45,24 @@ use nix::unistd::Pid;
 
 const BINARY: &str = "hyperbox-snapshotter";
 const PLUGIN: &str = "hyperbox";
+/// The label the snapshotter reports on a layer served from its EROFS image.
+const STORAGE_LABEL: &str = "containerd.io/snapshot/hyperbox.storage";
 
 /// A `hyperbox-snapshotter` process in a sandbox of its own.
 struct SnapshotterDaemon {
     child: Option<Child>,
     sandbox: Sandbox,
+    /// Lines appended to the config file (`convert`, `mount_mode`).
+    extra_config: String,
 }
 
 impl SnapshotterDaemon {
-    fn start() -> Self {
+    fn start(extra_config: &str) -> Self {
         let sandbox = Sandbox::create("snapshotter").expect("snapshotter sandbox");
         let mut d = SnapshotterDaemon {
             child: None,
             sandbox,
+            extra_config: extra_config.to_string(),
         };
         d.spawn();
         d
@@ -126,9 +135,10 @@ impl SnapshotterDaemon {
     fn write_config(&self) -> PathBuf {
         let path = self.dir().join("snapshotter.toml");
         let text = format!(
-            "root = \"{}\"\naddress = \"{}\"\nsocket_mode = 0o600\nlog_level = \"info\"\n",
+            "root = \"{}\"\naddress = \"{}\"\nsocket_mode = 0o600\nlog_level = \"info\"\n{}",
             self.root().display(),
-            self.socket().display()
+            self.socket().display(),
+            self.extra_config,
         );
         fs::write(&path, text).expect("write config");
         path
@@ -172,11 +182,122 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// The snapshotter with its default config (committed layers converted to EROFS).
     fn start(v: ContainerdVersion) -> Fixture {
-        let snap = SnapshotterDaemon::start();
+        Fixture::start_with(v, "")
+    }
+
+    /// The snapshotter with `extra_config` lines added to its config file.
+    fn start_with(v: ContainerdVersion, extra_config: &str) -> Fixture {
+        let snap = SnapshotterDaemon::start(extra_config);
         let builder = Containerd::builder(v).with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
         let bed = TestBed::with_builder(builder).expect("test bed");
         Fixture { bed, snap }
+    }
+
+    /// Waits until every committed snapshot is served from its EROFS image (the storage
+    /// label the snapshotter reports), and returns them.
+    fn wait_converted(&self, calls: &Calls) -> Vec<Info> {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let committed = calls.list(&["kind==committed"]).expect("list");
+            let pending = committed
+                .iter()
+                .filter(|i| i.labels.get(STORAGE_LABEL).map(String::as_str) != Some("erofs"))
+                .count();
+            if pending == 0 {
+                return committed;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pending} layers never converted:\n{}",
+                self.snap.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ids of the snapshot directories holding an EROFS image.
+    fn image_ids(&self) -> Vec<String> {
+        self.snap
+            .entries("snapshots")
+            .into_iter()
+            .filter(|id| {
+                self.snap
+                    .root()
+                    .join("snapshots")
+                    .join(id)
+                    .join("layer.erofs")
+                    .is_file()
+            })
+            .collect()
+    }
+
+    /// EROFS mounts under the snapshotter's root: (mount point, mount source).
+    fn erofs_mounts(&self) -> Vec<(String, String)> {
+        let root = format!("{}/", self.snap.root().display());
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let mut r = right.split(' ');
+                let (fstype, source) = (r.next()?, r.next()?);
+                let point = left.split(' ').nth(4)?;
+                (fstype == "erofs" && point.starts_with(&root))
+                    .then(|| (point.to_string(), source.to_string()))
+            })
+            .collect()
+    }
+
+    /// Checks every converted layer: its image mounted once at `snapshots/ID/erofs`, its
+    /// plain dir gone, `fsck.erofs` (with the packs as devices) decoding all of its data.
+    fn check_converted_layers(&self, expected: usize) {
+        let ids = self.image_ids();
+        assert_eq!(ids.len(), expected, "images: {ids:?}");
+        let mounts = self.erofs_mounts();
+        let packs: Vec<PathBuf> = (0..4)
+            .map(|n| self.snap.root().join("erofs").join(format!("p{n}")))
+            .collect();
+        for id in &ids {
+            let dir = self.snap.root().join("snapshots").join(id);
+            let point = dir.join("erofs").display().to_string();
+            let n = mounts.iter().filter(|(p, _)| *p == point).count();
+            assert_eq!(n, 1, "mounts of {point}: {mounts:?}");
+            assert!(!dir.join("fs").exists(), "plain dir of layer {id} kept");
+            let mut fsck = Command::new("fsck.erofs");
+            for p in &packs {
+                fsck.arg(format!("--device={}", p.display()));
+            }
+            let out = fsck
+                .arg("--extract")
+                .arg(dir.join("layer.erofs"))
+                .output()
+                .expect("fsck.erofs runs");
+            assert!(
+                out.status.success(),
+                "fsck.erofs of layer {id}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(mounts.len(), ids.len(), "{mounts:?}");
+    }
+
+    /// Waits until containerd reaches the (restarted) snapshotter again: its gRPC client
+    /// reconnects with a backoff.
+    fn wait_reconnected(&self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while let Err(e) = self
+            .c()
+            .ctr_run(&["snapshots", "--snapshotter", PLUGIN, "ls"])
+        {
+            assert!(
+                Instant::now() < deadline,
+                "containerd never reconnected: {e}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn c(&self) -> &Containerd {
@@ -591,7 +712,8 @@ per_version!(images_run, images_run_from_the_snapshotter);
 /// a committed layer's is `du` of its directory, and removing an image's snapshots gives its
 /// disk back.
 fn usage_and_disk(v: ContainerdVersion) {
-    let f = Fixture::start(v);
+    // Plain directories (the rule for converted layers is tested in `erofs_layers`).
+    let f = Fixture::start_with(v, "convert = false\n");
     let busybox = f.push(TestImage::Busybox);
     let debian = f.push(TestImage::Debian);
     f.pull(&busybox).expect("busybox");
@@ -1082,7 +1204,9 @@ fn churn(socket: &Path, round: u32) -> Acked {
 /// recovery leaves exactly one directory per record and no staging or trash entries.
 #[test]
 fn kill9_at_any_point_leaves_old_or_new_state() {
-    let mut snap = SnapshotterDaemon::start();
+    // Plain layers: conversions would move directories through trash/ while it is checked
+    // (`erofs_kill9_during_conversion` covers crashes of the conversion).
+    let mut snap = SnapshotterDaemon::start("convert = false\n");
     for round in 0..8u32 {
         let socket = snap.socket();
         let worker = thread::spawn(move || churn(&socket, round));
@@ -1200,3 +1324,635 @@ fn containerd_reads_the_plugin_snippet(v: ContainerdVersion) {
     sandbox.teardown().expect("teardown");
 }
 per_version!(plugin_snippet, containerd_reads_the_plugin_snippet);
+
+/// Packs, images and metadata under the snapshotter's root, as `du -B1` counts them.
+fn root_disk(f: &Fixture) -> i64 {
+    du(&f.snap.root(), &["-B1", "-x"])
+}
+
+/// EROFS layers: busybox and debian pulled through the snapshotter become EROFS images over
+/// the chunk store (mounted with `mount_mode`), containers run from overlays of those
+/// mounts, `fsck.erofs` accepts every image, a restart (after SIGKILL) neither disturbs a
+/// running container nor mounts anything twice, and removing the images gives the disk
+/// back after GC.
+fn erofs_layers(v: ContainerdVersion, mount_mode: &str) {
+    let mut f = Fixture::start_with(v, &format!("mount_mode = \"{mount_mode}\"\n"));
+    let empty_disk = root_disk(&f);
+    let busybox = f.push(TestImage::Busybox);
+    let debian = f.push(TestImage::Debian);
+    f.pull(&busybox).expect("busybox pulled");
+    f.pull(&debian).expect("debian pulled");
+    let direct = f.direct();
+    let layers = f.wait_converted(&direct);
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    f.check_converted_layers(2);
+    if mount_mode == "loop" {
+        assert!(
+            f.erofs_mounts()
+                .iter()
+                .all(|(_, src)| src.starts_with("/dev/loop")),
+            "{:?}",
+            f.erofs_mounts()
+        );
+    } else {
+        assert!(
+            f.erofs_mounts()
+                .iter()
+                .all(|(_, src)| src.ends_with("/layer.erofs")),
+            "{:?}",
+            f.erofs_mounts()
+        );
+    }
+
+    f.run_check(
+        &busybox,
+        "bb",
+        "echo written >/new && test \"$(cat /new)\" = written && test -x /bin/sh",
+    );
+    f.run_check(
+        &debian,
+        "deb",
+        "grep -q '^12\\.' /etc/debian_version && ls -l /usr/bin/ | grep -q bash \
+         && dpkg -s coreutils >/dev/null && sha256sum /usr/bin/* >/dev/null",
+    );
+
+    // A running container's root is an overlay of the EROFS mounts.
+    f.start_detached(
+        &debian,
+        "reader",
+        "n=0; while :; do if cat /usr/bin/bash /etc/passwd >/dev/null; then n=$((n+1)); \
+         echo $n >/count; else echo fail >>/failures; fi; sleep 0.05; done",
+    );
+    let lower = format!("lowerdir={}/snapshots/", f.snap.root().display());
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let rootfs = mountinfo
+        .lines()
+        .find(|l| l.contains(" overlay ") && l.contains(&lower) && l.contains("/reader/"))
+        .unwrap_or_else(|| panic!("no overlay of {lower} for the reader:\n{mountinfo}"));
+    let lowers = rootfs
+        .split_once("lowerdir=")
+        .and_then(|(_, rest)| rest.split(',').next())
+        .expect("lowerdir option");
+    assert!(
+        lowers.split(':').all(|l| l.ends_with("/erofs")),
+        "lower dirs are not the erofs mounts: {rootfs}"
+    );
+
+    // Killed and restarted: the mounts stay as they are, the container keeps reading.
+    thread::sleep(Duration::from_millis(300));
+    let c0 = reads_done(&f, "c0");
+    drop(direct);
+    f.snap.stop(Signal::SIGKILL);
+    thread::sleep(Duration::from_millis(500));
+    let c1 = reads_done(&f, "c1");
+    assert!(
+        c1 > c0,
+        "reads stalled with the snapshotter down: {c0} -> {c1}"
+    );
+    f.snap.spawn();
+    let direct = f.direct();
+    f.wait_converted(&direct);
+    f.check_converted_layers(2);
+    f.wait_reconnected();
+    f.run_check(&debian, "deb2", "test -s /etc/passwd");
+    let c2 = reads_done(&f, "c2");
+    assert!(c2 > c1, "reads stalled: {c1} -> {c2}");
+    let failures = f.exec("reader", "c3", &["cat", "/failures"]);
+    assert!(!failures.status.success(), "the reader saw failed reads");
+    f.c()
+        .ctr_run(&["tasks", "kill", "-s", "SIGKILL", "reader"])
+        .expect("kill reader");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.c().ctr_run(&["tasks", "delete", "reader"]).is_err() {
+        assert!(Instant::now() < deadline, "reader task not deleted");
+        thread::sleep(Duration::from_millis(200));
+    }
+    f.c()
+        .ctr_run(&["containers", "rm", "reader"])
+        .expect("reader container removed");
+
+    // Removing every image gives the disk back once GC has run.
+    let full_disk = root_disk(&f);
+    for image in [&debian, &busybox] {
+        f.c()
+            .ctr_run(&["images", "rm", "--sync", image])
+            .expect("image removed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = direct.cleanup();
+        let left = direct.list(&[]).expect("list").len();
+        if left == 0 && f.erofs_mounts().is_empty() && root_disk(&f) < empty_disk + (4 << 20) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "disk not given back: {left} snapshots, {} bytes (empty {empty_disk}, full \
+             {full_disk}), mounts {:?}\n{}",
+            root_disk(&f),
+            f.erofs_mounts(),
+            f.snap.log()
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+    eprintln!(
+        "erofs {mount_mode}: root {empty_disk} B empty, {full_disk} B with busybox+debian, {} B \
+         after removal",
+        root_disk(&f)
+    );
+    drop(direct);
+    teardown_leaves_nothing(f);
+}
+
+fn erofs_layers_file_backed(v: ContainerdVersion) {
+    erofs_layers(v, "file");
+}
+per_version!(erofs_file, erofs_layers_file_backed);
+
+fn erofs_layers_loop_devices(v: ContainerdVersion) {
+    erofs_layers(v, "loop");
+}
+per_version!(erofs_loop, erofs_layers_loop_devices);
+
+/// `kill -9` of the snapshotter while it converts a layer, at several moments; after each
+/// restart the layer is intact (plain or converted, never unmountable), conversion finishes,
+/// a running container keeps reading, and the image runs from EROFS.
+fn kill9_during_conversion(v: ContainerdVersion) {
+    let mut f = Fixture::start(v);
+    let busybox = f.push(TestImage::Busybox);
+    let debian = f.push(TestImage::Debian);
+    f.pull(&busybox).expect("busybox");
+    f.wait_converted(&f.direct());
+    f.start_detached(
+        &busybox,
+        "reader",
+        "n=0; while :; do if cat /bin/sh /etc/passwd >/dev/null; then n=$((n+1)); \
+         echo $n >/count; else echo fail >>/failures; fi; sleep 0.05; done",
+    );
+    thread::sleep(Duration::from_millis(300));
+    let mut count = reads_done(&f, "c0");
+    f.pull(&debian).expect("debian");
+    // Kill at growing delays after the restart that starts debian's conversion again.
+    let mut killed_mid_conversion = 0;
+    for round in 0..5u64 {
+        let log_start = f.snap.log().len();
+        f.snap.stop(Signal::SIGKILL);
+        f.snap.spawn();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = f.snap.log();
+            if log[log_start.min(log.len())..].contains("snapshotter state recovered") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no start-up seen:\n{log}");
+            thread::sleep(Duration::from_millis(5));
+        }
+        thread::sleep(Duration::from_millis(round * 150));
+        let log = f.snap.log();
+        if !log[log_start.min(log.len())..].contains("layer converted to erofs") {
+            killed_mid_conversion += 1;
+        }
+        f.snap.stop(Signal::SIGKILL);
+        let n = reads_done(&f, &format!("r{round}"));
+        assert!(n > count, "reads stalled: {count} -> {n}");
+        count = n;
+        f.snap.spawn();
+        let direct = f.direct();
+        let layers = f.wait_converted(&direct);
+        assert_eq!(layers.len(), 2, "{layers:?}");
+        f.check_converted_layers(2);
+        f.wait_reconnected();
+        f.run_check(
+            &debian,
+            &format!("deb{round}"),
+            "grep -q '^12\\.' /etc/debian_version",
+        );
+        // Undo the conversion for the next round: remove and pull debian again.
+        drop(direct);
+        if round < 4 {
+            f.c()
+                .ctr_run(&["images", "rm", "--sync", &debian])
+                .expect("image removed");
+            f.pull(&debian).expect("debian again");
+        }
+    }
+    assert!(
+        killed_mid_conversion > 0,
+        "no kill landed during a conversion"
+    );
+    let failures = f.exec("reader", "fail", &["cat", "/failures"]);
+    assert!(!failures.status.success(), "the reader saw failed reads");
+    teardown_leaves_nothing(f);
+}
+per_version!(erofs_crash, kill9_during_conversion);
+
+/// Writes a single-layer image of the tree at `tree` as an oci-archive (imported through
+/// both snapshotters) and returns its path.
+fn flat_image_archive(tree: &Path, work: &Path, name: &str) -> PathBuf {
+    use hyperbox_integration::images::{layer, oci};
+    let layout = work.join(format!("{name}.layout"));
+    let archive = work.join(format!("{name}.tar"));
+    let epoch = 1_700_000_000;
+    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
+    let mut entries = layer::scan_tree(tree).expect("scan tree");
+    writer.add_layer(&mut entries).expect("layer written");
+    let run = oci::RunConfig {
+        cmd: vec!["bash".into()],
+        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+        history: vec![format!("flattened rootfs {name}")],
+    };
+    let reference = format!("docker.io/hyperbox/{name}:latest");
+    writer
+        .finish(&run, "latest", &reference)
+        .expect("layout finished");
+    oci::write_archive(&layout, &archive, epoch).expect("archive");
+    archive
+}
+
+fn sh(script: &str) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("sh");
+    assert!(out.status.success(), "{script}: {out:?}");
+}
+
+/// Test 3, the dedup set: five single-layer images, each a whole Debian rootfs flattened
+/// into one layer (the base and four variants adding a package or changing files), as
+/// separate pipelines produce them, so overlayfs shares nothing between them. Imported
+/// through overlayfs and through hyperbox: the shared data is stored once (hyperbox's root
+/// holds less than the base tree plus what each variant adds, plus images and metadata),
+/// and the whole takes well below overlayfs's disk.
+fn dedup_set(v: ContainerdVersion) {
+    let f = Fixture::start(v);
+    let debian = TestBed::build(TestImage::Debian).expect("debian built");
+    assert_eq!(debian.layer_digests.len(), 1, "debian is one layer");
+    let work = f.snap.dir().join("dedup");
+    fs::create_dir_all(&work).unwrap();
+    let blob = debian.blob_path(&debian.layer_digests[0]);
+    let debs = Path::new("/var/cache/hyperbox/debs");
+    let deb = |prefix: &str| -> Option<PathBuf> {
+        fs::read_dir(debs)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+            })
+    };
+    let tini = deb("tini_");
+    let docker_cli = deb("docker-cli_");
+    // (name, script run in the tree after the base is extracted)
+    let variants: Vec<(String, String)> = vec![
+        ("dedup-base".into(), String::new()),
+        (
+            "dedup-tini".into(),
+            match &tini {
+                Some(d) => format!("dpkg -x {} .", d.display()),
+                None => "mkdir -p opt/tool && head -c 700000 /dev/urandom > opt/tool/bin".into(),
+            },
+        ),
+        (
+            "dedup-config".into(),
+            "echo 'variant 2' > etc/motd && echo changed >> etc/bash.bashrc \
+             && head -c 2000000 /dev/urandom > usr/local/bin/app && chmod 755 usr/local/bin/app"
+                .into(),
+        ),
+        (
+            "dedup-slim".into(),
+            "rm -rf usr/share/doc usr/share/man usr/share/locale && echo slim > etc/hostname"
+                .into(),
+        ),
+        (
+            "dedup-cli".into(),
+            match &docker_cli {
+                Some(d) => format!("dpkg -x {} .", d.display()),
+                None => "mkdir -p opt/cli && head -c 8000000 /dev/urandom > opt/cli/bin".into(),
+            },
+        ),
+    ];
+    let overlay_root = f
+        .c()
+        .dir()
+        .join("root/io.containerd.snapshotter.v1.overlayfs");
+    let overlay_before = du(&overlay_root, &["-B1", "-x"]);
+    let hyperbox_before = root_disk(&f);
+    // One variant at a time, its archive deleted once imported: the host's disk is shared.
+    let import = |tree: &Path, name: &str| {
+        let archive = flat_image_archive(tree, &work, name);
+        let a = archive.to_string_lossy();
+        f.c()
+            .ctr_run(&["images", "import", "--snapshotter", PLUGIN, &a])
+            .expect("import through hyperbox");
+        f.c()
+            .ctr_run(&["images", "import", "--snapshotter", "overlayfs", &a])
+            .expect("import through overlayfs");
+        fs::remove_file(&archive).unwrap();
+        fs::remove_dir_all(work.join(format!("{name}.layout"))).unwrap();
+    };
+    let base_dir = work.join("tree-base");
+    let mut added = 0i64;
+    for (name, script) in &variants {
+        let tree = work.join(format!("tree-{name}"));
+        fs::create_dir_all(&tree).unwrap();
+        sh(&format!(
+            "tar -xzpf {} -C {} --numeric-owner --xattrs --xattrs-include='*'",
+            blob.display(),
+            tree.display()
+        ));
+        if !script.is_empty() {
+            sh(&format!("cd {} && {script}", tree.display()));
+        }
+        if name == "dedup-base" {
+            fs::rename(&tree, &base_dir).unwrap();
+            import(&base_dir, name);
+        } else {
+            added += (du(&tree, &["-B1"]) - du(&base_dir, &["-B1"])).max(0);
+            import(&tree, name);
+            fs::remove_dir_all(&tree).unwrap();
+        }
+    }
+    let base_bytes = du(&base_dir, &["-B1"]);
+    fs::remove_dir_all(&base_dir).unwrap();
+    let direct = f.direct();
+    let layers = f.wait_converted(&direct);
+    assert_eq!(layers.len(), 5, "{layers:?}");
+    f.check_converted_layers(5);
+    let overlay = du(&overlay_root, &["-B1", "-x"]) - overlay_before;
+    let hyperbox = root_disk(&f) - hyperbox_before;
+    let packs = du(&f.snap.root().join("erofs"), &["-B1"]);
+    let ratio = hyperbox as f64 / overlay as f64;
+    eprintln!(
+        "dedup set: overlayfs {overlay} B, hyperbox {hyperbox} B (packs+index {packs} B) = \
+         {ratio:.3}; base tree {base_bytes} B, variants add {added} B"
+    );
+    // Shared data stored once: less than one base plus the additions, plus room for the
+    // five metadata images and the databases.
+    assert!(
+        hyperbox < base_bytes + added + (40 << 20),
+        "hyperbox {hyperbox} B vs base {base_bytes} B + added {added} B"
+    );
+    assert!(ratio < 0.45, "dedup ratio {ratio:.3}");
+    f.run_check(
+        "docker.io/hyperbox/dedup-config:latest",
+        "dd",
+        "grep -q 'variant 2' /etc/motd && test -x /usr/local/bin/app",
+    );
+    drop(direct);
+    teardown_leaves_nothing(f);
+}
+per_version!(dedup, dedup_set);
+
+/// One entry of a tree as the fidelity test compares it.
+#[derive(Debug, PartialEq, Eq)]
+struct EntryFacts {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: (i64, i64),
+    rdev: u64,
+    content: Option<String>,
+    link: Option<PathBuf>,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+/// Every entry under `root` (not following links), by path relative to it; the top-level
+/// `proc`, `sys` and `dev` (the runtime's mounts) are left out.
+fn tree_facts(root: &Path) -> std::collections::BTreeMap<PathBuf, EntryFacts> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let path = root.join(&rel);
+        let meta = fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        let ft = meta.file_type();
+        let kind = if ft.is_dir() {
+            "dir"
+        } else if ft.is_file() {
+            "file"
+        } else if ft.is_symlink() {
+            "symlink"
+        } else if ft.is_fifo() {
+            "fifo"
+        } else if ft.is_char_device() {
+            "char"
+        } else if ft.is_block_device() {
+            "block"
+        } else {
+            "socket"
+        };
+        let content = ft.is_file().then(|| {
+            let mut h = Sha256::new();
+            let mut file = fs::File::open(&path).unwrap();
+            std::io::copy(&mut file, &mut h).unwrap();
+            format!("{:x}", h.finalize())
+        });
+        let mut xattrs: Vec<(String, Vec<u8>)> = xattr::list(&path)
+            .map(|names| {
+                names
+                    .filter_map(|n| {
+                        let v = xattr::get(&path, &n).ok()??;
+                        Some((n.to_string_lossy().into_owned(), v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        xattrs.sort();
+        out.insert(
+            rel.clone(),
+            EntryFacts {
+                kind,
+                mode: meta.mode(),
+                uid: meta.uid(),
+                gid: meta.gid(),
+                size: if ft.is_dir() { 0 } else { meta.size() },
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+                rdev: meta.rdev(),
+                content,
+                link: ft.is_symlink().then(|| fs::read_link(&path).unwrap()),
+                xattrs,
+            },
+        );
+        if ft.is_dir() {
+            for e in fs::read_dir(&path).unwrap().flatten() {
+                let child = rel.join(e.file_name());
+                if rel.as_os_str().is_empty()
+                    && ["proc", "sys", "dev"].contains(&&*e.file_name().to_string_lossy())
+                {
+                    continue;
+                }
+                stack.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Test 2, fidelity: an image holding every kind of entry (regular, empty, sparse-ish,
+/// hard-linked, symlinks, dirs, device nodes, FIFOs, set-uid/set-gid/sticky, owners, mtimes,
+/// xattrs with `security.capability`), with deletions and an opaque dir in an upper layer,
+/// gives a running container a root identical, entry by entry (type, mode, owner, size,
+/// mtime, content digest, xattrs, link target, device numbers), through hyperbox (after
+/// conversion to EROFS) and through containerd's overlayfs; `fsck.erofs` accepts the images.
+fn fidelity(v: ContainerdVersion) {
+    use hyperbox_integration::images::layer::{self, LayerEntry};
+    use hyperbox_integration::images::oci;
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::start(v);
+    let busybox = TestBed::build(TestImage::Busybox).expect("busybox built");
+    let work = f.snap.dir().join("fidelity");
+    let tree = work.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    for digest in &busybox.layer_digests {
+        sh(&format!(
+            "tar -xzpf {} -C {} --numeric-owner",
+            busybox.blob_path(digest).display(),
+            tree.display()
+        ));
+    }
+    let fid = tree.join("fid");
+    sh(&format!(
+        "set -e; mkdir -p {d}/dir/sub {d}/gone-dir {d}/opaque/old {d}/sticky; cd {d}; \
+         head -c 3000000 /dev/urandom > big; : > empty; echo small > small; \
+         echo keep > opaque/old/file; echo bye > gone-file; echo bye > gone-dir/x; \
+         truncate -s 8M sparse && printf data | dd of=sparse bs=1 seek=5000000 conv=notrunc 2>/dev/null; \
+         ln big big-link; ln small dir/sub/small-link; ln -s small rel-link; \
+         ln -s /etc/passwd abs-link; ln -s {long} long-link; ln -s missing dangling; \
+         mknod chr c 1 3; mknod blk b 7 200; mkfifo fifo; \
+         echo s > suid && chmod 4755 suid; echo g > sgid && chmod 2755 sgid; chmod 1777 sticky; \
+         chown 1234:5678 small; chown 65534:65534 dir/sub; chmod 0640 small; \
+         touch -h -d '2001-02-03 04:05:06.123456789' rel-link big; \
+         touch -d '1999-12-31 23:59:59' dir",
+        d = fid.display(),
+        long = "t".repeat(300),
+    ));
+    xattr::set(
+        fid.join("suid"),
+        "security.capability",
+        &[
+            0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ],
+    )
+    .expect("security.capability");
+    xattr::set(fid.join("small"), "user.note", b"hello").expect("user xattr");
+    xattr::set(fid.join("dir"), "user.dir", &[0u8, 1, 2, 255]).expect("user xattr");
+    xattr::set(fid.join("big"), "trusted.x", b"t").expect("trusted xattr");
+    fs::set_permissions(&fid, fs::Permissions::from_mode(0o755)).unwrap();
+
+    let layout = work.join("layout");
+    let archive = work.join("fidelity.tar");
+    let epoch = 2_000_000_000;
+    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
+    let mut lower = layer::scan_tree(&tree).expect("scan");
+    writer.add_layer(&mut lower).expect("lower layer");
+    let mut upper = vec![
+        LayerEntry::dir("fid", 0o755),
+        LayerEntry::whiteout(Path::new("fid/gone-file")),
+        LayerEntry::whiteout(Path::new("fid/gone-dir")),
+        LayerEntry::dir("fid/opaque", 0o750).with_owner(7, 8),
+        LayerEntry::file("fid/opaque/.wh..wh..opq", 0o644, Vec::new()),
+        LayerEntry::file("fid/opaque/new", 0o600, b"fresh".to_vec()).with_mtime(1_234_567_890),
+        LayerEntry::file("fid/small", 0o644, b"changed".to_vec()).with_owner(42, 43),
+    ];
+    writer.add_layer(&mut upper).expect("upper layer");
+    let run = oci::RunConfig {
+        cmd: vec!["sh".into()],
+        env: vec!["PATH=/bin:/usr/bin".into()],
+        history: vec!["busybox + every kind of entry".into(), "deletions".into()],
+    };
+    let reference = "docker.io/hyperbox/fidelity:latest";
+    writer.finish(&run, "latest", reference).expect("finish");
+    oci::write_archive(&layout, &archive, epoch).expect("archive");
+    let a = archive.to_string_lossy();
+    for snapshotter in [PLUGIN, "overlayfs"] {
+        f.c()
+            .ctr_run(&["images", "import", "--snapshotter", snapshotter, &a])
+            .expect("import");
+    }
+    let direct = f.direct();
+    f.wait_converted(&direct);
+    f.check_converted_layers(2);
+
+    // The runtime makes mount points (/proc, /dev, /sys, /run) when it starts a container,
+    // touching their parents' mtimes in the container's own upper dir: those directory times
+    // are the start time, not the image's, and are left out.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut trees = Vec::new();
+    for snapshotter in [PLUGIN, "overlayfs"] {
+        let id = format!("fid-{snapshotter}");
+        f.c()
+            .ctr_run(&[
+                "run",
+                "--snapshotter",
+                snapshotter,
+                "-d",
+                "--null-io",
+                reference,
+                &id,
+                "sleep",
+                "1000",
+            ])
+            .expect("detached run");
+        let out = f.c().ctr_run(&["tasks", "ls"]).expect("tasks ls");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let pid: u32 = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id.as_str()))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid of {id}: {text}"));
+        let mut facts = tree_facts(&PathBuf::from(format!("/proc/{pid}/root")));
+        for entry in facts.values_mut() {
+            if entry.kind == "dir" && entry.mtime.0 >= started {
+                entry.mtime = (0, 0);
+            }
+        }
+        trees.push(facts);
+    }
+    let (ours, theirs) = (&trees[0], &trees[1]);
+    let fid_entries = ours.keys().filter(|p| p.starts_with("fid")).count();
+    assert_eq!(fid_entries, 21, "entries under /fid");
+    for p in ["fid/gone-file", "fid/gone-dir", "fid/opaque/old"] {
+        assert!(!ours.contains_key(Path::new(p)), "{p} not deleted");
+    }
+    assert_eq!(ours[Path::new("fid/chr")].kind, "char");
+    assert!(ours[Path::new("fid/suid")]
+        .xattrs
+        .iter()
+        .any(|(n, _)| n == "security.capability"));
+    let mut diffs = Vec::new();
+    for (path, facts) in ours {
+        match theirs.get(path) {
+            Some(t) if t == facts => {}
+            Some(t) => diffs.push(format!(
+                "{}: hyperbox {facts:?}\n  overlayfs {t:?}",
+                path.display()
+            )),
+            None => diffs.push(format!("{}: only in hyperbox", path.display())),
+        }
+    }
+    for path in theirs.keys().filter(|p| !ours.contains_key(*p)) {
+        diffs.push(format!("{}: only in overlayfs", path.display()));
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+    eprintln!(
+        "fidelity: {} entries identical ({fid_entries} under /fid)",
+        ours.len()
+    );
+    drop(direct);
+    teardown_leaves_nothing(f);
+}
+per_version!(fidelity_vs_overlayfs, fidelity);

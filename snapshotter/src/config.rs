@@ -39,6 +39,8 @@ pub enum ConfigError {
          options"
     )]
     RootSeparator(PathBuf),
+    #[error("config option `mount_mode` must be \"file\", \"loop\" or \"auto\", got {0:?}")]
+    MountMode(String),
     #[error("config option `address` ({address}) must not lie inside `root` ({root})")]
     AddressInRoot { address: PathBuf, root: PathBuf },
 }
@@ -57,6 +59,13 @@ pub struct Config {
     /// Log filter in `tracing_subscriber::EnvFilter` syntax (default `info`); `RUST_LOG`
     /// overrides it.
     pub log_level: String,
+    /// Convert committed layers to EROFS images over the chunk store (default `true`);
+    /// `false` keeps them as plain directories. Layers converted earlier stay converted.
+    pub convert: bool,
+    /// How EROFS images are mounted: `"file"` (file-backed, Linux 6.12+), `"loop"` (loop
+    /// devices) or `"auto"` (file-backed where the kernel supports it, else loop devices).
+    /// Default `"auto"`.
+    pub mount_mode: String,
 }
 
 impl Default for Config {
@@ -66,6 +75,8 @@ impl Default for Config {
             address: PathBuf::from(DEFAULT_ADDRESS),
             socket_mode: DEFAULT_SOCKET_MODE,
             log_level: "info".to_string(),
+            convert: true,
+            mount_mode: "auto".to_string(),
         }
     }
 }
@@ -90,8 +101,20 @@ impl Config {
         Self::from_toml(&text, path)
     }
 
-    /// Checks the values: absolute paths, a real file mode, the socket outside the root.
+    /// The EROFS mount mode `mount_mode` names.
+    pub fn erofs_mount_mode(&self) -> Result<hyperbox_erofs::MountMode, ConfigError> {
+        match self.mount_mode.as_str() {
+            "file" => Ok(hyperbox_erofs::MountMode::FileBacked),
+            "loop" => Ok(hyperbox_erofs::MountMode::LoopDevices),
+            "auto" => Ok(hyperbox_erofs::MountMode::Auto),
+            other => Err(ConfigError::MountMode(other.to_string())),
+        }
+    }
+
+    /// Checks the values: absolute paths, a real file mode, the socket outside the root, a
+    /// known mount mode.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.erofs_mount_mode()?;
         for (option, value) in [("root", &self.root), ("address", &self.address)] {
             if !value.is_absolute() {
                 return Err(ConfigError::NotAbsolute {
@@ -127,6 +150,11 @@ mod tests {
         assert_eq!(c.root, Path::new("/var/lib/hyperbox/snapshotter"));
         assert_eq!(c.address, Path::new("/run/hyperbox/snapshotter.sock"));
         assert_eq!(c.socket_mode, 0o600);
+        assert!(c.convert);
+        assert_eq!(
+            c.erofs_mount_mode().unwrap(),
+            hyperbox_erofs::MountMode::Auto
+        );
     }
 
     #[test]
@@ -157,5 +185,15 @@ mod tests {
             Config::from_toml("root = \"/r\"\naddress = \"/r/s.sock\"", p),
             Err(ConfigError::AddressInRoot { .. })
         ));
+        assert!(matches!(
+            Config::from_toml("mount_mode = \"fuse\"", p),
+            Err(ConfigError::MountMode(_))
+        ));
+        let c = Config::from_toml("convert = false\nmount_mode = \"loop\"", p).unwrap();
+        assert!(!c.convert);
+        assert_eq!(
+            c.erofs_mount_mode().unwrap(),
+            hyperbox_erofs::MountMode::LoopDevices
+        );
     }
 }

@@ -23,20 +23,41 @@ use serde::{Deserialize, Serialize};
 use crate::store::SnapshotKind;
 
 /// How a snapshot's files are stored. Mounts are computed from it, so a committed layer can
-/// switch to another form (an EROFS image, later) without its children noticing.
+/// switch to an EROFS image without its children noticing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum LayerStorage {
     /// A plain directory tree, `snapshots/ID/fs`.
     Directory,
+    /// An EROFS image, `snapshots/ID/layer.erofs`, its file data in the chunk store under
+    /// `erofs/` as layer `ID`, mounted read-only at `snapshots/ID/erofs`. The plain `fs` dir
+    /// stays until no active snapshot or view made before `converted_ns` is left (their
+    /// mounts name it as a lower dir).
+    Erofs {
+        /// When the record switched (nanoseconds since the Unix epoch).
+        converted_ns: u64,
+        /// Bytes of the chunks this layer stored first (its share of the packs).
+        first_stored_bytes: u64,
+    },
 }
 
 impl LayerStorage {
-    /// The directory overlayfs reads this layer from, when it is a lower layer.
-    pub fn lower_dir(&self, layout: &Layout, id: u64) -> PathBuf {
+    /// The directory overlayfs reads this layer from, when it is a lower layer of a
+    /// snapshot created at `created_ns`: snapshots made before the layer switched to EROFS
+    /// keep the plain directory their earlier mounts name.
+    pub fn lower_dir(&self, layout: &Layout, id: u64, created_ns: u64) -> PathBuf {
         match self {
             LayerStorage::Directory => layout.fs_dir(id),
+            LayerStorage::Erofs { converted_ns, .. } if created_ns < *converted_ns => {
+                layout.fs_dir(id)
+            }
+            LayerStorage::Erofs { .. } => layout.erofs_dir(id),
         }
+    }
+
+    /// Whether the layer is served from its EROFS image.
+    pub fn is_erofs(&self) -> bool {
+        matches!(self, LayerStorage::Erofs { .. })
     }
 }
 
@@ -87,6 +108,21 @@ impl Layout {
         self.snapshot_dir(id).join("fs")
     }
 
+    /// The mount point of committed layer `id`'s EROFS image.
+    pub fn erofs_dir(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join("erofs")
+    }
+
+    /// The EROFS image of committed layer `id`.
+    pub fn image_path(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join("layer.erofs")
+    }
+
+    /// The host-wide chunk store.
+    pub fn chunk_store_dir(&self) -> PathBuf {
+        self.root.join("erofs")
+    }
+
     /// The overlayfs work dir of snapshot `id`.
     pub fn work_dir(&self, id: u64) -> PathBuf {
         self.snapshot_dir(id).join("work")
@@ -99,6 +135,7 @@ impl Layout {
             self.snapshots_dir(),
             self.staging_dir(),
             self.trash_dir(),
+            self.chunk_store_dir(),
         ] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -161,7 +198,8 @@ fn bind(source: &Path, read_only: bool) -> Mount {
     }
 }
 
-/// The mounts of snapshot `id` of `kind`, whose ancestors are `parents` (nearest first):
+/// The mounts of snapshot `id` of `kind`, created at `created_ns`, whose ancestors are
+/// `parents` (nearest first):
 ///
 /// - active, no parent: a read-write bind mount of its `fs`;
 /// - active with parents: overlayfs, `upperdir` its `fs`, `lowerdir` the parents' dirs;
@@ -172,12 +210,13 @@ pub fn mounts(
     layout: &Layout,
     id: u64,
     kind: SnapshotKind,
+    created_ns: u64,
     parents: &[(u64, LayerStorage)],
     overlay: OverlayOptions,
 ) -> Vec<Mount> {
     let lowers: Vec<PathBuf> = parents
         .iter()
-        .map(|(pid, storage)| storage.lower_dir(layout, *pid))
+        .map(|(pid, storage)| storage.lower_dir(layout, *pid, created_ns))
         .collect();
     match (kind, lowers.as_slice()) {
         (SnapshotKind::Active, []) => vec![bind(&layout.fs_dir(id), false)],
@@ -216,7 +255,14 @@ mod tests {
 
     #[test]
     fn an_active_snapshot_without_parent_is_a_writable_bind() {
-        let m = mounts(&layout(), 7, SnapshotKind::Active, &[], Default::default());
+        let m = mounts(
+            &layout(),
+            7,
+            SnapshotKind::Active,
+            0,
+            &[],
+            Default::default(),
+        );
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].r#type, "bind");
         assert_eq!(m[0].source, "/r/snapshots/7/fs");
@@ -230,6 +276,7 @@ mod tests {
             &layout(),
             9,
             SnapshotKind::Active,
+            0,
             &parents,
             OverlayOptions { index_off: true },
         );
@@ -249,7 +296,14 @@ mod tests {
     #[test]
     fn views_are_read_only() {
         let one = [(3, LayerStorage::Directory)];
-        let m = mounts(&layout(), 9, SnapshotKind::View, &one, Default::default());
+        let m = mounts(
+            &layout(),
+            9,
+            SnapshotKind::View,
+            0,
+            &one,
+            Default::default(),
+        );
         assert_eq!(
             (m[0].r#type.as_str(), m[0].source.as_str()),
             ("bind", "/r/snapshots/3/fs")
@@ -257,14 +311,64 @@ mod tests {
         assert_eq!(m[0].options, ["ro", "rbind"]);
 
         let two = [(3, LayerStorage::Directory), (1, LayerStorage::Directory)];
-        let m = mounts(&layout(), 9, SnapshotKind::View, &two, Default::default());
+        let m = mounts(
+            &layout(),
+            9,
+            SnapshotKind::View,
+            0,
+            &two,
+            Default::default(),
+        );
         assert_eq!(
             m[0].options,
             ["lowerdir=/r/snapshots/3/fs:/r/snapshots/1/fs"]
         );
         assert!(!m[0].options.iter().any(|o| o.starts_with("upperdir")));
 
-        let m = mounts(&layout(), 9, SnapshotKind::View, &[], Default::default());
+        let m = mounts(&layout(), 9, SnapshotKind::View, 0, &[], Default::default());
         assert_eq!(m[0].options, ["ro", "rbind"]);
+    }
+
+    #[test]
+    fn converted_layers_are_read_from_their_erofs_mount_by_newer_snapshots() {
+        let erofs = LayerStorage::Erofs {
+            converted_ns: 100,
+            first_stored_bytes: 0,
+        };
+        let parents = [(3, erofs), (1, LayerStorage::Directory)];
+        let m = mounts(
+            &layout(),
+            9,
+            SnapshotKind::View,
+            200,
+            &parents,
+            Default::default(),
+        );
+        assert_eq!(
+            m[0].options,
+            ["lowerdir=/r/snapshots/3/erofs:/r/snapshots/1/fs"]
+        );
+        // Made before the switch: keeps the plain dir its earlier mounts named.
+        let m = mounts(
+            &layout(),
+            9,
+            SnapshotKind::View,
+            50,
+            &parents,
+            Default::default(),
+        );
+        assert_eq!(
+            m[0].options,
+            ["lowerdir=/r/snapshots/3/fs:/r/snapshots/1/fs"]
+        );
+        let m = mounts(
+            &layout(),
+            9,
+            SnapshotKind::View,
+            200,
+            &parents[..1],
+            Default::default(),
+        );
+        assert_eq!(m[0].source, "/r/snapshots/3/erofs");
     }
 }

@@ -10,12 +10,15 @@
 //!   keys) and the mounts containerd gets (overlayfs, or a bind mount for a single layer);
 //! - [`filter`]: containerd's filter syntax for `List`;
 //! - [`usage`]: disk usage of a snapshot's own directory, as `du` counts it;
-//! - [`config`]: the TOML configuration file.
+//! - [`config`]: the TOML configuration file;
+//! - `conversion`: committed layers converted to EROFS images over the chunk store, mounted,
+//!   re-mounted at start-up.
 //!
 //! The design (state schema, crash safety, mount scheme, what Usage means) is in
 //! `snapshotter/DESIGN.md`.
 
 pub mod config;
+mod conversion;
 pub mod filter;
 pub mod layer;
 pub mod service;
@@ -23,4 +26,4 @@ pub mod store;
 pub mod usage;
 
 pub use config::Config;
-pub use service::{HyperboxSnapshotter, SnapshotterError};
+pub use service::{HyperboxSnapshotter, LayerOptions, SnapshotterError, STORAGE_LABEL};

@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use containerd_snapshots::tonic::transport::Server;
 use hyperbox_snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
-use hyperbox_snapshotter::HyperboxSnapshotter;
+use hyperbox_snapshotter::{HyperboxSnapshotter, LayerOptions};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -155,7 +155,11 @@ fn run() -> anyhow::Result<()> {
         .with_ansi(io::stderr().is_terminal())
         .init();
 
-    let snapshotter = HyperboxSnapshotter::open(&config.root)
+    let options = LayerOptions {
+        convert: config.convert,
+        mount_mode: config.erofs_mount_mode()?,
+    };
+    let snapshotter = HyperboxSnapshotter::open(&config.root, options)
         .with_context(|| format!("cannot open snapshotter root {}", config.root.display()))?;
     info!(root = %config.root.display(), "snapshotter state recovered");
     let listener = bind_socket(&config.address, config.socket_mode)?;

@@ -9,7 +9,9 @@
 //! - Prepare/View: the directories are made under `staging/`, then, inside the write
 //!   transaction, renamed to `snapshots/ID` just before it commits. A crash before the commit
 //!   leaves a staging dir or a `snapshots/ID` the database does not know: both removed.
-//! - Commit: a record change only (the layer stays where it is).
+//! - Commit: a record change only (the layer stays where it is); the layer is then queued
+//!   for conversion to an EROFS image ([`crate::conversion`]), which switches its record in a
+//!   transaction of its own once the image is mounted.
 //! - Remove: the record is deleted and committed first, then the directory is moved to
 //!   `trash/` and deleted. A crash in between leaves an unknown `snapshots/ID` or a trash
 //!   entry: both removed.
@@ -17,9 +19,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
+
+use hyperbox_erofs::{ChunkStore, MountMode, StoreConfig};
 
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic::{self, Status};
@@ -64,6 +69,18 @@ pub enum SnapshotterError {
     },
     #[error("snapshotter task failed: {0}")]
     Task(String),
+    #[error("chunk store: {0}")]
+    Chunks(#[from] hyperbox_erofs::StoreError),
+    #[error("erofs layer {id}: {source}")]
+    Layer {
+        id: u64,
+        source: hyperbox_erofs::LayerError,
+    },
+    #[error("erofs layer {id}: {source}")]
+    Mount {
+        id: u64,
+        source: hyperbox_erofs::MountError,
+    },
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotterError {
@@ -84,7 +101,12 @@ impl SnapshotterError {
             E::ParentNotCommitted(_) | E::EmptyKey | E::ImmutableField { .. } | E::Filter(_) => {
                 tonic::Code::InvalidArgument
             }
-            E::Store(_) | E::Io { .. } | E::Task(_) => tonic::Code::Internal,
+            E::Store(_)
+            | E::Io { .. }
+            | E::Task(_)
+            | E::Chunks(_)
+            | E::Layer { .. }
+            | E::Mount { .. } => tonic::Code::Internal,
         }
     }
 }
@@ -97,39 +119,82 @@ impl From<SnapshotterError> for Status {
 
 type Result<T, E = SnapshotterError> = std::result::Result<T, E>;
 
+/// What to do with committed layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerOptions {
+    /// Convert committed layers to EROFS images (config `convert`).
+    pub convert: bool,
+    /// How EROFS images are mounted (config `mount_mode`).
+    pub mount_mode: MountMode,
+}
+
+impl Default for LayerOptions {
+    fn default() -> Self {
+        LayerOptions {
+            convert: true,
+            mount_mode: MountMode::Auto,
+        }
+    }
+}
+
 /// The snapshotter: a store and a directory layout under one root.
 #[derive(Debug, Clone)]
 pub struct HyperboxSnapshotter {
     inner: Arc<Inner>,
 }
 
+/// Work for the background worker ([`crate::conversion`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Job {
+    /// Convert committed layer `id` to an EROFS image.
+    Convert(u64),
+    /// Reclaim pack space nothing references any more.
+    Gc,
+}
+
 #[derive(Debug)]
-struct Inner {
-    layout: Layout,
-    store: MetaStore,
+pub(crate) struct Inner {
+    pub(crate) layout: Layout,
+    pub(crate) store: MetaStore,
     overlay: OverlayOptions,
     staging_seq: AtomicU64,
+    pub(crate) options: LayerOptions,
+    pub(crate) chunks: ChunkStore,
+    /// Held while a layer is converted and while a committed layer is removed, so that the
+    /// two never work on one layer at once.
+    pub(crate) convert_lock: Mutex<()>,
+    jobs: Mutex<mpsc::Sender<Job>>,
 }
 
 impl HyperboxSnapshotter {
     /// Opens the snapshotter at `root` (creating it), then recovers from any crash: removes
-    /// staging and trash entries and snapshot directories the database does not know.
-    pub fn open(root: &Path) -> Result<HyperboxSnapshotter> {
+    /// staging and trash entries and snapshot directories the database does not know,
+    /// rolls back half-done conversions, re-mounts converted layers, and queues the layers
+    /// still to convert.
+    pub fn open(root: &Path, options: LayerOptions) -> Result<HyperboxSnapshotter> {
         let layout = Layout::new(root);
         layout
             .create()
             .map_err(io_err("cannot create root", root))?;
         let store = MetaStore::open(&layout.db_path())?;
-        let inner = Inner {
+        let chunks = ChunkStore::open(&layout.chunk_store_dir(), StoreConfig::default())?;
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
             layout,
             store,
             overlay: OverlayOptions::probe(),
             staging_seq: AtomicU64::new(0),
-        };
+            options,
+            chunks,
+            convert_lock: Mutex::new(()),
+            jobs: Mutex::new(tx),
+        });
         inner.recover()?;
-        Ok(HyperboxSnapshotter {
-            inner: Arc::new(inner),
-        })
+        crate::conversion::spawn_worker(Arc::downgrade(&inner), rx)
+            .map_err(io_err("cannot start the conversion worker for", root))?;
+        inner.queue_pending_conversions()?;
+        inner.queue(Job::Gc);
+        Ok(HyperboxSnapshotter { inner })
     }
 
     /// The directory layout (tests use it to find a snapshot's files).
@@ -157,12 +222,27 @@ fn to_kind(kind: SnapshotKind) -> Kind {
     }
 }
 
+/// The label telling how a committed layer is stored (`erofs` once converted); computed from
+/// the record, never stored, so no client can set it.
+pub const STORAGE_LABEL: &str = "containerd.io/snapshot/hyperbox.storage";
+
+/// The labels of a snapshot as clients see them: its own, plus [`STORAGE_LABEL`] on a
+/// converted layer.
+fn labels_of(rec: &SnapshotRecord) -> BTreeMap<String, String> {
+    let mut labels = rec.labels.clone();
+    labels.remove(STORAGE_LABEL);
+    if rec.storage.is_erofs() {
+        labels.insert(STORAGE_LABEL.to_string(), "erofs".to_string());
+    }
+    labels
+}
+
 fn to_info(key: &str, rec: &SnapshotRecord) -> Info {
     Info {
         kind: to_kind(rec.kind),
         name: key.to_string(),
         parent: rec.parent.clone(),
-        labels: rec.labels.clone().into_iter().collect(),
+        labels: labels_of(rec).into_iter().collect(),
         created_at: store::system_time(rec.created_ns),
         updated_at: store::system_time(rec.updated_ns),
     }
@@ -175,13 +255,13 @@ fn field(key: &str, rec: &SnapshotRecord, path: &[String]) -> Option<String> {
         "kind" => Some(rec.kind.as_str().to_string()),
         "name" => nonempty(key),
         "parent" => nonempty(&rec.parent),
-        "labels" if path.len() > 1 => rec.labels.get(&path[1..].join(".")).cloned(),
+        "labels" if path.len() > 1 => labels_of(rec).get(&path[1..].join(".")).cloned(),
         _ => None,
     }
 }
 
 /// Removes a directory tree that may not exist.
-fn remove_tree(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
     match fs::remove_dir_all(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
@@ -189,19 +269,35 @@ fn remove_tree(path: &Path) -> io::Result<()> {
 }
 
 impl Inner {
+    /// Hands `job` to the background worker.
+    pub(crate) fn queue(&self, job: Job) {
+        let tx = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if tx.send(job).is_err() {
+            warn!(?job, "the conversion worker is gone");
+        }
+    }
+
     fn recover(&self) -> Result<()> {
         for dir in [self.layout.staging_dir(), self.layout.trash_dir()] {
             self.clear_dir(&dir, |_| true)?;
         }
         let txn = self.store.read()?;
-        let known: BTreeSet<u64> = txn.all()?.iter().map(|(_, r)| r.id).collect();
+        let all = txn.all()?;
+        drop(txn);
+        // EROFS mounts first: a directory holding one cannot be removed.
+        self.recover_erofs(&all)?;
+        let known: BTreeSet<u64> = all.iter().map(|(_, r)| r.id).collect();
         self.remove_unknown_snapshot_dirs(&known)?;
-        for (key, rec) in txn.all()? {
-            let fs_dir = self.layout.fs_dir(rec.id);
-            if !fs_dir.is_dir() {
-                warn!(key, dir = %fs_dir.display(), "snapshot directory is missing");
+        for (key, rec) in &all {
+            let dir = match rec.storage {
+                LayerStorage::Directory => self.layout.fs_dir(rec.id),
+                LayerStorage::Erofs { .. } => self.layout.erofs_dir(rec.id),
+            };
+            if !dir.is_dir() {
+                warn!(key, dir = %dir.display(), "snapshot directory is missing");
             }
         }
+        self.release_plain_dirs()?;
         Ok(())
     }
 
@@ -264,7 +360,7 @@ impl Inner {
             let p = txn
                 .get(&parent)?
                 .ok_or_else(|| SnapshotterError::ParentNotFound(parent.clone()))?;
-            Some(p.storage.lower_dir(&self.layout, p.id))
+            Some(p.storage.lower_dir(&self.layout, p.id, u64::MAX))
         };
         let staging = self.staging_path();
         if let Err(e) = layer::make_snapshot_dirs(&staging, kind, parent_top.as_deref()) {
@@ -309,6 +405,7 @@ impl Inner {
                 &self.layout,
                 id,
                 kind,
+                now,
                 &parents,
                 self.overlay,
             ))
@@ -332,6 +429,7 @@ impl Inner {
             &self.layout,
             rec.id,
             rec.kind,
+            rec.created_ns,
             &parents,
             self.overlay,
         ))
@@ -357,10 +455,21 @@ impl Inner {
         txn.put(&name, &rec)?;
         txn.commit()?;
         info!(name, key, id = rec.id, "committed snapshot");
+        if self.options.convert {
+            self.queue(Job::Convert(rec.id));
+        }
         Ok(())
     }
 
     fn remove(&self, key: &str) -> Result<()> {
+        // A committed layer may be converting: wait for that to finish (or give up) first.
+        let committed = self
+            .store
+            .read()?
+            .get(key)?
+            .is_some_and(|r| r.kind == SnapshotKind::Committed);
+        let _converting =
+            committed.then(|| self.convert_lock.lock().unwrap_or_else(|p| p.into_inner()));
         let mut txn = self.store.write()?;
         let rec = txn
             .get(key)?
@@ -372,7 +481,18 @@ impl Inner {
         txn.commit()?;
         info!(key, id = rec.id, "removed snapshot");
         // The record is gone: from here on the directory is garbage that recovery or
-        // Cleanup also remove, so a failure is logged, not returned.
+        // Cleanup also remove, so a failure is logged, not returned. An EROFS layer is
+        // unmounted before its chunks are released (hyperbox-erofs's rule), and the pack
+        // space is reclaimed in the background.
+        if rec.kind == SnapshotKind::Committed {
+            if let Err(e) = self.drop_erofs_layer(rec.id) {
+                warn!(key, id = rec.id, "cannot release the erofs layer: {e}");
+            }
+            self.queue(Job::Gc);
+        } else if let Err(e) = self.release_plain_dirs() {
+            // A view or active snapshot gone may free plain dirs of converted layers.
+            warn!(key, "cannot release plain layer directories: {e}");
+        }
         let dir = self.layout.snapshot_dir(rec.id);
         let trash = self.layout.trash_dir().join(rec.id.to_string());
         let doomed = match fs::rename(&dir, &trash) {
@@ -430,14 +550,31 @@ impl Inner {
             .read()?
             .get(key)?
             .ok_or_else(|| SnapshotterError::NotFound(key.to_string()))?;
-        let dir = match &rec.storage {
-            LayerStorage::Directory => self.layout.fs_dir(rec.id),
+        let fs_dir = self.layout.fs_dir(rec.id);
+        let plain = match &rec.storage {
+            LayerStorage::Erofs { .. } if !fs_dir.exists() => Default::default(),
+            _ => usage::disk_usage(&fs_dir).map_err(io_err("cannot measure", &fs_dir))?,
         };
-        let u = usage::disk_usage(&dir).map_err(io_err("cannot measure", &dir))?;
-        Ok(Usage {
-            size: u.size,
-            inodes: u.inodes,
-        })
+        match &rec.storage {
+            LayerStorage::Directory => Ok(Usage {
+                size: plain.size,
+                inodes: plain.inodes,
+            }),
+            LayerStorage::Erofs {
+                first_stored_bytes, ..
+            } => {
+                // The image, the chunks this layer stored first, and the plain dir while
+                // older mounts still need it.
+                let image = self.layout.image_path(rec.id);
+                let meta = fs::metadata(&image).map_err(io_err("cannot measure", &image))?;
+                let image_bytes = i64::try_from(meta.blocks() * 512).unwrap_or(i64::MAX);
+                let chunk_bytes = i64::try_from(*first_stored_bytes).unwrap_or(i64::MAX);
+                Ok(Usage {
+                    size: image_bytes + chunk_bytes + plain.size,
+                    inodes: 1 + plain.inodes,
+                })
+            }
+        }
     }
 
     fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
@@ -460,6 +597,11 @@ impl Inner {
         let mine = format!("{}-", std::process::id());
         self.clear_dir(&self.layout.staging_dir(), |name| !name.starts_with(&mine))?;
         drop(txn);
+        self.release_plain_dirs()?;
+        let gc = self.chunks.gc()?;
+        info!(?gc, "cleanup: chunk store garbage collected");
+        // Layers whose conversion failed (e.g. a full disk) are tried again.
+        self.queue_pending_conversions()?;
         Ok(())
     }
 }
@@ -545,6 +687,7 @@ impl Snapshotter for HyperboxSnapshotter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conversion;
 
     #[test]
     fn errors_map_to_the_codes_containerd_expects() {
@@ -601,7 +744,11 @@ mod tests {
     #[test]
     fn lifecycle_and_errors() {
         let root = temp_root("life");
-        let s = HyperboxSnapshotter::open(&root).unwrap();
+        let plain = LayerOptions {
+            convert: false,
+            ..Default::default()
+        };
+        let s = HyperboxSnapshotter::open(&root, plain).unwrap();
         let i = &s.inner;
         let m = i
             .create(SnapshotKind::Active, "a".into(), "".into(), labels())
@@ -674,7 +821,7 @@ mod tests {
         drop(s);
         fs::create_dir_all(root.join("snapshots/999/fs")).unwrap();
         fs::create_dir_all(root.join("staging/1-1/fs")).unwrap();
-        let s = HyperboxSnapshotter::open(&root).unwrap();
+        let s = HyperboxSnapshotter::open(&root, plain).unwrap();
         assert!(!root.join("snapshots/999").exists());
         assert!(!root.join("staging/1-1").exists());
         let i = &s.inner;
@@ -683,6 +830,96 @@ mod tests {
             i.remove(k).unwrap();
         }
         assert_eq!(fs::read_dir(root.join("snapshots")).unwrap().count(), 0);
+        drop(s);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Waits until `key` is served from its EROFS image (the worker converts it).
+    fn wait_converted(i: &Inner, key: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while i
+            .stat(key)
+            .unwrap()
+            .labels
+            .get(STORAGE_LABEL)
+            .map(String::as_str)
+            != Some("erofs")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{key} never converted"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn committed_layers_become_mounted_erofs_images_and_survive_a_restart() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root to mount erofs");
+            return;
+        }
+        let root = temp_root("erofs");
+        let s = HyperboxSnapshotter::open(&root, LayerOptions::default()).unwrap();
+        let i = &s.inner;
+        let m = i
+            .create(SnapshotKind::Active, "a".into(), "".into(), labels())
+            .unwrap();
+        let upper = PathBuf::from(&m[0].source);
+        let data: Vec<u8> = (0..300_000u32).map(|n| (n * 7 % 251) as u8).collect();
+        fs::write(upper.join("file"), &data).unwrap();
+        std::os::unix::fs::symlink("file", upper.join("link")).unwrap();
+        i.commit("L1".into(), "a".into(), labels()).unwrap();
+        // A view made before the switch keeps the plain dir, and its mounts keep naming it.
+        i.create(SnapshotKind::View, "old".into(), "L1".into(), labels())
+            .unwrap();
+        wait_converted(i, "L1");
+        let id = i.store.read().unwrap().get("L1").unwrap().unwrap().id;
+        let mounted = i.layout.erofs_dir(id);
+        assert!(conversion::mount_points().unwrap().contains(&mounted));
+        assert_eq!(fs::read(mounted.join("file")).unwrap(), data);
+        assert_eq!(
+            fs::read_link(mounted.join("link")).unwrap(),
+            Path::new("file")
+        );
+        assert_eq!(
+            i.mounts("old").unwrap()[0].source,
+            i.layout.fs_dir(id).to_string_lossy()
+        );
+        assert!(i.layout.fs_dir(id).exists());
+        let m = i
+            .create(SnapshotKind::View, "new".into(), "L1".into(), labels())
+            .unwrap();
+        assert_eq!(m[0].source, mounted.to_string_lossy());
+        i.remove("old").unwrap();
+        assert!(
+            !i.layout.fs_dir(id).exists(),
+            "plain dir kept after its last user"
+        );
+        assert_eq!(i.chunks.layers().unwrap(), [id.to_string()]);
+        let u = i.usage("L1").unwrap();
+        assert!(u.size >= 300_000, "{u:?}");
+
+        // Restart after the mount went away (a reboot): the layer is mounted again.
+        drop(s);
+        nix::mount::umount2(&mounted, nix::mount::MntFlags::empty()).unwrap();
+        let s = HyperboxSnapshotter::open(&root, LayerOptions::default()).unwrap();
+        assert!(conversion::mount_points().unwrap().contains(&mounted));
+        assert_eq!(fs::read(mounted.join("file")).unwrap().len(), 300_000);
+        // Restart with the mount still there (a crash): nothing is mounted twice.
+        drop(s);
+        let s = HyperboxSnapshotter::open(&root, LayerOptions::default()).unwrap();
+        let i2 = &s.inner;
+        let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let needle = format!(" {} ", mounted.display());
+        assert_eq!(text.matches(&needle).count(), 1, "{text}");
+
+        i2.remove("new").unwrap();
+        i2.remove("L1").unwrap();
+        assert!(!conversion::mount_points().unwrap().contains(&mounted));
+        assert!(i2.chunks.layers().unwrap().is_empty());
+        i2.cleanup().unwrap();
+        assert_eq!(i2.chunks.stats().unwrap().pack_disk_bytes, 0);
         drop(s);
         fs::remove_dir_all(&root).unwrap();
     }

@@ -95,6 +95,13 @@ impl MountedImage {
         &self.loop_devices
     }
 
+    /// Leaves the image mounted for good (a snapshotter's layer outlives its process): the
+    /// mount is no longer unmounted on drop. Returns the mount point.
+    pub fn keep_mounted(mut self) -> PathBuf {
+        self.mounted = false;
+        std::mem::take(&mut self.target)
+    }
+
     /// Unmounts; the loop devices, if any, are released with it.
     pub fn unmount(mut self) -> Result<(), MountError> {
         self.mounted = false;

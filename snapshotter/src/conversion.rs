@@ -1,0 +1,378 @@
+//! Committed layers become EROFS images over the host-wide chunk store, after Commit returns.
+//!
+//! ```text
+//! ROOT/erofs/            the chunk store (hyperbox-erofs): lock, index.redb, packs p0..p3
+//! ROOT/snapshots/ID/layer.erofs   the layer's metadata image (its chunk-store layer is "ID")
+//! ROOT/snapshots/ID/erofs         where the image is mounted, read-only, for as long as the
+//!                                 layer exists (a stable path: lower dirs name it)
+//! ROOT/snapshots/ID/fs            the plain tree, removed once no mount made before the
+//!                                 switch can still name it
+//! ```
+//!
+//! One worker thread converts layers one at a time: the image and its chunks
+//! ([`hyperbox_erofs::commit_layer`], crash-safe on its own), the kernel mount, then one
+//! transaction switching the record to [`LayerStorage::Erofs`]. Until that transaction commits
+//! the layer is served from `fs`, so a `kill -9` anywhere leaves either the plain layer
+//! (start-up rolls the half-done conversion back: unmounts, drops the store's layer, removes
+//! the image, and converts again) or the converted one (start-up re-mounts it if the kernel
+//! mount is gone).
+//!
+//! Plain dirs: an overlay mounted before the switch names `fs` as a lower dir (a running
+//! container's root, an unpack's view). Such a mount belongs to an active snapshot or view
+//! created before the switch whose ancestors hold the layer; while one exists the `fs` dir
+//! stays, and its Mounts keep naming `fs`. Once none is left (checked after a conversion,
+//! after every Remove of an active snapshot or view, in Cleanup and at start-up), `fs` moves
+//! to `trash/` and is deleted, so disk use converges to the image plus its chunks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Weak};
+
+use hyperbox_erofs::{commit_layer, mount_image, ImageOptions};
+use nix::mount::{umount2, MntFlags};
+use tracing::{error, info, warn};
+
+use crate::layer::LayerStorage;
+use crate::service::{remove_tree, Inner, Job, SnapshotterError};
+use crate::store::{self, SnapshotKind, SnapshotRecord, SnapshotTable};
+
+type Result<T, E = SnapshotterError> = std::result::Result<T, E>;
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotterError {
+    let path = path.to_path_buf();
+    move |source| SnapshotterError::Io { what, path, source }
+}
+
+/// Starts the worker that runs [`Job`]s; it ends when the snapshotter is dropped.
+pub(crate) fn spawn_worker(inner: Weak<Inner>, jobs: mpsc::Receiver<Job>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("erofs-convert".to_string())
+        .spawn(move || {
+            while let Ok(job) = jobs.recv() {
+                let Some(inner) = inner.upgrade() else { break };
+                match job {
+                    Job::Convert(id) => {
+                        if let Err(e) = inner.convert(id) {
+                            error!(id, "conversion to erofs failed, the layer stays a plain directory: {e}");
+                        }
+                    }
+                    Job::Gc => match inner.chunks.gc() {
+                        Ok(gc) if gc.chunks_reclaimed > 0 => info!(?gc, "chunk store garbage collected"),
+                        Ok(_) => {}
+                        Err(e) => warn!("chunk store garbage collection failed: {e}"),
+                    },
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// The mount points of this mount namespace (`/proc/self/mountinfo`, field 5, unescaped).
+pub(crate) fn mount_points() -> io::Result<BTreeSet<PathBuf>> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .collect())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts `dir` if it is a mount point; lazily when it is busy.
+fn unmount_if_mounted(dir: &Path) -> Result<()> {
+    let mounted =
+        mount_points().map_err(io_err("cannot read", Path::new("/proc/self/mountinfo")))?;
+    // Stacked mounts (a re-mount over a surviving one) come off one by one.
+    if mounted.contains(dir) {
+        while umount2(dir, MntFlags::empty()).is_ok() {}
+        let still =
+            mount_points().map_err(io_err("cannot read", Path::new("/proc/self/mountinfo")))?;
+        if still.contains(dir) {
+            warn!(dir = %dir.display(), "erofs mount is busy: detaching it lazily");
+            while umount2(dir, MntFlags::MNT_DETACH).is_ok() {}
+        }
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn record_of(&self, id: u64) -> Result<Option<(String, SnapshotRecord)>> {
+        Ok(self
+            .store
+            .read()?
+            .all()?
+            .into_iter()
+            .find(|(_, r)| r.id == id))
+    }
+
+    /// Queues every committed layer still stored as a plain directory (`convert = true`).
+    pub(crate) fn queue_pending_conversions(&self) -> Result<()> {
+        if !self.options.convert {
+            return Ok(());
+        }
+        for (_, rec) in self.store.read()?.all()? {
+            if rec.kind == SnapshotKind::Committed && !rec.storage.is_erofs() {
+                self.queue(Job::Convert(rec.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes whatever an interrupted or abandoned conversion of layer `id` left: its
+    /// mount, its chunk-store layer (after the unmount), its image and mount point.
+    pub(crate) fn drop_erofs_layer(&self, id: u64) -> Result<()> {
+        let mount = self.layout.erofs_dir(id);
+        unmount_if_mounted(&mount)?;
+        if self.chunks.remove_layer(&id.to_string())? {
+            info!(id, "released the layer's chunks");
+        }
+        let image = self.layout.image_path(id);
+        let mut tmp = image.clone().into_os_string();
+        tmp.push(".tmp");
+        for f in [image, PathBuf::from(tmp)] {
+            match fs::remove_file(&f) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err("cannot remove", &f)(e))
+                }
+                _ => {}
+            }
+        }
+        match fs::remove_dir(&mount) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(io_err("cannot remove", &mount)(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Start-up: unmounts EROFS mounts of layers that are not (or no longer) converted,
+    /// drops chunk-store layers no converted record owns, and mounts every converted layer
+    /// the kernel does not already have mounted (mounts survive a snapshotter crash).
+    pub(crate) fn recover_erofs(&self, all: &[(String, SnapshotRecord)]) -> Result<()> {
+        let converted: BTreeMap<u64, &SnapshotRecord> = all
+            .iter()
+            .filter(|(_, r)| r.storage.is_erofs())
+            .map(|(_, r)| (r.id, r))
+            .collect();
+        let snapshots = self.layout.snapshots_dir();
+        let mounted =
+            mount_points().map_err(io_err("cannot read", Path::new("/proc/self/mountinfo")))?;
+        for m in &mounted {
+            let Ok(rest) = m.strip_prefix(&snapshots) else {
+                continue;
+            };
+            if rest.file_name().is_none_or(|n| n != "erofs") {
+                continue;
+            }
+            let id = rest
+                .parent()
+                .and_then(|p| p.to_str())
+                .and_then(|p| p.parse::<u64>().ok());
+            if let Some(id) = id.filter(|id| !converted.contains_key(id)) {
+                info!(id, mount = %m.display(), "unmounting the erofs mount of an unconverted or removed layer");
+                unmount_if_mounted(m)?;
+            }
+        }
+        let in_store: BTreeSet<String> = self.chunks.layers()?.into_iter().collect();
+        for name in &in_store {
+            let owned = name
+                .parse::<u64>()
+                .is_ok_and(|id| converted.contains_key(&id));
+            if !owned {
+                info!(
+                    layer = name,
+                    "rolling back a half-done conversion or removal"
+                );
+                self.chunks.remove_layer(name)?;
+            }
+        }
+        for (_, rec) in all {
+            if rec.kind == SnapshotKind::Committed && !rec.storage.is_erofs() {
+                // Leftover image or mount point of an interrupted conversion.
+                self.drop_erofs_layer(rec.id)?;
+            }
+        }
+        let mounted =
+            mount_points().map_err(io_err("cannot read", Path::new("/proc/self/mountinfo")))?;
+        for id in converted.keys() {
+            let target = self.layout.erofs_dir(*id);
+            if mounted.contains(&target) {
+                continue;
+            }
+            if !in_store.contains(&id.to_string()) {
+                error!(
+                    id,
+                    "converted layer has no chunk-store record: it cannot be mounted"
+                );
+                continue;
+            }
+            self.mount_layer(*id)?;
+            info!(id, "re-mounted converted layer");
+        }
+        Ok(())
+    }
+
+    fn mount_layer(&self, id: u64) -> Result<()> {
+        let target = self.layout.erofs_dir(id);
+        match fs::DirBuilder::new().mode(0o755).create(&target) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(io_err("cannot create mount point", &target)(e))
+            }
+            _ => {}
+        }
+        let image = self.layout.image_path(id);
+        mount_image(
+            &image,
+            &self.chunks.pack_paths(),
+            &target,
+            self.options.mount_mode,
+        )
+        .map_err(|source| SnapshotterError::Mount { id, source })?
+        .keep_mounted();
+        Ok(())
+    }
+
+    /// Converts committed layer `id`, if it still is a plain one.
+    pub(crate) fn convert(&self, id: u64) -> Result<()> {
+        let _guard = self.convert_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((key, rec)) = self.record_of(id)? else {
+            return Ok(());
+        };
+        if rec.kind != SnapshotKind::Committed || rec.storage.is_erofs() {
+            return Ok(());
+        }
+        // A failed earlier try may have left pieces.
+        self.drop_erofs_layer(id)?;
+        let fs_dir = self.layout.fs_dir(id);
+        let image = self.layout.image_path(id);
+        let report = match commit_layer(
+            &self.chunks,
+            &id.to_string(),
+            &fs_dir,
+            &image,
+            &ImageOptions::default(),
+        ) {
+            Ok(r) => r,
+            Err(source) => {
+                let _ = self.drop_erofs_layer(id);
+                return Err(SnapshotterError::Layer { id, source });
+            }
+        };
+        if let Err(e) = self.mount_layer(id) {
+            let _ = self.drop_erofs_layer(id);
+            return Err(e);
+        }
+        let switched = (|| {
+            let mut txn = self.store.write()?;
+            let Some(mut rec) = txn.get(&key)?.filter(|r| r.id == id) else {
+                return Ok(false);
+            };
+            rec.storage = LayerStorage::Erofs {
+                converted_ns: store::now_ns(),
+                first_stored_bytes: report.chunks.new_bytes,
+            };
+            txn.put(&key, &rec)?;
+            txn.commit()?;
+            Ok::<_, SnapshotterError>(true)
+        })();
+        match switched {
+            Ok(true) => {}
+            Ok(false) => {
+                // Removed meanwhile (cannot happen while the lock is held; kept for safety).
+                self.drop_erofs_layer(id)?;
+                return Ok(());
+            }
+            Err(e) => {
+                let _ = self.drop_erofs_layer(id);
+                return Err(e);
+            }
+        }
+        info!(key, id, image = ?report.image, chunks = ?report.chunks, "layer converted to erofs");
+        self.release_plain_dirs()
+    }
+
+    /// Deletes the plain `fs` dir of every converted layer that no active snapshot or view
+    /// created before its switch still uses as a lower dir.
+    pub(crate) fn release_plain_dirs(&self) -> Result<()> {
+        let txn = self.store.write()?;
+        let all = txn.all()?;
+        let mut doomed = Vec::new();
+        for (key, layer) in &all {
+            let LayerStorage::Erofs { converted_ns, .. } = layer.storage else {
+                continue;
+            };
+            let fs_dir = self.layout.fs_dir(layer.id);
+            if !fs_dir.exists() {
+                continue;
+            }
+            let mut in_use = false;
+            for (_, r) in &all {
+                if r.kind == SnapshotKind::Committed || r.created_ns >= converted_ns {
+                    continue;
+                }
+                if txn
+                    .ancestors(&r.parent)?
+                    .iter()
+                    .any(|(pid, _)| *pid == layer.id)
+                {
+                    in_use = true;
+                    break;
+                }
+            }
+            if in_use {
+                continue;
+            }
+            let trash =
+                self.layout
+                    .trash_dir()
+                    .join(format!("{}-fs-{}", layer.id, store::now_ns()));
+            fs::rename(&fs_dir, &trash).map_err(io_err("cannot move to trash", &fs_dir))?;
+            info!(key, id = layer.id, "plain layer directory released");
+            doomed.push(trash);
+        }
+        drop(txn);
+        for d in doomed {
+            if let Err(e) = remove_tree(&d) {
+                warn!(dir = %d.display(), "cannot delete a released plain layer directory: {e}");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
+    }
+}
