@@ -903,12 +903,12 @@ mod tests {
         // Restart after the mount went away (a reboot): the layer is mounted again.
         drop(s);
         nix::mount::umount2(&mounted, nix::mount::MntFlags::empty()).unwrap();
-        let s = HyperboxSnapshotter::open(&root, LayerOptions::default()).unwrap();
+        let s = reopen(&root);
         assert!(conversion::mount_points().unwrap().contains(&mounted));
         assert_eq!(fs::read(mounted.join("file")).unwrap().len(), 300_000);
         // Restart with the mount still there (a crash): nothing is mounted twice.
         drop(s);
-        let s = HyperboxSnapshotter::open(&root, LayerOptions::default()).unwrap();
+        let s = reopen(&root);
         let i2 = &s.inner;
         let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
         let needle = format!(" {} ", mounted.display());
@@ -922,5 +922,25 @@ mod tests {
         assert_eq!(i2.chunks.stats().unwrap().pack_disk_bytes, 0);
         drop(s);
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn busy(e: &str) -> bool {
+        e.contains("already open") || e.contains("in use by another process")
+    }
+
+    /// Opens the snapshotter at `root` again in this process. The background worker may
+    /// still be finishing a job of the dropped instance (holding the database open for a
+    /// moment); a restarted snapshotter is a new process and never sees that.
+    fn reopen(root: &Path) -> HyperboxSnapshotter {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match HyperboxSnapshotter::open(root, LayerOptions::default()) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() < deadline && busy(&e.to_string()) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopen {}: {e}", root.display()),
+            }
+        }
     }
 }
