@@ -130,6 +130,14 @@ pub enum ContainerdError {
         status: String,
         stderr: String,
     },
+    #[error(
+        "ctr did not finish within {limit:?} (killed); stderr: {stderr}\ncontainerd log:\n{tail}"
+    )]
+    CtrTimeout {
+        limit: Duration,
+        stderr: String,
+        tail: String,
+    },
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ContainerdError {
@@ -556,6 +564,26 @@ impl Containerd {
     }
 
     /// Runs `ctr ARGS` and returns its stdout as text.
+    /// Waits for a `ctr` started from [`Containerd::ctr`] and returns its output; kills it
+    /// after `limit`, with its stderr and the daemon's log tail in the error.
+    pub fn wait_ctr(&self, mut child: Child, limit: Duration) -> Result<Output, ContainerdError> {
+        let deadline = Instant::now() + limit;
+        let io = |e| io_err("wait for", Path::new("ctr"))(e);
+        while child.try_wait().map_err(io)?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().map_err(io)?;
+                return Err(ContainerdError::CtrTimeout {
+                    limit,
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                    tail: self.log_tail(40),
+                });
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().map_err(io)
+    }
+
     pub fn ctr_stdout(&self, args: &[&str]) -> Result<String, ContainerdError> {
         self.ctr_run(args)
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())

@@ -62,3 +62,22 @@ pub fn workspace_binary(name: &str) -> Option<PathBuf> {
     let path = workspace_bin_dir()?.join(name);
     path.is_file().then_some(path)
 }
+
+/// The directory of `pid`'s cgroup in the v1 hierarchy that has `controller` (mounted under
+/// its controllers' joined names, `/sys/fs/cgroup/cpu,cpuacct` or `/sys/fs/cgroup/cpu`).
+pub fn cgroup_dir(pid: u32, controller: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let (mount, path) = text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        ctrls
+            .split(',')
+            .any(|c| c == controller)
+            .then(|| (ctrls.to_string(), path.to_string()))
+    })?;
+    Some(
+        Path::new("/sys/fs/cgroup")
+            .join(mount)
+            .join(path.trim_start_matches('/')),
+    )
+}

@@ -9,6 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
+use hyperbox_integration::host;
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::Footprint;
@@ -50,24 +51,7 @@ fn ctr_run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = ctr.spawn().expect("ctr runs");
-    wait_output(child, Duration::from_secs(60), c)
-}
-
-fn wait_output(mut child: Child, limit: Duration, c: &Containerd) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().expect("ctr waits").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "ctr did not finish within {limit:?}; stderr: {}\ncontainerd log:\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                c.log_tail(40)
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    c.wait_ctr(child, Duration::from_secs(60)).expect("ctr")
 }
 
 fn text(b: &[u8]) -> String {
@@ -286,7 +270,7 @@ fn sigterm_runs_the_trap(v: ContainerdVersion) {
         let (ctr, first) = run_until_line(c, runtime, &image, &id, &["sh", "-c", script]);
         assert_eq!(first, "ready\n", "{runtime}");
         c.ctr_run(&["tasks", "kill", &id]).expect("kill (SIGTERM)");
-        let out = wait_output(ctr, Duration::from_secs(30), c);
+        let out = c.wait_ctr(ctr, Duration::from_secs(30)).expect("ctr");
         assert_eq!(
             out.status.code(),
             Some(5),
@@ -401,25 +385,6 @@ fn config_spec(c: &Containerd, dir: &Path) -> serde_json::Value {
     spec
 }
 
-/// The directory of `pid`'s cgroup in the v1 hierarchy that has `controller`.
-fn cgroup_dir(pid: u32, controller: &str) -> PathBuf {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup of pid");
-    let (mount, path) = text
-        .lines()
-        .find_map(|l| {
-            let mut f = l.splitn(3, ':');
-            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
-            ctrls
-                .split(',')
-                .any(|c| c == controller)
-                .then(|| (ctrls.to_string(), path.to_string()))
-        })
-        .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}:\n{text}"));
-    Path::new("/sys/fs/cgroup")
-        .join(mount)
-        .join(path.trim_start_matches('/'))
-}
-
 /// Resource limits from the spec (memory, CPU shares and quota, pids, rlimits,
 /// oom_score_adj) are applied as runc applies them: the same cgroup files and process limits
 /// through both runtimes.
@@ -473,11 +438,31 @@ fn spec_limits_as_runc(v: ContainerdVersion) {
                 .unwrap_or_default()
         };
         seen.push(vec![
-            read(cgroup_dir(pid, "memory").join("memory.limit_in_bytes")),
-            read(cgroup_dir(pid, "cpu").join("cpu.shares")),
-            read(cgroup_dir(pid, "cpu").join("cpu.cfs_quota_us")),
-            read(cgroup_dir(pid, "cpu").join("cpu.cfs_period_us")),
-            read(cgroup_dir(pid, "pids").join("pids.max")),
+            read(
+                host::cgroup_dir(pid, "memory")
+                    .expect("the cgroup of the task")
+                    .join("memory.limit_in_bytes"),
+            ),
+            read(
+                host::cgroup_dir(pid, "cpu")
+                    .expect("the cgroup of the task")
+                    .join("cpu.shares"),
+            ),
+            read(
+                host::cgroup_dir(pid, "cpu")
+                    .expect("the cgroup of the task")
+                    .join("cpu.cfs_quota_us"),
+            ),
+            read(
+                host::cgroup_dir(pid, "cpu")
+                    .expect("the cgroup of the task")
+                    .join("cpu.cfs_period_us"),
+            ),
+            read(
+                host::cgroup_dir(pid, "pids")
+                    .expect("the cgroup of the task")
+                    .join("pids.max"),
+            ),
             read(PathBuf::from(format!("/proc/{pid}/oom_score_adj"))),
             limit_line("Max open files"),
             limit_line("Max processes"),

@@ -54,24 +54,7 @@ fn run_rm(c: &Containerd, image: &str, id: &str, stdin: Option<&[u8]>, cmd: &[&s
         let mut w = child.stdin.take().unwrap();
         w.write_all(data).unwrap();
     }
-    wait_output(child, Duration::from_secs(60), c)
-}
-
-fn wait_output(mut child: std::process::Child, limit: Duration, c: &Containerd) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().expect("ctr waits").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "ctr did not finish within {limit:?}; stderr: {}\ncontainerd log:\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                c.log_tail(40)
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    c.wait_ctr(child, Duration::from_secs(60)).expect("ctr")
 }
 
 /// Starts `cmd` detached through our runtime and returns the task's pid.
@@ -211,7 +194,7 @@ fn sigkill_gives_137(v: ContainerdVersion) {
     let (ctr, pid) = run_attached(c, &image, "victim2", &["sleep", "1000"]);
     c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", "victim2"])
         .expect("kill");
-    let out = wait_output(ctr, Duration::from_secs(30), c);
+    let out = c.wait_ctr(ctr, Duration::from_secs(30)).expect("ctr");
     assert_eq!(
         out.status.code(),
         Some(137),
@@ -247,7 +230,7 @@ fn kill_all_ends_every_process(v: ContainerdVersion) {
     };
     c.ctr_run(&["tasks", "kill", "-a", "-s", "SIGKILL", "family"])
         .expect("kill -a");
-    let out = wait_output(ctr, Duration::from_secs(30), c);
+    let out = c.wait_ctr(ctr, Duration::from_secs(30)).expect("ctr");
     assert_eq!(out.status.code(), Some(137));
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids.iter().any(|p| alive(*p)) {

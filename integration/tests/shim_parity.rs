@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use hyperbox_integration::client::ClientError;
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
+use hyperbox_integration::host;
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::Footprint;
@@ -86,26 +87,6 @@ fn remove(c: &Containerd, id: &str) {
     wait_status(c, id, "STOPPED");
     c.ctr_run(&["tasks", "rm", id]).expect("task rm");
     c.ctr_run(&["containers", "rm", id]).expect("container rm");
-}
-
-/// The directory of `pid`'s cgroup in the v1 `controller` hierarchy.
-fn cgroup_dir(pid: u32, controller: &str) -> PathBuf {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup of pid");
-    let (mount, path) = text
-        .lines()
-        .find_map(|l| {
-            let mut f = l.splitn(3, ':');
-            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
-            // The hierarchy is mounted under its controllers' joined names.
-            ctrls
-                .split(',')
-                .any(|c| c == controller)
-                .then(|| (ctrls.to_string(), path.to_string()))
-        })
-        .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}:\n{text}"));
-    Path::new("/sys/fs/cgroup")
-        .join(mount)
-        .join(path.trim_start_matches('/'))
 }
 
 fn read_trim(path: &Path) -> String {
@@ -270,9 +251,9 @@ fn metrics_move_and_updates_apply(v: ContainerdVersion) {
         });
         rt.block_on(client.update_task(&id, &resources))
             .expect("update");
-        let mem = cgroup_dir(pid, "memory");
-        let pids = cgroup_dir(pid, "pids");
-        let cpu = cgroup_dir(pid, "cpu");
+        let mem = host::cgroup_dir(pid, "memory").expect("the cgroup of the task");
+        let pids = host::cgroup_dir(pid, "pids").expect("the cgroup of the task");
+        let cpu = host::cgroup_dir(pid, "cpu").expect("the cgroup of the task");
         limits.push(vec![
             read_trim(&mem.join("memory.limit_in_bytes")),
             read_trim(&pids.join("pids.max")),
@@ -354,7 +335,7 @@ fn killed_shim_strands_nothing(v: ContainerdVersion) {
             .block_on(client.subscribe(&[r#"topic=="/tasks/exit""#]))
             .expect("subscribe");
         let pid = detached(c, runtime, &image, &id, &[], &["sleep", "1000"]);
-        let mem = cgroup_dir(pid, "memory");
+        let mem = host::cgroup_dir(pid, "memory").expect("the cgroup of the task");
         let during = Footprint::of(c.dir()).expect("footprint");
         let shim = during
             .processes

@@ -170,24 +170,11 @@ fn ctr_run(c: &Containerd, rootfs: &Path, id: &str, flags: &[&str], args: &[&str
 }
 
 fn run(c: &Containerd, rootfs: &Path, id: &str, flags: &[&str], args: &[&str]) -> Output {
-    wait_output(ctr_run(c, rootfs, id, flags, args), c)
-}
-
-fn wait_output(mut child: Child, c: &Containerd) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while child.try_wait().expect("ctr waits").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "ctr did not finish; stderr: {}\ncontainerd log:\n{}",
-                text(&out.stderr),
-                c.log_tail(40)
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    c.wait_ctr(
+        ctr_run(c, rootfs, id, flags, args),
+        Duration::from_secs(120),
+    )
+    .expect("ctr")
 }
 
 fn text(b: &[u8]) -> String {
@@ -362,7 +349,7 @@ fn a_looping_guest_ends_on_signals(v: ContainerdVersion) {
         }
         c.ctr_run(&["tasks", "kill", "-s", signal, &id])
             .expect("kill");
-        let out = wait_output(ctr, &c);
+        let out = c.wait_ctr(ctr, Duration::from_secs(120)).expect("ctr");
         assert_eq!(out.status.code(), Some(code), "{}", explain(&out, &c));
     }
 }
@@ -486,18 +473,20 @@ fn native_containers_run_through_the_wasm_runtime(v: ContainerdVersion) {
     let bed = TestBed::start(v).expect("test bed");
     let c = &bed.containerd;
     let image = bed.image(TestImage::Busybox).expect("busybox pulled");
-    let out = wait_output(
-        c.ctr()
-            .args(["run", "--rm", "--runtime", RUNTIME, "--fifo-dir"])
-            .arg(c.dir().join("fifo"))
-            .args([image.as_str(), "native", "sh", "-c", "echo native; exit 4"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        c,
-    );
+    let out = c
+        .wait_ctr(
+            c.ctr()
+                .args(["run", "--rm", "--runtime", RUNTIME, "--fifo-dir"])
+                .arg(c.dir().join("fifo"))
+                .args([image.as_str(), "native", "sh", "-c", "echo native; exit 4"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+            Duration::from_secs(120),
+        )
+        .expect("ctr");
     assert_eq!(out.status.code(), Some(4), "{}", explain(&out, c));
     assert_eq!(text(&out.stdout), "native\n");
 
@@ -551,7 +540,7 @@ fn many_guests_at_once_keep_their_own_output(v: ContainerdVersion) {
         })
         .collect();
     for (marker, child) in children {
-        let out = wait_output(child, &c);
+        let out = c.wait_ctr(child, Duration::from_secs(120)).expect("ctr");
         assert_eq!(
             out.status.code(),
             Some(0),
