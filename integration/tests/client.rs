@@ -181,7 +181,18 @@ fn checkpoint_with_options(v: ContainerdVersion) {
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
     };
-    let first = read().expect("counter readable");
+    // The first exec can race the task's resumption after the dump: retried until the
+    // deadline, as the loop below does.
+    let first = loop {
+        if let Some(n) = read() {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counter not readable after the checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     loop {
         std::thread::sleep(Duration::from_millis(300));
         if read().is_some_and(|n| n > first) {
