@@ -133,7 +133,7 @@ impl MetaStore {
             path: path.to_path_buf(),
             source: Box::new(source),
         };
-        let db = Database::create(path).map_err(|e| open_err(e.into()))?;
+        let db = hyperbox_erofs::open_or_create_redb(path).map_err(open_err)?;
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
         {
             let mut counters = txn.open_table(COUNTERS).map_err(|e| open_err(e.into()))?;

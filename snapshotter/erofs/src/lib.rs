@@ -10,11 +10,13 @@
 pub mod format;
 mod layer;
 mod mount;
+mod redb_file;
 mod store;
 mod writer;
 
 pub use layer::{commit_layer, LayerError, LayerReport};
 pub use mount::{device_options, mount_image, MountError, MountMode, MountedImage};
+pub use redb_file::open_or_create_redb;
 pub use store::{
     chunk_digest, ChunkDigest, ChunkProblem, ChunkStore, GcStats, LayerStats, LayerWriter,
     StoreConfig, StoreError, StoreStats, VerifyReport, DEFAULT_CHUNK_BITS,
