@@ -133,7 +133,10 @@ impl MetaStore {
             path: path.to_path_buf(),
             source: Box::new(source),
         };
-        let db = hyperbox_erofs::open_or_create_redb(path).map_err(open_err)?;
+        let db = hyperbox_erofs::open_or_create_redb(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
         {
             let mut counters = txn.open_table(COUNTERS).map_err(|e| open_err(e.into()))?;

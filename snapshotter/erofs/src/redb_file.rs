@@ -14,29 +14,39 @@ use std::path::{Path, PathBuf};
 use redb::Database;
 
 /// Opens the database at `path`, creating it atomically if it does not exist.
-pub fn open_or_create_redb(path: &Path) -> Result<Database, redb::Error> {
+/// The error is boxed because `redb::Error` is large.
+pub fn open_or_create_redb(path: &Path) -> Result<Database, Box<redb::Error>> {
     if path.exists() {
-        return Ok(Database::create(path)?);
+        return Database::create(path).map_err(boxed);
     }
+    create_new(path)?;
+    Database::create(path).map_err(boxed)
+}
+
+fn boxed<E: Into<redb::Error>>(e: E) -> Box<redb::Error> {
+    Box::new(e.into())
+}
+
+fn create_new(path: &Path) -> Result<(), Box<redb::Error>> {
     let tmp = temp_name(path);
     // A temporary left by an earlier crash was never renamed, so it holds nothing.
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(boxed(e)),
     }
-    drop(Database::create(&tmp)?);
-    File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    drop(Database::create(&tmp).map_err(boxed)?);
+    File::open(&tmp).and_then(|f| f.sync_all()).map_err(boxed)?;
+    std::fs::rename(&tmp, path).map_err(boxed)?;
     if let Some(dir) = path.parent() {
         let dir = if dir.as_os_str().is_empty() {
             Path::new(".")
         } else {
             dir
         };
-        File::open(dir)?.sync_all()?;
+        File::open(dir).and_then(|f| f.sync_all()).map_err(boxed)?;
     }
-    Ok(Database::create(path)?)
+    Ok(())
 }
 
 fn temp_name(path: &Path) -> PathBuf {

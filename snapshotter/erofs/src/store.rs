@@ -317,7 +317,10 @@ impl ChunkStore {
             }
         })?;
         let index_path = root.join("index.redb");
-        let db = crate::open_or_create_redb(&index_path).map_err(index_err(&index_path))?;
+        let db = crate::open_or_create_redb(&index_path).map_err(|source| StoreError::Index {
+            path: index_path.clone(),
+            source,
+        })?;
         let mut ends = Vec::new();
         {
             let ie = |e: redb::Error| StoreError::Index {
