@@ -7,6 +7,7 @@
 //! - [`memprobe`]: the runtime-side memory (PSS and RSS) of a container, from /proc;
 //! - [`task_stats`]: a running task's Stats asked of its shim (ttrpc, containerd bypassed) and
 //!   of containerd;
+//! - [`snapshots`]: hyperbox-snapshotter against overlayfs (pull, run, disk, chunk+hash);
 //! - [`machine`] and [`report`]: what each report says about where it was measured, and how
 //!   it is printed and saved.
 //!
@@ -17,5 +18,6 @@ pub mod machine;
 pub mod memprobe;
 pub mod report;
 pub mod runner;
+pub mod snapshots;
 pub mod stats;
 pub mod task_stats;

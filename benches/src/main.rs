@@ -13,6 +13,7 @@ use hyperbox_benches::machine::Machine;
 use hyperbox_benches::memprobe;
 use hyperbox_benches::report::{self, MemReport, MemRow, TimingReport};
 use hyperbox_benches::runner::{self, Plan, Variant};
+use hyperbox_benches::snapshots;
 use hyperbox_benches::stats::Summary;
 use hyperbox_benches::task_stats::{self, StatsTarget};
 use hyperbox_integration::cli;
@@ -37,6 +38,9 @@ enum Cmd {
     Stats(StatsArgs),
     /// Time N `ctr run --rm` started at once, per runtime, round by round.
     Parallel(ParallelArgs),
+    /// hyperbox-snapshotter against overlayfs: pull+unpack, `ctr run --rm`, disk, and
+    /// one core's chunk+hash throughput.
+    Snapshotter(snapshots::SnapshotterArgs),
 }
 
 #[derive(Args)]
@@ -155,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Mem(args) => mem(args),
         Cmd::Stats(args) => stats(args),
         Cmd::Parallel(args) => parallel(args),
+        Cmd::Snapshotter(args) => snapshots::run(args, command_line()),
     }
 }
 

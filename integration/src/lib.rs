@@ -19,6 +19,7 @@ pub mod images;
 pub mod pty;
 pub mod registry;
 pub mod sandbox;
+pub mod snapshotter;
 pub mod testbed;
 
 /// Generates one test per containerd version: `per_version!(name, body_fn)` makes

@@ -5,7 +5,8 @@
 //! unpack loses nothing while a running container keeps reading its files. Committed layers
 //! become EROFS images over the chunk store (`erofs_*`): containers run from them (file-backed
 //! and loop mounts), a root built from every kind of entry equals overlayfs's (`fidelity`),
-//! five flattened Debian images share their data (`dedup`), and `kill -9` during conversions
+//! five flattened Debian images share their data (`dedup`), four images sharing a base layer
+//! take no more disk than under overlayfs (`multi_layer`), and `kill -9` during conversions
 //! loses nothing.
 //!
 //! The snapshotter runs in a sandbox of its own (root, socket and log inside it), so the
@@ -15,9 +16,8 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -35,144 +35,12 @@ use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
 use containerd_client::types::Mount;
 use hyperbox_integration::containerd::{Containerd, ContainerdError, ContainerdVersion};
-use hyperbox_integration::host;
 use hyperbox_integration::images::{self, TestImage};
 use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::{Footprint, Sandbox};
+use hyperbox_integration::snapshotter::{SnapshotterDaemon, BINARY, PLUGIN, STORAGE_LABEL};
 use hyperbox_integration::testbed::TestBed;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
-const BINARY: &str = "hyperbox-snapshotter";
-const PLUGIN: &str = "hyperbox";
-/// The label the snapshotter reports on a layer served from its EROFS image.
-const STORAGE_LABEL: &str = "containerd.io/snapshot/hyperbox.storage";
-
-/// A `hyperbox-snapshotter` process in a sandbox of its own.
-struct SnapshotterDaemon {
-    child: Option<Child>,
-    sandbox: Sandbox,
-    /// Lines appended to the config file (`convert`, `mount_mode`).
-    extra_config: String,
-}
-
-impl SnapshotterDaemon {
-    fn start(extra_config: &str) -> Self {
-        let sandbox = Sandbox::create("snapshotter").expect("snapshotter sandbox");
-        let mut d = SnapshotterDaemon {
-            child: None,
-            sandbox,
-            extra_config: extra_config.to_string(),
-        };
-        d.spawn();
-        d
-    }
-
-    fn dir(&self) -> &Path {
-        self.sandbox.dir()
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir().join("snapshotter.sock")
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir().join("root")
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir().join("snapshotter.log")
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// Starts the binary on the sandbox's root and socket and waits until it accepts.
-    fn spawn(&mut self) {
-        let binary = host::workspace_binary(BINARY).unwrap_or_else(|| {
-            panic!(
-                "{BINARY} is not built next to this test ({:?}): \
-                 cargo build -p hyperbox-snapshotter first",
-                host::workspace_bin_dir()
-            )
-        });
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("snapshotter log");
-        let socket = self.socket();
-        let _ = fs::remove_file(&socket);
-        let child = Command::new(&binary)
-            .arg("--config")
-            .arg(self.write_config())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        self.sandbox.track(&child, BINARY).expect("track");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&socket).is_err() {
-            let exited = self
-                .child
-                .as_mut()
-                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
-            assert!(
-                !exited && Instant::now() < deadline,
-                "{BINARY} did not come up on {}:\n{}",
-                socket.display(),
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The config file, naming every option (the test also checks it is accepted).
-    fn write_config(&self) -> PathBuf {
-        let path = self.dir().join("snapshotter.toml");
-        let text = format!(
-            "root = \"{}\"\naddress = \"{}\"\nsocket_mode = 0o600\nlog_level = \"info\"\n{}",
-            self.root().display(),
-            self.socket().display(),
-            self.extra_config,
-        );
-        fs::write(&path, text).expect("write config");
-        path
-    }
-
-    /// Sends `signal` and reaps the process.
-    fn stop(&mut self, signal: Signal) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(child.id() as i32), signal);
-            let _ = child.wait();
-            let _ = self.sandbox.untrack(child.id());
-        }
-    }
-
-    /// Names of the entries of `ROOT/sub`.
-    fn entries(&self, sub: &str) -> BTreeSet<String> {
-        fs::read_dir(self.root().join(sub))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for SnapshotterDaemon {
-    fn drop(&mut self) {
-        self.stop(Signal::SIGTERM);
-        if let Err(e) = self.sandbox.teardown() {
-            eprintln!("snapshotter sandbox teardown: {e}");
-        }
-    }
-}
+use nix::sys::signal::Signal;
 
 /// containerd with the snapshotter registered, and the registry. Field order is drop order:
 /// containerd (and its containers' mounts of our layers) goes before the snapshotter.
@@ -189,7 +57,7 @@ impl Fixture {
 
     /// The snapshotter with `extra_config` lines added to its config file.
     fn start_with(v: ContainerdVersion, extra_config: &str) -> Fixture {
-        let snap = SnapshotterDaemon::start(extra_config);
+        let snap = SnapshotterDaemon::start(extra_config).expect("snapshotter started");
         let builder = Containerd::builder(v).with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
         let bed = TestBed::with_builder(builder).expect("test bed");
         Fixture { bed, snap }
@@ -219,18 +87,7 @@ impl Fixture {
 
     /// Ids of the snapshot directories holding an EROFS image.
     fn image_ids(&self) -> Vec<String> {
-        self.snap
-            .entries("snapshots")
-            .into_iter()
-            .filter(|id| {
-                self.snap
-                    .root()
-                    .join("snapshots")
-                    .join(id)
-                    .join("layer.erofs")
-                    .is_file()
-            })
-            .collect()
+        self.snap.image_ids()
     }
 
     /// EROFS mounts under the snapshotter's root: (mount point, mount source).
@@ -1109,7 +966,7 @@ fn kill9_during_unpack(v: ContainerdVersion) {
     );
 
     // Restart on the same root: recovery leaves only what the database knows.
-    f.snap.spawn();
+    f.snap.spawn().expect("snapshotter restarted");
     assert!(f.snap.entries("staging").is_empty());
     assert!(f.snap.entries("trash").is_empty());
     let direct = f.direct();
@@ -1206,14 +1063,14 @@ fn churn(socket: &Path, round: u32) -> Acked {
 fn kill9_at_any_point_leaves_old_or_new_state() {
     // Plain layers: conversions would move directories through trash/ while it is checked
     // (`erofs_kill9_during_conversion` covers crashes of the conversion).
-    let mut snap = SnapshotterDaemon::start("convert = false\n");
+    let mut snap = SnapshotterDaemon::start("convert = false\n").expect("snapshotter started");
     for round in 0..8u32 {
         let socket = snap.socket();
         let worker = thread::spawn(move || churn(&socket, round));
         thread::sleep(Duration::from_millis(40 + u64::from(round) * 37));
         snap.stop(Signal::SIGKILL);
         let acked = worker.join().expect("churn thread");
-        snap.spawn();
+        snap.spawn().expect("snapshotter restarted");
 
         let calls = Calls::direct(&snap.socket());
         // The call in flight at the kill may have happened or not; everything else was
@@ -1409,7 +1266,7 @@ fn erofs_layers(v: ContainerdVersion, mount_mode: &str) {
         c1 > c0,
         "reads stalled with the snapshotter down: {c0} -> {c1}"
     );
-    f.snap.spawn();
+    f.snap.spawn().expect("snapshotter restarted");
     let direct = f.direct();
     f.wait_converted(&direct);
     f.check_converted_layers(2);
@@ -1497,7 +1354,7 @@ fn kill9_during_conversion(v: ContainerdVersion) {
     for round in 0..5u64 {
         let log_start = f.snap.log().len();
         f.snap.stop(Signal::SIGKILL);
-        f.snap.spawn();
+        f.snap.spawn().expect("snapshotter restarted");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let log = f.snap.log();
@@ -1516,7 +1373,7 @@ fn kill9_during_conversion(v: ContainerdVersion) {
         let n = reads_done(&f, &format!("r{round}"));
         assert!(n > count, "reads stalled: {count} -> {n}");
         count = n;
-        f.snap.spawn();
+        f.snap.spawn().expect("snapshotter restarted");
         let direct = f.direct();
         let layers = f.wait_converted(&direct);
         assert_eq!(layers.len(), 2, "{layers:?}");
@@ -1704,6 +1561,138 @@ fn dedup_set(v: ContainerdVersion) {
     teardown_leaves_nothing(f);
 }
 per_version!(dedup, dedup_set);
+
+/// An image made of debian's layer (shared, as a `FROM debian` build shares it) plus one
+/// layer holding `tree`, imported as `docker.io/hyperbox/NAME:latest`.
+fn image_on_debian(debian: &images::BuiltImage, tree: &Path, work: &Path, name: &str) -> PathBuf {
+    use hyperbox_integration::images::{layer, oci};
+    let layout = work.join(format!("{name}.layout"));
+    let archive = work.join(format!("{name}.tar"));
+    let epoch = 1_700_000_000;
+    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
+    for (digest, diff_id) in debian.layer_digests.iter().zip(&debian.diff_ids) {
+        let size = fs::metadata(debian.blob_path(digest))
+            .expect("base blob")
+            .len();
+        let base = oci::Layer {
+            descriptor: oci::Descriptor {
+                media_type: oci::MEDIA_TYPE_LAYER_GZIP.to_string(),
+                digest: digest.clone(),
+                size,
+                annotations: Default::default(),
+            },
+            diff_id: diff_id.clone(),
+        };
+        writer
+            .add_existing_layer(&debian.layout_dir, &base)
+            .expect("base layer");
+    }
+    let mut entries = layer::scan_tree(tree).expect("scan tree");
+    writer.add_layer(&mut entries).expect("layer written");
+    let run = oci::RunConfig {
+        cmd: vec!["bash".into()],
+        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+        history: vec!["debian".into(), format!("layer of {name}")],
+    };
+    let reference = format!("docker.io/hyperbox/{name}:latest");
+    writer
+        .finish(&run, "latest", &reference)
+        .expect("layout finished");
+    oci::write_archive(&layout, &archive, epoch).expect("archive");
+    fs::remove_dir_all(&layout).unwrap();
+    archive
+}
+
+/// Test 3, the multi-layer set: debian, debian-python (debian's layer plus python's) and
+/// two more images built `FROM debian` (a package added; configuration and a binary
+/// changed), imported through overlayfs and through hyperbox. Both keep one snapshot per
+/// distinct layer (the base is shared by all four images), and hyperbox's root, with every
+/// layer converted to EROFS, takes no more disk than overlayfs's.
+fn multi_layer_set(v: ContainerdVersion) {
+    let f = Fixture::start(v);
+    let debian = TestBed::build(TestImage::Debian).expect("debian built");
+    let python = TestBed::build(TestImage::DebianPython).expect("debian-python built");
+    assert_eq!(python.layer_digests[0], debian.layer_digests[0]);
+    let work = f.snap.dir().join("multi");
+    fs::create_dir_all(&work).unwrap();
+    let pkg = work.join("tree-pkg");
+    fs::create_dir_all(&pkg).unwrap();
+    let tini = fs::read_dir("/var/cache/hyperbox/debs").ok().and_then(|d| {
+        d.flatten().map(|e| e.path()).find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("tini_"))
+        })
+    });
+    match tini {
+        Some(deb) => sh(&format!("dpkg -x {} {}", deb.display(), pkg.display())),
+        None => sh(&format!(
+            "mkdir -p {0}/usr/bin && head -c 700000 /dev/urandom > {0}/usr/bin/tini",
+            pkg.display()
+        )),
+    }
+    let conf = work.join("tree-conf");
+    sh(&format!(
+        "mkdir -p {0}/etc {0}/usr/local/bin && echo 'multi-layer' > {0}/etc/motd \
+         && head -c 2000000 /dev/urandom > {0}/usr/local/bin/app && chmod 755 {0}/usr/local/bin/app",
+        conf.display()
+    ));
+    let archives = [
+        debian.archive.clone(),
+        python.archive.clone(),
+        image_on_debian(&debian, &pkg, &work, "multi-pkg"),
+        image_on_debian(&debian, &conf, &work, "multi-conf"),
+    ];
+    let overlay_root = f
+        .c()
+        .dir()
+        .join("root/io.containerd.snapshotter.v1.overlayfs");
+    let overlay_before = du(&overlay_root, &["-B1", "-x"]);
+    let hyperbox_before = root_disk(&f);
+    for archive in &archives {
+        let a = archive.to_string_lossy();
+        for snapshotter in [PLUGIN, "overlayfs"] {
+            f.c()
+                .ctr_run(&["images", "import", "--snapshotter", snapshotter, &a])
+                .unwrap_or_else(|e| panic!("import {a} through {snapshotter}: {e}"));
+        }
+    }
+    let direct = f.direct();
+    let layers = f.wait_converted(&direct);
+    // debian, python's layer, and one layer for each of the two FROM-debian images.
+    assert_eq!(layers.len(), 4, "{layers:?}");
+    f.check_converted_layers(4);
+    let overlay_snapshots = f
+        .c()
+        .ctr_run(&["snapshots", "--snapshotter", "overlayfs", "ls"])
+        .expect("overlayfs snapshots");
+    let overlay_snapshots = String::from_utf8_lossy(&overlay_snapshots.stdout);
+    let committed = overlay_snapshots
+        .lines()
+        .filter(|l| l.trim_end().ends_with("Committed"))
+        .count();
+    assert_eq!(committed, 4, "{overlay_snapshots}");
+    let overlay = du(&overlay_root, &["-B1", "-x"]) - overlay_before;
+    let hyperbox = root_disk(&f) - hyperbox_before;
+    let ratio = hyperbox as f64 / overlay as f64;
+    eprintln!("multi-layer set: overlayfs {overlay} B, hyperbox {hyperbox} B = {ratio:.3}");
+    assert!(
+        hyperbox <= overlay,
+        "hyperbox {hyperbox} B is more than overlayfs {overlay} B"
+    );
+    f.run_check(
+        "docker.io/hyperbox/multi-conf:latest",
+        "ml-conf",
+        "grep -q multi-layer /etc/motd && test -x /usr/local/bin/app && test -x /bin/bash",
+    );
+    f.run_check(
+        &TestImage::DebianPython.reference(),
+        "ml-py",
+        "python3 -c 'import sqlite3'",
+    );
+    drop(direct);
+    teardown_leaves_nothing(f);
+}
+per_version!(multi_layer, multi_layer_set);
 
 /// One entry of a tree as the fidelity test compares it.
 #[derive(Debug, PartialEq, Eq)]
