@@ -1056,6 +1056,51 @@ fn churn(socket: &Path, round: u32) -> Acked {
     acked
 }
 
+/// Conversions wait for unpacks: a layer committed while containerd's unpacker still has
+/// an `extract-` snapshot open stays a plain directory until that snapshot is committed
+/// or removed (so the conversion takes nothing from the pull), then is converted.
+#[test]
+fn conversion_waits_for_running_unpacks() {
+    let snap = SnapshotterDaemon::start("").expect("snapshotter started");
+    let calls = Calls::direct(&snap.socket());
+    let storage = |name: &str| {
+        calls
+            .stat(name)
+            .expect("stat")
+            .labels
+            .get(STORAGE_LABEL)
+            .cloned()
+            .unwrap_or_default()
+    };
+    calls
+        .prepare("ns/1/extract-1-a sha256:aa", "")
+        .expect("prepare a");
+    calls
+        .prepare("ns/2/extract-2-b sha256:bb", "")
+        .expect("prepare b");
+    calls
+        .commit("ns/3/layer-a", "ns/1/extract-1-a sha256:aa")
+        .expect("commit a");
+    thread::sleep(Duration::from_millis(1500));
+    assert_ne!(
+        storage("ns/3/layer-a"),
+        "erofs",
+        "converted while an unpack ran"
+    );
+    calls
+        .remove("ns/2/extract-2-b sha256:bb")
+        .expect("remove b");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while storage("ns/3/layer-a") != "erofs" {
+        assert!(
+            Instant::now() < deadline,
+            "never converted after the unpack ended:\n{}",
+            snap.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `kill -9` at arbitrary points of a stream of Prepare/Commit/Remove calls: after each
 /// restart every acknowledged change is there, nothing acknowledged as removed came back, and
 /// recovery leaves exactly one directory per record and no staging or trash entries.

@@ -39,6 +39,10 @@ use crate::layer::LayerStorage;
 use crate::service::{remove_tree, Inner, Job, SnapshotterError};
 use crate::store::{self, SnapshotKind, SnapshotRecord, SnapshotTable};
 
+/// The longest a conversion waits for unpacks to finish; an unpack snapshot left behind by
+/// a crashed client must not stop conversions for good.
+const UNPACK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 type Result<T, E = SnapshotterError> = std::result::Result<T, E>;
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotterError {
@@ -51,10 +55,12 @@ pub(crate) fn spawn_worker(inner: Weak<Inner>, jobs: mpsc::Receiver<Job>) -> io:
     std::thread::Builder::new()
         .name("erofs-convert".to_string())
         .spawn(move || {
+            let mut stale_unpacks = BTreeSet::new();
             while let Ok(job) = jobs.recv() {
                 let Some(inner) = inner.upgrade() else { break };
                 match job {
                     Job::Convert(id) => {
+                        inner.wait_for_unpacks(&mut stale_unpacks);
                         if let Err(e) = inner.convert(id) {
                             error!(id, "conversion to erofs failed, the layer stays a plain directory: {e}");
                         }
@@ -121,6 +127,55 @@ fn unmount_if_mounted(dir: &Path) -> Result<()> {
 }
 
 impl Inner {
+    /// Keys of the active snapshots containerd's unpacker is writing
+    /// (`NS/N/extract-NANOS-RANDOM CHAINID`, containerd 1.6 and 1.7).
+    fn unpacks(&self) -> Result<BTreeSet<String>> {
+        Ok(self
+            .store
+            .read()?
+            .all()?
+            .into_iter()
+            .filter(|(key, r)| {
+                r.kind == SnapshotKind::Active
+                    && key
+                        .rsplit('/')
+                        .next()
+                        .is_some_and(|k| k.starts_with("extract-"))
+            })
+            .map(|(key, _)| key)
+            .collect())
+    }
+
+    /// Waits until no unpack is in progress, so that conversions take no CPU or disk from
+    /// a pull: a layer committed by an unpack is converted once the whole image is
+    /// unpacked (it is served from its plain directory meanwhile, so nothing but the
+    /// conversion waits). An unpack snapshot still there after [`UNPACK_WAIT`] (left by a
+    /// client that died) goes into `stale` and is not waited for again.
+    pub(crate) fn wait_for_unpacks(&self, stale: &mut BTreeSet<String>) {
+        let deadline = std::time::Instant::now() + UNPACK_WAIT;
+        loop {
+            let running: BTreeSet<String> = match self.unpacks() {
+                Ok(keys) => keys.difference(stale).cloned().collect(),
+                Err(e) => {
+                    warn!("cannot tell whether an unpack is running: {e}");
+                    return;
+                }
+            };
+            if running.is_empty() {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                warn!(
+                    ?running,
+                    "unpack snapshots unchanged for {UNPACK_WAIT:?}; converting anyway"
+                );
+                stale.extend(running);
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     fn record_of(&self, id: u64) -> Result<Option<(String, SnapshotRecord)>> {
         Ok(self
             .store
