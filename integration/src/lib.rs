@@ -21,6 +21,7 @@ pub mod registry;
 pub mod sandbox;
 pub mod snapshotter;
 pub mod testbed;
+pub mod wasm_image;
 
 /// Generates one test per containerd version: `per_version!(name, body_fn)` makes
 /// `name::v1_6` and `name::v1_7`, each calling `body_fn(version)`. A version left out by

@@ -57,26 +57,27 @@ impl CompileCache {
         CompileCache { dir: dir.into() }
     }
 
-    /// The entry for `wasm` under `engine`.
-    pub fn entry_path(&self, engine: &wasmtime::Engine, wasm: &[u8]) -> PathBuf {
-        self.dir.join(format!(
-            "{}-{}.cwasm",
-            hex::encode(Sha256::digest(wasm)),
-            compatibility(engine)
-        ))
+    /// The entry for the guest whose SHA-256 is `digest` (hex) under `engine`.
+    pub fn entry_path(&self, engine: &wasmtime::Engine, digest: &str) -> PathBuf {
+        self.dir
+            .join(format!("{digest}-{}.cwasm", compatibility(engine)))
     }
 
-    /// The artifact of `wasm` (named `name` in messages): a verified cache entry, else
-    /// compiled now and stored. A cache that cannot be written is logged, not fatal.
+    /// The artifact of `wasm` (named `name` in messages), whose SHA-256 (hex) is `digest`:
+    /// a verified cache entry, else compiled now and stored. A cache that cannot be written
+    /// is logged, not fatal. The caller vouches for `digest`: a rootfs file's is computed
+    /// here by [`sha256_hex`], an image layer's is its content digest, which the shim checked
+    /// when it read the layer from containerd's content store.
     pub fn artifact(
         &self,
         engine: &wasmtime::Engine,
         name: &str,
         kind: GuestKind,
+        digest: &str,
         wasm: &[u8],
     ) -> Result<Artifact, CacheError> {
-        let digest = hex::encode(Sha256::digest(wasm));
-        let path = self.entry_path(engine, wasm);
+        let digest = digest.to_string();
+        let path = self.entry_path(engine, &digest);
         match read_entry(&path) {
             Ok(Some(bytes)) => {
                 return Ok(Artifact {
@@ -134,6 +135,11 @@ impl CompileCache {
     }
 }
 
+/// SHA-256 of `bytes`, hex: a guest's cache key.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// The payload of a verified entry; `Ok(None)` when there is none, `Err` saying why an entry
 /// cannot be trusted.
 fn read_entry(path: &Path) -> Result<Option<Vec<u8>>, String> {
@@ -185,11 +191,23 @@ mod tests {
         let wasm = wat::parse_str("(module (func (export \"_start\")))").unwrap();
         let c = cache("once");
         let first = c
-            .artifact(&engine, "a.wasm", GuestKind::Module, &wasm)
+            .artifact(
+                &engine,
+                "a.wasm",
+                GuestKind::Module,
+                &sha256_hex(&wasm),
+                &wasm,
+            )
             .unwrap();
         assert_eq!(first.source, Source::Compiled);
         let second = c
-            .artifact(&engine, "a.wasm", GuestKind::Module, &wasm)
+            .artifact(
+                &engine,
+                "a.wasm",
+                GuestKind::Module,
+                &sha256_hex(&wasm),
+                &wasm,
+            )
             .unwrap();
         assert_eq!(second.source, Source::CacheHit);
         assert_eq!(first.bytes, second.bytes);
@@ -203,26 +221,50 @@ mod tests {
         let wasm = wat::parse_str("(module (func (export \"_start\")))").unwrap();
         let c = cache("corrupt");
         let good = c
-            .artifact(&engine, "a.wasm", GuestKind::Module, &wasm)
+            .artifact(
+                &engine,
+                "a.wasm",
+                GuestKind::Module,
+                &sha256_hex(&wasm),
+                &wasm,
+            )
             .unwrap();
-        let path = c.entry_path(&engine, &wasm);
+        let path = c.entry_path(&engine, &sha256_hex(&wasm));
         let mut data = fs::read(&path).unwrap();
         let last = data.len() - 1;
         data[last] ^= 0xff;
         fs::write(&path, &data).unwrap();
         let again = c
-            .artifact(&engine, "a.wasm", GuestKind::Module, &wasm)
+            .artifact(
+                &engine,
+                "a.wasm",
+                GuestKind::Module,
+                &sha256_hex(&wasm),
+                &wasm,
+            )
             .unwrap();
         assert_eq!(again.source, Source::Compiled);
         assert_eq!(again.bytes, good.bytes);
         // Rewritten whole: the next start is a hit again.
         fs::write(&path, &data[..20]).unwrap();
         let after_truncation = c
-            .artifact(&engine, "a.wasm", GuestKind::Module, &wasm)
+            .artifact(
+                &engine,
+                "a.wasm",
+                GuestKind::Module,
+                &sha256_hex(&wasm),
+                &wasm,
+            )
             .unwrap();
         assert_eq!(after_truncation.source, Source::Compiled);
         let hit = c
-            .artifact(&engine, "a.wasm", GuestKind::Module, &wasm)
+            .artifact(
+                &engine,
+                "a.wasm",
+                GuestKind::Module,
+                &sha256_hex(&wasm),
+                &wasm,
+            )
             .unwrap();
         assert_eq!(hit.source, Source::CacheHit);
         fs::remove_dir_all(&c.dir).unwrap();
@@ -237,6 +279,7 @@ mod tests {
                 &engine,
                 "/bad.wasm",
                 GuestKind::Module,
+                &sha256_hex(b"\0asm\x01\0\0\0\xff"),
                 b"\0asm\x01\0\0\0\xff",
             )
             .unwrap_err();

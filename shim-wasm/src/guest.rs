@@ -13,7 +13,7 @@ use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
 
 /// The first bytes of every WebAssembly binary, module or component.
-const MAGIC: &[u8; 4] = b"\0asm";
+pub(crate) const MAGIC: &[u8; 4] = b"\0asm";
 
 /// Errors finding or reading a guest.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +140,7 @@ pub fn locate(spec: &Spec, rootfs: &Path) -> Result<Option<GuestFile>, GuestErro
 }
 
 /// `file.wasm#export` names an export of the module to run.
-fn split_export(arg0: &str) -> (&str, Option<&str>) {
+pub fn split_export(arg0: &str) -> (&str, Option<&str>) {
     match arg0.rsplit_once('#') {
         Some((file, export)) if file.ends_with(".wasm") && !export.is_empty() => {
             (file, Some(export))

@@ -37,8 +37,10 @@ const TRAP_EXIT: i32 = 128 + libc::SIGABRT;
 /// A guest compiled in the zygote, to run in the container's init.
 #[derive(Debug)]
 pub struct CompiledGuest {
-    /// The file as `args[0]` names it, for messages.
+    /// The file as `args[0]` names it, or the image layer, for messages.
     pub name: String,
+    /// The guest's `argv[0]`.
+    pub argv0: String,
     pub export: Option<String>,
     pub kind: GuestKind,
     /// `Engine::precompile_*` output, produced by [`engine`] or read from a verified cache
@@ -106,15 +108,15 @@ impl Executor for WasmExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         let loaded = self.load().map_err(ExecutorError::Other)?;
         exit_on_termination_signals();
-        let args: Vec<String> = spec
+        let mut args: Vec<String> = spec
             .process()
             .as_ref()
             .and_then(|p| p.args().clone())
-            .unwrap_or_default()
-            .into_iter()
-            .enumerate()
-            .map(|(i, a)| if i == 0 { self.guest.name.clone() } else { a })
-            .collect();
+            .unwrap_or_default();
+        match args.first_mut() {
+            Some(arg0) => arg0.clone_from(&self.guest.argv0),
+            None => args.push(self.guest.argv0.clone()),
+        }
         let limit = memory_limit(spec);
         let code = match run(&self.guest, loaded, &args, limit) {
             Ok(code) => code,
@@ -153,9 +155,18 @@ fn memory_limit(spec: &Spec) -> Option<usize> {
 /// container's stderr; the guest sees `memory.grow` fail, as a native program sees `brk`
 /// fail (and a trap during instantiation when its initial memory is already too big).
 #[derive(Debug, Default)]
-struct MemoryLimit {
+pub(crate) struct MemoryLimit {
     limit: Option<usize>,
     reported: bool,
+}
+
+impl MemoryLimit {
+    pub(crate) fn new(limit: Option<usize>) -> Self {
+        MemoryLimit {
+            limit,
+            reported: false,
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimit {
@@ -212,7 +223,7 @@ impl WasiView for ComponentHost {
 
 /// WASI for the guest: the process's args, environment and stdio (containerd's FIFOs or
 /// terminal), the container's root filesystem (this process's `/`) as the preopened `/`.
-fn wasi(args: &[String]) -> wasmtime::Result<WasiCtxBuilder> {
+pub(crate) fn wasi(args: &[String]) -> wasmtime::Result<WasiCtxBuilder> {
     let mut b = WasiCtxBuilder::new();
     b.args(args)
         .inherit_env()
@@ -228,10 +239,7 @@ fn run(
     args: &[String],
     limit: Option<usize>,
 ) -> wasmtime::Result<i32> {
-    let memory = MemoryLimit {
-        limit,
-        reported: false,
-    };
+    let memory = MemoryLimit::new(limit);
     let outcome = match loaded {
         Loaded::Module(engine, module) => {
             let host = ModuleHost {
@@ -248,6 +256,9 @@ fn run(
                 .and_then(|i| i.get_typed_func::<(), ()>(&mut store, export))
                 .and_then(|f| f.call(&mut store, ()))
                 .map(|()| 0)
+        }
+        Loaded::Component(engine, component) if crate::http::is_http_handler(engine, component) => {
+            crate::http::serve(&guest.name, engine, component, args, limit)
         }
         Loaded::Component(engine, component) => {
             let host = ComponentHost {
@@ -313,6 +324,7 @@ mod tests {
         .unwrap();
         let e = WasmExecutor::new(CompiledGuest {
             name: "/t.wasm".into(),
+            argv0: "/t.wasm".into(),
             export: export.map(str::to_string),
             kind,
             artifact,

@@ -1,0 +1,455 @@
+//! OCI wasm images in runwasi's format: an image whose configuration says
+//! `architecture: wasm`, with a layer of media type `application/wasm` or
+//! `application/vnd.bytecodealliance.wasm.component.layer.v0+wasm` that is the guest itself
+//! (not a tar). containerd (1.7.7 on) pulls such images into its content store; the shim
+//! asks it, at Create, for the container's image and reads the layer from there.
+//!
+//! The lookup runs in the shim (async, on containerd's API), the compiling in the zygote,
+//! which must stay single-threaded and so makes no gRPC calls: the layer reaches it through
+//! the bundle ([`Handoff`]), which the zygote reads and removes.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::images_client::ImagesClient;
+use containerd_client::services::v1::{GetContainerRequest, GetImageRequest, ReadContentRequest};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::{Code, Request, Status};
+use containerd_client::with_namespace;
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+use crate::cache::sha256_hex;
+
+/// Layer media types that hold a WebAssembly binary (module or component), as runwasi's.
+pub const WASM_LAYER_TYPES: [&str; 2] = [
+    "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
+    "application/wasm",
+];
+
+/// The image configuration's architecture that marks a wasm image.
+const WASM_ARCHITECTURE: &str = "wasm";
+
+const INDEX_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// Errors finding a container's image guest.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot connect to containerd at {address}: {message}")]
+    Connect { address: String, message: String },
+    #[error("cannot get {what} from containerd: {status}")]
+    Call { what: String, status: Box<Status> },
+    #[error("cannot decode {what} of image {image}: {source}")]
+    Decode {
+        what: String,
+        image: String,
+        source: serde_json::Error,
+    },
+    #[error(
+        "image {image} is a wasm image (architecture wasm) without a WebAssembly layer: \
+         expected one layer of media type {}",
+        WASM_LAYER_TYPES.join(" or ")
+    )]
+    NoWasmLayer { image: String },
+    #[error(
+        "image {image} has {count} WebAssembly layers: this runtime runs an image with exactly one"
+    )]
+    ManyWasmLayers { image: String, count: usize },
+    #[error(
+        "layer {digest} of image {image} is corrupt in containerd's content store (it reads as \
+         {size} bytes with digest sha256:{actual}): remove the image and pull it again"
+    )]
+    Corrupt {
+        image: String,
+        digest: String,
+        size: usize,
+        actual: String,
+    },
+    #[error("layer {digest} of image {image} ({media_type}) is not a WebAssembly binary")]
+    NotWasm {
+        image: String,
+        digest: String,
+        media_type: String,
+    },
+    #[error("cannot {action} {path}: {source}")]
+    Handoff {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl ImageError {
+    /// True when the image itself is unusable (as opposed to containerd being unreachable).
+    pub fn is_bad_image(&self) -> bool {
+        !matches!(
+            self,
+            ImageError::Connect { .. } | ImageError::Call { .. } | ImageError::Handoff { .. }
+        )
+    }
+}
+
+/// A container's guest taken from its image's wasm layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageLayer {
+    /// The image's name (`registry/repo:tag`).
+    pub image: String,
+    /// The layer's digest, `sha256:HEX`: verified against its content, and the compile
+    /// cache's key.
+    pub digest: String,
+    pub media_type: String,
+}
+
+impl ImageLayer {
+    /// How messages name the guest.
+    pub fn name(&self) -> String {
+        format!("layer {} of image {}", self.digest, self.image)
+    }
+
+    /// The digest's hex part.
+    pub fn digest_hex(&self) -> &str {
+        self.digest.strip_prefix("sha256:").unwrap_or(&self.digest)
+    }
+}
+
+/// What the shim hands the zygote in the bundle: `wasm-image.json` (the [`ImageLayer`])
+/// and `wasm-image.wasm` (its bytes). The zygote reads and removes both.
+#[derive(Debug)]
+pub struct Handoff;
+
+impl Handoff {
+    const LAYER: &'static str = "wasm-image.json";
+    const WASM: &'static str = "wasm-image.wasm";
+
+    /// Writes the handoff into `bundle` (the wasm first: the json marks it complete).
+    pub fn write(bundle: &Path, layer: &ImageLayer, wasm: &[u8]) -> Result<(), ImageError> {
+        let err = |action, path: PathBuf| {
+            move |source| ImageError::Handoff {
+                action,
+                path,
+                source,
+            }
+        };
+        let wasm_path = bundle.join(Self::WASM);
+        fs::write(&wasm_path, wasm).map_err(err("write", wasm_path))?;
+        let json = serde_json::to_vec(layer).map_err(std::io::Error::from);
+        let layer_path = bundle.join(Self::LAYER);
+        json.and_then(|j| fs::write(&layer_path, j))
+            .map_err(err("write", layer_path))
+    }
+
+    /// Takes the handoff out of `bundle`: `None` when the container has no image guest.
+    pub fn take(bundle: &Path) -> Result<Option<(ImageLayer, Vec<u8>)>, ImageError> {
+        let layer_path = bundle.join(Self::LAYER);
+        let json = match fs::read(&layer_path) {
+            Ok(j) => j,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ImageError::Handoff {
+                    action: "read",
+                    path: layer_path,
+                    source,
+                })
+            }
+        };
+        let layer: ImageLayer = serde_json::from_slice(&json).map_err(|e| ImageError::Handoff {
+            action: "decode",
+            path: layer_path.clone(),
+            source: e.into(),
+        })?;
+        let wasm_path = bundle.join(Self::WASM);
+        let wasm = fs::read(&wasm_path).map_err(|source| ImageError::Handoff {
+            action: "read",
+            path: wasm_path.clone(),
+            source,
+        })?;
+        let _ = fs::remove_file(&wasm_path);
+        let _ = fs::remove_file(&layer_path);
+        Ok(Some((layer, wasm)))
+    }
+}
+
+/// The parts of an OCI manifest or index the lookup reads.
+#[derive(Debug, Deserialize)]
+struct Manifest {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    /// An index's entries.
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Platform {
+    #[serde(default)]
+    architecture: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ImageConfig {
+    #[serde(default)]
+    architecture: String,
+}
+
+/// containerd's API, as the shim reaches it (`-address`, in the shim's namespace).
+#[derive(Debug)]
+pub struct ContentStore {
+    address: String,
+    namespace: String,
+    channel: OnceCell<Channel>,
+}
+
+impl ContentStore {
+    pub fn new(address: String, namespace: String) -> Self {
+        ContentStore {
+            address,
+            namespace,
+            channel: OnceCell::new(),
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, ImageError> {
+        self.channel
+            .get_or_try_init(|| async {
+                let path = self.address.trim_start_matches("unix://");
+                containerd_client::connect(path)
+                    .await
+                    .map_err(|e| ImageError::Connect {
+                        address: self.address.clone(),
+                        message: format!("{e:?}"),
+                    })
+            })
+            .await
+            .cloned()
+    }
+
+    /// The whole blob `digest`.
+    async fn read(&self, digest: &str, what: &str) -> Result<Vec<u8>, ImageError> {
+        let call = |status| ImageError::Call {
+            what: format!("{what} {digest}"),
+            status: Box::new(status),
+        };
+        let req = ReadContentRequest {
+            digest: digest.to_string(),
+            ..Default::default()
+        };
+        let mut stream = ContentClient::new(self.channel().await?)
+            .read(with_namespace!(req, self.namespace))
+            .await
+            .map_err(call)?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.message().await.map_err(call)? {
+            data.extend_from_slice(&chunk.data);
+        }
+        Ok(data)
+    }
+
+    async fn json<T: for<'de> Deserialize<'de>>(
+        &self,
+        digest: &str,
+        what: &str,
+        image: &str,
+    ) -> Result<T, ImageError> {
+        let bytes = self.read(digest, what).await?;
+        serde_json::from_slice(&bytes).map_err(|source| ImageError::Decode {
+            what: format!("{what} {digest}"),
+            image: image.to_string(),
+            source,
+        })
+    }
+
+    /// The wasm layer of container `id`'s image and its bytes, verified against the layer's
+    /// digest; `None` when the container has no image or its image is not a wasm image.
+    pub async fn wasm_layer(&self, id: &str) -> Result<Option<(ImageLayer, Vec<u8>)>, ImageError> {
+        let channel = self.channel().await?;
+        let req = GetContainerRequest { id: id.to_string() };
+        let container = ContainersClient::new(channel.clone())
+            .get(with_namespace!(req, self.namespace))
+            .await
+            .map_err(|status| ImageError::Call {
+                what: format!("container {id}"),
+                status: Box::new(status),
+            })?
+            .into_inner()
+            .container;
+        let image = match container {
+            Some(c) if !c.image.is_empty() => c.image,
+            _ => return Ok(None),
+        };
+        let req = GetImageRequest {
+            name: image.clone(),
+        };
+        let target = match ImagesClient::new(channel)
+            .get(with_namespace!(req, self.namespace))
+            .await
+        {
+            Ok(r) => r.into_inner().image.and_then(|i| i.target),
+            // The image was removed after the container was made: nothing to read.
+            Err(status) if status.code() == Code::NotFound => None,
+            Err(status) => {
+                return Err(ImageError::Call {
+                    what: format!("image {image}"),
+                    status: Box::new(status),
+                })
+            }
+        };
+        let Some(target) = target else {
+            return Ok(None);
+        };
+        let mut manifest: Manifest = self.json(&target.digest, "manifest", &image).await?;
+        if INDEX_TYPES.contains(&target.media_type.as_str())
+            || INDEX_TYPES.contains(&manifest.media_type.as_str())
+        {
+            let Some(wasm) = wasm_entry(&manifest) else {
+                // A native multi-platform image: nothing more to read.
+                return Ok(None);
+            };
+            manifest = self.json(&wasm.digest, "manifest", &image).await?;
+        }
+        let Some(config) = &manifest.config else {
+            return Ok(None);
+        };
+        let config: ImageConfig = self.json(&config.digest, "configuration", &image).await?;
+        if config.architecture != WASM_ARCHITECTURE {
+            return Ok(None);
+        }
+        let layers: Vec<&Descriptor> = manifest
+            .layers
+            .iter()
+            .filter(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()))
+            .collect();
+        let layer = match layers.as_slice() {
+            [] => return Err(ImageError::NoWasmLayer { image }),
+            [one] => *one,
+            many => {
+                return Err(ImageError::ManyWasmLayers {
+                    image,
+                    count: many.len(),
+                })
+            }
+        };
+        let wasm = self.read(&layer.digest, "layer").await?;
+        let layer = ImageLayer {
+            image,
+            digest: layer.digest.clone(),
+            media_type: layer.media_type.clone(),
+        };
+        verify(&layer, &wasm)?;
+        Ok(Some((layer, wasm)))
+    }
+}
+
+/// An index's entry for architecture wasm.
+fn wasm_entry(index: &Manifest) -> Option<&Descriptor> {
+    index.manifests.iter().find(|m| {
+        m.platform
+            .as_ref()
+            .is_some_and(|p| p.architecture == WASM_ARCHITECTURE)
+    })
+}
+
+/// Checks that `wasm` is the layer's content (containerd checks digests when it ingests
+/// content, not when it serves it) and a WebAssembly binary.
+fn verify(layer: &ImageLayer, wasm: &[u8]) -> Result<(), ImageError> {
+    let actual = sha256_hex(wasm);
+    if layer.digest.strip_prefix("sha256:") != Some(actual.as_str()) {
+        return Err(ImageError::Corrupt {
+            image: layer.image.clone(),
+            digest: layer.digest.clone(),
+            size: wasm.len(),
+            actual,
+        });
+    }
+    if !wasm.starts_with(crate::guest::MAGIC) {
+        return Err(ImageError::NotWasm {
+            image: layer.image.clone(),
+            digest: layer.digest.clone(),
+            media_type: layer.media_type.clone(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(wasm: &[u8]) -> ImageLayer {
+        ImageLayer {
+            image: "r/w:1".into(),
+            digest: format!("sha256:{}", sha256_hex(wasm)),
+            media_type: WASM_LAYER_TYPES[1].into(),
+        }
+    }
+
+    #[test]
+    fn a_layer_must_match_its_digest_and_be_wasm() {
+        let wasm = b"\0asm\x01\0\0\0".to_vec();
+        assert!(verify(&layer(&wasm), &wasm).is_ok());
+        let mut flipped = wasm.clone();
+        flipped[7] ^= 1;
+        let err = verify(&layer(&wasm), &flipped).unwrap_err();
+        assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
+        assert!(err.is_bad_image());
+        let text = b"plain text".to_vec();
+        let err = verify(&layer(&text), &text).unwrap_err();
+        assert!(matches!(err, ImageError::NotWasm { .. }), "{err}");
+        assert!(
+            err.to_string().contains("is not a WebAssembly binary"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_handoff_is_taken_once() {
+        let bundle = std::env::temp_dir().join(format!("hb-wasm-handoff-{}", std::process::id()));
+        fs::create_dir_all(&bundle).unwrap();
+        assert!(Handoff::take(&bundle).unwrap().is_none());
+        let wasm = b"\0asm\x01\0\0\0".to_vec();
+        Handoff::write(&bundle, &layer(&wasm), &wasm).unwrap();
+        let (got, bytes) = Handoff::take(&bundle).unwrap().unwrap();
+        assert_eq!((got, bytes), (layer(&wasm), wasm));
+        assert!(Handoff::take(&bundle).unwrap().is_none());
+        fs::remove_dir_all(&bundle).unwrap();
+    }
+
+    #[test]
+    fn an_index_entry_is_chosen_by_architecture() {
+        let index: Manifest = serde_json::from_str(
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",
+                "manifests":[
+                  {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:a",
+                   "size":1,"platform":{"architecture":"amd64","os":"linux"}},
+                  {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:b",
+                   "size":1,"platform":{"architecture":"wasm","os":"wasip1"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(wasm_entry(&index).unwrap().digest, "sha256:b");
+        let native: Manifest = serde_json::from_str(
+            r#"{"manifests":[{"digest":"sha256:a","platform":{"architecture":"amd64"}}]}"#,
+        )
+        .unwrap();
+        assert!(wasm_entry(&native).is_none());
+    }
+}
