@@ -184,9 +184,15 @@ impl Fixture {
 
     /// `ctr run --snapshotter hyperbox --rm IMAGE ID CMD...`.
     fn run_rm(&self, image: &str, id: &str, cmd: &[&str]) -> Output {
+        self.run_rm_with(RUNC, image, id, cmd)
+    }
+
+    /// `ctr run --snapshotter hyperbox --runtime RUNTIME --rm IMAGE ID CMD...`.
+    fn run_rm_with(&self, runtime: &str, image: &str, id: &str, cmd: &[&str]) -> Output {
         self.c()
             .ctr()
-            .args(["run", "--snapshotter", PLUGIN, "--rm", "--fifo-dir"])
+            .args(["run", "--snapshotter", PLUGIN, "--runtime", runtime, "--rm"])
+            .arg("--fifo-dir")
             .arg(self.c().dir().join("fifo"))
             .arg(image)
             .arg(id)
@@ -200,12 +206,17 @@ impl Fixture {
     /// verdict travels as the exit code (7), not as output: `ctr run` 1.6 now and then loses
     /// the stdout of a short-lived container.
     fn run_check(&self, image: &str, id: &str, script: &str) {
+        self.run_check_with(RUNC, image, id, script);
+    }
+
+    /// [`Fixture::run_check`] through the runtime `runtime`.
+    fn run_check_with(&self, runtime: &str, image: &str, id: &str, script: &str) {
         let wrapped = format!("{script} && exit 7");
-        let out = self.run_rm(image, id, &["sh", "-c", &wrapped]);
+        let out = self.run_rm_with(runtime, image, id, &["sh", "-c", &wrapped]);
         assert_eq!(
             out.status.code(),
             Some(7),
-            "ctr run {image} sh -c {script:?}: {}\nstdout: {}\nstderr: {}\nsnapshotter log:\n{}",
+            "ctr run --runtime {runtime} {image} sh -c {script:?}: {}\nstdout: {}\nstderr: {}\nsnapshotter log:\n{}",
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
@@ -460,6 +471,9 @@ impl Calls {
 /// Kind values of containerd's snapshots API.
 const KIND_VIEW: i32 = 1;
 const KIND_ACTIVE: i32 = 2;
+/// containerd's runc shim, and HyperBox's.
+const RUNC: &str = "io.containerd.runc.v2";
+const HYPERBOX_SHIM: &str = "io.containerd.hyperbox.v1";
 const KIND_COMMITTED: i32 = 3;
 
 fn code_of<T: std::fmt::Debug>(r: Result<T, Status>) -> Code {
@@ -549,6 +563,12 @@ fn images_run_from_the_snapshotter(v: ContainerdVersion) {
     );
     f.run_check(&debian, "deb", "grep -q '^12\\.' /etc/debian_version");
     f.run_check(&python, "py", "test \"$(python3 -c 'print(6 * 7)')\" = 42");
+    f.run_check_with(
+        HYPERBOX_SHIM,
+        &python,
+        "py-hb",
+        "test \"$(python3 -c 'print(6 * 7)')\" = 42",
+    );
 
     // A running container's root is an overlay of the snapshotter's directories.
     f.start_detached(&python, "sleeper", "sleep 1000");
@@ -1276,6 +1296,14 @@ fn erofs_layers(v: ContainerdVersion, mount_mode: &str) {
         "deb",
         "grep -q '^12\\.' /etc/debian_version && ls -l /usr/bin/ | grep -q bash \
          && dpkg -s coreutils >/dev/null && sha256sum /usr/bin/* >/dev/null",
+    );
+    // And through HyperBox's shim, from the same EROFS layers.
+    f.run_check_with(
+        HYPERBOX_SHIM,
+        &debian,
+        "deb-hb",
+        "echo written >/new && test \"$(cat /new)\" = written \
+         && grep -q '^12\\.' /etc/debian_version && sha256sum /usr/bin/* >/dev/null",
     );
 
     // A running container's root is an overlay of the EROFS mounts.
