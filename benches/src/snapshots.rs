@@ -189,11 +189,8 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
     tracing::info!(?throughput, "chunk+hash measured");
 
     let snap = SnapshotterDaemon::start("").context("starting hyperbox-snapshotter")?;
-    let builder = Containerd::builder(args.containerd).with_proxy_plugin(
-        PLUGIN,
-        "snapshot",
-        snap.socket(),
-    );
+    let builder =
+        Containerd::builder(args.containerd).with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
     let bed = TestBed::with_builder(builder).context("starting containerd and the registry")?;
     let c = &bed.containerd;
     let mut pushed = Vec::new();
@@ -422,7 +419,11 @@ fn du(path: &Path) -> anyhow::Result<u64> {
         .arg(path)
         .output()?;
     if !out.status.success() {
-        bail!("du {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "du {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
