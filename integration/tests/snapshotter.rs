@@ -182,11 +182,6 @@ impl Fixture {
             .map(drop)
     }
 
-    /// `ctr run --snapshotter hyperbox --rm IMAGE ID CMD...`.
-    fn run_rm(&self, image: &str, id: &str, cmd: &[&str]) -> Output {
-        self.run_rm_with(RUNC, image, id, cmd)
-    }
-
     /// `ctr run --snapshotter hyperbox --runtime RUNTIME --rm IMAGE ID CMD...`.
     fn run_rm_with(&self, runtime: &str, image: &str, id: &str, cmd: &[&str]) -> Output {
         self.c()
