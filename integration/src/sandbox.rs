@@ -641,18 +641,25 @@ fn thaw_namespaces(namespaces: &[String]) {
 }
 
 fn remove_cgroup_tree(cg: &Path) {
-    if let Ok(entries) = fs::read_dir(cg) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
+    // Children are listed again on every try: a runtime still finishing a delete (or a
+    // create) under load may add or remove one between our rmdirs, and the parent stays
+    // busy until its last child is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(entries) = fs::read_dir(cg) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_cgroup_tree(&e.path());
+                }
             }
         }
-    }
-    // A cgroup directory is removed with rmdir even though it appears to hold files.
-    for _ in 0..50 {
+        // A cgroup directory is removed with rmdir even though it appears to hold files.
         match fs::remove_dir(cg) {
             Ok(()) => return,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
                 thread::sleep(Duration::from_millis(20))
             }
             Err(_) => return,
