@@ -289,6 +289,60 @@ impl TestClient {
         Ok(resp.into_inner().descriptors)
     }
 
+    /// Creates lease `lease`: what containerd writes under it is kept until it is deleted.
+    pub async fn create_lease(&self, lease: &str) -> Result<(), ClientError> {
+        let req = containerd_client::services::v1::CreateRequest {
+            id: lease.to_string(),
+            labels: HashMap::new(),
+        };
+        self.raw()
+            .leases()
+            .create(self.request(req))
+            .await
+            .map_err(call_err("create lease", lease))?;
+        Ok(())
+    }
+
+    /// Deletes lease `lease` and, with it, what only it kept.
+    pub async fn delete_lease(&self, lease: &str) -> Result<(), ClientError> {
+        let req = containerd_client::services::v1::DeleteRequest {
+            id: lease.to_string(),
+            sync: true,
+        };
+        self.raw()
+            .leases()
+            .delete(self.request(req))
+            .await
+            .map_err(call_err("delete lease", lease))?;
+        Ok(())
+    }
+
+    /// As [`TestClient::checkpoint_task`], under lease `lease`: the checkpoint containerd
+    /// stores is kept for a later restore (without a lease, nothing refers to it and
+    /// containerd's garbage collector removes it).
+    pub async fn checkpoint_task_leased(
+        &self,
+        id: &str,
+        options: Option<&CheckpointOptions>,
+        lease: &str,
+    ) -> Result<Vec<Descriptor>, ClientError> {
+        let req = CheckpointTaskRequest {
+            container_id: id.to_string(),
+            parent_checkpoint: String::new(),
+            options: options.map(to_any),
+        };
+        let mut req = self.request(req);
+        if let Ok(value) = lease.parse() {
+            req.metadata_mut().insert("containerd-lease", value);
+        }
+        let resp = self
+            .tasks()
+            .checkpoint(req)
+            .await
+            .map_err(call_err("checkpoint", id))?;
+        Ok(resp.into_inner().descriptors)
+    }
+
     /// The mounts of a snapshot.
     pub async fn snapshot_mounts(
         &self,

@@ -33,6 +33,45 @@ pub struct CreateSpec {
     pub rootfs: Vec<RootfsMount>,
     /// The runtime options of the Create, decoded and checked.
     pub options: RuntimeOptions,
+    /// Restore the container's processes from this checkpoint instead of running its
+    /// process: they run from Create on, and Start only reports them started.
+    pub restore: Option<RestoreSpec>,
+}
+
+/// A checkpoint to restore a new container from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    /// CRIU's images, as a checkpoint of this engine wrote them.
+    pub image_dir: PathBuf,
+    /// CRIU's work directory (its log); `None` lets the engine choose.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// What a checkpoint is to take: runc's `CheckpointOptions`, decoded, and where it goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointSpec {
+    /// Where CRIU's images go (created when missing).
+    pub image_dir: PathBuf,
+    /// When the images go to `image_dir` on a client's word: the directory containerd asked
+    /// for, which it stores in its content store. It gets a record of the checkpoint naming
+    /// `image_dir`, so that a restore from containerd's copy finds the images.
+    pub record_dir: Option<PathBuf>,
+    /// CRIU's work directory (its log); `None` lets the engine choose.
+    pub work_dir: Option<PathBuf>,
+    /// Stop the container after the dump instead of leaving it running.
+    pub exit: bool,
+    /// Checkpoint established TCP connections.
+    pub open_tcp: bool,
+    /// Allow unix sockets connected to peers outside the container.
+    pub external_unix_sockets: bool,
+    /// Allow a terminal (CRIU's shell job).
+    pub terminal: bool,
+    /// Checkpoint file locks.
+    pub file_locks: bool,
+    /// Namespaces created empty on restore instead of dumped (`network` only).
+    pub empty_namespaces: Vec<String>,
+    /// CRIU's cgroup mode (`soft`, `full`, `strict`, `ignore`); `None` for CRIU's default.
+    pub cgroups_mode: Option<String>,
 }
 
 /// An additional process to run in a running container.
@@ -114,6 +153,21 @@ pub trait Engine: Send + Sync + Debug + 'static {
     /// The container's cgroup in cgroupfs form (the spec's `linux.cgroupsPath` as the engine
     /// applied it), through which the service pauses, updates, measures and watches it.
     async fn cgroups_path(&self, id: &str) -> Result<PathBuf, EngineError>;
+
+    /// Checkpoints the running container `id` (its init and every descendant) with CRIU,
+    /// into `spec.image_dir`. A failed dump leaves the container running; the error names
+    /// CRIU's log. Engines that cannot checkpoint keep this default.
+    async fn checkpoint(
+        &self,
+        id: &str,
+        bundle: &Path,
+        spec: &CheckpointSpec,
+    ) -> Result<(), EngineError> {
+        let _ = (bundle, spec);
+        Err(EngineError::Unsupported(format!(
+            "cannot checkpoint container {id}: this engine does not checkpoint"
+        )))
+    }
 
     /// Removes the container: kills what is left of it, removes its cgroup and state, and
     /// unmounts the rootfs it mounted. Succeeds when there is nothing left to remove.

@@ -3,7 +3,8 @@
 //! A shim is an [`Engine`] (create, start, exec, signal, list and delete containers) and a
 //! `main` that calls [`run`]. This crate does the rest, on the `containerd-shim` crate: the
 //! start/delete actions, the task API (Create, Start, Wait, Kill, Delete, State, Pids, Exec,
-//! ResizePty, CloseIO, Connect, Shutdown, Pause, Resume, Update, Stats), the process table,
+//! ResizePty, CloseIO, Connect, Shutdown, Pause, Resume, Update, Stats, Checkpoint, and Create
+//! from a checkpoint), the process table,
 //! stdio FIFOs, log URIs and terminals, the container's cgroup (freezer, limits, metrics,
 //! OOM events), task events, and exit reaping as a child subreaper, with errors mapped to
 //! ttrpc codes in [`ShimError::code`].
@@ -20,10 +21,11 @@ mod stdio;
 
 pub use cgroup::ContainerCgroup;
 pub use engine::{
-    CreateSpec, Engine, ExecSpec, ProcessStdio, RootfsMount, ShimAction, ShimContext, Spawned,
+    CheckpointSpec, CreateSpec, Engine, ExecSpec, ProcessStdio, RestoreSpec, RootfsMount,
+    ShimAction, ShimContext, Spawned,
 };
 pub use error::{EngineError, ShimError};
-pub use options::{CriOptions, RuncOptions, RuntimeOptions};
+pub use options::{CheckpointOptions, CriOptions, RuncOptions, RuntimeOptions};
 pub use reaper::exit_status;
 pub use service::TaskService;
 pub use shim::run;

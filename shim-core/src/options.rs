@@ -65,6 +65,79 @@ impl prost::Name for CriOptions {
     const PACKAGE: &'static str = "runtimeoptions.v1";
 }
 
+/// runc's checkpoint options (`containerd.runc.v1.CheckpointOptions`), sent in Checkpoint by
+/// clients that ask for more than containerd's defaults.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CheckpointOptions {
+    #[prost(bool, tag = "1")]
+    pub exit: bool,
+    #[prost(bool, tag = "2")]
+    pub open_tcp: bool,
+    #[prost(bool, tag = "3")]
+    pub external_unix_sockets: bool,
+    #[prost(bool, tag = "4")]
+    pub terminal: bool,
+    #[prost(bool, tag = "5")]
+    pub file_locks: bool,
+    #[prost(string, repeated, tag = "6")]
+    pub empty_namespaces: Vec<String>,
+    #[prost(string, tag = "7")]
+    pub cgroups_mode: String,
+    #[prost(string, tag = "8")]
+    pub image_path: String,
+    #[prost(string, tag = "9")]
+    pub work_path: String,
+}
+
+impl prost::Name for CheckpointOptions {
+    const NAME: &'static str = "CheckpointOptions";
+    const PACKAGE: &'static str = "containerd.runc.v1";
+}
+
+const CHECKPOINT_OPTIONS: &str = "containerd.runc.v1.CheckpointOptions";
+
+/// The cgroup modes CRIU takes (runc's `--manage-cgroups-mode`).
+const CGROUPS_MODES: [&str; 4] = ["soft", "full", "strict", "ignore"];
+
+impl CheckpointOptions {
+    /// Decodes and checks the options of a Checkpoint; `None` gives the defaults (leave
+    /// running, nothing optional).
+    pub fn from_any(any: Option<&Any>) -> Result<Self, ShimError> {
+        let Some(any) = any else {
+            return Ok(Self::default());
+        };
+        let name = any.type_url.rsplit('/').next().unwrap_or_default();
+        if name != CHECKPOINT_OPTIONS {
+            return Err(ShimError::InvalidArgument(format!(
+                "unsupported checkpoint options type {:?}: this shim takes {CHECKPOINT_OPTIONS}",
+                any.type_url
+            )));
+        }
+        let o: Self = decode(name, &any.value)?;
+        if !o.cgroups_mode.is_empty() && !CGROUPS_MODES.contains(&o.cgroups_mode.as_str()) {
+            return Err(ShimError::InvalidArgument(format!(
+                "checkpoint option cgroups_mode {:?} is not one of {}",
+                o.cgroups_mode,
+                CGROUPS_MODES.join(", ")
+            )));
+        }
+        if let Some(ns) = o.empty_namespaces.iter().find(|n| n.as_str() != "network") {
+            return Err(ShimError::InvalidArgument(format!(
+                "checkpoint option empty_namespaces names {ns:?}: CRIU creates only the \
+                 network namespace empty"
+            )));
+        }
+        for (field, path) in [("image_path", &o.image_path), ("work_path", &o.work_path)] {
+            if !path.is_empty() && !Path::new(path).is_absolute() {
+                return Err(ShimError::InvalidArgument(format!(
+                    "checkpoint option {field} {path:?} is not an absolute path"
+                )));
+            }
+        }
+        Ok(o)
+    }
+}
+
 const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
 const CRI_OPTIONS: &str = "runtimeoptions.v1.Options";
 
@@ -80,12 +153,19 @@ pub struct RuntimeOptions {
     /// Move the rootfs with `MS_MOVE` and `chroot` instead of `pivot_root` (runc's
     /// `no_pivot_root`, for rootfs on ramfs).
     pub no_pivot_root: bool,
+    /// Restore from the CRIU images in this directory (runc's `criu_image_path`), when the
+    /// Create carries no checkpoint of its own.
+    pub criu_image_path: Option<PathBuf>,
+    /// CRIU's work directory for a restore (runc's `criu_work_path`).
+    pub criu_work_path: Option<PathBuf>,
 }
 
 impl RuntimeOptions {
     /// Decodes and checks the options of a Create; `None` gives the defaults.
     pub fn from_any(any: Option<&Any>) -> Result<Self, ShimError> {
-        let Some(any) = any else {
+        // `ctr container restore` sends the runtime options its checkpoint recorded: for a
+        // runtime without options, an empty message of no type.
+        let Some(any) = any.filter(|a| !(a.type_url.is_empty() && a.value.is_empty())) else {
             return Ok(Self::default());
         };
         let name = any.type_url.rsplit('/').next().unwrap_or_default();
@@ -108,17 +188,12 @@ impl RuntimeOptions {
                 "ignored: this shim runs no binary"
             );
         }
-        for (field, path) in [
-            ("criu_path", &o.criu_path),
-            ("criu_image_path", &o.criu_image_path),
-            ("criu_work_path", &o.criu_work_path),
-        ] {
-            if !path.is_empty() {
-                return refuse(format!(
-                    "runtime option {field} ({path}) cannot be honoured: this shim does not \
-                     checkpoint or restore yet; remove it from the runtime options"
-                ));
-            }
+        if !o.criu_path.is_empty() {
+            return refuse(format!(
+                "runtime option criu_path ({}) cannot be honoured: this shim runs the criu \
+                 found on containerd's PATH; remove it from the runtime options",
+                o.criu_path
+            ));
         }
         if o.no_new_keyring {
             return refuse(
@@ -165,10 +240,19 @@ impl RuntimeOptions {
                 )))
             }
         };
+        let absolute = |field: &str, path: &str| match path {
+            "" => Ok(None),
+            p if Path::new(p).is_absolute() => Ok(Some(PathBuf::from(p))),
+            p => Err(ShimError::InvalidArgument(format!(
+                "runtime option {field} {p:?} is not an absolute path"
+            ))),
+        };
         Ok(Self {
             state_root,
             systemd_cgroup: o.systemd_cgroup,
             no_pivot_root: o.no_pivot_root,
+            criu_image_path: absolute("criu_image_path", &o.criu_image_path)?,
+            criu_work_path: absolute("criu_work_path", &o.criu_work_path)?,
         })
     }
 
@@ -290,13 +374,6 @@ mod tests {
         let cases = [
             (
                 RuncOptions {
-                    criu_image_path: "/x".into(),
-                    ..Default::default()
-                },
-                "criu_image_path",
-            ),
-            (
-                RuncOptions {
                     criu_path: "/usr/sbin/criu".into(),
                     ..Default::default()
                 },
@@ -341,6 +418,76 @@ mod tests {
     }
 
     #[test]
+    fn criu_paths_are_taken_for_a_restore() {
+        let o = RuncOptions {
+            criu_image_path: "/images".into(),
+            criu_work_path: "/work".into(),
+            ..Default::default()
+        };
+        let got = RuntimeOptions::from_runc(o, &NoSystemd).unwrap();
+        assert_eq!(got.criu_image_path, Some(PathBuf::from("/images")));
+        assert_eq!(got.criu_work_path, Some(PathBuf::from("/work")));
+        let e = RuntimeOptions::from_runc(
+            RuncOptions {
+                criu_image_path: "images".into(),
+                ..Default::default()
+            },
+            &NoSystemd,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
+    }
+
+    #[test]
+    fn checkpoint_options_are_decoded_and_checked() {
+        assert_eq!(
+            CheckpointOptions::from_any(None).unwrap(),
+            CheckpointOptions::default()
+        );
+        let o = CheckpointOptions {
+            exit: true,
+            image_path: "/img".into(),
+            cgroups_mode: "soft".into(),
+            empty_namespaces: vec!["network".into()],
+            ..Default::default()
+        };
+        let got =
+            CheckpointOptions::from_any(Some(&any(CHECKPOINT_OPTIONS, o.encode_to_vec()))).unwrap();
+        assert_eq!(got, o);
+        let bad = [
+            (
+                CheckpointOptions {
+                    cgroups_mode: "hard".into(),
+                    ..Default::default()
+                },
+                "hard",
+            ),
+            (
+                CheckpointOptions {
+                    empty_namespaces: vec!["pid".into()],
+                    ..Default::default()
+                },
+                "pid",
+            ),
+            (
+                CheckpointOptions {
+                    work_path: "rel".into(),
+                    ..Default::default()
+                },
+                "work_path",
+            ),
+        ];
+        for (o, named) in bad {
+            let e = CheckpointOptions::from_any(Some(&any(CHECKPOINT_OPTIONS, o.encode_to_vec())))
+                .unwrap_err();
+            assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
+            assert!(e.to_string().contains(named), "{e}");
+        }
+        let e = CheckpointOptions::from_any(Some(&any(RUNC_OPTIONS, vec![]))).unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
+    }
+
+    #[test]
     fn cri_options_without_a_config_file_are_the_defaults() {
         let empty = CriOptions {
             type_url: String::new(),
@@ -356,6 +503,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code(), Code::FAILED_PRECONDITION);
         assert!(e.to_string().contains("/etc/hyperbox.toml"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_message_of_no_type_is_no_options() {
+        assert_eq!(
+            RuntimeOptions::from_any(Some(&any("", vec![]))).unwrap(),
+            RuntimeOptions::default()
+        );
+        let e = RuntimeOptions::from_any(Some(&any("", vec![1]))).unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT);
     }
 
     #[test]

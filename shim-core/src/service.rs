@@ -37,9 +37,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cgroup::ContainerCgroup;
 use crate::console::Console;
-use crate::engine::{CreateSpec, Engine, ExecSpec, RootfsMount, Spawned};
+use crate::engine::{
+    CheckpointSpec, CreateSpec, Engine, ExecSpec, RestoreSpec, RootfsMount, Spawned,
+};
 use crate::error::{EngineError, ShimError};
-use crate::options::RuntimeOptions;
+use crate::options::{CheckpointOptions, RuntimeOptions};
 use crate::reaper::Reaped;
 use crate::stdio::{OutputCopy, StdinFeeder, StdioPaths, StreamOwner};
 
@@ -78,6 +80,8 @@ struct Process {
     console: Option<Console>,
     /// For an exec not yet started.
     exec: Option<ExecSpec>,
+    /// Read ends of its output FIFOs, held until it exits (see `OpenedStdio`).
+    fifo_readers: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Process {
@@ -92,6 +96,7 @@ impl Process {
             output: None,
             console: None,
             exec: None,
+            fifo_readers: Vec::new(),
         }
     }
 
@@ -106,6 +111,7 @@ impl Process {
     fn set_exit(&mut self, exit: Exit) {
         self.state = State::Stopped;
         self.exit = Some(exit);
+        self.fifo_readers.clear();
         if let Some(c) = &self.console {
             c.exited();
         }
@@ -123,6 +129,8 @@ struct Container {
     cgroup: Option<Arc<ContainerCgroup>>,
     /// Frozen by Pause.
     paused: bool,
+    /// Restored from a checkpoint: its init runs from Create on, Start only reports it.
+    restored: bool,
 }
 
 /// The resources type containerd sends in Update (OCI `LinuxResources`, as JSON).
@@ -291,13 +299,27 @@ impl Inner {
         if self.table().contains_key(&id) {
             return Err(ShimError::AlreadyExists(format!("container {id}")));
         }
-        if !req.checkpoint.is_empty() {
-            return Err(ShimError::Unimplemented("restore from a checkpoint".into()));
-        }
         // Checked before anything is opened or created: a refusal leaves nothing behind.
         let options = RuntimeOptions::from_any(req.options.as_ref()).inspect_err(|e| {
             tracing::error!(id, "create refused: {e}");
         })?;
+        // containerd unpacks a checkpoint from its content store into a directory and sends
+        // its path; a client may instead name CRIU images in the runtime options, as for runc.
+        let restore = match (req.checkpoint.as_str(), &options.criu_image_path) {
+            ("", None) => None,
+            ("", Some(images)) => Some(images.clone()),
+            (dir, _) => Some(PathBuf::from(dir)),
+        }
+        .map(|image_dir| RestoreSpec {
+            image_dir,
+            work_dir: options.criu_work_path.clone(),
+        });
+        if restore.is_some() && req.terminal {
+            return Err(ShimError::InvalidArgument(format!(
+                "cannot restore container {id} with a terminal: restoring terminals is not \
+                 supported yet"
+            )));
+        }
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -308,7 +330,8 @@ impl Inner {
             namespace: &self.namespace,
             container_id: &id,
         })?;
-        let (fds, feeder, output) = (opened.fds, opened.stdin, opened.output);
+        let (fds, feeder, output, fifo_readers) =
+            (opened.fds, opened.stdin, opened.output, opened.fifo_readers);
         let spec = CreateSpec {
             id: id.clone(),
             bundle: PathBuf::from(&req.bundle),
@@ -322,6 +345,7 @@ impl Inner {
                 })
                 .collect(),
             options,
+            restore,
         };
         let created = self.engine.create(&spec, fds).await;
         let (pid, console) = match created {
@@ -348,6 +372,7 @@ impl Inner {
         init.stdin = feeder;
         init.output = output;
         init.console = console;
+        init.fifo_readers = fifo_readers;
         let cgroup = self.open_cgroup(&id).await;
         self.table().insert(
             id.clone(),
@@ -357,9 +382,10 @@ impl Inner {
                 execs: HashMap::new(),
                 cgroup,
                 paused: false,
+                restored: spec.restore.is_some(),
             },
         );
-        tracing::info!(id, pid, "created");
+        tracing::info!(id, pid, restored = spec.restore.is_some(), "created");
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -531,16 +557,79 @@ impl Inner {
         })
     }
 
+    /// Checkpoints a running container with CRIU. containerd pauses the task before and
+    /// resumes it after; the engine dumps it frozen or not. The images go where the options
+    /// say, else where containerd asks (it then stores them in its content store).
+    async fn checkpoint(&self, req: CheckpointTaskRequest) -> Result<(), ShimError> {
+        let _order = self.lifecycle.lock().await;
+        let id = req.id;
+        let options = CheckpointOptions::from_any(req.options.as_ref()).inspect_err(|e| {
+            tracing::error!(id, "checkpoint refused: {e}");
+        })?;
+        let bundle = {
+            let table = self.table();
+            let c = table
+                .get(&id)
+                .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+            if c.init.state != State::Running {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "cannot checkpoint container {id}: it is not running"
+                )));
+            }
+            c.bundle.clone()
+        };
+        // As runc's shim: the images go where the options say, else where containerd asks.
+        // containerd honours an image path only for runc's runtime names: for this one it
+        // still stores its own directory in its content store, which then gets a record
+        // naming where the images are.
+        let (image_dir, record_dir) = match (options.image_path.as_str(), req.path.as_str()) {
+            ("", "") => {
+                return Err(ShimError::InvalidArgument(format!(
+                    "checkpoint of container {id} names no directory for the images"
+                )))
+            }
+            ("", path) => (PathBuf::from(path), None),
+            (images, "") => (PathBuf::from(images), None),
+            (images, path) => (PathBuf::from(images), Some(PathBuf::from(path))),
+        };
+        let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        let spec = CheckpointSpec {
+            image_dir,
+            record_dir,
+            work_dir: non_empty(options.work_path).map(PathBuf::from),
+            exit: options.exit,
+            open_tcp: options.open_tcp,
+            external_unix_sockets: options.external_unix_sockets,
+            terminal: options.terminal,
+            file_locks: options.file_locks,
+            empty_namespaces: options.empty_namespaces,
+            cgroups_mode: non_empty(options.cgroups_mode),
+        };
+        let started = std::time::Instant::now();
+        self.engine
+            .checkpoint(&id, &bundle, &spec)
+            .await
+            .inspect_err(|e| tracing::error!(id, "checkpoint failed: {e}"))?;
+        tracing::info!(
+            id,
+            images = %spec.image_dir.display(),
+            exit = spec.exit,
+            ms = started.elapsed().as_millis() as u64,
+            "checkpointed"
+        );
+        Ok(())
+    }
+
     async fn start(&self, req: StartRequest) -> Result<StartResponse, ShimError> {
         let _order = self.lifecycle.lock().await;
         let (id, exec_id) = (req.id, req.exec_id);
-        let (state, pid, exec) = {
+        let (state, pid, exec, restored) = {
             let table = self.table();
             let c = table
                 .get(&id)
                 .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
             let p = c.process(&id, &exec_id)?;
-            (p.state, p.pid, p.exec.clone())
+            (p.state, p.pid, p.exec.clone(), c.restored)
         };
         if state != State::Created {
             return Err(ShimError::FailedPrecondition(format!(
@@ -549,7 +638,10 @@ impl Inner {
             )));
         }
         if exec_id.is_empty() {
-            self.engine.start(&id).await?;
+            // A restored init has run since Create: there is nothing to let go.
+            if !restored {
+                self.engine.start(&id).await?;
+            }
             if let Some(p) = self.table().get_mut(&id) {
                 if p.init.state == State::Created {
                     p.init.state = State::Running;
@@ -579,7 +671,8 @@ impl Inner {
             namespace: &self.namespace,
             container_id: &id,
         })?;
-        let (fds, feeder, output) = (opened.fds, opened.stdin, opened.output);
+        let (fds, feeder, output, fifo_readers) =
+            (opened.fds, opened.stdin, opened.output, opened.fifo_readers);
         let (pid, console) = match self.engine.exec(&id, &exec, fds).await {
             Ok(Spawned { pid, console }) => (pid, console),
             Err(e) => {
@@ -604,6 +697,7 @@ impl Inner {
             p.stdin = feeder;
             p.output = output;
             p.console = console;
+            p.fifo_readers = fifo_readers;
             p.exec = None;
         }
         tracing::info!(id, exec_id, pid, "exec started");
@@ -1070,11 +1164,8 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: CheckpointTaskRequest,
     ) -> TtrpcResult<Empty> {
-        Err(ShimError::Unimplemented(format!(
-            "checkpoint of container {}: this shim does not checkpoint yet",
-            req.id
-        ))
-        .into())
+        self.inner.checkpoint(req).await?;
+        Ok(Empty::new())
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {

@@ -63,6 +63,11 @@ pub struct OpenedStdio {
     pub stdin: Option<StdinFeeder>,
     /// The shim's copy of the process's output into a log file, when it has one.
     pub output: Option<OutputCopy>,
+    /// Read ends of the output FIFOs, held while the process runs (as runc's shim does) so
+    /// that its writes do not fail with `EPIPE` when the client reading them goes away (a
+    /// detached `ctr`); they are not writers, so the client still sees end-of-file when the
+    /// process ends.
+    pub fifo_readers: Vec<OwnedFd>,
 }
 
 /// Where a process's stdout and stderr go.
@@ -188,6 +193,13 @@ impl StdioPaths {
             let feeder = StdinFeeder::spawn(&self.stdin, File::from(write))?;
             (Some(read), Some(feeder))
         };
+        let fifo_readers = match target {
+            OutputTarget::Fifos => [&self.stdout, &self.stderr]
+                .into_iter()
+                .filter_map(|p| fifo_reader(p))
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(OpenedStdio {
             fds: ProcessStdio {
                 stdin,
@@ -197,6 +209,7 @@ impl StdioPaths {
             },
             stdin: feeder,
             output,
+            fifo_readers,
         })
     }
 }
@@ -342,6 +355,22 @@ pub(crate) fn open_output(path: &str) -> Result<Option<OwnedFd>, ShimError> {
         .open(Path::new("/proc/self/fd").join(rw.as_raw_fd().to_string()))
         .map_err(io_err)?;
     Ok(Some(wo.into()))
+}
+
+/// A read end of the FIFO at `path` (nothing when it is not a FIFO); opened without waiting,
+/// once the process's write end is open.
+fn fifo_reader(path: &str) -> Option<OwnedFd> {
+    use std::os::unix::fs::FileTypeExt;
+    if path.is_empty() || !std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) {
+        return None;
+    }
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map(OwnedFd::from)
+        .inspect_err(|e| tracing::debug!("cannot hold a read end of {path}: {e}"))
+        .ok()
 }
 
 /// Copies a stdin FIFO into the process's stdin pipe (or its terminal's master, see `Console`)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use hyperbox_shim_core::{
-    CreateSpec, Engine, EngineError, ExecSpec, ProcessStdio, ShimContext, Spawned,
+    CheckpointSpec, CreateSpec, Engine, EngineError, ExecSpec, ProcessStdio, ShimContext, Spawned,
 };
 use nix::unistd::Pid;
 
@@ -129,6 +129,7 @@ impl Engine for YoukiEngine {
                 .as_ref()
                 .map(|r| r.join(&self.namespace)),
             no_pivot_root: spec.options.no_pivot_root,
+            restore: spec.restore.clone(),
         };
         let pid = match self.call(req, fds).await? {
             Reply::Pid(pid) => pid,
@@ -207,6 +208,20 @@ impl Engine for YoukiEngine {
             Reply::Path(p) => Ok(p),
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn checkpoint(
+        &self,
+        id: &str,
+        bundle: &Path,
+        spec: &CheckpointSpec,
+    ) -> Result<(), EngineError> {
+        self.call_done(Request::Checkpoint {
+            id: id.to_string(),
+            bundle: bundle.to_path_buf(),
+            spec: spec.clone(),
+        })
+        .await
     }
 
     async fn delete(&self, id: &str, bundle: &Path) -> Result<(), EngineError> {

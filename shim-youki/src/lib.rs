@@ -3,7 +3,9 @@
 //! its containers through the same path with its own executor ([`prepare_with`]); see
 //! `DESIGN.md` for how containers are created without forking the multi-threaded shim.
 
+mod checkpoint;
 mod console;
+mod criu;
 mod engine;
 mod executor;
 mod rootfs;

@@ -5,7 +5,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
-use hyperbox_shim_core::{EngineError, RootfsMount};
+use hyperbox_shim_core::{CheckpointSpec, EngineError, RestoreSpec, RootfsMount};
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
@@ -38,6 +38,13 @@ pub enum Request {
         /// `root` option, with the namespace joined).
         state_root: Option<PathBuf>,
         no_pivot_root: bool,
+        /// Restore the processes from this checkpoint instead of creating an init.
+        restore: Option<RestoreSpec>,
+    },
+    Checkpoint {
+        id: String,
+        bundle: PathBuf,
+        spec: CheckpointSpec,
     },
     Start {
         id: String,

@@ -22,6 +22,7 @@ use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::unistd::{fork, ForkResult, Pid};
 
+use crate::checkpoint::{self, RestoreStdio};
 use crate::executor::{BoxedExecutor, ExecutorFactory, NewContainer};
 use crate::rootfs;
 use crate::wire::{self, Reply, Request, StdioMask};
@@ -170,6 +171,7 @@ fn handle(
             stdio,
             state_root,
             no_pivot_root,
+            restore,
         } => {
             let root = state_root.unwrap_or_else(|| roots.default.clone());
             if root != roots.default {
@@ -178,16 +180,19 @@ fn handle(
                     EngineError::Failed(format!("cannot write {}: {e}", file.display()))
                 })?;
             }
-            let created = create(
-                &root,
-                &id,
-                &bundle,
-                &rootfs,
-                stdio,
-                fds,
-                no_pivot_root,
-                executors,
-            );
+            let created = match &restore {
+                Some(from) => restore_container(&root, &id, &bundle, &rootfs, from, stdio, fds),
+                None => create(
+                    &root,
+                    &id,
+                    &bundle,
+                    &rootfs,
+                    stdio,
+                    fds,
+                    no_pivot_root,
+                    executors,
+                ),
+            };
             match created {
                 Ok(_) if root != roots.default => {
                     roots.by_id.insert(id, root);
@@ -217,6 +222,11 @@ fn handle(
             load(roots.of(&id), &id)?
                 .kill(sig, true)
                 .map_err(failed(&id, "signal"))?;
+            Ok(Reply::Done)
+        }
+        Request::Checkpoint { id, bundle, spec } => {
+            let c = load(roots.of(&id), &id)?;
+            checkpoint::dump(&c, &bundle, &spec)?;
             Ok(Reply::Done)
         }
         Request::Pids { id } => pids(roots.of(&id), &id).map(Reply::Pids),
@@ -362,6 +372,41 @@ fn create(
             Err(err)
         }
     }
+}
+
+/// Creates container `id` by restoring its processes from a checkpoint (see `checkpoint`).
+fn restore_container(
+    root: &Path,
+    id: &str,
+    bundle: &Path,
+    mounts: &[hyperbox_shim_core::RootfsMount],
+    from: &hyperbox_shim_core::RestoreSpec,
+    stdio: StdioMask,
+    fds: Vec<OwnedFd>,
+) -> Result<u32, EngineError> {
+    let spec = rootfs::SpecPaths::read(bundle).map_err(EngineError::InvalidSpec)?;
+    if mounts.is_empty() && !spec.root.is_dir() {
+        return Err(EngineError::InvalidSpec(format!(
+            "cannot restore container {id}: its rootfs {} does not exist",
+            spec.root.display()
+        )));
+    }
+    let mut fds = fds.into_iter();
+    let mut next = |wanted: bool| if wanted { fds.next() } else { None };
+    let streams = RestoreStdio {
+        streams: [next(stdio.stdin), next(stdio.stdout), next(stdio.stderr)],
+    };
+    rootfs::mount_all(mounts, &bundle.join("rootfs")).map_err(EngineError::Failed)?;
+    fs::create_dir_all(root).map_err(|e| {
+        EngineError::Failed(format!("cannot create state dir {}: {e}", root.display()))
+    })?;
+    let restored = checkpoint::restore(id, bundle, &root.join(id), from, streams);
+    if restored.is_err() {
+        if let Err(clean) = delete(root, id, bundle) {
+            tracing::warn!(id, "cleanup after failed restore: {clean:?}");
+        }
+    }
+    restored
 }
 
 fn exec(

@@ -1,0 +1,313 @@
+//! CRIU through its RPC: `criu swrk FD` serves one request on a `SOCK_SEQPACKET` socket
+//! (protobuf messages from CRIU's `rpc.proto`, generated in the `rust-criu` crate). Runs in the
+//! zygote. `rust-criu`'s own client drops the restored process's pid and cannot pass a cgroup
+//! root or namespaces to join, so requests are built here from its generated messages.
+//!
+//! fds named in the options (`images_dir_fd`, `work_dir_fd`) are CRIU's to open through
+//! `/proc/CALLER/fd/N` (the caller is the socket pair's creator: the zygote); fds in
+//! `inherit_fd` are CRIU's own, so they are placed at fixed numbers in the child.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use hyperbox_shim_core::EngineError;
+use nix::sys::socket::{recv, sendmsg, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+use nix::unistd::Pid;
+use protobuf::Message;
+use rust_criu::rust_criu_protobuf::rpc;
+
+/// The CRIU of this host: found once on `PATH` and checked once with `criu check`.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    binary: PathBuf,
+}
+
+/// What to install when CRIU is missing or does not work.
+const INSTALL_HINT: &str = "checkpoint and restore need CRIU 4.x on the PATH of containerd \
+     (Debian 12's criu 3.17 fails on recent kernels): build it from Debian 13's source \
+     package as scripts/setup-host does, into /opt/hyperbox/criu with /opt/hyperbox/bin/criu \
+     on containerd's PATH";
+
+/// A request CRIU answered with a failure.
+#[derive(Debug)]
+pub struct Refused {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl Criu {
+    /// The working CRIU, looked up on `PATH` and checked on the first call of this process.
+    pub fn get() -> Result<Criu, EngineError> {
+        static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        FOUND
+            .get_or_init(|| locate(&std::env::var_os("PATH").unwrap_or_default()))
+            .clone()
+            .map(|binary| Criu { binary })
+            .map_err(EngineError::Unsupported)
+    }
+
+    /// Sends `req` to a new `criu swrk` and returns its answer. `inherit` places fds at the
+    /// given numbers in CRIU (for `inherit_fd`, numbers 0-2 and 4 on: 3 is the socket);
+    /// `started` runs with CRIU's pid before the request is sent, and may complete it (a
+    /// restore puts CRIU in the container's cgroup and names that cgroup in the request).
+    pub fn call(
+        &self,
+        req: &mut rpc::Criu_req,
+        inherit: &[(RawFd, BorrowedFd<'_>)],
+        started: impl FnOnce(Pid, &mut rpc::Criu_req) -> Result<(), EngineError>,
+    ) -> Result<Result<rpc::Criu_resp, Refused>, EngineError> {
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            EngineError::Failed(format!(
+                "criu {}: cannot {what}: {e}",
+                self.binary.display()
+            ))
+        };
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| failed("create its socket", &e))?;
+        let mut moves: Vec<(RawFd, RawFd)> = vec![(theirs.as_raw_fd(), 3)];
+        moves.extend(inherit.iter().map(|(n, fd)| (fd.as_raw_fd(), *n)));
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["swrk", "3"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: the closure only calls fcntl(2) and dup2(2), which are async-signal-safe,
+        // and touches no memory but the `moves` it owns.
+        unsafe {
+            cmd.pre_exec(move || place_fds(&moves));
+        }
+        let mut child = cmd.spawn().map_err(|e| failed("start", &e))?;
+        drop(theirs);
+        let answer = (|| {
+            started(Pid::from_raw(child.id() as i32), req)?;
+            let bytes = req
+                .write_to_bytes()
+                .map_err(|e| failed("encode a request", &e))?;
+            send(&ours, &bytes).map_err(|e| failed("send a request", &e))?;
+            loop {
+                let bytes = receive(&ours).map_err(|e| failed("read its answer", &e))?;
+                let resp = rpc::Criu_resp::parse_from_bytes(&bytes)
+                    .map_err(|e| failed("decode its answer", &e))?;
+                if !resp.success() {
+                    return Ok(Err(Refused {
+                        errno: resp.cr_errno(),
+                        message: resp.cr_errmsg().to_string(),
+                    }));
+                }
+                if resp.type_() == rpc::Criu_req_type::NOTIFY {
+                    let mut ack = rpc::Criu_req::new();
+                    ack.set_type(rpc::Criu_req_type::NOTIFY);
+                    ack.set_notify_success(true);
+                    let bytes = ack
+                        .write_to_bytes()
+                        .map_err(|e| failed("encode a notify answer", &e))?;
+                    send(&ours, &bytes).map_err(|e| failed("answer a notify", &e))?;
+                    continue;
+                }
+                return Ok(Ok(resp));
+            }
+        })();
+        drop(ours);
+        if answer.is_err() {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        answer
+    }
+}
+
+/// Runs in the child between fork and exec: every source fd first moves above the targets'
+/// range (so no `dup2` overwrites a source still to be moved), then onto its target, which
+/// `dup2` leaves without close-on-exec.
+fn place_fds(moves: &[(RawFd, RawFd)]) -> io::Result<()> {
+    let mut high = [0 as RawFd; 16];
+    if moves.len() > high.len() {
+        return Err(io::Error::from_raw_os_error(libc::E2BIG));
+    }
+    for (i, (src, _)) in moves.iter().enumerate() {
+        // SAFETY: fcntl on an fd this process owns; F_DUPFD_CLOEXEC allocates a new one.
+        let fd = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 100) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        high[i] = fd;
+    }
+    for (i, (_, target)) in moves.iter().enumerate() {
+        // SAFETY: dup2 onto a number this child reserves for CRIU.
+        if unsafe { libc::dup2(high[i], *target) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn send(sock: &OwnedFd, bytes: &[u8]) -> nix::Result<()> {
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        &[],
+        MsgFlags::empty(),
+        None,
+    )
+    .map(|_| ())
+}
+
+/// One datagram, whatever its size (peeked first).
+fn receive(sock: &OwnedFd) -> io::Result<Vec<u8>> {
+    loop {
+        let mut probe = [0u8; 1];
+        let len = match recv(
+            sock.as_raw_fd(),
+            &mut probe,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC,
+        ) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "criu exited without answering",
+                ))
+            }
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut buf = vec![0u8; len];
+        match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Where a passed `criu check` is recorded for the shims that come later: on tmpfs, so a
+/// reboot (a new kernel) checks again; the record names the binary and the kernel.
+const CHECKED: &str = "/run/hyperbox/criu-checked";
+
+/// The first `criu` on `path` (a `PATH` value), if `criu check` passes (or passed for this
+/// binary and kernel before: each container has a shim of its own, and the check takes a
+/// quarter of a second).
+fn locate(path: &std::ffi::OsStr) -> Result<PathBuf, String> {
+    let binary = std::env::split_paths(path)
+        .map(|d| d.join("criu"))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| {
+            format!(
+                "no criu on PATH ({}): {INSTALL_HINT}",
+                path.to_string_lossy()
+            )
+        })?;
+    let record = check_record(&binary);
+    if record.is_some() && std::fs::read_to_string(CHECKED).ok() == record {
+        return Ok(binary);
+    }
+    check(&binary)?;
+    if let Some(record) = record {
+        let tmp = format!("{CHECKED}.{}", std::process::id());
+        let written = Path::new(CHECKED)
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, record))
+            .and_then(|()| std::fs::rename(&tmp, CHECKED));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::debug!("cannot record the criu check in {CHECKED}: {e}");
+        }
+    }
+    Ok(binary)
+}
+
+/// What identifies a check: the binary (path, size, modification time) and the kernel.
+fn check_record(binary: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(binary).ok()?;
+    let meta = std::fs::metadata(&real).ok()?;
+    let kernel = |f: &str| std::fs::read_to_string(format!("/proc/sys/kernel/{f}")).ok();
+    Some(format!(
+        "{}\n{} {} {}\n{}{}",
+        real.display(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        kernel("osrelease")?,
+        kernel("version")?
+    ))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `criu check`: the kernel and CRIU agree on what CRIU needs.
+fn check(binary: &Path) -> Result<(), String> {
+    let out = Command::new(binary)
+        .arg("check")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {} check: {e}: {INSTALL_HINT}", binary.display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&out.stderr);
+    let last: Vec<&str> = text.lines().rev().take(3).collect();
+    Err(format!(
+        "{} check failed ({}): {}: {INSTALL_HINT}",
+        binary.display(),
+        out.status,
+        last.into_iter().rev().collect::<Vec<_>>().join(" / ")
+    ))
+}
+
+/// The lines of a CRIU log that say what failed (`Error` lines), the last `max` of them.
+/// CRIU's complaint that it cannot raise its own open-file limit (under containerd's limits)
+/// is harmless and left out.
+pub fn log_errors(log: &Path, max: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let errors: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE"))
+        .map(|l| l.trim().to_string())
+        .collect();
+    let skip = errors.len().saturating_sub(max);
+    errors.into_iter().skip(skip).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_criu_the_error_says_what_to_install() {
+        let empty = std::env::temp_dir().join(format!("hb-no-criu-{}", std::process::id()));
+        std::fs::create_dir_all(&empty).unwrap();
+        let e = locate(empty.as_os_str()).unwrap_err();
+        assert!(e.starts_with("no criu on PATH ("), "{e}");
+        assert!(e.contains(&empty.display().to_string()), "{e}");
+        assert!(e.contains("CRIU 4.x"), "{e}");
+        std::fs::remove_dir(&empty).unwrap();
+    }
+
+    #[test]
+    fn the_hosts_criu_passes_its_check() {
+        // Where scripts/setup-host installs it; hosts without it have nothing to check.
+        let bin = Path::new("/opt/hyperbox/bin");
+        if !bin.join("criu").exists() {
+            eprintln!("no {}/criu: skipped", bin.display());
+            return;
+        }
+        assert_eq!(locate(bin.as_os_str()).unwrap(), bin.join("criu"));
+    }
+}
