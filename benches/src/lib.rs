@@ -8,6 +8,7 @@
 //! - [`task_stats`]: a running task's Stats asked of its shim (ttrpc, containerd bypassed) and
 //!   of containerd;
 //! - [`snapshots`]: hyperbox-snapshotter against overlayfs (pull, run, disk, chunk+hash);
+//! - [`wasm`]: the wasm shim against runc.v2 (warm and cold `ctr run --rm`, memory, kill);
 //! - [`machine`] and [`report`]: what each report says about where it was measured, and how
 //!   it is printed and saved.
 //!
@@ -21,3 +22,4 @@ pub mod runner;
 pub mod snapshots;
 pub mod stats;
 pub mod task_stats;
+pub mod wasm;

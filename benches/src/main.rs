@@ -41,6 +41,9 @@ enum Cmd {
     /// hyperbox-snapshotter against overlayfs: pull+unpack, `ctr run --rm`, disk, and
     /// one core's chunk+hash throughput.
     Snapshotter(snapshots::SnapshotterArgs),
+    /// The wasm shim against runc.v2: warm and cold `ctr run --rm`, memory per container,
+    /// time to kill a looping guest.
+    Wasm(hyperbox_benches::wasm::WasmArgs),
 }
 
 #[derive(Args)]
@@ -160,6 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Stats(args) => stats(args),
         Cmd::Parallel(args) => parallel(args),
         Cmd::Snapshotter(args) => snapshots::run(args, command_line()),
+        Cmd::Wasm(args) => hyperbox_benches::wasm::run(args, command_line()),
     }
 }
 
