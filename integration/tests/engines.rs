@@ -25,6 +25,9 @@ use hyperbox_integration::sandbox::{Footprint, Sandbox};
 
 const RUNTIME: &str = "io.containerd.hyperbox.v1";
 const RUNC: &str = "io.containerd.runc.v2";
+/// The wasm shim, registered by `config/docker-daemon.json` as `hyperbox-wasm`.
+const WASM_RUNTIME: &str = "io.containerd.hyperbox-wasm.v1";
+const WASM_NAME: &str = "hyperbox-wasm";
 /// The runtimes each Docker behaviour is checked with: Docker's default, then ours.
 const RUNTIMES: [&str; 2] = ["runc", HYPERBOX_RUNTIME];
 
@@ -136,10 +139,12 @@ fn run_exit_code(v: ContainerdVersion) {
         .expect("docker info");
     let runtimes: serde_json::Value = serde_json::from_str(&info).expect("runtimes JSON");
     // The API does not show a runtimeType; the events below show where the name leads.
-    assert!(
-        runtimes.get(HYPERBOX_RUNTIME).is_some(),
-        "the runtime of config/docker-daemon.json is not registered: {info}"
-    );
+    for name in [HYPERBOX_RUNTIME, WASM_NAME] {
+        assert!(
+            runtimes.get(name).is_some(),
+            "runtime {name} of config/docker-daemon.json is not registered: {info}"
+        );
+    }
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -158,6 +163,8 @@ fn run_exit_code(v: ContainerdVersion) {
         (None, RUNC),
         (Some(HYPERBOX_RUNTIME), RUNTIME),
         (Some(RUNTIME), RUNTIME),
+        // busybox is native: the wasm shim runs it as a Linux container.
+        (Some(WASM_NAME), WASM_RUNTIME),
     ] {
         let (out, id) = run_rm(&b, flag, &["sh", "-c", "echo hi; exit 3"]);
         assert_eq!(
@@ -395,9 +402,9 @@ fn read_toml(name: &str) -> toml::Table {
         .unwrap_or_else(|e| panic!("{} is not TOML: {e}", path.display()))
 }
 
-/// Each snippet parses and names the same runtime: the CRI runtime table `hyperbox` of both
-/// containerd configs (`runtime_type` is the shim's runtime name) is the RuntimeClass's
-/// handler, and docker-daemon.json registers the same runtime type.
+/// Each snippet parses and names the same runtimes: the CRI runtime tables `hyperbox` and
+/// `hyperbox-wasm` of both containerd configs (`runtime_type` is the shim's runtime name) are
+/// the RuntimeClasses' handlers, and docker-daemon.json registers the same runtime types.
 #[test]
 fn config_snippets_agree() {
     let v2 = read_toml("containerd-runtime.toml");
@@ -421,32 +428,41 @@ fn config_snippets_agree() {
             .and_then(toml::Value::as_table)
             .expect("CRI runtimes table");
         let names: Vec<&String> = runtimes.keys().collect();
-        assert_eq!(names, [HYPERBOX_RUNTIME]);
-        assert_eq!(
-            runtimes[HYPERBOX_RUNTIME]
-                .get("runtime_type")
-                .and_then(toml::Value::as_str),
-            Some(RUNTIME)
-        );
+        assert_eq!(names, [HYPERBOX_RUNTIME, WASM_NAME]);
+        for (name, runtime_type) in [(HYPERBOX_RUNTIME, RUNTIME), (WASM_NAME, WASM_RUNTIME)] {
+            assert_eq!(
+                runtimes[name]
+                    .get("runtime_type")
+                    .and_then(toml::Value::as_str),
+                Some(runtime_type)
+            );
+        }
     }
 
     let path = config_file("docker-daemon.json");
     let json: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&path).unwrap()).expect("docker-daemon.json");
     assert_eq!(json["runtimes"][HYPERBOX_RUNTIME]["runtimeType"], RUNTIME);
+    assert_eq!(json["runtimes"][WASM_NAME]["runtimeType"], WASM_RUNTIME);
 
-    // runtimeclass.yaml: flat `key: value` lines are all it has (no YAML parser here).
-    let yaml = fs::read_to_string(config_file("runtimeclass.yaml")).unwrap();
-    let value = |key: &str| {
-        yaml.lines()
-            .filter(|l| !l.trim_start().starts_with('#'))
-            .find_map(|l| l.trim().strip_prefix(&format!("{key}:")))
-            .map(str::trim)
-    };
-    assert_eq!(value("apiVersion"), Some("node.k8s.io/v1"));
-    assert_eq!(value("kind"), Some("RuntimeClass"));
-    assert_eq!(value("name"), Some(HYPERBOX_RUNTIME));
-    assert_eq!(value("handler"), Some(HYPERBOX_RUNTIME), "{yaml}");
+    // runtimeclass*.yaml: flat `key: value` lines are all they have (no YAML parser here).
+    for (file, handler) in [
+        ("runtimeclass.yaml", HYPERBOX_RUNTIME),
+        ("runtimeclass-wasm.yaml", WASM_NAME),
+    ] {
+        let yaml = fs::read_to_string(config_file(file)).unwrap();
+        let value = |key: &str| {
+            yaml.lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .find_map(|l| l.trim().strip_prefix(&format!("{key}:")))
+                .map(str::trim)
+                .map(str::to_string)
+        };
+        assert_eq!(value("apiVersion").as_deref(), Some("node.k8s.io/v1"));
+        assert_eq!(value("kind").as_deref(), Some("RuntimeClass"));
+        assert_eq!(value("name").as_deref(), Some(handler));
+        assert_eq!(value("handler").as_deref(), Some(handler), "{yaml}");
+    }
 }
 
 /// containerd itself reads config/containerd-runtime.toml: `containerd config dump` of a
@@ -512,6 +528,22 @@ fn containerd_reads_the_runtime_config(v: ContainerdVersion) {
     assert!(
         annotations.is_some_and(|a| a.iter().any(|x| x.as_str() == Some("io.hyperbox.*"))),
         "{runtime:?}"
+    );
+    let wasm = toml_at(
+        &dump,
+        &[
+            "plugins",
+            "io.containerd.grpc.v1.cri",
+            "containerd",
+            "runtimes",
+            WASM_NAME,
+        ],
+    )
+    .and_then(toml::Value::as_table)
+    .unwrap_or_else(|| panic!("no runtime {WASM_NAME} in the dump:\n{}", stdout(&out)));
+    assert_eq!(
+        wasm.get("runtime_type").and_then(toml::Value::as_str),
+        Some(WASM_RUNTIME)
     );
     sandbox.teardown().expect("teardown");
 }
