@@ -115,6 +115,44 @@ fn counter_passes(c: &Containerd, id: &str, above: u64) -> u64 {
     }
 }
 
+/// Freezes the task's cgroup (the v1 freezer this host has) at a moment when none of its
+/// processes has the counter file open, and returns the freezer's directory (thaw it after
+/// the checkpoint). The restored container's rootfs is a fresh snapshot of the image, without
+/// `/tmp/n`, and CRIU rightly refuses to restore a descriptor of a file that is not there: a
+/// dump taken during `echo $i > /tmp/n` cannot be restored elsewhere (seen once in CI).
+fn freeze_between_writes(c: &Containerd, id: &str) -> std::path::PathBuf {
+    let (pid, _) = task(c, id).expect("task");
+    let cg = host::cgroup_dir(pid, "freezer").expect("freezer cgroup");
+    let state = cg.join("freezer.state");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        fs::write(&state, "FROZEN").expect("freeze");
+        while fs::read_to_string(&state).unwrap_or_default().trim() != "FROZEN" {
+            assert!(Instant::now() < deadline, "{id} does not freeze");
+            thread::sleep(Duration::from_millis(5));
+        }
+        let procs = fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        let open = procs.lines().any(|p| {
+            fs::read_dir(format!("/proc/{}/fd", p.trim()))
+                .map(|fds| {
+                    fds.flatten()
+                        .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t.ends_with("tmp/n")))
+                })
+                .unwrap_or(false)
+        });
+        if !open {
+            return cg;
+        }
+        thaw(&cg);
+        assert!(Instant::now() < deadline, "{id} always has /tmp/n open");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn thaw(cg: &Path) {
+    fs::write(cg.join("freezer.state"), "THAWED").expect("thaw");
+}
+
 /// Kills, deletes the task and the container.
 fn remove(c: &Containerd, id: &str) {
     let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", id]);
@@ -310,6 +348,7 @@ fn restore_continues_a_counter(v: ContainerdVersion) {
     .expect("run the counter");
     let seen = counter_passes(c, "cnt", 3);
     let images = c.dir().join("cnt-images");
+    let frozen = freeze_between_writes(c, "cnt");
     rt.block_on(client.checkpoint_task(
         "cnt",
         Some(&CheckpointOptions {
@@ -318,6 +357,7 @@ fn restore_continues_a_counter(v: ContainerdVersion) {
         }),
     ))
     .unwrap_or_else(|e| panic!("checkpoint: {e}\n{}", c.log_tail(30)));
+    thaw(&frozen);
     remove(c, "cnt");
 
     // Into a new container of its own (its own snapshot of the image).
@@ -427,8 +467,11 @@ fn ctr_checkpoint_and_live_restore(v: ContainerdVersion) {
     .expect("run the counter");
     let seen = counter_passes(c, "live", 3);
     let reference = "hyperbox.test/live-checkpoint:1";
+    // containerd pauses the (already frozen) task, dumps it and resumes it.
+    let frozen = freeze_between_writes(c, "live");
     c.ctr_run(&["containers", "checkpoint", "--task", "live", reference])
         .unwrap_or_else(|e| panic!("ctr checkpoint: {e}\n{}", c.log_tail(30)));
+    thaw(&frozen);
     wait_status(c, "live", "RUNNING");
     counter_passes(c, "live", seen + 1);
     remove(c, "live");
