@@ -68,37 +68,10 @@ impl ClientError {
     }
 }
 
-/// runc's runtime options (`containerd.runc.v1.Options`) and CRI's (`runtimeoptions.v1.Options`),
-/// as Docker, nerdctl and CRI send them: the shim's own definitions, so client and shim agree.
-pub use hyperbox_shim_core::{CriOptions, RuncOptions};
-
-/// runc's checkpoint options, `containerd.runc.v1.CheckpointOptions`.
-#[derive(Clone, PartialEq, Message)]
-pub struct CheckpointOptions {
-    #[prost(bool, tag = "1")]
-    pub exit: bool,
-    #[prost(bool, tag = "2")]
-    pub open_tcp: bool,
-    #[prost(bool, tag = "3")]
-    pub external_unix_sockets: bool,
-    #[prost(bool, tag = "4")]
-    pub terminal: bool,
-    #[prost(bool, tag = "5")]
-    pub file_locks: bool,
-    #[prost(string, repeated, tag = "6")]
-    pub empty_namespaces: Vec<String>,
-    #[prost(string, tag = "7")]
-    pub cgroups_mode: String,
-    #[prost(string, tag = "8")]
-    pub image_path: String,
-    #[prost(string, tag = "9")]
-    pub work_path: String,
-}
-
-impl prost::Name for CheckpointOptions {
-    const NAME: &'static str = "CheckpointOptions";
-    const PACKAGE: &'static str = "containerd.runc.v1";
-}
+/// runc's runtime options (`containerd.runc.v1.Options`), CRI's (`runtimeoptions.v1.Options`)
+/// and runc's checkpoint options (`containerd.runc.v1.CheckpointOptions`), as Docker, nerdctl,
+/// CRI and `ctr` send them: the shim's own definitions, so client and shim agree.
+pub use hyperbox_shim_core::{CheckpointOptions, CriOptions, RuncOptions};
 
 /// Packs a message as containerd does: the type URL is the bare full name.
 pub fn to_any<M: Message + prost::Name>(m: &M) -> Any {

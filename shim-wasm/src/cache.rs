@@ -185,30 +185,20 @@ mod tests {
         CompileCache::new(dir)
     }
 
+    /// The artifact of module `wasm` (named `a.wasm`), compiled or from the cache.
+    fn load(c: &CompileCache, engine: &wasmtime::Engine, wasm: &[u8]) -> Artifact {
+        c.artifact(engine, "a.wasm", GuestKind::Module, &sha256_hex(wasm), wasm)
+            .unwrap()
+    }
+
     #[test]
     fn a_guest_is_compiled_once_then_read_back() {
         let engine = crate::runtime::engine().unwrap();
         let wasm = wat::parse_str("(module (func (export \"_start\")))").unwrap();
         let c = cache("once");
-        let first = c
-            .artifact(
-                &engine,
-                "a.wasm",
-                GuestKind::Module,
-                &sha256_hex(&wasm),
-                &wasm,
-            )
-            .unwrap();
+        let first = load(&c, &engine, &wasm);
         assert_eq!(first.source, Source::Compiled);
-        let second = c
-            .artifact(
-                &engine,
-                "a.wasm",
-                GuestKind::Module,
-                &sha256_hex(&wasm),
-                &wasm,
-            )
-            .unwrap();
+        let second = load(&c, &engine, &wasm);
         assert_eq!(second.source, Source::CacheHit);
         assert_eq!(first.bytes, second.bytes);
         assert_eq!(first.digest, hex::encode(Sha256::digest(&wasm)));
@@ -220,52 +210,20 @@ mod tests {
         let engine = crate::runtime::engine().unwrap();
         let wasm = wat::parse_str("(module (func (export \"_start\")))").unwrap();
         let c = cache("corrupt");
-        let good = c
-            .artifact(
-                &engine,
-                "a.wasm",
-                GuestKind::Module,
-                &sha256_hex(&wasm),
-                &wasm,
-            )
-            .unwrap();
+        let good = load(&c, &engine, &wasm);
         let path = c.entry_path(&engine, &sha256_hex(&wasm));
         let mut data = fs::read(&path).unwrap();
         let last = data.len() - 1;
         data[last] ^= 0xff;
         fs::write(&path, &data).unwrap();
-        let again = c
-            .artifact(
-                &engine,
-                "a.wasm",
-                GuestKind::Module,
-                &sha256_hex(&wasm),
-                &wasm,
-            )
-            .unwrap();
+        let again = load(&c, &engine, &wasm);
         assert_eq!(again.source, Source::Compiled);
         assert_eq!(again.bytes, good.bytes);
         // Rewritten whole: the next start is a hit again.
         fs::write(&path, &data[..20]).unwrap();
-        let after_truncation = c
-            .artifact(
-                &engine,
-                "a.wasm",
-                GuestKind::Module,
-                &sha256_hex(&wasm),
-                &wasm,
-            )
-            .unwrap();
+        let after_truncation = load(&c, &engine, &wasm);
         assert_eq!(after_truncation.source, Source::Compiled);
-        let hit = c
-            .artifact(
-                &engine,
-                "a.wasm",
-                GuestKind::Module,
-                &sha256_hex(&wasm),
-                &wasm,
-            )
-            .unwrap();
+        let hit = load(&c, &engine, &wasm);
         assert_eq!(hit.source, Source::CacheHit);
         fs::remove_dir_all(&c.dir).unwrap();
     }
