@@ -27,10 +27,11 @@ pub struct Criu {
 }
 
 /// What to install when CRIU is missing or does not work.
-const INSTALL_HINT: &str = "checkpoint and restore need CRIU 4.x on the PATH of containerd \
-     (Debian 12's criu 3.17 fails on recent kernels): build it from Debian 13's source \
-     package as scripts/setup-host does, into /opt/hyperbox/criu with /opt/hyperbox/bin/criu \
-     on containerd's PATH";
+const INSTALL_HINT: &str = "checkpoint and restore need CRIU 4.2 or later on the PATH of \
+     containerd (Debian 12's criu 3.17 fails on recent kernels, and 4.1 cannot dump TCP sockets \
+     on kernels 6.16 and later): build it from Debian unstable's source package as \
+     scripts/setup-host does, into /opt/hyperbox/criu with /opt/hyperbox/bin/criu on \
+     containerd's PATH";
 
 /// A request CRIU answered with a failure.
 #[derive(Debug)]
@@ -48,6 +49,32 @@ impl Criu {
             .clone()
             .map(|binary| Criu { binary })
             .map_err(EngineError::Unsupported)
+    }
+
+    /// CRIU's version (`criu --version`: `Version: 4.1.1`), asked once per process.
+    pub fn version(&self) -> Result<String, EngineError> {
+        static VERSION: OnceLock<Result<String, String>> = OnceLock::new();
+        VERSION
+            .get_or_init(|| {
+                let out = Command::new(&self.binary)
+                    .arg("--version")
+                    .stdin(Stdio::null())
+                    .output()
+                    .map_err(|e| format!("cannot run {} --version: {e}", self.binary.display()))?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                text.lines()
+                    .find_map(|l| l.strip_prefix("Version:"))
+                    .map(|v| v.trim().to_string())
+                    .ok_or_else(|| {
+                        format!(
+                            "{} --version said no version: {}",
+                            self.binary.display(),
+                            text.trim()
+                        )
+                    })
+            })
+            .clone()
+            .map_err(EngineError::Failed)
     }
 
     /// Sends `req` to a new `criu swrk` and returns its answer. `inherit` places fds at the
@@ -296,7 +323,7 @@ mod tests {
         let e = locate(empty.as_os_str()).unwrap_err();
         assert!(e.starts_with("no criu on PATH ("), "{e}");
         assert!(e.contains(&empty.display().to_string()), "{e}");
-        assert!(e.contains("CRIU 4.x"), "{e}");
+        assert!(e.contains("CRIU 4.2"), "{e}");
         std::fs::remove_dir(&empty).unwrap();
     }
 
