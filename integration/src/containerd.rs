@@ -454,6 +454,8 @@ impl Containerd {
             .arg("--config")
             .arg(&self.config)
             .env("PATH", &self.path_env)
+            // The shims keep their templates in the sandbox, torn down with it.
+            .env("HYPERBOX_TEMPLATE_ROOT", self.template_root())
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(log)
@@ -542,6 +544,11 @@ impl Containerd {
             .arg(&self.namespace)
             .env("PATH", &self.path_env);
         cmd
+    }
+
+    /// Where this daemon's shims keep templates (`HYPERBOX_TEMPLATE_ROOT`): in the sandbox.
+    pub fn template_root(&self) -> PathBuf {
+        self.sandbox.dir().join("templates")
     }
 
     /// Runs `ctr ARGS` and returns its output, failing with its stderr when it fails.

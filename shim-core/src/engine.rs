@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
 use crate::options::RuntimeOptions;
+use crate::template::{Captured, TemplateCapture};
 
 /// A rootfs mount containerd passes in Create (from the snapshotter), to be mounted at
 /// `BUNDLE/rootfs` before the container is created.
@@ -33,9 +34,18 @@ pub struct CreateSpec {
     pub rootfs: Vec<RootfsMount>,
     /// The runtime options of the Create, decoded and checked.
     pub options: RuntimeOptions,
-    /// Restore the container's processes from this checkpoint instead of running its
-    /// process: they run from Create on, and Start only reports them started.
-    pub restore: Option<RestoreSpec>,
+    /// Restore the container's processes from a checkpoint or a template instead of
+    /// running its process: they run from Create on, and Start only reports them started.
+    pub restore: Option<RestoreFrom>,
+}
+
+/// Where a restored container comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestoreFrom {
+    /// A checkpoint's images.
+    Checkpoint(RestoreSpec),
+    /// The template of this name in the container's namespace (see `template`).
+    Template(String),
 }
 
 /// A checkpoint to restore a new container from.
@@ -167,6 +177,28 @@ pub trait Engine: Send + Sync + Debug + 'static {
         Err(EngineError::Unsupported(format!(
             "cannot checkpoint container {id}: this engine does not checkpoint"
         )))
+    }
+
+    /// Checkpoints the running container `id` as a template, leaving it running: the CRIU
+    /// images, the container's changes to its rootfs and what a restore must match, kept
+    /// under `spec.name` for the namespace. The caller has frozen the container. Engines
+    /// without templates keep this default.
+    async fn capture_template(
+        &self,
+        id: &str,
+        bundle: &Path,
+        spec: &TemplateCapture,
+    ) -> Result<Captured, EngineError> {
+        let _ = (bundle, spec);
+        Err(EngineError::Unsupported(format!(
+            "cannot capture container {id} as a template: this engine has no templates"
+        )))
+    }
+
+    /// Records that the capture of template `name` failed, and why, where the engine's
+    /// template listing shows it. Engines without templates keep this default.
+    async fn template_failed(&self, name: &str, reason: &str) {
+        let _ = (name, reason);
     }
 
     /// Removes the container: kills what is left of it, removes its cgroup and state, and

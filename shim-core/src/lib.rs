@@ -18,11 +18,12 @@ mod reaper;
 mod service;
 mod shim;
 mod stdio;
+pub mod template;
 
 pub use cgroup::ContainerCgroup;
 pub use engine::{
-    CheckpointSpec, CreateSpec, Engine, ExecSpec, ProcessStdio, RestoreSpec, RootfsMount,
-    ShimAction, ShimContext, Spawned,
+    CheckpointSpec, CreateSpec, Engine, ExecSpec, ProcessStdio, RestoreFrom, RestoreSpec,
+    RootfsMount, ShimAction, ShimContext, Spawned,
 };
 pub use error::{EngineError, ShimError};
 pub use options::{CheckpointOptions, CriOptions, RuncOptions, RuntimeOptions};

@@ -7,7 +7,7 @@
 //! TaskStart, TaskExit, TaskDelete in that order.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -38,12 +38,13 @@ use tokio::sync::{mpsc, watch};
 use crate::cgroup::ContainerCgroup;
 use crate::console::Console;
 use crate::engine::{
-    CheckpointSpec, CreateSpec, Engine, ExecSpec, RestoreSpec, RootfsMount, Spawned,
+    CheckpointSpec, CreateSpec, Engine, ExecSpec, RestoreFrom, RestoreSpec, RootfsMount, Spawned,
 };
 use crate::error::{EngineError, ShimError};
 use crate::options::{CheckpointOptions, RuntimeOptions};
 use crate::reaper::Reaped;
 use crate::stdio::{OutputCopy, StdinFeeder, StdioPaths, StreamOwner};
+use crate::template::{self, CapturePlan, Captured, Readiness, TemplateCapture, TemplatePlan};
 
 /// How long Delete waits for a created-but-never-started init to die after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -131,6 +132,15 @@ struct Container {
     paused: bool,
     /// Restored from a checkpoint: its init runs from Create on, Start only reports it.
     restored: bool,
+    /// The template to capture once it is ready (annotations), taken by Start.
+    capture: Option<TemplateCapturePlan>,
+}
+
+/// A capture a container asked for, with the rootfs mounts the engine needs for it.
+#[derive(Debug, Clone)]
+struct TemplateCapturePlan {
+    plan: CapturePlan,
+    rootfs: Vec<RootfsMount>,
 }
 
 /// The resources type containerd sends in Update (OCI `LinuxResources`, as JSON).
@@ -305,7 +315,7 @@ impl Inner {
         })?;
         // containerd unpacks a checkpoint from its content store into a directory and sends
         // its path; a client may instead name CRIU images in the runtime options, as for runc.
-        let restore = match (req.checkpoint.as_str(), &options.criu_image_path) {
+        let checkpoint = match (req.checkpoint.as_str(), &options.criu_image_path) {
             ("", None) => None,
             ("", Some(images)) => Some(images.clone()),
             (dir, _) => Some(PathBuf::from(dir)),
@@ -314,6 +324,21 @@ impl Inner {
             image_dir,
             work_dir: options.criu_work_path.clone(),
         });
+        // A template to restore from, or to capture, is asked for in the spec's annotations.
+        let plan = TemplatePlan::read(Path::new(&req.bundle)).inspect_err(|e| {
+            tracing::error!(id, "create refused: {e}");
+        })?;
+        let restore = match (checkpoint, plan.restore_from) {
+            (None, None) => None,
+            (Some(c), None) => Some(RestoreFrom::Checkpoint(c)),
+            (None, Some(name)) => Some(RestoreFrom::Template(name)),
+            (Some(_), Some(name)) => {
+                return Err(ShimError::InvalidArgument(format!(
+                    "cannot restore container {id} both from a checkpoint and from template \
+                     {name}"
+                )))
+            }
+        };
         if restore.is_some() && req.terminal {
             return Err(ShimError::InvalidArgument(format!(
                 "cannot restore container {id} with a terminal: restoring terminals is not \
@@ -383,6 +408,10 @@ impl Inner {
                 cgroup,
                 paused: false,
                 restored: spec.restore.is_some(),
+                capture: plan.capture.map(|plan| TemplateCapturePlan {
+                    plan,
+                    rootfs: spec.rootfs.clone(),
+                }),
             },
         );
         tracing::info!(id, pid, restored = spec.restore.is_some(), "created");
@@ -620,7 +649,129 @@ impl Inner {
         Ok(())
     }
 
-    async fn start(&self, req: StartRequest) -> Result<StartResponse, ShimError> {
+    /// Waits until container `id` (init `pid`) is ready as its capture plan says, then
+    /// captures it as a template: frozen, so that its files and memory agree, and running on
+    /// afterwards. What comes of it is logged, and a failure is also recorded by the engine
+    /// beside the templates, where `templates list` shows it.
+    async fn capture_when_ready(
+        self: Arc<Self>,
+        id: String,
+        pid: u32,
+        capture: TemplateCapturePlan,
+    ) {
+        let name = capture.plan.name.clone();
+        let outcome = match self.wait_ready(&id, pid, &capture.plan).await {
+            Ok(()) => self.capture(&id, &capture).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(Captured::Kept { path, bytes }) => {
+                tracing::info!(id, name, path = %path.display(), bytes, "template captured")
+            }
+            Ok(Captured::Exists { path }) => tracing::info!(
+                id,
+                name,
+                path = %path.display(),
+                "template exists: kept as it is, not captured again"
+            ),
+            Err(e) => {
+                tracing::error!(id, name, "template not captured: {e}");
+                self.engine.template_failed(&name, &e.to_string()).await;
+            }
+        }
+    }
+
+    async fn wait_ready(&self, id: &str, pid: u32, plan: &CapturePlan) -> Result<(), EngineError> {
+        let running = || {
+            self.table()
+                .get(id)
+                .is_some_and(|c| c.init.state == State::Running && c.init.pid == pid)
+        };
+        match &plan.ready {
+            Readiness::Delay(d) => {
+                tokio::time::sleep(*d).await;
+            }
+            Readiness::File(path) => {
+                let deadline = tokio::time::Instant::now() + plan.timeout;
+                loop {
+                    if !running() {
+                        break;
+                    }
+                    match template::exists_in_container(pid, path) {
+                        Ok(true) => break,
+                        Ok(false) => {}
+                        Err(e) if running() => {
+                            return Err(EngineError::Failed(format!(
+                                "cannot look for {} in container {id}: {e}",
+                                path.display()
+                            )))
+                        }
+                        Err(_) => break,
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(EngineError::Failed(format!(
+                            "container {id} did not create {} within {:?}",
+                            path.display(),
+                            plan.timeout
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        if !running() {
+            return Err(EngineError::Failed(format!(
+                "container {id} stopped before it was ready"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The capture itself, in the task's lifecycle order (no kill, pause or delete meanwhile).
+    async fn capture(
+        &self,
+        id: &str,
+        capture: &TemplateCapturePlan,
+    ) -> Result<Captured, EngineError> {
+        let _order = self.lifecycle.lock().await;
+        let (bundle, cgroup, paused) = {
+            let table = self.table();
+            let c = table
+                .get(id)
+                .filter(|c| c.init.state == State::Running)
+                .ok_or_else(|| {
+                    EngineError::Failed(format!("container {id} stopped before it was captured"))
+                })?;
+            (c.bundle.clone(), c.cgroup.clone(), c.paused)
+        };
+        let cgroup = cgroup.ok_or_else(|| {
+            EngineError::Failed(format!(
+                "cannot capture container {id}: its cgroup is not open to freeze it"
+            ))
+        })?;
+        if !paused {
+            cgroup.freeze(true)?;
+        }
+        let spec = TemplateCapture {
+            name: capture.plan.name.clone(),
+            rootfs: capture.rootfs.clone(),
+        };
+        let started = std::time::Instant::now();
+        let captured = self.engine.capture_template(id, &bundle, &spec).await;
+        if !paused {
+            if let Err(e) = cgroup.freeze(false) {
+                tracing::error!(id, "cannot thaw the container after its capture: {e}");
+            }
+        }
+        tracing::debug!(
+            id,
+            ms = started.elapsed().as_millis() as u64,
+            "capture done"
+        );
+        captured
+    }
+
+    async fn start(self: &Arc<Self>, req: StartRequest) -> Result<StartResponse, ShimError> {
         let _order = self.lifecycle.lock().await;
         let (id, exec_id) = (req.id, req.exec_id);
         let (state, pid, exec, restored) = {
@@ -642,10 +793,16 @@ impl Inner {
             if !restored {
                 self.engine.start(&id).await?;
             }
-            if let Some(p) = self.table().get_mut(&id) {
-                if p.init.state == State::Created {
-                    p.init.state = State::Running;
+            let capture = self.table().get_mut(&id).and_then(|c| {
+                if c.init.state == State::Created {
+                    c.init.state = State::Running;
                 }
+                c.capture.take()
+            });
+            if let Some(capture) = capture {
+                let inner = self.clone();
+                let id = id.clone();
+                tokio::spawn(async move { inner.capture_when_ready(id, pid, capture).await });
             }
             tracing::info!(id, pid, "started");
             self.publish(

@@ -71,6 +71,13 @@ impl WasmEngine {
 #[async_trait]
 impl Engine for WasmEngine {
     async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<Spawned, EngineError> {
+        if spec.restore.is_some() {
+            return Err(EngineError::Unsupported(format!(
+                "cannot restore container {}: the wasm shim restores neither checkpoints nor \
+                 templates",
+                spec.id
+            )));
+        }
         let image_guest = self.hand_off_image_guest(spec).await?;
         let spawned = self.containers.create(spec, stdio).await?;
         if let Some(name) = image_guest {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
+use hyperbox_shim_core::template::{Captured, TemplateCapture};
 use hyperbox_shim_core::{
     CheckpointSpec, CreateSpec, Engine, EngineError, ExecSpec, ProcessStdio, ShimContext, Spawned,
 };
@@ -40,7 +41,7 @@ pub fn prepare_with(
     executors: Box<dyn ExecutorFactory>,
 ) -> Result<Arc<dyn Engine>, EngineError> {
     let root = PathBuf::from(STATE_ROOT).join(&ctx.namespace);
-    let (sock, zygote_pid) = zygote::spawn(root, executors)?;
+    let (sock, zygote_pid) = zygote::spawn(root, ctx.namespace.clone(), executors)?;
     tracing::debug!(id = ctx.id, zygote = zygote_pid.as_raw(), "zygote started");
     Ok(Arc::new(YoukiEngine {
         zygote: Arc::new(Mutex::new(sock)),
@@ -222,6 +223,38 @@ impl Engine for YoukiEngine {
             spec: spec.clone(),
         })
         .await
+    }
+
+    async fn capture_template(
+        &self,
+        id: &str,
+        bundle: &Path,
+        spec: &TemplateCapture,
+    ) -> Result<Captured, EngineError> {
+        match self
+            .call(
+                Request::CaptureTemplate {
+                    id: id.to_string(),
+                    bundle: bundle.to_path_buf(),
+                    spec: spec.clone(),
+                },
+                Vec::new(),
+            )
+            .await?
+        {
+            Reply::Captured(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn template_failed(&self, name: &str, reason: &str) {
+        let req = Request::TemplateFailed {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        };
+        if let Err(e) = self.call_done(req).await {
+            tracing::warn!(name, "cannot record the failed capture: {e}");
+        }
     }
 
     async fn delete(&self, id: &str, bundle: &Path) -> Result<(), EngineError> {

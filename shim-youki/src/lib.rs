@@ -4,13 +4,16 @@
 //! `DESIGN.md` for how containers are created without forking the multi-threaded shim.
 
 mod checkpoint;
+mod cli;
 mod console;
 mod criu;
 mod engine;
 mod executor;
 mod rootfs;
+pub mod template;
 mod wire;
 mod zygote;
 
+pub use cli::templates;
 pub use engine::{prepare, prepare_with};
 pub use executor::{ExecutorFactory, NativeExecutors, NewContainer};

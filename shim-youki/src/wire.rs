@@ -5,7 +5,8 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
-use hyperbox_shim_core::{CheckpointSpec, EngineError, RestoreSpec, RootfsMount};
+use hyperbox_shim_core::template::{Captured, TemplateCapture};
+use hyperbox_shim_core::{CheckpointSpec, EngineError, RestoreFrom, RootfsMount};
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
@@ -38,8 +39,18 @@ pub enum Request {
         /// `root` option, with the namespace joined).
         state_root: Option<PathBuf>,
         no_pivot_root: bool,
-        /// Restore the processes from this checkpoint instead of creating an init.
-        restore: Option<RestoreSpec>,
+        /// Restore the processes from this checkpoint or template instead of creating an
+        /// init.
+        restore: Option<RestoreFrom>,
+    },
+    CaptureTemplate {
+        id: String,
+        bundle: PathBuf,
+        spec: TemplateCapture,
+    },
+    TemplateFailed {
+        name: String,
+        reason: String,
     },
     Checkpoint {
         id: String,
@@ -77,6 +88,7 @@ pub enum Reply {
     Pid(u32),
     Pids(Vec<u32>),
     Path(PathBuf),
+    Captured(Captured),
     Done,
     Failed(EngineError),
 }

@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use hyperbox_shim_core::EngineError;
+use hyperbox_shim_core::{EngineError, RestoreFrom};
 use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
@@ -25,12 +25,14 @@ use nix::unistd::{fork, ForkResult, Pid};
 use crate::checkpoint::{self, RestoreStdio};
 use crate::executor::{BoxedExecutor, ExecutorFactory, NewContainer};
 use crate::rootfs;
+use crate::template::Store;
 use crate::wire::{self, Reply, Request, StdioMask};
 
 /// Forks the zygote serving containers whose state lives under `root`, their executors
 /// chosen by `executors`, and returns the shim's end of its socket.
 pub fn spawn(
     root: PathBuf,
+    namespace: String,
     mut executors: Box<dyn ExecutorFactory>,
 ) -> Result<(OwnedFd, Pid), EngineError> {
     let threads = thread_count();
@@ -52,7 +54,7 @@ pub fn spawn(
         Ok(ForkResult::Child) => {
             drop(shim_end);
             let code = match become_zygote(parent) {
-                Ok(()) => serve(&zygote_end, &root, executors.as_mut()),
+                Ok(()) => serve(&zygote_end, &root, &namespace, executors.as_mut()),
                 Err(e) => {
                     tracing::error!("zygote setup: {e}");
                     1
@@ -98,10 +100,11 @@ fn become_zygote(parent: Pid) -> io::Result<()> {
 }
 
 /// Answers requests until the shim closes its end.
-fn serve(sock: &OwnedFd, root: &Path, executors: &mut dyn ExecutorFactory) -> i32 {
+fn serve(sock: &OwnedFd, root: &Path, namespace: &str, executors: &mut dyn ExecutorFactory) -> i32 {
     let mut roots = StateRoots {
         default: root.to_path_buf(),
         by_id: HashMap::new(),
+        namespace: namespace.to_string(),
     };
     loop {
         let (req, fds) = match wire::recv::<Request>(sock.as_fd()) {
@@ -130,6 +133,8 @@ fn serve(sock: &OwnedFd, root: &Path, executors: &mut dyn ExecutorFactory) -> i3
 struct StateRoots {
     default: PathBuf,
     by_id: HashMap<String, PathBuf>,
+    /// The containerd namespace, whose templates its containers use.
+    namespace: String,
 }
 
 /// The state root a container was created with, when not the default; in its bundle.
@@ -181,7 +186,16 @@ fn handle(
                 })?;
             }
             let created = match &restore {
-                Some(from) => restore_container(&root, &id, &bundle, &rootfs, from, stdio, fds),
+                Some(from) => restore_container(
+                    &root,
+                    &roots.namespace,
+                    &id,
+                    &bundle,
+                    &rootfs,
+                    from,
+                    stdio,
+                    fds,
+                ),
                 None => create(
                     &root,
                     &id,
@@ -227,6 +241,16 @@ fn handle(
         Request::Checkpoint { id, bundle, spec } => {
             let c = load(roots.of(&id), &id)?;
             checkpoint::dump(&c, &bundle, &spec)?;
+            Ok(Reply::Done)
+        }
+        Request::CaptureTemplate { id, bundle, spec } => {
+            let c = load(roots.of(&id), &id)?;
+            Store::new(&roots.namespace)?
+                .capture(&c, &id, &bundle, &spec)
+                .map(Reply::Captured)
+        }
+        Request::TemplateFailed { name, reason } => {
+            Store::new(&roots.namespace)?.record_failure(&name, &reason);
             Ok(Reply::Done)
         }
         Request::Pids { id } => pids(roots.of(&id), &id).map(Reply::Pids),
@@ -374,13 +398,16 @@ fn create(
     }
 }
 
-/// Creates container `id` by restoring its processes from a checkpoint (see `checkpoint`).
+/// Creates container `id` by restoring its processes from a checkpoint (see `checkpoint`) or
+/// from a template of `namespace` (see `template`).
+#[allow(clippy::too_many_arguments)]
 fn restore_container(
     root: &Path,
+    namespace: &str,
     id: &str,
     bundle: &Path,
     mounts: &[hyperbox_shim_core::RootfsMount],
-    from: &hyperbox_shim_core::RestoreSpec,
+    from: &RestoreFrom,
     stdio: StdioMask,
     fds: Vec<OwnedFd>,
 ) -> Result<u32, EngineError> {
@@ -396,6 +423,14 @@ fn restore_container(
     let streams = RestoreStdio {
         streams: [next(stdio.stdin), next(stdio.stdout), next(stdio.stderr)],
     };
+    // A template's rootfs changes go into the new container's overlay before it is mounted.
+    let from = match from {
+        RestoreFrom::Checkpoint(spec) => spec.clone(),
+        RestoreFrom::Template(name) => {
+            Store::new(namespace)?.prepare_restore(name, id, bundle, mounts)?
+        }
+    };
+    let from = &from;
     rootfs::mount_all(mounts, &bundle.join("rootfs")).map_err(EngineError::Failed)?;
     fs::create_dir_all(root).map_err(|e| {
         EngineError::Failed(format!("cannot create state dir {}: {e}", root.display()))
@@ -492,6 +527,7 @@ mod tests {
         let mut roots = StateRoots {
             default: PathBuf::from("/run/hyperbox/youki/ns"),
             by_id: HashMap::new(),
+            namespace: "ns".into(),
         };
         assert_eq!(roots.for_delete("a", &bundle), roots.default);
 

@@ -1,0 +1,650 @@
+//! Templates of `containerd-shim-hyperbox-v1`, against the harness's containerd: a Python
+//! service that takes about 2 s to warm up is captured as a template once it says it is ready
+//! (`io.hyperbox.template.capture` with a ready file), and containers restored from it
+//! (`io.hyperbox.restore-from`) answer at once, concurrently, each in its own network
+//! namespace and root filesystem; `containerd-shim-hyperbox-v1 templates` lists, inspects and
+//! removes templates; bad annotations, missing, damaged, foreign and spoiled templates, and
+//! captures that cannot happen fail clearly and harm nothing.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
+use hyperbox_integration::host;
+use hyperbox_integration::images::TestImage;
+use hyperbox_integration::per_version;
+use hyperbox_integration::sandbox::Footprint;
+use hyperbox_integration::testbed::TestBed;
+
+const OURS: &str = "io.containerd.hyperbox.v1";
+const SHIM: &str = "containerd-shim-hyperbox-v1";
+const CAPTURE: &str = "io.hyperbox.template.capture";
+const READY_FILE: &str = "io.hyperbox.template.ready-file";
+const READY_DELAY: &str = "io.hyperbox.template.ready-delay";
+const TIMEOUT: &str = "io.hyperbox.template.timeout";
+const RESTORE_FROM: &str = "io.hyperbox.restore-from";
+
+/// A service that warms up for about 2 s (imports, a table, then a sleep up to 2 s), then
+/// serves on 127.0.0.1:8000 and creates /ready. Its answer names the moment it started, which
+/// a restored copy keeps: it has not run its warm-up again.
+const SERVICE: &str = r#"
+import time
+started = time.time()
+import json, http.server, email.mime.multipart, xml.dom.minidom, decimal, statistics
+import argparse, logging.handlers, asyncio, urllib.request, difflib, csv, zipfile, tarfile
+table = {i: str(i * i) for i in range(200000)}
+time.sleep(max(0.0, 2.0 - (time.time() - started)))
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("warm started=%.6f entries=%d\n" % (started, len(table))).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.HTTPServer(("127.0.0.1", 8000), Handler)
+open("/ready", "w").close()
+server.serve_forever()
+"#;
+
+/// One request to the service, from inside the container (bash's /dev/tcp).
+const GET: &str =
+    "exec 3<>/dev/tcp/127.0.0.1/8000 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3";
+
+/// Counts up, writing each value to /tmp/n.
+const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done";
+
+/// A network namespace with its loopback up, bound at a file in the sandbox, as CNI would
+/// give a pod (a namespace `ctr run` creates has its loopback down).
+fn network(c: &Containerd, name: &str) -> PathBuf {
+    let file = c.dir().join(format!("netns-{name}"));
+    fs::write(&file, "").expect("netns file");
+    let out = Command::new("unshare")
+        .arg(format!("--net={}", file.display()))
+        .args(["ip", "link", "set", "lo", "up"])
+        .output()
+        .expect("unshare");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    file
+}
+
+fn drop_network(file: &Path) {
+    nix::mount::umount2(file, nix::mount::MntFlags::MNT_DETACH).expect("unmount netns");
+    fs::remove_file(file).expect("remove netns file");
+}
+
+fn run(
+    c: &Containerd,
+    image: &str,
+    id: &str,
+    annotations: &[(&str, &str)],
+    cmd: &[&str],
+) -> Output {
+    run_in(c, image, id, None, annotations, cmd)
+}
+
+fn run_in(
+    c: &Containerd,
+    image: &str,
+    id: &str,
+    netns: Option<&Path>,
+    annotations: &[(&str, &str)],
+    cmd: &[&str],
+) -> Output {
+    let pairs: Vec<String> = annotations
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let with_ns = netns.map(|n| format!("network:{}", n.display()));
+    let mut args = vec!["run", "-d", "--null-io", "--runtime", OURS];
+    if let Some(ns) = &with_ns {
+        args.extend(["--with-ns", ns.as_str()]);
+    }
+    for p in &pairs {
+        args.extend(["--annotation", p.as_str()]);
+    }
+    args.extend([image, id]);
+    args.extend_from_slice(cmd);
+    c.ctr()
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ctr run")
+}
+
+fn run_ok(c: &Containerd, image: &str, id: &str, annotations: &[(&str, &str)], cmd: &[&str]) {
+    run_ok_in(c, image, id, None, annotations, cmd)
+}
+
+fn run_ok_in(
+    c: &Containerd,
+    image: &str,
+    id: &str,
+    netns: Option<&Path>,
+    annotations: &[(&str, &str)],
+    cmd: &[&str],
+) {
+    let out = run_in(c, image, id, netns, annotations, cmd);
+    assert!(
+        out.status.success(),
+        "ctr run {id}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.log_tail(30)
+    );
+}
+
+fn task(c: &Containerd, id: &str) -> Option<(u32, String)> {
+    let tasks = c.ctr_stdout(&["tasks", "ls"]).expect("tasks ls");
+    tasks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first() == Some(&id)).then(|| (f[1].parse().unwrap_or(0), f[2].to_string()))
+    })
+}
+
+fn wait_status(c: &Containerd, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while task(c, id).map(|t| t.1).unwrap_or_default() != want {
+        assert!(
+            Instant::now() < deadline,
+            "task {id} is not {want}\n{}",
+            c.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn exec(c: &Containerd, id: &str, exec_id: &str, script: &str) -> Result<String, String> {
+    let out = c
+        .ctr()
+        .args([
+            "tasks",
+            "exec",
+            "--exec-id",
+            exec_id,
+            id,
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ctr exec");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "exec in {id} ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// The service's answer (its body), asked once from inside container `id`.
+fn ask(c: &Containerd, id: &str, exec_id: &str) -> Result<String, String> {
+    let out = c
+        .ctr()
+        .args(["tasks", "exec", "--exec-id", exec_id, id, "bash", "-c", GET])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ctr exec");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match text.lines().last() {
+        Some(body) if out.status.success() && body.starts_with("warm ") => Ok(body.to_string()),
+        _ => Err(format!(
+            "no answer from {id} ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+}
+
+fn remove(c: &Containerd, id: &str) {
+    let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", id]);
+    wait_status(c, id, "STOPPED");
+    c.ctr_run(&["tasks", "rm", id]).expect("task rm");
+    c.ctr_run(&["containers", "rm", id]).expect("container rm");
+}
+
+/// `containerd-shim-hyperbox-v1 templates ARGS` for this daemon's namespace and store.
+fn templates(c: &Containerd, args: &[&str]) -> Output {
+    let shim = host::workspace_binary(SHIM).expect("the shim is built");
+    Command::new(shim)
+        .arg("templates")
+        .args(args)
+        .args(["-n", c.namespace()])
+        .env("HYPERBOX_TEMPLATE_ROOT", c.template_root())
+        .stdin(Stdio::null())
+        .output()
+        .expect("templates command")
+}
+
+fn store(c: &Containerd) -> PathBuf {
+    c.template_root().join(c.namespace())
+}
+
+/// Waits until template `name` is kept; fails at once with the reason a capture failed.
+fn wait_template(c: &Containerd, name: &str, limit: Duration) -> PathBuf {
+    let dir = store(c).join(name);
+    let error = store(c).join(format!(".{name}.error"));
+    let deadline = Instant::now() + limit;
+    while !dir.join("template.json").is_file() {
+        if let Ok(reason) = fs::read_to_string(&error) {
+            panic!("capture of {name} failed: {reason}\n{}", c.log_tail(30));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no template {name}\n{}",
+            c.log_tail(40)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    dir
+}
+
+/// Waits until the capture of `name` is recorded as failed; returns why.
+fn wait_failure(c: &Containerd, name: &str) -> String {
+    let error = store(c).join(format!(".{name}.error"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(reason) = fs::read_to_string(&error) {
+            return reason;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failure recorded for {name}\n{}",
+            c.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn netns(pid: u32) -> PathBuf {
+    fs::read_link(format!("/proc/{pid}/ns/net")).expect("netns")
+}
+
+/// Test 3 of the issue: the Python service captured and restored five times at once.
+fn python_service_from_a_template(v: ContainerdVersion) {
+    let bed = TestBed::start(v).expect("test bed");
+    let image = bed.image(TestImage::DebianPython).expect("python image");
+    let c = &bed.containerd;
+    let fp = Footprint::of(c.dir()).expect("footprint");
+
+    let started = Instant::now();
+    let tpl_net = network(c, "tpl");
+    run_ok_in(
+        c,
+        &image,
+        "tpl",
+        Some(&tpl_net),
+        &[(CAPTURE, "py"), (READY_FILE, "/ready")],
+        &["python3", "-c", SERVICE],
+    );
+    let kept = wait_template(c, "py", Duration::from_secs(90));
+    eprintln!("captured after {:?}", started.elapsed());
+    assert!(kept.join("images/inventory.img").is_file());
+    assert!(
+        kept.join("rootfs/ready").exists(),
+        "the rootfs changes are kept"
+    );
+    // The captured container runs on, and is the one every copy will answer as.
+    let original = ask(c, "tpl", "a0").expect("the captured service answers");
+    assert!(original.contains("entries=200000"), "{original}");
+
+    // Five copies at once, each in a network namespace of its own, each asked right after
+    // `ctr run` returns: no retry.
+    let copies: Vec<String> = (1..=5).map(|i| format!("r{i}")).collect();
+    let networks: Vec<PathBuf> = copies.iter().map(|id| network(c, id)).collect();
+    let answers: Vec<(String, Duration, Result<String, String>)> = thread::scope(|s| {
+        let handles: Vec<_> = copies
+            .iter()
+            .zip(&networks)
+            .map(|(id, net)| {
+                let image = &image;
+                s.spawn(move || {
+                    let t = Instant::now();
+                    run_ok_in(
+                        c,
+                        image,
+                        id,
+                        Some(net),
+                        &[(RESTORE_FROM, "py")],
+                        &["python3", "-c", SERVICE],
+                    );
+                    let answer = ask(c, id, "a1");
+                    (id.clone(), t.elapsed(), answer)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("restore thread"))
+            .collect()
+    });
+    for (id, took, answer) in &answers {
+        let body = answer
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail(40)));
+        assert_eq!(body, &original, "{id} is not the warmed-up service");
+        eprintln!("{id}: run and first answer in {took:?}");
+    }
+
+    // Each has its own network namespace and root filesystem, with the template's changes.
+    let pids: Vec<u32> = copies
+        .iter()
+        .map(|id| task(c, id).expect("task").0)
+        .collect();
+    let mut namespaces: Vec<PathBuf> = pids.iter().map(|p| netns(*p)).collect();
+    namespaces.push(netns(task(c, "tpl").expect("tpl").0));
+    namespaces.push(netns(std::process::id()));
+    namespaces.sort();
+    namespaces.dedup();
+    assert_eq!(
+        namespaces.len(),
+        copies.len() + 2,
+        "network namespaces are shared"
+    );
+    for id in &copies {
+        exec(c, id, "w", &format!("echo {id} > /owner && test -e /ready"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    for id in &copies {
+        let owner = exec(c, id, "r", "cat /owner").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(owner.trim(), id, "{id} sees another container's write");
+    }
+    assert!(
+        exec(c, "tpl", "r", "cat /owner").is_err(),
+        "the template's container sees a write"
+    );
+
+    // The command line tool.
+    let out = templates(c, &["list"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{listing}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = listing
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("py"))
+        .unwrap_or_else(|| panic!("py is not listed:\n{listing}"));
+    assert!(line.contains("MiB"), "{line}");
+    let out = templates(c, &["inspect", "py"]);
+    assert!(out.status.success());
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+    assert_eq!(record["container"], "tpl");
+    assert_eq!(record["namespace"], c.namespace());
+    assert!(
+        record["layers"].as_array().is_some_and(|l| l.len() == 2),
+        "{record}"
+    );
+    assert!(record["criu_version"]
+        .as_str()
+        .is_some_and(|s| s.starts_with('4')));
+    eprintln!("template size: {} bytes", record["bytes"]);
+
+    // Killed and deleted cleanly, copies and original alike; the template stays for more.
+    for id in copies.iter().map(String::as_str).chain(["tpl"]) {
+        remove(c, id);
+    }
+    for net in networks.iter().chain([&tpl_net]) {
+        drop_network(net);
+    }
+    let out = templates(c, &["remove", "py"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!kept.exists());
+    let out = templates(c, &["remove", "py"]);
+    assert!(!out.status.success(), "a second remove succeeds");
+    drop(bed);
+    assert_eq!(fp.leftovers(), Vec::<String>::new());
+}
+per_version!(python_service, python_service_from_a_template);
+
+/// Asserts that `ctr run` of a container annotated so fails saying `says`, and leaves no task,
+/// no state and no cgroup.
+fn refused(c: &Containerd, image: &str, id: &str, annotations: &[(&str, &str)], says: &str) {
+    let out = run(c, image, id, annotations, &["sh", "-c", COUNTER]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{id} ran");
+    assert!(stderr.contains(says), "{id}: {stderr}");
+    assert!(task(c, id).is_none(), "a task {id} is left");
+    let state = Path::new("/run/hyperbox/youki")
+        .join(c.namespace())
+        .join(id);
+    assert!(!state.exists(), "{} is left", state.display());
+    let cgroup = Path::new("/sys/fs/cgroup/memory")
+        .join(c.namespace())
+        .join(id);
+    assert!(!cgroup.exists(), "{} is left", cgroup.display());
+    let _ = c.ctr_run(&["containers", "rm", id]);
+}
+
+fn counter(c: &Containerd, id: &str) -> u64 {
+    let (pid, _) = task(c, id).expect("task");
+    fs::read_to_string(format!("/proc/{pid}/root/tmp/n"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn counter_passes(c: &Containerd, id: &str, above: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = counter(c, id);
+        if n > above {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the counter of {id} stays at {n}\n{}",
+            c.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Copies template `from` of the store to `to`, then lets `spoil` change the copy.
+fn spoiled_copy(c: &Containerd, from: &str, to: &str, spoil: impl FnOnce(&Path)) {
+    let dir = store(c).join(to);
+    let status = Command::new("cp")
+        .args(["-a", "--no-target-directory"])
+        .arg(store(c).join(from))
+        .arg(&dir)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    spoil(&dir);
+}
+
+/// Test 4 of the issue: bad input fails clearly and harms nothing.
+fn template_bad_input_harms_nothing(v: ContainerdVersion) {
+    let bed = TestBed::start(v).expect("test bed");
+    let image = bed.image(TestImage::Busybox).expect("busybox");
+    let python = bed.image(TestImage::DebianPython).expect("python image");
+    let c = &bed.containerd;
+    let fp = Footprint::of(c.dir()).expect("footprint");
+
+    // Annotations that make no sense are refused before anything is created.
+    refused(
+        c,
+        &image,
+        "b1",
+        &[(CAPTURE, "x")],
+        "needs a readiness condition",
+    );
+    refused(
+        c,
+        &image,
+        "b2",
+        &[(CAPTURE, "../x"), (READY_DELAY, "1s")],
+        "template name",
+    );
+    refused(
+        c,
+        &image,
+        "b3",
+        &[(CAPTURE, "x"), (READY_FILE, "ready")],
+        "absolute path",
+    );
+    refused(c, &image, "b4", &[(RESTORE_FROM, "a/b")], "template name");
+
+    // A good template of a counter (its rootfs changes include /tmp/n, which it has open).
+    run_ok(
+        c,
+        &image,
+        "orig",
+        &[(CAPTURE, "count"), (READY_DELAY, "300ms")],
+        &["sh", "-c", COUNTER],
+    );
+    wait_template(c, "count", Duration::from_secs(30));
+    let at_capture = counter(c, "orig");
+    run_ok(
+        c,
+        &image,
+        "copy",
+        &[(RESTORE_FROM, "count")],
+        &["sh", "-c", COUNTER],
+    );
+    counter_passes(c, "copy", at_capture);
+    remove(c, "copy");
+
+    // Missing, damaged, from another CRIU, from another image, and with spoiled images.
+    refused(
+        c,
+        &image,
+        "m1",
+        &[(RESTORE_FROM, "nothing")],
+        "template nothing does not exist",
+    );
+    spoiled_copy(c, "count", "damaged", |d| {
+        fs::write(d.join("template.json"), "{").unwrap()
+    });
+    refused(
+        c,
+        &image,
+        "m2",
+        &[(RESTORE_FROM, "damaged")],
+        "template damaged is damaged",
+    );
+    spoiled_copy(c, "count", "old", |d| {
+        let file = d.join("template.json");
+        let text = fs::read_to_string(&file).unwrap();
+        let mut record: serde_json::Value = serde_json::from_str(&text).unwrap();
+        record["criu_version"] = "3.17".into();
+        fs::write(&file, record.to_string()).unwrap();
+    });
+    refused(
+        c,
+        &image,
+        "m3",
+        &[(RESTORE_FROM, "old")],
+        "captured with CRIU 3.17",
+    );
+    refused(
+        c,
+        &python,
+        "m4",
+        &[(RESTORE_FROM, "count")],
+        "captured from another image",
+    );
+    spoiled_copy(c, "count", "spoiled", |d| {
+        fs::write(d.join("images/pstree.img"), b"not a CRIU image").unwrap()
+    });
+    refused(c, &image, "m5", &[(RESTORE_FROM, "spoiled")], "pstree.img");
+    // The listing says what is wrong with the damaged one.
+    let out = templates(c, &["list"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.contains(" damaged ") && l.contains("capture failed: damaged")),
+        "{listing}"
+    );
+
+    // Captures that cannot happen are recorded as failed; the container runs on.
+    let ghost =
+        format!("head -c 3000000 /dev/zero > /tmp/big; exec 3</tmp/big; rm /tmp/big; {COUNTER}");
+    run_ok(
+        c,
+        &image,
+        "ghost",
+        &[(CAPTURE, "ghost"), (READY_DELAY, "300ms")],
+        &["sh", "-c", &ghost],
+    );
+    let reason = wait_failure(c, "ghost");
+    assert!(
+        reason.contains("criu failed") && reason.contains("dump.log"),
+        "{reason}"
+    );
+    let log = store(c).join(".ghost.log/dump.log");
+    assert!(
+        fs::read_to_string(&log).is_ok_and(|t| t.contains("ghost")),
+        "{}",
+        log.display()
+    );
+    assert!(!store(c).join("ghost").exists(), "a failed capture is kept");
+    let n = counter(c, "ghost");
+    counter_passes(c, "ghost", n + 2);
+    run_ok(
+        c,
+        &image,
+        "late",
+        &[
+            (CAPTURE, "late"),
+            (READY_FILE, "/never"),
+            (TIMEOUT, "500ms"),
+        ],
+        &["sh", "-c", COUNTER],
+    );
+    let reason = wait_failure(c, "late");
+    assert!(reason.contains("did not create /never"), "{reason}");
+    let out = templates(c, &["list"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.contains(" late ") && l.contains("capture failed")),
+        "{listing}"
+    );
+    let n = counter(c, "orig");
+    counter_passes(c, "orig", n + 2);
+
+    for id in ["orig", "ghost", "late"] {
+        remove(c, id);
+    }
+    let out = templates(
+        c,
+        &[
+            "remove", "count", "damaged", "old", "spoiled", "ghost", "late",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<_> = fs::read_dir(store(c))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the store: {left:?}");
+    drop(bed);
+    assert_eq!(fp.leftovers(), Vec::<String>::new());
+}
+per_version!(bad_input, template_bad_input_harms_nothing);

@@ -1,0 +1,199 @@
+//! `containerd-shim-hyperbox-v1 templates ...`: the template store for people.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::process::ExitCode;
+
+use crate::template::{self, Listed, Store};
+
+const USAGE: &str = "\
+usage: containerd-shim-hyperbox-v1 templates list [-n NAMESPACE | -A]
+       containerd-shim-hyperbox-v1 templates inspect [-n NAMESPACE] NAME
+       containerd-shim-hyperbox-v1 templates remove [-n NAMESPACE] NAME...
+
+Templates are captured from containers annotated io.hyperbox.template.capture=NAME and
+restored into containers annotated io.hyperbox.restore-from=NAME. NAMESPACE is the
+containerd namespace (default: $CONTAINERD_NAMESPACE, else \"default\"); -A lists all.
+The store is HYPERBOX_TEMPLATE_ROOT, else /var/lib/hyperbox/templates, root's only.";
+
+struct Args {
+    command: String,
+    namespace: Option<String>,
+    all: bool,
+    names: Vec<String>,
+}
+
+fn parse(args: &[OsString]) -> Result<Args, String> {
+    let mut words = args.iter().map(|a| a.to_string_lossy().into_owned());
+    let command = words.next().ok_or("no templates command")?;
+    let mut parsed = Args {
+        command,
+        namespace: None,
+        all: false,
+        names: Vec::new(),
+    };
+    while let Some(w) = words.next() {
+        match w.as_str() {
+            "-n" | "--namespace" => {
+                parsed.namespace = Some(words.next().ok_or(format!("{w} needs a value"))?)
+            }
+            "-A" | "--all-namespaces" => parsed.all = true,
+            "-h" | "--help" => return Err(String::new()),
+            flag if flag.starts_with('-') => return Err(format!("unknown option {flag}")),
+            name => parsed.names.push(name.to_string()),
+        }
+    }
+    Ok(parsed)
+}
+
+fn human(bytes: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if bytes as f64 >= MIB {
+        format!("{:.1} MiB", bytes as f64 / MIB)
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    }
+}
+
+fn age(created: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let s = now.saturating_sub(created);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// Runs `templates ARGS...`; `args` are those after `templates`.
+pub fn templates(args: &[OsString]) -> ExitCode {
+    let args = match parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("templates: {e}");
+            }
+            eprintln!("{USAGE}");
+            return if e.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
+        }
+    };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("templates: only root may use templates: they hold the memory of processes");
+        return ExitCode::FAILURE;
+    }
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("templates: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let root = template::root();
+    let namespace = args
+        .namespace
+        .clone()
+        .or_else(|| std::env::var("CONTAINERD_NAMESPACE").ok())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_string());
+    let store = |ns: &str| Store::at(&root, ns).map_err(|e| e.to_string());
+    let mut out = std::io::stdout().lock();
+    let mut say = |line: String| {
+        let _ = writeln!(out, "{line}");
+    };
+    match args.command.as_str() {
+        "list" | "ls" => {
+            let namespaces = if args.all {
+                Store::namespaces(&root)
+            } else {
+                vec![namespace]
+            };
+            say(format!(
+                "{:<16} {:<24} {:>10} {:>5} {:<8} {:<8} FROM",
+                "NAMESPACE", "NAME", "SIZE", "AGE", "CRIU", "SHIM"
+            ));
+            for ns in namespaces {
+                for entry in store(&ns)?.list() {
+                    match entry {
+                        Listed::Template { record, bytes, .. } => say(format!(
+                            "{:<16} {:<24} {:>10} {:>5} {:<8} {:<8} {}",
+                            ns,
+                            record.name,
+                            human(bytes),
+                            age(record.created),
+                            record.criu_version,
+                            record.shim_version,
+                            record.image.as_deref().unwrap_or(&record.container)
+                        )),
+                        Listed::Failed { name, reason } => say(format!(
+                            "{:<16} {:<24} capture failed: {}",
+                            ns,
+                            name,
+                            reason.trim()
+                        )),
+                    }
+                }
+            }
+            Ok(())
+        }
+        "inspect" => {
+            let [name] = args.names.as_slice() else {
+                return Err("inspect takes one NAME".into());
+            };
+            let s = store(&namespace)?;
+            let found = s.list().into_iter().find(|l| l.name() == name);
+            match found {
+                Some(Listed::Template {
+                    record,
+                    path,
+                    bytes,
+                }) => {
+                    let mut v = serde_json::to_value(&record).map_err(|e| e.to_string())?;
+                    v["path"] = path.display().to_string().into();
+                    v["bytes"] = bytes.into();
+                    say(serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+                    Ok(())
+                }
+                Some(Listed::Failed { reason, .. }) => Err(format!(
+                    "template {name}: capture failed: {}",
+                    reason.trim()
+                )),
+                None => Err(format!(
+                    "template {name} does not exist in namespace {namespace}"
+                )),
+            }
+        }
+        "remove" | "rm" => {
+            if args.names.is_empty() {
+                return Err("remove takes at least one NAME".into());
+            }
+            let s = store(&namespace)?;
+            let mut missing = Vec::new();
+            for name in &args.names {
+                match s.remove(name) {
+                    Ok(true) => say(name.clone()),
+                    Ok(false) => missing.push(name.clone()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no template {} in namespace {namespace}",
+                    missing.join(", ")
+                ))
+            }
+        }
+        other => Err(format!("unknown templates command {other:?}\n{USAGE}")),
+    }
+}

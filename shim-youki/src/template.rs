@@ -1,0 +1,627 @@
+//! The template store: checkpoints of ready containers that new containers restore from
+//! instead of running their entrypoint.
+//!
+//! ```text
+//! /var/lib/hyperbox/templates/     0700: templates hold process memory
+//!   NAMESPACE/                     one per containerd namespace
+//!     NAME/
+//!       template.json              what a restore must match (Record)
+//!       images/                    CRIU's images, uncompressed
+//!       rootfs/                    the container's changes to its image (its overlay upper dir)
+//!     .NAME.error                  why the last capture of NAME failed
+//!     .NAME.log/dump.log           CRIU's log of that failure
+//!     .capture-NAME-PID/           a capture in progress (removed if PID is gone)
+//! ```
+//!
+//! A capture is written under a temporary name and renamed into place, so a template is
+//! whole or absent, whatever is killed when. The image is identified by the snapshots of its
+//! layers (the overlay's lower directories, without their last component, which a
+//! snapshotter may change from `fs` to `erofs`): CRIU restores files by path, so a template
+//! fits exactly the filesystem it was captured on.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hyperbox_shim_core::template::{check_name, Captured, TemplateCapture};
+use hyperbox_shim_core::{CheckpointSpec, EngineError, RestoreSpec, RootfsMount};
+use libcontainer::container::Container;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::criu::Criu;
+
+/// Where templates are kept unless `HYPERBOX_TEMPLATE_ROOT` names another directory.
+pub const DEFAULT_ROOT: &str = "/var/lib/hyperbox/templates";
+const RECORD: &str = "template.json";
+const IMAGES: &str = "images";
+const ROOTFS: &str = "rootfs";
+/// The shim's version, which a restore must match (the images' metadata is its own).
+pub const SHIM_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// CRI's annotation naming a container's image; recorded and matched where present.
+const CRI_IMAGE: &str = "io.kubernetes.cri.image-name";
+
+/// The store's root directory.
+pub fn root() -> PathBuf {
+    std::env::var_os("HYPERBOX_TEMPLATE_ROOT")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_ROOT), PathBuf::from)
+}
+
+/// What a template records of where it came from; a restore must match it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub name: String,
+    pub namespace: String,
+    /// The container it was captured from.
+    pub container: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+    pub criu_version: String,
+    pub shim_version: String,
+    /// The snapshots of the image's layers, top first.
+    pub layers: Vec<PathBuf>,
+    /// The image's name where the engine annotated it (CRI).
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// One entry of a listing: a template, or a capture of that name that failed.
+#[derive(Debug)]
+pub enum Listed {
+    Template {
+        record: Record,
+        path: PathBuf,
+        bytes: u64,
+    },
+    Failed {
+        name: String,
+        reason: String,
+    },
+}
+
+/// The templates of one containerd namespace.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+    namespace: String,
+}
+
+fn failed(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Failed(e.to_string())
+}
+
+/// An overlay rootfs: where the container's changes go, and the image's layers.
+#[derive(Debug, PartialEq, Eq)]
+struct Overlay {
+    upper: PathBuf,
+    layers: Vec<PathBuf>,
+}
+
+fn overlay_of(mounts: &[RootfsMount]) -> Result<Overlay, String> {
+    let [m] = mounts else {
+        return Err(format!(
+            "templates need a rootfs of one overlay mount (the overlayfs or hyperbox \
+             snapshotter); this one has {} mounts",
+            mounts.len()
+        ));
+    };
+    let option = |key: &str| {
+        m.options
+            .iter()
+            .find_map(|o| o.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+    };
+    match (m.kind.as_str(), option("upperdir"), option("lowerdir")) {
+        ("overlay", Some(upper), Some(lower)) => Ok(Overlay {
+            upper: PathBuf::from(upper),
+            layers: lower.split(':').map(layer_identity).collect(),
+        }),
+        _ => Err(format!(
+            "templates need a writable overlay rootfs (the overlayfs or hyperbox snapshotter); \
+             this one is a {} mount",
+            m.kind
+        )),
+    }
+}
+
+/// A lower directory as the snapshot it belongs to: `.../snapshots/3/fs` and
+/// `.../snapshots/3/erofs` are both `.../snapshots/3`.
+fn layer_identity(dir: &str) -> PathBuf {
+    let p = Path::new(dir);
+    match (p.file_name().and_then(|n| n.to_str()), p.parent()) {
+        (Some("fs" | "erofs"), Some(parent)) => parent.to_path_buf(),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Copies the tree `from` onto `to` (created if missing) as it is: owners, modes, times,
+/// extended attributes (an overlay's opaque directories), device nodes (its whiteouts),
+/// links never followed.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), EngineError> {
+    let out = Command::new("cp")
+        .args(["-a", "--no-target-directory", "--"])
+        .arg(from)
+        .arg(to)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| failed(format!("cannot run cp: {e}")))?;
+    if !out.status.success() {
+        return Err(failed(format!(
+            "cannot copy {} to {}: {}",
+            from.display(),
+            to.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes on disk under `path`, links not followed.
+pub fn disk_usage(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).into_iter().flatten().flatten() {
+            total += disk_usage(&entry.path());
+        }
+    }
+    total
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The image name a bundle's spec carries (CRI's annotation), if any.
+fn image_annotation(bundle: &Path) -> Option<String> {
+    let bytes = fs::read(bundle.join("config.json")).ok()?;
+    let spec: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    spec.get("annotations")?
+        .get(CRI_IMAGE)?
+        .as_str()
+        .map(str::to_string)
+}
+
+impl Store {
+    /// The templates of `namespace` under [`root`].
+    pub fn new(namespace: &str) -> Result<Store, EngineError> {
+        Self::at(&root(), namespace)
+    }
+
+    /// The templates of `namespace` under `root`.
+    pub fn at(root: &Path, namespace: &str) -> Result<Store, EngineError> {
+        check_name(namespace).map_err(|e| {
+            EngineError::InvalidSpec(format!(
+                "namespace {namespace:?}: {}",
+                e.replace("template name", "name")
+            ))
+        })?;
+        Ok(Store {
+            dir: root.join(namespace),
+            namespace: namespace.to_string(),
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The directory of template `name`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn error_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(".{name}.error"))
+    }
+
+    fn log_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(".{name}.log"))
+    }
+
+    /// Creates the store's directories, the root readable by root only.
+    fn ensure(&self) -> Result<(), EngineError> {
+        let root = self.dir.parent().unwrap_or(&self.dir);
+        for dir in [root, &self.dir] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+            .map_err(|e| failed(format!("cannot restrict {}: {e}", root.display())))
+    }
+
+    /// Removes what captures and removals killed midway left behind.
+    fn sweep(&self) {
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(".capture-")
+                .or_else(|| name.strip_prefix(".remove-"))
+                .and_then(|rest| rest.rsplit('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !pid_alive(pid)) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    /// Captures container `c` (id `id`, bundle `bundle`, frozen by the caller) as template
+    /// `spec.name`; a template of that name is kept as it is.
+    pub fn capture(
+        &self,
+        c: &Container,
+        id: &str,
+        bundle: &Path,
+        spec: &TemplateCapture,
+    ) -> Result<Captured, EngineError> {
+        check_name(&spec.name).map_err(EngineError::InvalidSpec)?;
+        let overlay = overlay_of(&spec.rootfs)
+            .map_err(|e| EngineError::Unsupported(format!("cannot capture container {id}: {e}")))?;
+        let criu = Criu::get()?;
+        self.ensure()?;
+        self.sweep();
+        let path = self.path(&spec.name);
+        if path.exists() {
+            return Ok(Captured::Exists { path });
+        }
+        let tmp = self
+            .dir
+            .join(format!(".capture-{}-{}", spec.name, std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(|e| failed(format!("cannot create {}: {e}", tmp.display())))?;
+        let written = self.write(c, id, bundle, spec, &overlay, &criu, &tmp);
+        if let Err(e) = written {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        match fs::rename(&tmp, &path) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTEMPTY)) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Ok(Captured::Exists { path });
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(failed(format!(
+                    "cannot keep template {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+        let _ = fs::remove_file(self.error_file(&spec.name));
+        let _ = fs::remove_dir_all(self.log_dir(&spec.name));
+        Ok(Captured::Kept {
+            bytes: disk_usage(&path),
+            path,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        c: &Container,
+        id: &str,
+        bundle: &Path,
+        spec: &TemplateCapture,
+        overlay: &Overlay,
+        criu: &Criu,
+        tmp: &Path,
+    ) -> Result<(), EngineError> {
+        copy_tree(&overlay.upper, &tmp.join(ROOTFS))?;
+        let log_dir = self.log_dir(&spec.name);
+        let _ = fs::remove_dir_all(&log_dir);
+        checkpoint::dump(
+            c,
+            bundle,
+            &CheckpointSpec {
+                image_dir: tmp.join(IMAGES),
+                work_dir: Some(log_dir.clone()),
+                ..Default::default()
+            },
+        )?;
+        let record = Record {
+            name: spec.name.clone(),
+            namespace: self.namespace.clone(),
+            container: id.to_string(),
+            created: now(),
+            criu_version: criu.version()?,
+            shim_version: SHIM_VERSION.to_string(),
+            layers: overlay.layers.clone(),
+            image: image_annotation(bundle),
+        };
+        let file = tmp.join(RECORD);
+        fs::write(
+            &file,
+            serde_json::to_vec_pretty(&record).unwrap_or_default(),
+        )
+        .map_err(|e| failed(format!("cannot write {}: {e}", file.display())))?;
+        // Whole on disk before it is visible under its name.
+        let dir = fs::File::open(tmp)
+            .map_err(|e| failed(format!("cannot open {}: {e}", tmp.display())))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
+            .map_err(|e| failed(format!("cannot sync {}: {e}", tmp.display())))?;
+        let _ = fs::remove_dir_all(&log_dir);
+        Ok(())
+    }
+
+    /// Records why the capture of `name` failed, for `templates list`.
+    pub fn record_failure(&self, name: &str, reason: &str) {
+        if check_name(name).is_err() || self.ensure().is_err() {
+            return;
+        }
+        let file = self.error_file(name);
+        if let Err(e) = fs::write(&file, reason) {
+            tracing::warn!("cannot write {}: {e}", file.display());
+        }
+    }
+
+    /// The template `name`'s record, checked against this host: the CRIU and shim that will
+    /// restore it, and the image of a container to restore (`mounts`, its rootfs, and
+    /// `bundle`, its spec).
+    pub fn check(
+        &self,
+        name: &str,
+        mounts: &[RootfsMount],
+        bundle: &Path,
+    ) -> Result<Record, EngineError> {
+        let path = self.path(name);
+        if !path.is_dir() {
+            return Err(EngineError::NotFound(format!(
+                "template {name} does not exist in namespace {}: capture it first (annotation \
+                 io.hyperbox.template.capture={name}); `containerd-shim-hyperbox-v1 templates \
+                 list -n {}` lists the templates",
+                self.namespace, self.namespace
+            )));
+        }
+        let file = path.join(RECORD);
+        let record: Record = fs::read(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                EngineError::InvalidSpec(format!(
+                    "template {name} is damaged: cannot read {}: {e}; remove it with \
+                     `containerd-shim-hyperbox-v1 templates remove -n {} {name}`",
+                    file.display(),
+                    self.namespace
+                ))
+            })?;
+        let criu = Criu::get()?.version()?;
+        if record.criu_version != criu || record.shim_version != SHIM_VERSION {
+            return Err(EngineError::Unsupported(format!(
+                "template {name} was captured with CRIU {} and containerd-shim-hyperbox-v1 {}; \
+                 this host has CRIU {criu} and shim {SHIM_VERSION}: capture it again",
+                record.criu_version, record.shim_version
+            )));
+        }
+        let overlay = overlay_of(mounts).map_err(|e| {
+            EngineError::Unsupported(format!("cannot restore from template {name}: {e}"))
+        })?;
+        if overlay.layers != record.layers {
+            return Err(EngineError::InvalidSpec(format!(
+                "template {name} was captured from another image: its layers are {:?}, this \
+                 container's are {:?}",
+                record.layers, overlay.layers
+            )));
+        }
+        let image = image_annotation(bundle);
+        if let (Some(theirs), Some(ours)) = (&record.image, &image) {
+            if theirs != ours {
+                return Err(EngineError::InvalidSpec(format!(
+                    "template {name} was captured from image {theirs}, this container runs {ours}"
+                )));
+            }
+        }
+        Ok(record)
+    }
+
+    /// Prepares container `id` to restore from template `name`: checks the template, puts its
+    /// rootfs changes into the container's overlay (before that is mounted), and says where
+    /// the images are.
+    pub fn prepare_restore(
+        &self,
+        name: &str,
+        id: &str,
+        bundle: &Path,
+        mounts: &[RootfsMount],
+    ) -> Result<RestoreSpec, EngineError> {
+        self.check(name, mounts, bundle)?;
+        let overlay = overlay_of(mounts).map_err(EngineError::Unsupported)?;
+        let path = self.path(name);
+        copy_tree(&path.join(ROOTFS), &overlay.upper).map_err(|e| {
+            failed(format!(
+                "cannot restore container {id} from template {name}: {e}"
+            ))
+        })?;
+        Ok(RestoreSpec {
+            image_dir: path.join(IMAGES),
+            work_dir: Some(bundle.join("criu-work")),
+        })
+    }
+
+    /// The templates, and the captures that failed, by name.
+    pub fn list(&self) -> Vec<Listed> {
+        self.sweep();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file_name
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(".error"))
+            {
+                out.push(Listed::Failed {
+                    name: name.to_string(),
+                    reason: fs::read_to_string(entry.path()).unwrap_or_default(),
+                });
+                continue;
+            }
+            if file_name.starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            let record = fs::read(path.join(RECORD))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok());
+            match record {
+                Some(record) => out.push(Listed::Template {
+                    bytes: disk_usage(&path),
+                    record,
+                    path,
+                }),
+                None => out.push(Listed::Failed {
+                    name: file_name,
+                    reason: format!("damaged: no readable {RECORD}"),
+                }),
+            }
+        }
+        out.sort_by(|a, b| a.name().cmp(b.name()));
+        out
+    }
+
+    /// Removes template `name` (and the record of a failed capture of it). Containers
+    /// restored from it are not affected. `Ok(false)` when there was nothing to remove.
+    pub fn remove(&self, name: &str) -> Result<bool, EngineError> {
+        check_name(name).map_err(EngineError::InvalidSpec)?;
+        let removed = fs::remove_file(self.error_file(name)).is_ok();
+        let _ = fs::remove_dir_all(self.log_dir(name));
+        let path = self.path(name);
+        if !path.exists() {
+            return Ok(removed);
+        }
+        // Out of sight at once, then removed: a restore sees the template whole or not at all.
+        let doomed = self
+            .dir
+            .join(format!(".remove-{name}-{}", std::process::id()));
+        fs::rename(&path, &doomed)
+            .map_err(|e| failed(format!("cannot remove {}: {e}", path.display())))?;
+        fs::remove_dir_all(&doomed)
+            .map_err(|e| failed(format!("cannot remove {}: {e}", doomed.display())))?;
+        let _ = fs::remove_dir(&self.dir);
+        Ok(true)
+    }
+
+    /// The namespaces that have a store under `root`.
+    pub fn namespaces(root: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Listed {
+    pub fn name(&self) -> &str {
+        match self {
+            Listed::Template { record, .. } => &record.name,
+            Listed::Failed { name, .. } => name,
+        }
+    }
+}
+
+/// `io::Error` for the CLI.
+pub fn io_error(e: EngineError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overlay(options: &[&str]) -> Vec<RootfsMount> {
+        vec![RootfsMount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: options.iter().map(|s| s.to_string()).collect(),
+        }]
+    }
+
+    #[test]
+    fn an_overlay_gives_its_upper_dir_and_layers() {
+        let o = overlay_of(&overlay(&[
+            "index=off",
+            "workdir=/s/snapshots/9/work",
+            "upperdir=/s/snapshots/9/fs",
+            "lowerdir=/s/snapshots/3/erofs:/s/snapshots/1/fs:/other",
+        ]))
+        .unwrap();
+        assert_eq!(o.upper, PathBuf::from("/s/snapshots/9/fs"));
+        assert_eq!(
+            o.layers,
+            [
+                PathBuf::from("/s/snapshots/3"),
+                PathBuf::from("/s/snapshots/1"),
+                PathBuf::from("/other")
+            ]
+        );
+        let e = overlay_of(&overlay(&["lowerdir=/a:/b"])).unwrap_err();
+        assert!(e.contains("writable overlay"), "{e}");
+        let e = overlay_of(&[]).unwrap_err();
+        assert!(e.contains("0 mounts"), "{e}");
+    }
+
+    #[test]
+    fn a_store_lists_removes_and_refuses_what_it_cannot_restore() {
+        let root = std::env::temp_dir().join(format!("hb-templates-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let store = Store::at(&root, "ns1").unwrap();
+        assert!(Store::at(&root, "../x").is_err());
+        store.ensure().unwrap();
+        assert_eq!(
+            fs::metadata(&root).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+
+        // Missing, then damaged.
+        let bundle = root.join("bundle");
+        fs::create_dir_all(&bundle).unwrap();
+        let mounts = overlay(&["upperdir=/u", "lowerdir=/l/1/fs"]);
+        let e = store.check("py", &mounts, &bundle).unwrap_err();
+        assert!(matches!(e, EngineError::NotFound(_)), "{e}");
+        fs::create_dir_all(store.path("py")).unwrap();
+        fs::write(store.path("py").join(RECORD), "{").unwrap();
+        let e = store.check("py", &mounts, &bundle).unwrap_err().to_string();
+        assert!(
+            e.contains("damaged") && e.contains("templates remove"),
+            "{e}"
+        );
+
+        // A failure is listed beside the damaged one; stale captures are swept.
+        store.record_failure("web", "did not create /ready within 5s");
+        let stale = root.join("ns1/.capture-web-999999999");
+        fs::create_dir_all(&stale).unwrap();
+        let listed = store.list();
+        let names: Vec<&str> = listed.iter().map(Listed::name).collect();
+        assert_eq!(names, ["py", "web"]);
+        assert!(!stale.exists());
+        assert!(matches!(&listed[1], Listed::Failed { reason, .. } if reason.contains("/ready")));
+
+        assert!(store.remove("py").unwrap());
+        assert!(store.remove("web").unwrap());
+        assert!(!store.remove("web").unwrap());
+        assert!(store.list().is_empty());
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
