@@ -22,6 +22,7 @@ pub mod sandbox;
 pub mod snapshotter;
 pub mod testbed;
 pub mod wasm_image;
+pub mod workloads;
 
 /// Generates one test per containerd version: `per_version!(name, body_fn)` makes
 /// `name::v1_6` and `name::v1_7`, each calling `body_fn(version)`. A version left out by

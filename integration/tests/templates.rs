@@ -18,6 +18,10 @@ use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::Footprint;
 use hyperbox_integration::testbed::TestBed;
+use hyperbox_integration::workloads::{
+    get_in_network, network_with_loopback, remove_network, PY_SERVICE, PY_SERVICE_GET,
+    PY_SERVICE_PORT,
+};
 
 const OURS: &str = "io.containerd.hyperbox.v1";
 const SHIM: &str = "containerd-shim-hyperbox-v1";
@@ -27,61 +31,11 @@ const READY_DELAY: &str = "io.hyperbox.template.ready-delay";
 const TIMEOUT: &str = "io.hyperbox.template.timeout";
 const RESTORE_FROM: &str = "io.hyperbox.restore-from";
 
-/// A service that warms up for about 2 s (imports, a table, then a sleep up to 2 s), then
-/// serves on 127.0.0.1:8000 and creates /ready. Its answer names the moment it started, which
-/// a restored copy keeps: it has not run its warm-up again.
-const SERVICE: &str = r#"
-import time
-started = time.time()
-import json, http.server, email.mime.multipart, xml.dom.minidom, decimal, statistics
-import argparse, logging.handlers, asyncio, urllib.request, difflib, csv, zipfile, tarfile
-table = {i: str(i * i) for i in range(200000)}
-time.sleep(max(0.0, 2.0 - (time.time() - started)))
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = ("warm started=%.6f entries=%d\n" % (started, len(table))).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-server = http.server.HTTPServer(("127.0.0.1", 8000), Handler)
-open("/ready", "w").close()
-server.serve_forever()
-"#;
-
-/// One request to the service, from inside the container (bash's /dev/tcp).
-const GET: &str =
-    "exec 3<>/dev/tcp/127.0.0.1/8000 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3";
-
 /// Counts up, writing each value to /tmp/n.
 const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done";
 
-/// A network namespace with its loopback up, bound at a file in the sandbox, as CNI would
-/// give a pod (a namespace `ctr run` creates has its loopback down).
 fn network(c: &Containerd, name: &str) -> PathBuf {
-    let file = c.dir().join(format!("netns-{name}"));
-    fs::write(&file, "").expect("netns file");
-    let out = Command::new("unshare")
-        .arg(format!("--net={}", file.display()))
-        .args(["ip", "link", "set", "lo", "up"])
-        .output()
-        .expect("unshare");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    file
-}
-
-fn drop_network(file: &Path) {
-    nix::mount::umount2(file, nix::mount::MntFlags::MNT_DETACH).expect("unmount netns");
-    fs::remove_file(file).expect("remove netns file");
+    network_with_loopback(&c.dir().join(format!("netns-{name}"))).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn run(
@@ -196,7 +150,16 @@ fn exec(c: &Containerd, id: &str, exec_id: &str, script: &str) -> Result<String,
 fn ask(c: &Containerd, id: &str, exec_id: &str) -> Result<String, String> {
     let out = c
         .ctr()
-        .args(["tasks", "exec", "--exec-id", exec_id, id, "bash", "-c", GET])
+        .args([
+            "tasks",
+            "exec",
+            "--exec-id",
+            exec_id,
+            id,
+            "bash",
+            "-c",
+            PY_SERVICE_GET,
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("ctr exec");
@@ -290,7 +253,7 @@ fn python_service_from_a_template(v: ContainerdVersion) {
         "tpl",
         Some(&tpl_net),
         &[(CAPTURE, "py"), (READY_FILE, "/ready")],
-        &["python3", "-c", SERVICE],
+        &["python3", "-c", PY_SERVICE],
     );
     let kept = wait_template(c, "py", Duration::from_secs(90));
     eprintln!("captured after {:?}", started.elapsed());
@@ -302,6 +265,10 @@ fn python_service_from_a_template(v: ContainerdVersion) {
     // The captured container runs on, and is the one every copy will answer as.
     let original = ask(c, "tpl", "a0").expect("the captured service answers");
     assert!(original.contains("entries=200000"), "{original}");
+    // The same answer from the host, through the container's network namespace.
+    let from_host = get_in_network(&tpl_net, PY_SERVICE_PORT, Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("GET from the host: {e}"));
+    assert_eq!(from_host.trim(), original);
 
     // Five copies at once, each in a network namespace of its own, each asked right after
     // `ctr run` returns: no retry.
@@ -321,7 +288,7 @@ fn python_service_from_a_template(v: ContainerdVersion) {
                         id,
                         Some(net),
                         &[(RESTORE_FROM, "py")],
-                        &["python3", "-c", SERVICE],
+                        &["python3", "-c", PY_SERVICE],
                     );
                     let answer = ask(c, id, "a1");
                     (id.clone(), t.elapsed(), answer)
@@ -401,7 +368,7 @@ fn python_service_from_a_template(v: ContainerdVersion) {
         remove(c, id);
     }
     for net in networks.iter().chain([&tpl_net]) {
-        drop_network(net);
+        remove_network(net).unwrap_or_else(|e| panic!("{e}"));
     }
     let out = templates(c, &["remove", "py"]);
     assert!(
