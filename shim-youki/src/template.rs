@@ -175,6 +175,20 @@ pub fn disk_usage(path: &Path) -> u64 {
     total
 }
 
+/// fsync(2) of every file and directory under `path` (not the whole filesystem, as syncfs
+/// would: a busy host may have much else to write).
+fn sync_tree(path: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            sync_tree(&entry?.path())?;
+        }
+    } else if !meta.is_file() {
+        return Ok(());
+    }
+    fs::File::open(path)?.sync_all()
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -355,10 +369,7 @@ impl Store {
         )
         .map_err(|e| failed(format!("cannot write {}: {e}", file.display())))?;
         // Whole on disk before it is visible under its name.
-        let dir = fs::File::open(tmp)
-            .map_err(|e| failed(format!("cannot open {}: {e}", tmp.display())))?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
-            .map_err(|e| failed(format!("cannot sync {}: {e}", tmp.display())))?;
+        sync_tree(tmp).map_err(|e| failed(format!("cannot sync {}: {e}", tmp.display())))?;
         let _ = fs::remove_dir_all(&log_dir);
         Ok(())
     }
