@@ -28,6 +28,12 @@ pub const READY_DELAY: &str = "io.hyperbox.template.ready-delay";
 pub const TIMEOUT: &str = "io.hyperbox.template.timeout";
 /// Restore this container from the template of this name.
 pub const RESTORE_FROM: &str = "io.hyperbox.restore-from";
+/// In a Kubernetes pod (whose annotations reach every container), the one container the
+/// template annotations are for, by name; without it, every container but the sandbox's.
+pub const CONTAINER: &str = "io.hyperbox.template.container";
+/// CRI's annotations: the kind of container (`sandbox` or `container`) and its name.
+const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+const CRI_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -127,6 +133,16 @@ impl TemplatePlan {
     /// What `annotations` (a spec's) ask for, checked.
     pub fn from_annotations(annotations: &HashMap<String, String>) -> Result<Self, EngineError> {
         let get = |k: &str| annotations.get(k).map(String::as_str);
+        // A pod's annotations reach its sandbox (pause) container too, and all its
+        // containers: the templates are for the one named, else for every container.
+        if get(CRI_CONTAINER_TYPE) == Some("sandbox") {
+            return Ok(TemplatePlan::default());
+        }
+        if let (Some(wanted), Some(name)) = (get(CONTAINER), get(CRI_CONTAINER_NAME)) {
+            if wanted != name {
+                return Ok(TemplatePlan::default());
+            }
+        }
         let restore_from = match get(RESTORE_FROM) {
             Some(name) => {
                 check_name(name).map_err(|e| invalid(format!("{RESTORE_FROM}: {e}")))?;
@@ -311,6 +327,21 @@ mod tests {
         );
         let p = plan(&[(RESTORE_FROM, "py")]).unwrap();
         assert_eq!(p.restore_from.as_deref(), Some("py"));
+        // In a pod: never the sandbox; only the container named, when one is.
+        let pod = [(RESTORE_FROM, "py"), (CONTAINER, "web")];
+        for (kind, name, applies) in [
+            ("sandbox", "", false),
+            ("container", "web", true),
+            ("container", "sidecar", false),
+        ] {
+            let mut a = pod.to_vec();
+            a.extend([(CRI_CONTAINER_TYPE, kind), (CRI_CONTAINER_NAME, name)]);
+            assert_eq!(
+                plan(&a).unwrap().restore_from.is_some(),
+                applies,
+                "{kind} {name}"
+            );
+        }
 
         for (bad, says) in [
             (vec![(CAPTURE, "py")], "needs a readiness condition"),
