@@ -65,6 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let ms = run_hello(c, &image, HYPERBOX_RUNTIME, "demo-hyperbox")?;
         println!("    ctr run --rm took {ms} ms");
         running_task(c, &image)?;
+        template(c, &image)?;
     } else {
         step("io.containerd.hyperbox.v1 is not built: `cargo build --workspace` adds it");
     }
@@ -105,6 +106,74 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     step("tearing everything down");
     bed.teardown().context("teardown")?;
     println!("    done: no process, mount, cgroup or directory left behind");
+    Ok(())
+}
+
+/// A counter captured as a template once ready, and copies started from it, each going on
+/// from where the template was rather than from 1.
+fn template(c: &Containerd, image: &str) -> anyhow::Result<()> {
+    step("a template: a counter captured 1 s after it starts, three containers started from it");
+    // Written aside and renamed, so that a read never sees it half written.
+    let counter =
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/m; mv /tmp/m /tmp/n; sleep 0.1; done";
+    let t = Instant::now();
+    c.ctr_run(&[
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        HYPERBOX_RUNTIME,
+        "--annotation",
+        "io.hyperbox.template.capture=demo-counter",
+        "--annotation",
+        "io.hyperbox.template.ready-delay=1s",
+        image,
+        "demo-template",
+        "sh",
+        "-c",
+        counter,
+    ])?;
+    let record = c
+        .template_root()
+        .join(c.namespace())
+        .join("demo-counter/template.json");
+    while !record.exists() {
+        anyhow::ensure!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "no template after 30 s:\n{}",
+            c.log_tail(20)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    println!(
+        "    template demo-counter kept after {} ms",
+        t.elapsed().as_millis()
+    );
+    for n in 1..=3 {
+        let id = format!("demo-copy{n}");
+        let t = Instant::now();
+        c.ctr_run(&[
+            "run",
+            "-d",
+            "--null-io",
+            "--runtime",
+            HYPERBOX_RUNTIME,
+            "--annotation",
+            "io.hyperbox.restore-from=demo-counter",
+            image,
+            &id,
+            "sh",
+            "-c",
+            counter,
+        ])?;
+        let ms = t.elapsed().as_millis();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let at = c.ctr_stdout(&["tasks", "exec", "--exec-id", "n", &id, "cat", "/tmp/n"])?;
+        println!(
+            "    {id}: ctr run -d took {ms} ms; 300 ms later its counter is at {}",
+            at.trim()
+        );
+    }
     Ok(())
 }
 
