@@ -22,6 +22,7 @@ use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
 use hyperbox_integration::pty::{run_in_pty, run_in_pty_when};
 use hyperbox_integration::sandbox::{Footprint, Sandbox};
+use hyperbox_shim_core::template;
 
 const RUNTIME: &str = "io.containerd.hyperbox.v1";
 const RUNC: &str = "io.containerd.runc.v2";
@@ -463,6 +464,39 @@ fn config_snippets_agree() {
         assert_eq!(value("name").as_deref(), Some(handler));
         assert_eq!(value("handler").as_deref(), Some(handler), "{yaml}");
     }
+
+    // templates-pods.yaml: only annotations the shim knows, one template captured and
+    // restored, through the RuntimeClass above.
+    let yaml = fs::read_to_string(config_file("templates-pods.yaml")).unwrap();
+    let pairs: Vec<(&str, &str)> = yaml
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.trim().split_once(':'))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    let known = [
+        template::CAPTURE,
+        template::READY_FILE,
+        template::READY_DELAY,
+        template::TIMEOUT,
+        template::RESTORE_FROM,
+        template::CONTAINER,
+    ];
+    let ours: Vec<&(&str, &str)> = pairs
+        .iter()
+        .filter(|(k, _)| k.starts_with("io.hyperbox."))
+        .collect();
+    assert!(ours.iter().all(|(k, _)| known.contains(k)), "{ours:?}");
+    let get = |key: &str| ours.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    assert_eq!(get(template::CAPTURE), get(template::RESTORE_FROM));
+    assert!(get(template::CAPTURE).is_some());
+    assert_eq!(
+        pairs
+            .iter()
+            .filter(|(k, v)| *k == "runtimeClassName" && *v == HYPERBOX_RUNTIME)
+            .count(),
+        2
+    );
 }
 
 /// containerd itself reads config/containerd-runtime.toml: `containerd config dump` of a
