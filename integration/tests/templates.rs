@@ -326,6 +326,14 @@ fn python_service_from_a_template(v: ContainerdVersion) {
     for id in &copies {
         exec(c, id, "w", &format!("echo {id} > /owner && test -e /ready"))
             .unwrap_or_else(|e| panic!("{e}"));
+        // Masked directories are still empty and read-only (an empty tmpfs of the restore).
+        exec(
+            c,
+            id,
+            "m",
+            "! touch /sys/firmware/x 2>/dev/null && test -z \"$(ls -A /sys/firmware)\"",
+        )
+        .unwrap_or_else(|e| panic!("/sys/firmware is not masked: {e}"));
     }
     for id in &copies {
         let owner = exec(c, id, "r", "cat /owner").unwrap_or_else(|e| panic!("{e}"));
