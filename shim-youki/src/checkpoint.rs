@@ -406,6 +406,14 @@ fn namespace_path(spec: &Spec, t: LinuxNamespaceType) -> Option<PathBuf> {
         .clone()
 }
 
+/// Whether the spec gives the container a namespace of type `t` (new or joined).
+fn namespace_in(spec: &Spec, t: LinuxNamespaceType) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| ns.iter().any(|n| n.typ() == t))
+}
+
 fn ns_name(t: LinuxNamespaceType) -> &'static str {
     match t {
         LinuxNamespaceType::Network => "net",
@@ -641,7 +649,13 @@ fn run_restore(
     opts.set_log_level(LOG_LEVEL);
     opts.set_root(criu_root.to_string_lossy().into_owned());
     opts.set_evasive_devices(true);
-    opts.set_manage_cgroups(true);
+    // CRIU runs in the container's cgroup (see `started` below), so the restored processes,
+    // its children, are born there. CRIU's own cgroup restore (a yard of every hierarchy
+    // mounted, the images' cgroups re-rooted under the new one) is needed only to give them a
+    // cgroup namespace rooted there: without one in the spec it is skipped, which takes a
+    // mount per hierarchy off each restore.
+    let manage_cgroups = namespace_in(oci, LinuxNamespaceType::Cgroup);
+    opts.set_manage_cgroups(manage_cgroups);
     opts.set_shell_job(meta.shell_job);
     opts.set_tcp_established(meta.tcp_established);
     opts.set_ext_unix_sk(meta.ext_unix_sk);
@@ -770,7 +784,12 @@ fn run_restore(
     let answer = criu.call(&mut req, &inherit, |criu_pid, req| {
         started(criu_pid)?;
         let mut opts = opts.take().expect("called once");
-        for (ctrl, path) in cgroup_roots(criu_pid.as_raw())? {
+        let roots = if manage_cgroups {
+            cgroup_roots(criu_pid.as_raw())?
+        } else {
+            Vec::new()
+        };
+        for (ctrl, path) in roots {
             let mut root = rpc::Cgroup_root::new();
             if !ctrl.is_empty() {
                 root.set_ctrl(ctrl);
