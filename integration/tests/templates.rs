@@ -371,6 +371,15 @@ fn python_service_from_a_template(v: ContainerdVersion) {
         .is_some_and(|s| s.starts_with('4')));
     eprintln!("template size: {} bytes", record["bytes"]);
 
+    // The template is a layer of the copies' root filesystems: it cannot be removed under them.
+    let out = templates(c, &["remove", "py"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("is a layer of 5 running"),
+        "{said}"
+    );
+    assert!(kept.join("template.json").is_file());
+
     // Killed and deleted cleanly, copies and original alike; the template stays for more.
     for id in copies.iter().map(String::as_str).chain(["tpl"]) {
         remove(c, id);
@@ -490,15 +499,35 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
     );
     wait_template(c, "count", Duration::from_secs(30));
     let at_capture = counter(c, "orig");
+    // A copy captured in turn (1.5 s after it starts, after the write below): its template has
+    // the first one's changes and its own.
     run_ok(
         c,
         &image,
         "copy",
-        &[(RESTORE_FROM, "count")],
+        &[
+            (RESTORE_FROM, "count"),
+            (CAPTURE, "count2"),
+            (READY_DELAY, "1500ms"),
+        ],
         &["sh", "-c", COUNTER],
     );
     counter_passes(c, "copy", at_capture);
-    remove(c, "copy");
+    exec(c, "copy", "w", "echo copy > /mark").unwrap_or_else(|e| panic!("{e}"));
+    wait_template(c, "count2", Duration::from_secs(30));
+    run_ok(
+        c,
+        &image,
+        "copy2",
+        &[(RESTORE_FROM, "count2")],
+        &["sh", "-c", COUNTER],
+    );
+    counter_passes(c, "copy2", at_capture);
+    let mark = exec(c, "copy2", "r", "cat /mark; test -e /tmp/n").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mark.trim(), "copy");
+    for id in ["copy", "copy2"] {
+        remove(c, id);
+    }
 
     // Missing, damaged, from another CRIU, from another image, and with spoiled images.
     refused(
@@ -607,7 +636,7 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
     let out = templates(
         c,
         &[
-            "remove", "count", "damaged", "old", "spoiled", "ghost", "late",
+            "remove", "count", "count2", "damaged", "old", "spoiled", "ghost", "late",
         ],
     );
     assert!(

@@ -21,6 +21,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -159,6 +160,153 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), EngineError> {
         )));
     }
     Ok(())
+}
+
+/// In a bundle restored from a template: the template's rootfs layer it mounted.
+const LAYER_FILE: &str = "hyperbox-template-layer";
+
+/// What a restore from a template needs: CRIU's images, the rootfs mounts with the template's
+/// layer, and the hold that keeps the template from removal until they are mounted.
+#[derive(Debug)]
+pub struct PreparedRestore {
+    pub spec: RestoreSpec,
+    pub mounts: Vec<RootfsMount>,
+    pub hold: Hold,
+}
+
+/// A `flock(2)` on a template's directory: shared while a restore mounts it, exclusive while
+/// it is removed. Released when dropped.
+#[derive(Debug)]
+pub struct Hold {
+    _dir: fs::File,
+}
+
+impl Hold {
+    fn take(path: &Path, how: libc::c_int, what: &str) -> Result<Hold, EngineError> {
+        let dir = fs::File::open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => {
+                EngineError::NotFound(format!("template {} does not exist", path.display()))
+            }
+            _ => failed(format!("cannot open {}: {e}", path.display())),
+        })?;
+        // SAFETY: flock on an fd this function owns.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir), how) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(failed(format!("cannot {what} {}: {e}", path.display())));
+        }
+        Ok(Hold { _dir: dir })
+    }
+
+    fn shared(path: &Path) -> Result<Hold, EngineError> {
+        match Self::take(path, libc::LOCK_SH, "hold") {
+            // Nothing to hold: the check that follows says the template does not exist.
+            Err(EngineError::NotFound(_)) => Ok(Hold {
+                _dir: fs::File::open("/").map_err(|e| failed(format!("cannot open /: {e}")))?,
+            }),
+            other => other,
+        }
+    }
+
+    fn exclusive(path: &Path) -> Result<Hold, EngineError> {
+        Self::take(
+            path,
+            libc::LOCK_EX | libc::LOCK_NB,
+            "lock (a restore is using it)",
+        )
+    }
+}
+
+/// The mount points of overlays (in this mount namespace, the host's and the shims') that
+/// have `layer` as a lower directory.
+fn overlays_using(layer: &Path) -> Vec<PathBuf> {
+    let wanted = layer.to_string_lossy();
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mut fields = right.split(' ');
+            let (fstype, _source, options) = (fields.next()?, fields.next()?, fields.next()?);
+            let lower = options
+                .split(',')
+                .find_map(|o| o.strip_prefix("lowerdir="))?;
+            (fstype == "overlay" && lower.split(':').any(|d| d == wanted))
+                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap_or_default()))
+        })
+        .collect()
+}
+
+/// Puts the overlay upper directory `upper` over the layer `dest` (a copy of a lower layer),
+/// as the overlay showed them: what `upper` deletes (whiteouts), hides (opaque directories)
+/// or replaces goes first, then its entries are copied in. `dest` stays a layer: whiteouts
+/// and opaque directories are kept, for the image layers below.
+fn squash(upper: &Path, dest: &Path) -> Result<(), EngineError> {
+    clear_for(upper, dest).map_err(|e| {
+        failed(format!(
+            "cannot put {} over {}: {e}",
+            upper.display(),
+            dest.display()
+        ))
+    })?;
+    let out = Command::new("cp")
+        .args(["-a", "--"])
+        .arg(upper.join("."))
+        .arg(dest)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| failed(format!("cannot run cp: {e}")))?;
+    if !out.status.success() {
+        return Err(failed(format!(
+            "cannot copy {} over {}: {}",
+            upper.display(),
+            dest.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes from `dest` what the entries of the upper directory `upper` replace.
+fn clear_for(upper: &Path, dest: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(upper)? {
+        let entry = entry?;
+        let target = dest.join(entry.file_name());
+        let Ok(existing) = fs::symlink_metadata(&target) else {
+            continue;
+        };
+        let meta = entry.metadata()?;
+        let remove = |t: &Path| {
+            if existing.is_dir() {
+                fs::remove_dir_all(t)
+            } else {
+                fs::remove_file(t)
+            }
+        };
+        if meta.is_dir() && existing.is_dir() && !is_opaque(&entry.path()) {
+            clear_for(&entry.path(), &target)?;
+        } else {
+            remove(&target)?;
+        }
+    }
+    Ok(())
+}
+
+/// An overlay opaque directory: `trusted.overlay.opaque` is `y`.
+fn is_opaque(dir: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut value = [0u8; 2];
+    // SAFETY: lgetxattr writes at most `value.len()` bytes into `value`.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    n == 1 && value[0] == b'y'
 }
 
 /// Bytes on disk under `path`, links not followed.
@@ -340,7 +488,17 @@ impl Store {
         criu: &Criu,
         tmp: &Path,
     ) -> Result<(), EngineError> {
-        copy_tree(&overlay.upper, &tmp.join(ROOTFS))?;
+        // A container restored from a template has that template's changes as a layer of
+        // its own: the new template's rootfs is that layer with the upper directory over it.
+        let rootfs = tmp.join(ROOTFS);
+        match fs::read(bundle.join(LAYER_FILE)) {
+            Ok(layer) => {
+                let layer = PathBuf::from(std::ffi::OsString::from_vec(layer));
+                copy_tree(&layer, &rootfs)?;
+                squash(&overlay.upper, &rootfs)?;
+            }
+            Err(_) => copy_tree(&overlay.upper, &rootfs)?,
+        }
         let log_dir = self.log_dir(&spec.name);
         let _ = fs::remove_dir_all(&log_dir);
         checkpoint::dump(
@@ -444,27 +602,47 @@ impl Store {
         Ok(record)
     }
 
-    /// Prepares container `id` to restore from template `name`: checks the template, puts its
-    /// rootfs changes into the container's overlay (before that is mounted), and says where
-    /// the images are.
+    /// Prepares container `id` to restore from template `name`: checks the template, and
+    /// gives the container's rootfs mounts with the template's changes as the top lower layer
+    /// of its overlay (nothing is copied, whatever their size), where its images are, and a
+    /// shared hold on the template to keep until the rootfs is mounted. The bundle records
+    /// the layer, for a capture of the restored container.
     pub fn prepare_restore(
         &self,
         name: &str,
         id: &str,
         bundle: &Path,
         mounts: &[RootfsMount],
-    ) -> Result<RestoreSpec, EngineError> {
-        self.check(name, mounts, bundle)?;
-        let overlay = overlay_of(mounts).map_err(EngineError::Unsupported)?;
+    ) -> Result<PreparedRestore, EngineError> {
         let path = self.path(name);
-        copy_tree(&path.join(ROOTFS), &overlay.upper).map_err(|e| {
+        let hold = Hold::shared(&path)?;
+        self.check(name, mounts, bundle)?;
+        let layer = path.join(ROOTFS);
+        let mut mounts = mounts.to_vec();
+        let lower = mounts[0]
+            .options
+            .iter_mut()
+            .find(|o| o.starts_with("lowerdir="))
+            .expect("checked: an overlay with lower directories");
+        *lower = format!(
+            "lowerdir={}:{}",
+            layer.display(),
+            &lower["lowerdir=".len()..]
+        );
+        let record = bundle.join(LAYER_FILE);
+        fs::write(&record, layer.as_os_str().as_encoded_bytes()).map_err(|e| {
             failed(format!(
-                "cannot restore container {id} from template {name}: {e}"
+                "cannot restore container {id} from template {name}: cannot write {}: {e}",
+                record.display()
             ))
         })?;
-        Ok(RestoreSpec {
-            image_dir: path.join(IMAGES),
-            work_dir: Some(bundle.join("criu-work")),
+        Ok(PreparedRestore {
+            spec: RestoreSpec {
+                image_dir: path.join(IMAGES),
+                work_dir: Some(bundle.join("criu-work")),
+            },
+            mounts,
+            hold,
         })
     }
 
@@ -517,6 +695,21 @@ impl Store {
         if !path.exists() {
             return Ok(removed);
         }
+        // Not while a restore is mounting it, nor while an overlay has it as a layer.
+        let _hold = Hold::exclusive(&path)?;
+        let users = overlays_using(&path.join(ROOTFS));
+        if !users.is_empty() {
+            return Err(EngineError::Unsupported(format!(
+                "template {name} is a layer of {} running container(s) (rootfs {}): remove \
+                 them first",
+                users.len(),
+                users
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         // Out of sight at once, then removed: a restore sees the template whole or not at all.
         let doomed = self
             .dir
@@ -560,6 +753,7 @@ pub fn io_error(e: EngineError) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     fn overlay(options: &[&str]) -> Vec<RootfsMount> {
         vec![RootfsMount {
@@ -591,6 +785,102 @@ mod tests {
         assert!(e.contains("writable overlay"), "{e}");
         let e = overlay_of(&[]).unwrap_err();
         assert!(e.contains("0 mounts"), "{e}");
+    }
+
+    fn set_opaque(dir: &Path) {
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: setxattr reads the name and one byte of value.
+        let rc = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                b"y".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    }
+
+    #[test]
+    fn an_upper_dir_squashed_over_a_layer_is_what_the_overlay_showed() {
+        let root = std::env::temp_dir().join(format!("hb-squash-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let (layer, upper, dest) = (root.join("layer"), root.join("upper"), root.join("dest"));
+        for d in ["a", "gone", "hidden", "file-then-dir"] {
+            fs::create_dir_all(layer.join(d)).unwrap();
+        }
+        fs::write(layer.join("a/kept"), "layer").unwrap();
+        fs::write(layer.join("a/changed"), "layer").unwrap();
+        fs::write(layer.join("gone/x"), "layer").unwrap();
+        fs::write(layer.join("hidden/x"), "layer").unwrap();
+        fs::write(layer.join("dir-then-file"), "layer").unwrap();
+        fs::create_dir_all(upper.join("a")).unwrap();
+        fs::write(upper.join("a/changed"), "upper").unwrap();
+        fs::write(upper.join("a/new"), "upper").unwrap();
+        nix::sys::stat::mknod(
+            &upper.join("gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .unwrap();
+        fs::create_dir_all(upper.join("hidden")).unwrap();
+        set_opaque(&upper.join("hidden"));
+        fs::write(upper.join("hidden/y"), "upper").unwrap();
+        fs::write(upper.join("file-then-dir"), "upper").unwrap();
+        fs::create_dir_all(upper.join("dir-then-file")).unwrap();
+
+        copy_tree(&layer, &dest).unwrap();
+        squash(&upper, &dest).unwrap();
+        let read = |p: &str| fs::read_to_string(dest.join(p)).ok();
+        assert_eq!(read("a/kept").as_deref(), Some("layer"));
+        assert_eq!(read("a/changed").as_deref(), Some("upper"));
+        assert_eq!(read("a/new").as_deref(), Some("upper"));
+        let gone = fs::symlink_metadata(dest.join("gone")).unwrap();
+        assert!(
+            gone.file_type().is_char_device() && gone.rdev() == 0,
+            "a whiteout is kept"
+        );
+        assert!(
+            !dest.join("hidden/x").exists(),
+            "an opaque directory hides the layer's"
+        );
+        assert_eq!(read("hidden/y").as_deref(), Some("upper"));
+        assert!(is_opaque(&dest.join("hidden")));
+        assert_eq!(read("file-then-dir").as_deref(), Some("upper"));
+        assert!(dest.join("dir-then-file").is_dir());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_layer_in_use_by_an_overlay_is_found() {
+        let root = std::env::temp_dir().join(format!("hb-in-use-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for d in ["layer", "base", "upper", "work", "merged"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let layer = root.join("layer");
+        assert!(overlays_using(&layer).is_empty());
+        let options = format!(
+            "lowerdir={}:{},upperdir={},workdir={}",
+            layer.display(),
+            root.join("base").display(),
+            root.join("upper").display(),
+            root.join("work").display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &root.join("merged"),
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .unwrap();
+        let users = overlays_using(&layer);
+        nix::mount::umount2(&root.join("merged"), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        assert_eq!(users, [root.join("merged")]);
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -423,15 +423,18 @@ fn restore_container(
     let streams = RestoreStdio {
         streams: [next(stdio.stdin), next(stdio.stdout), next(stdio.stderr)],
     };
-    // A template's rootfs changes go into the new container's overlay before it is mounted.
-    let from = match from {
-        RestoreFrom::Checkpoint(spec) => spec.clone(),
+    // A template's rootfs changes are a layer of the new container's overlay, over the image's:
+    // the template is held (shared) until the rootfs is mounted, so that it cannot be removed
+    // in between (a removal refuses a template an overlay uses).
+    let (from, mounts, _hold) = match from {
+        RestoreFrom::Checkpoint(spec) => (spec.clone(), mounts.to_vec(), None),
         RestoreFrom::Template(name) => {
-            Store::new(namespace)?.prepare_restore(name, id, bundle, mounts)?
+            let prepared = Store::new(namespace)?.prepare_restore(name, id, bundle, mounts)?;
+            (prepared.spec, prepared.mounts, Some(prepared.hold))
         }
     };
     let from = &from;
-    rootfs::mount_all(mounts, &bundle.join("rootfs")).map_err(EngineError::Failed)?;
+    rootfs::mount_all(&mounts, &bundle.join("rootfs")).map_err(EngineError::Failed)?;
     fs::create_dir_all(root).map_err(|e| {
         EngineError::Failed(format!("cannot create state dir {}: {e}", root.display()))
     })?;
