@@ -42,10 +42,14 @@ const RESTORE_LOG: &str = "restore.log";
 const CRIU_ROOT: &str = "criu-root";
 /// The external name of masked directories in a dump. CRIU would otherwise archive each as
 /// a tmpfs and extract it on restore, running `tar` twice for an empty directory; a restore
-/// binds one empty read-only tmpfs of its own there instead (see [`EmptyDir`]).
+/// binds one empty read-only tmpfs of its own there instead (see [`FreshTmpfs`]).
 const MASKED_DIR: &str = "hyperbox-masked-dir";
 /// Where a restore mounts that tmpfs, in the container's state directory.
 const MASKED_MOUNT: &str = "masked";
+/// The external name of an empty tmpfs mount of the spec (`/dev/shm`, `/run`) in a dump of a
+/// frozen container, followed by its destination: CRIU would archive and extract it with
+/// `tar`; a restore mounts a new one, as the new spec says, for CRIU to bind there.
+const EMPTY_TMPFS: &str = "hyperbox-empty-tmpfs:";
 /// CRIU's log level: 4 is what runc uses (debug).
 const LOG_LEVEL: i32 = 4;
 
@@ -70,6 +74,10 @@ struct Metadata {
     /// named [`MASKED_DIR`], not as tmpfs contents.
     #[serde(default)]
     masked_dirs: bool,
+    /// tmpfs mounts of the spec that were empty, dumped as external mounts named
+    /// `EMPTY_TMPFS` + destination; a restore binds a new tmpfs of the new spec there.
+    #[serde(default)]
+    empty_tmpfs: Vec<String>,
 }
 
 fn failed(e: impl std::fmt::Display) -> EngineError {
@@ -193,6 +201,30 @@ fn freezer_dir(cgroup_path: &Path) -> Result<PathBuf, EngineError> {
                 .join(relative),
         ),
     }
+}
+
+/// Whether the freezer cgroup at `dir` is frozen (v1 `freezer.state`, v2 `cgroup.freeze`).
+fn is_frozen(dir: &Path) -> bool {
+    let v1 = fs::read_to_string(dir.join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN");
+    v1 || fs::read_to_string(dir.join("cgroup.freeze")).is_ok_and(|s| s.trim() == "1")
+}
+
+/// The destinations of the spec's tmpfs mounts (but `/dev`, which holds the device nodes)
+/// that are empty mount points in the container whose init is `pid`.
+fn empty_tmpfs_mounts(spec: &Spec, pid: i32) -> Vec<String> {
+    spec.mounts()
+        .iter()
+        .flatten()
+        .filter(|m| m.typ().as_deref() == Some("tmpfs") && m.destination() != Path::new("/dev"))
+        .filter_map(|m| {
+            let dest = m.destination().to_string_lossy().into_owned();
+            let inside = PathBuf::from(format!("/proc/{pid}/root{dest}"));
+            let dev = fs::metadata(&inside).ok().filter(|i| i.is_dir())?.dev();
+            let parent = fs::metadata(inside.parent()?).ok()?.dev();
+            let empty = fs::read_dir(&inside).ok()?.next().is_none();
+            (dev != parent && empty).then_some(dest)
+        })
+        .collect()
 }
 
 /// A standard stream from outside the container, as CRIU knows it.
@@ -327,6 +359,14 @@ pub fn dump(c: &Container, bundle: &Path, spec: &CheckpointSpec) -> Result<(), E
         if parent_dev.is_some_and(|d| d != info.dev()) {
             opts.ext_mnt.push(ext_mount(&path, MASKED_DIR));
             meta.masked_dirs = true;
+        }
+    }
+    // Frozen, nothing can write to an empty tmpfs before CRIU has seen it.
+    if is_frozen(&freezer_dir(&cgroup_path)?) {
+        for dest in empty_tmpfs_mounts(&oci, pid) {
+            opts.ext_mnt
+                .push(ext_mount(&dest, &format!("{EMPTY_TMPFS}{dest}")));
+            meta.empty_tmpfs.push(dest);
         }
     }
     for ns in [LinuxNamespaceType::Network, LinuxNamespaceType::Pid] {
@@ -466,38 +506,33 @@ impl Drop for Undo<'_> {
     }
 }
 
-/// An empty read-only tmpfs, mounted for CRIU to bind at the masked directories of a restored
-/// container (read-only in its superblock, so that no bind of it is writable), and unmounted
-/// when dropped: the container keeps its binds.
-struct EmptyDir {
+/// A new tmpfs, mounted for CRIU to bind into a restored container in place of an external
+/// mount (its masked directories: read-only in the superblock, so that no bind of it is
+/// writable; its empty tmpfs mounts, as the spec mounts them), and unmounted when dropped:
+/// the container keeps its binds.
+struct FreshTmpfs {
     path: PathBuf,
 }
 
-impl EmptyDir {
-    fn mount(path: &Path) -> Result<EmptyDir, EngineError> {
+impl FreshTmpfs {
+    fn mount(path: &Path, flags: MsFlags, data: &str) -> Result<FreshTmpfs, EngineError> {
         fs::create_dir(path)
             .map_err(|e| failed(format!("cannot create {}: {e}", path.display())))?;
-        let mounted = mount(
-            Some("tmpfs"),
-            path,
-            Some("tmpfs"),
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            Some("size=4k,mode=0555"),
-        );
-        if let Err(e) = mounted {
+        let data = (!data.is_empty()).then_some(data);
+        if let Err(e) = mount(Some("tmpfs"), path, Some("tmpfs"), flags, data) {
             let _ = fs::remove_dir(path);
             return Err(failed(format!(
-                "cannot mount an empty tmpfs at {}: {e}",
+                "cannot mount a tmpfs at {}: {e}",
                 path.display()
             )));
         }
-        Ok(EmptyDir {
+        Ok(FreshTmpfs {
             path: path.to_path_buf(),
         })
     }
 }
 
-impl Drop for EmptyDir {
+impl Drop for FreshTmpfs {
     fn drop(&mut self) {
         let _ = umount2(&self.path, MntFlags::MNT_DETACH);
         let _ = fs::remove_dir(&self.path);
@@ -571,6 +606,31 @@ pub fn restore(
     let rootfs = rootfs_of(bundle, &oci);
     prepare_mountpoints(&oci, &rootfs);
     // CRIU's root must be a mount point whose parent is not overmounted: a bind of the rootfs.
+    // The tmpfs mounts CRIU binds in place of external ones: dropped (unmounted here) once it
+    // is done, the container keeping its binds.
+    let mut fresh: Vec<(String, FreshTmpfs)> = Vec::new();
+    if meta.masked_dirs {
+        let flags =
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        let dir = FreshTmpfs::mount(&state_dir.join(MASKED_MOUNT), flags, "size=4k,mode=0555")?;
+        fresh.push((MASKED_DIR.to_string(), dir));
+    }
+    for (i, dest) in meta.empty_tmpfs.iter().enumerate() {
+        let m = oci
+            .mounts()
+            .iter()
+            .flatten()
+            .find(|m| m.destination() == Path::new(dest) && m.typ().as_deref() == Some("tmpfs"))
+            .ok_or_else(|| {
+                EngineError::InvalidSpec(format!(
+                    "cannot restore container {id}: the checkpoint has a tmpfs at {dest}, its \
+                     spec has none"
+                ))
+            })?;
+        let (flags, data) = crate::rootfs::parse_options(&m.options().clone().unwrap_or_default());
+        let dir = FreshTmpfs::mount(&state_dir.join(format!("tmpfs-{i}")), flags, &data)?;
+        fresh.push((format!("{EMPTY_TMPFS}{dest}"), dir));
+    }
     let criu_root = state_dir.join(CRIU_ROOT);
     fs::create_dir(&criu_root)
         .map_err(|e| failed(format!("cannot create {}: {e}", criu_root.display())))?;
@@ -582,24 +642,10 @@ pub fn restore(
         None::<&str>,
     )
     .map_err(|e| failed(format!("cannot bind {} for CRIU: {e}", rootfs.display())))?;
-    let masked = if meta.masked_dirs {
-        Some(EmptyDir::mount(&state_dir.join(MASKED_MOUNT))?)
-    } else {
-        None
-    };
     let restored = run_restore(
-        id,
-        &criu,
-        &oci,
-        &meta,
-        &images,
-        &work,
-        &criu_root,
-        masked.as_ref().map(|m| m.path.as_path()),
-        stdio,
-        &mut undo,
+        id, &criu, &oci, &meta, &images, &work, &criu_root, &fresh, stdio, &mut undo,
     );
-    drop(masked);
+    drop(fresh);
     let _ = umount2(&criu_root, MntFlags::MNT_DETACH);
     let _ = fs::remove_dir(&criu_root);
     let pid = match restored? {
@@ -638,7 +684,7 @@ fn run_restore(
     images: &fs::File,
     work: &fs::File,
     criu_root: &Path,
-    masked: Option<&Path>,
+    fresh: &[(String, FreshTmpfs)],
     stdio: RestoreStdio,
     undo: &mut Undo<'_>,
 ) -> Result<Result<i32, criu::Refused>, EngineError> {
@@ -673,9 +719,9 @@ fn run_restore(
     if !masked_paths(oci).is_empty() {
         opts.ext_mnt.push(ext_mount("/dev/null", "/dev/null"));
     }
-    if let Some(dir) = masked {
+    for (key, dir) in fresh {
         opts.ext_mnt
-            .push(ext_mount(MASKED_DIR, &dir.to_string_lossy()));
+            .push(ext_mount(key, &dir.path.to_string_lossy()));
     }
 
     // The fds CRIU inherits: the streams at 0-2 (where the images have external ones), then
