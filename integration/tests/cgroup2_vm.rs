@@ -1,6 +1,7 @@
 //! The shims on a pure cgroup v2 host: `scripts/vm-cgroup2` boots Debian's kernel with
 //! `cgroup_no_v1=all` in qemu and runs containerd 1.7 there with runc's shim and ours
-//! (pause/resume, metrics, limits, OOM events, kill --all, exec, run exit codes); this test
+//! (pause/resume, metrics, limits, OOM events, kill --all, exec, run exit codes; CRIU checkpoint,
+//! restore and templates through ours); this test
 //! asserts the guest finished and every `CHECK` line passed. The development hosts are
 //! cgroup hybrid, so this is where the shims' cgroup v2 paths run.
 //!
