@@ -71,6 +71,31 @@ pub fn remove_network(file: &Path) -> Result<(), String> {
     fs::remove_file(file).map_err(|e| format!("cannot remove {}: {e}", file.display()))
 }
 
+/// A TCP connection to `127.0.0.1:PORT` inside the network namespace at `netns`, made from a
+/// thread of this process that enters it, retried until `timeout`; nothing is sent.
+pub fn connect_in_network(netns: &Path, port: u16, timeout: Duration) -> Result<TcpStream, String> {
+    let ns = fs::File::open(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("setns {}: {e}", netns.display()))?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) if std::time::Instant::now() > deadline => {
+                        return Err(format!("connect to {addr} in {}: {e}", netns.display()))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the connecting thread panicked".into()))
+    })
+}
+
 /// One HTTP GET of `127.0.0.1:PORT/` inside the network namespace at `netns`, from a thread
 /// of this process that enters it: the body, or why there is none (yet).
 pub fn get_in_network(netns: &Path, port: u16, timeout: Duration) -> Result<String, String> {

@@ -19,8 +19,8 @@ use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::Footprint;
 use hyperbox_integration::testbed::TestBed;
 use hyperbox_integration::workloads::{
-    get_in_network, network_with_loopback, remove_network, PY_SERVICE, PY_SERVICE_GET,
-    PY_SERVICE_PORT,
+    connect_in_network, get_in_network, network_with_loopback, remove_network, PY_SERVICE,
+    PY_SERVICE_GET, PY_SERVICE_PORT,
 };
 
 const OURS: &str = "io.containerd.hyperbox.v1";
@@ -30,6 +30,9 @@ const READY_FILE: &str = "io.hyperbox.template.ready-file";
 const READY_DELAY: &str = "io.hyperbox.template.ready-delay";
 const TIMEOUT: &str = "io.hyperbox.template.timeout";
 const RESTORE_FROM: &str = "io.hyperbox.restore-from";
+
+/// Listens on 127.0.0.1:8000 and never accepts: a connection stays in its queue.
+const NEVER_ACCEPTS: &str = "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', 8000))\ns.listen(8)\ntime.sleep(100000)\n";
 
 /// Counts up, writing each value to /tmp/n.
 const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done";
@@ -642,13 +645,31 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
     let n = counter(c, "orig");
     counter_passes(c, "orig", n + 2);
 
+    // A client connected but not yet accepted when the service is captured (a readiness
+    // probe, say) stays with the original: the capture does not fail for it.
+    let net = network(c, "probe");
+    run_ok_in(
+        c,
+        &python,
+        "probed",
+        Some(&net),
+        &[(CAPTURE, "probed"), (READY_DELAY, "2s")],
+        &["python3", "-c", NEVER_ACCEPTS],
+    );
+    let pending = connect_in_network(&net, 8000, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail(20)));
+    wait_template(c, "probed", Duration::from_secs(30));
+    drop(pending);
+    remove(c, "probed");
+    remove_network(&net).unwrap_or_else(|e| panic!("{e}"));
+
     for id in ["orig", "ghost", "late"] {
         remove(c, id);
     }
     let out = templates(
         c,
         &[
-            "remove", "count", "count2", "damaged", "old", "spoiled", "ghost", "late",
+            "remove", "count", "count2", "probed", "damaged", "old", "spoiled", "ghost", "late",
         ],
     );
     assert!(

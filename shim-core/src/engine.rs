@@ -82,6 +82,10 @@ pub struct CheckpointSpec {
     pub empty_namespaces: Vec<String>,
     /// CRIU's cgroup mode (`soft`, `full`, `strict`, `ignore`); `None` for CRIU's default.
     pub cgroups_mode: Option<String>,
+    /// Leave out TCP connections not yet accepted (CRIU's `tcp_skip_in_flight`): they stay
+    /// with a container left running, and a restored copy does not get them. Templates.
+    #[serde(default)]
+    pub skip_in_flight: bool,
 }
 
 /// An additional process to run in a running container.

@@ -633,6 +633,8 @@ impl Inner {
             file_locks: options.file_locks,
             empty_namespaces: options.empty_namespaces,
             cgroups_mode: non_empty(options.cgroups_mode),
+            // As runc: a connection waiting to be accepted fails the dump.
+            skip_in_flight: false,
         };
         let started = std::time::Instant::now();
         self.engine

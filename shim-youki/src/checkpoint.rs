@@ -332,6 +332,7 @@ pub fn dump(c: &Container, bundle: &Path, spec: &CheckpointSpec) -> Result<(), E
     opts.set_file_locks(meta.file_locks);
     opts.set_orphan_pts_master(true);
     skip_network_lock(&mut opts, meta.tcp_established);
+    opts.set_tcp_skip_in_flight(spec.skip_in_flight);
     if meta.empty_ns != 0 {
         opts.set_empty_ns(meta.empty_ns);
     }

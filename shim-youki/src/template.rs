@@ -507,6 +507,9 @@ impl Store {
             &CheckpointSpec {
                 image_dir: tmp.join(IMAGES),
                 work_dir: Some(log_dir.clone()),
+                // A client connecting as the service becomes ready (a readiness probe)
+                // stays with the original; copies start without it.
+                skip_in_flight: true,
                 ..Default::default()
             },
         )?;
