@@ -9,6 +9,8 @@
 //!   of containerd;
 //! - [`snapshots`]: hyperbox-snapshotter against overlayfs (pull, run, disk, chunk+hash);
 //! - [`wasm`]: the wasm shim against runc.v2 (warm and cold `ctr run --rm`, memory, kill);
+//! - [`templates`]: starting from a template of the youki shim against starting cold, and
+//!   checkpoint/restore through it against runc.v2's shim;
 //! - [`machine`] and [`report`]: what each report says about where it was measured, and how
 //!   it is printed and saved.
 //!
@@ -22,4 +24,5 @@ pub mod runner;
 pub mod snapshots;
 pub mod stats;
 pub mod task_stats;
+pub mod templates;
 pub mod wasm;

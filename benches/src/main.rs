@@ -44,6 +44,10 @@ enum Cmd {
     /// The wasm shim against runc.v2: warm and cold `ctr run --rm`, memory per container,
     /// time to kill a looping guest.
     Wasm(hyperbox_benches::wasm::WasmArgs),
+    /// Templates of HyperBox's shim: time to ready of a Python service and of busybox httpd,
+    /// cold through runc.v2 and ours and restored from a template through ours; and
+    /// `ctr containers checkpoint`/`restore --live` through ours against runc.v2.
+    Templates(hyperbox_benches::templates::TemplatesArgs),
 }
 
 #[derive(Args)]
@@ -164,6 +168,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Parallel(args) => parallel(args),
         Cmd::Snapshotter(args) => snapshots::run(args, command_line()),
         Cmd::Wasm(args) => hyperbox_benches::wasm::run(args, command_line()),
+        Cmd::Templates(args) => hyperbox_benches::templates::run(args, command_line()),
     }
 }
 
