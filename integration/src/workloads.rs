@@ -71,58 +71,60 @@ pub fn remove_network(file: &Path) -> Result<(), String> {
     fs::remove_file(file).map_err(|e| format!("cannot remove {}: {e}", file.display()))
 }
 
-/// A TCP connection to `127.0.0.1:PORT` inside the network namespace at `netns`, made from a
-/// thread of this process that enters it, retried until `timeout`; nothing is sent.
-pub fn connect_in_network(netns: &Path, port: u16, timeout: Duration) -> Result<TcpStream, String> {
+/// Runs `f` on a thread of this process that has entered the network namespace at `netns`.
+fn in_network<T: Send>(
+    netns: &Path,
+    f: impl FnOnce() -> Result<T, String> + Send,
+) -> Result<T, String> {
     let ns = fs::File::open(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
     std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| format!("setns {}: {e}", netns.display()))?;
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let deadline = std::time::Instant::now() + timeout;
-            loop {
-                match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-                    Ok(stream) => return Ok(stream),
-                    Err(e) if std::time::Instant::now() > deadline => {
-                        return Err(format!("connect to {addr} in {}: {e}", netns.display()))
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
+            f()
         })
         .join()
-        .unwrap_or_else(|_| Err("the connecting thread panicked".into()))
+        .unwrap_or_else(|_| Err("the thread in the network namespace panicked".into()))
     })
 }
 
-/// One HTTP GET of `127.0.0.1:PORT/` inside the network namespace at `netns`, from a thread
-/// of this process that enters it: the body, or why there is none (yet).
+/// A TCP connection to `127.0.0.1:PORT` inside the network namespace at `netns`, retried
+/// until `timeout`; nothing is sent.
+pub fn connect_in_network(netns: &Path, port: u16, timeout: Duration) -> Result<TcpStream, String> {
+    in_network(netns, || {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(stream) => return Ok(stream),
+                Err(e) if std::time::Instant::now() > deadline => {
+                    return Err(format!("connect to {addr} in {}: {e}", netns.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    })
+}
+
+/// One HTTP GET of `127.0.0.1:PORT/` inside the network namespace at `netns`: the body, or
+/// why there is none (yet).
 pub fn get_in_network(netns: &Path, port: u16, timeout: Duration) -> Result<String, String> {
-    let ns = fs::File::open(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("setns {}: {e}", netns.display()))?;
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let mut stream =
-                TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-            stream
-                .set_read_timeout(Some(timeout))
-                .map_err(|e| e.to_string())?;
-            stream
-                .write_all(b"GET / HTTP/1.0\r\n\r\n")
-                .map_err(|e| e.to_string())?;
-            let mut text = String::new();
-            stream
-                .read_to_string(&mut text)
-                .map_err(|e| e.to_string())?;
-            text.split("\r\n\r\n")
-                .nth(1)
-                .map(str::to_string)
-                .ok_or_else(|| format!("no HTTP body in {text:?}"))
-        })
-        .join()
-        .unwrap_or_else(|_| Err("the request thread panicked".into()))
+    in_network(netns, || {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        stream
+            .read_to_string(&mut text)
+            .map_err(|e| e.to_string())?;
+        text.split("\r\n\r\n")
+            .nth(1)
+            .map(str::to_string)
+            .ok_or_else(|| format!("no HTTP body in {text:?}"))
     })
 }

@@ -41,16 +41,6 @@ fn network(c: &Containerd, name: &str) -> PathBuf {
     network_with_loopback(&c.dir().join(format!("netns-{name}"))).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn run(
-    c: &Containerd,
-    image: &str,
-    id: &str,
-    annotations: &[(&str, &str)],
-    cmd: &[&str],
-) -> Output {
-    run_in(c, image, id, None, annotations, cmd)
-}
-
 fn run_in(
     c: &Containerd,
     image: &str,
@@ -78,10 +68,6 @@ fn run_in(
         .stdin(Stdio::null())
         .output()
         .expect("ctr run")
-}
-
-fn run_ok(c: &Containerd, image: &str, id: &str, annotations: &[(&str, &str)], cmd: &[&str]) {
-    run_ok_in(c, image, id, None, annotations, cmd)
 }
 
 fn run_ok_in(
@@ -376,6 +362,13 @@ fn python_service_from_a_template(v: ContainerdVersion) {
     assert!(out.status.success());
     let record: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
     assert_eq!(record["container"], "tpl");
+    assert_eq!(record["image"], image.as_str(), "{record}");
+    assert!(
+        record["image_digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{record}"
+    );
     assert_eq!(record["namespace"], c.namespace());
     assert!(
         record["layers"].as_array().is_some_and(|l| l.len() == 2),
@@ -419,7 +412,7 @@ per_version!(python_service, python_service_from_a_template);
 /// Asserts that `ctr run` of a container annotated so fails saying `says`, and leaves no task,
 /// no state and no cgroup.
 fn refused(c: &Containerd, image: &str, id: &str, annotations: &[(&str, &str)], says: &str) {
-    let out = run(c, image, id, annotations, &["sh", "-c", COUNTER]);
+    let out = run_in(c, image, id, None, annotations, &["sh", "-c", COUNTER]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{id} ran");
     assert!(stderr.contains(says), "{id}: {stderr}");
@@ -505,10 +498,11 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
     refused(c, &image, "b4", &[(RESTORE_FROM, "a/b")], "template name");
 
     // A good template of a counter (its rootfs changes include /tmp/n, which it has open).
-    run_ok(
+    run_ok_in(
         c,
         &image,
         "orig",
+        None,
         &[(CAPTURE, "count"), (READY_DELAY, "300ms")],
         &["sh", "-c", COUNTER],
     );
@@ -516,10 +510,11 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
     let at_capture = counter(c, "orig");
     // A copy captured in turn (1.5 s after it starts, after the write below): its template has
     // the first one's changes and its own.
-    run_ok(
+    run_ok_in(
         c,
         &image,
         "copy",
+        None,
         &[
             (RESTORE_FROM, "count"),
             (CAPTURE, "count2"),
@@ -530,10 +525,11 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
     counter_passes(c, "copy", at_capture);
     exec(c, "copy", "w", "echo copy > /mark").unwrap_or_else(|e| panic!("{e}"));
     wait_template(c, "count2", Duration::from_secs(30));
-    run_ok(
+    run_ok_in(
         c,
         &image,
         "copy2",
+        None,
         &[(RESTORE_FROM, "count2")],
         &["sh", "-c", COUNTER],
     );
@@ -581,7 +577,8 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
         &python,
         "m4",
         &[(RESTORE_FROM, "count")],
-        "captured from another image",
+        // By digest, as containerd has the images.
+        &format!("captured from another image: {image}@sha256:"),
     );
     spoiled_copy(c, "count", "spoiled", |d| {
         fs::write(d.join("images/pstree.img"), b"not a CRIU image").unwrap()
@@ -600,10 +597,11 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
     // Captures that cannot happen are recorded as failed; the container runs on.
     let ghost =
         format!("head -c 3000000 /dev/zero > /tmp/big; exec 3</tmp/big; rm /tmp/big; {COUNTER}");
-    run_ok(
+    run_ok_in(
         c,
         &image,
         "ghost",
+        None,
         &[(CAPTURE, "ghost"), (READY_DELAY, "300ms")],
         &["sh", "-c", &ghost],
     );
@@ -621,10 +619,11 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
     assert!(!store(c).join("ghost").exists(), "a failed capture is kept");
     let n = counter(c, "ghost");
     counter_passes(c, "ghost", n + 2);
-    run_ok(
+    run_ok_in(
         c,
         &image,
         "late",
+        None,
         &[
             (CAPTURE, "late"),
             (READY_FILE, "/never"),

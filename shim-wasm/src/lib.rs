@@ -29,20 +29,12 @@ pub const RUNTIME: &str = "io.containerd.hyperbox-wasm.v1";
 pub fn prepare(ctx: &ShimContext) -> Result<Arc<dyn Engine>, EngineError> {
     let executors = WasmExecutors::new(CompileCache::new(CACHE_DIR));
     let containers = hyperbox_shim_youki::prepare_with(ctx, Box::new(executors))?;
-    let images = containerd_address().map(|a| image::ContentStore::new(a, ctx.namespace.clone()));
+    let images = hyperbox_shim_youki::containerd_address()
+        .map(|a| image::ContentStore::new(a, ctx.namespace.clone()));
     if images.is_none() {
         tracing::warn!("no containerd address (-address): OCI wasm images cannot be read");
     }
     Ok(Arc::new(engine::WasmEngine::new(containers, images)))
-}
-
-/// containerd's gRPC address, from the `-address` flag containerd starts shims with.
-fn containerd_address() -> Option<String> {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    containerd_shim::parse(&args)
-        .ok()
-        .map(|f| f.address)
-        .filter(|a| !a.is_empty())
 }
 
 /// Chooses, in the zygote, how each container runs: a WebAssembly guest is compiled (or

@@ -7,12 +7,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use hyperbox_shim_core::template::{Captured, TemplateCapture};
 use hyperbox_shim_core::{
-    CheckpointSpec, CreateSpec, Engine, EngineError, ExecSpec, ProcessStdio, ShimContext, Spawned,
+    CheckpointSpec, CreateSpec, Engine, EngineError, ExecSpec, ProcessStdio, RestoreFrom,
+    ShimContext, Spawned,
 };
 use nix::unistd::Pid;
 
 use crate::console::ConsoleSocket;
 use crate::executor::{ExecutorFactory, NativeExecutors};
+use crate::image::{containerd_address, ImageRef, Images};
 use crate::wire::{self, Reply, Request, StdioMask};
 use crate::zygote;
 
@@ -27,6 +29,9 @@ pub struct YoukiEngine {
     zygote_pid: Pid,
     /// containerd namespace, joined to a state root given in the runtime options.
     namespace: String,
+    /// containerd's images, asked for what templates record and match; `None` without
+    /// containerd's address.
+    images: Option<Images>,
 }
 
 /// Forks the zygote; called by `hyperbox_shim_core::run` while the process has one thread.
@@ -47,6 +52,7 @@ pub fn prepare_with(
         zygote: Arc::new(Mutex::new(sock)),
         zygote_pid,
         namespace: ctx.namespace.clone(),
+        images: containerd_address().map(|a| Images::new(a, ctx.namespace.clone())),
     }))
 }
 
@@ -95,6 +101,18 @@ impl YoukiEngine {
         }
     }
 
+    /// Container `id`'s image, for a template; `None` (logged) when containerd cannot say.
+    async fn image_of(&self, id: &str) -> Option<ImageRef> {
+        let images = self.images.as_ref()?;
+        match images.of(id).await {
+            Ok(image) => image,
+            Err(e) => {
+                tracing::warn!(id, "the template records no image digest: {e}");
+                None
+            }
+        }
+    }
+
     async fn call_done(&self, req: Request) -> Result<(), EngineError> {
         match self.call(req, Vec::new()).await? {
             Reply::Done => Ok(()),
@@ -117,6 +135,10 @@ impl Engine for YoukiEngine {
                 spec.id
             )));
         }
+        let image = match &spec.restore {
+            Some(RestoreFrom::Template(_)) => self.image_of(&spec.id).await,
+            _ => None,
+        };
         let console = console_socket(&stdio)?;
         let (mask, fds) = split(stdio, console.as_ref());
         let req = Request::Create {
@@ -131,6 +153,7 @@ impl Engine for YoukiEngine {
                 .map(|r| r.join(&self.namespace)),
             no_pivot_root: spec.options.no_pivot_root,
             restore: spec.restore.clone(),
+            image,
         };
         let pid = match self.call(req, fds).await? {
             Reply::Pid(pid) => pid,
@@ -237,6 +260,7 @@ impl Engine for YoukiEngine {
                     id: id.to_string(),
                     bundle: bundle.to_path_buf(),
                     spec: spec.clone(),
+                    image: self.image_of(id).await,
                 },
                 Vec::new(),
             )

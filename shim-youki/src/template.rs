@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 use crate::criu::Criu;
+use crate::image::ImageRef;
 
 /// Where templates are kept unless `HYPERBOX_TEMPLATE_ROOT` names another directory.
 pub const DEFAULT_ROOT: &str = "/var/lib/hyperbox/templates";
@@ -65,9 +66,12 @@ pub struct Record {
     pub shim_version: String,
     /// The snapshots of the image's layers, top first.
     pub layers: Vec<PathBuf>,
-    /// The image's name where the engine annotated it (CRI).
+    /// The image's name: containerd's, else CRI's annotation.
     #[serde(default)]
     pub image: Option<String>,
+    /// The digest of the image's manifest (or index), as containerd has it.
+    #[serde(default)]
+    pub image_digest: Option<String>,
 }
 
 /// One entry of a listing: a template, or a capture of that name that failed.
@@ -431,6 +435,7 @@ impl Store {
         id: &str,
         bundle: &Path,
         spec: &TemplateCapture,
+        image: Option<&ImageRef>,
     ) -> Result<Captured, EngineError> {
         check_name(&spec.name).map_err(EngineError::InvalidSpec)?;
         let overlay = overlay_of(&spec.rootfs)
@@ -450,7 +455,7 @@ impl Store {
             .mode(0o700)
             .create(&tmp)
             .map_err(|e| failed(format!("cannot create {}: {e}", tmp.display())))?;
-        let written = self.write(c, id, bundle, spec, &overlay, &criu, &tmp);
+        let written = self.write(c, id, bundle, spec, image, &overlay, &criu, &tmp);
         if let Err(e) = written {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
@@ -484,6 +489,7 @@ impl Store {
         id: &str,
         bundle: &Path,
         spec: &TemplateCapture,
+        image: Option<&ImageRef>,
         overlay: &Overlay,
         criu: &Criu,
         tmp: &Path,
@@ -521,7 +527,10 @@ impl Store {
             criu_version: criu.version()?,
             shim_version: SHIM_VERSION.to_string(),
             layers: overlay.layers.clone(),
-            image: image_annotation(bundle),
+            image: image
+                .map(|i| i.name.clone())
+                .or_else(|| image_annotation(bundle)),
+            image_digest: image.map(|i| i.digest.clone()),
         };
         let file = tmp.join(RECORD);
         fs::write(
@@ -554,6 +563,7 @@ impl Store {
         name: &str,
         mounts: &[RootfsMount],
         bundle: &Path,
+        image: Option<&ImageRef>,
     ) -> Result<Record, EngineError> {
         let path = self.path(name);
         if !path.is_dir() {
@@ -584,6 +594,17 @@ impl Store {
                 record.criu_version, record.shim_version
             )));
         }
+        if let (Some(theirs), Some(ours)) = (&record.image_digest, image) {
+            if *theirs != ours.digest {
+                return Err(EngineError::InvalidSpec(format!(
+                    "template {name} was captured from another image: {}@{theirs}, this \
+                     container's is {}@{}",
+                    record.image.as_deref().unwrap_or("?"),
+                    ours.name,
+                    ours.digest
+                )));
+            }
+        }
         let overlay = overlay_of(mounts).map_err(|e| {
             EngineError::Unsupported(format!("cannot restore from template {name}: {e}"))
         })?;
@@ -594,8 +615,9 @@ impl Store {
                 record.layers, overlay.layers
             )));
         }
-        let image = image_annotation(bundle);
-        if let (Some(theirs), Some(ours)) = (&record.image, &image) {
+        let annotated = image_annotation(bundle);
+        if let (None, Some(theirs), Some(ours)) = (&record.image_digest, &record.image, &annotated)
+        {
             if theirs != ours {
                 return Err(EngineError::InvalidSpec(format!(
                     "template {name} was captured from image {theirs}, this container runs {ours}"
@@ -616,10 +638,11 @@ impl Store {
         id: &str,
         bundle: &Path,
         mounts: &[RootfsMount],
+        image: Option<&ImageRef>,
     ) -> Result<PreparedRestore, EngineError> {
         let path = self.path(name);
         let hold = Hold::shared(&path)?;
-        self.check(name, mounts, bundle)?;
+        self.check(name, mounts, bundle, image)?;
         let layer = path.join(ROOTFS);
         let mut mounts = mounts.to_vec();
         let lower = mounts[0]
@@ -902,11 +925,14 @@ mod tests {
         let bundle = root.join("bundle");
         fs::create_dir_all(&bundle).unwrap();
         let mounts = overlay(&["upperdir=/u", "lowerdir=/l/1/fs"]);
-        let e = store.check("py", &mounts, &bundle).unwrap_err();
+        let e = store.check("py", &mounts, &bundle, None).unwrap_err();
         assert!(matches!(e, EngineError::NotFound(_)), "{e}");
         fs::create_dir_all(store.path("py")).unwrap();
         fs::write(store.path("py").join(RECORD), "{").unwrap();
-        let e = store.check("py", &mounts, &bundle).unwrap_err().to_string();
+        let e = store
+            .check("py", &mounts, &bundle, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("damaged") && e.contains("templates remove"),
             "{e}"

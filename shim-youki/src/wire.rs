@@ -13,6 +13,8 @@ use nix::sys::socket::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::image::ImageRef;
+
 /// Largest message: requests carry ids, paths and an exec's process object.
 const MAX_MESSAGE: usize = 256 * 1024;
 
@@ -42,11 +44,14 @@ pub enum Request {
         /// Restore the processes from this checkpoint or template instead of creating an
         /// init.
         restore: Option<RestoreFrom>,
+        /// The container's image, as containerd has it (asked for a restore from a template).
+        image: Option<ImageRef>,
     },
     CaptureTemplate {
         id: String,
         bundle: PathBuf,
         spec: TemplateCapture,
+        image: Option<ImageRef>,
     },
     TemplateFailed {
         name: String,

@@ -24,6 +24,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 
 use crate::checkpoint::{self, RestoreStdio};
 use crate::executor::{BoxedExecutor, ExecutorFactory, NewContainer};
+use crate::image::ImageRef;
 use crate::rootfs;
 use crate::template::Store;
 use crate::wire::{self, Reply, Request, StdioMask};
@@ -177,6 +178,7 @@ fn handle(
             state_root,
             no_pivot_root,
             restore,
+            image,
         } => {
             let root = state_root.unwrap_or_else(|| roots.default.clone());
             if root != roots.default {
@@ -193,6 +195,7 @@ fn handle(
                     &bundle,
                     &rootfs,
                     from,
+                    image.as_ref(),
                     stdio,
                     fds,
                 ),
@@ -243,10 +246,15 @@ fn handle(
             checkpoint::dump(&c, &bundle, &spec)?;
             Ok(Reply::Done)
         }
-        Request::CaptureTemplate { id, bundle, spec } => {
+        Request::CaptureTemplate {
+            id,
+            bundle,
+            spec,
+            image,
+        } => {
             let c = load(roots.of(&id), &id)?;
             Store::new(&roots.namespace)?
-                .capture(&c, &id, &bundle, &spec)
+                .capture(&c, &id, &bundle, &spec, image.as_ref())
                 .map(Reply::Captured)
         }
         Request::TemplateFailed { name, reason } => {
@@ -408,6 +416,7 @@ fn restore_container(
     bundle: &Path,
     mounts: &[hyperbox_shim_core::RootfsMount],
     from: &RestoreFrom,
+    image: Option<&ImageRef>,
     stdio: StdioMask,
     fds: Vec<OwnedFd>,
 ) -> Result<u32, EngineError> {
@@ -429,7 +438,8 @@ fn restore_container(
     let (from, mounts, _hold) = match from {
         RestoreFrom::Checkpoint(spec) => (spec.clone(), mounts.to_vec(), None),
         RestoreFrom::Template(name) => {
-            let prepared = Store::new(namespace)?.prepare_restore(name, id, bundle, mounts)?;
+            let prepared =
+                Store::new(namespace)?.prepare_restore(name, id, bundle, mounts, image)?;
             (prepared.spec, prepared.mounts, Some(prepared.hold))
         }
     };
