@@ -24,6 +24,8 @@ use rust_criu::rust_criu_protobuf::rpc;
 #[derive(Debug, Clone)]
 pub struct Criu {
     binary: PathBuf,
+    /// Its version, when the record of its check had it.
+    version: Option<String>,
 }
 
 /// What to install when CRIU is missing or does not work.
@@ -43,36 +45,23 @@ pub struct Refused {
 impl Criu {
     /// The working CRIU, looked up on `PATH` and checked on the first call of this process.
     pub fn get() -> Result<Criu, EngineError> {
-        static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        static FOUND: OnceLock<Result<(PathBuf, Option<String>), String>> = OnceLock::new();
         FOUND
             .get_or_init(|| locate(&std::env::var_os("PATH").unwrap_or_default()))
             .clone()
-            .map(|binary| Criu { binary })
+            .map(|(binary, version)| Criu { binary, version })
             .map_err(EngineError::Unsupported)
     }
 
     /// CRIU's version (`criu --version`: `Version: 4.1.1`), asked once per process.
+    /// Recorded with the check, so that a restore from a template runs no extra process.
     pub fn version(&self) -> Result<String, EngineError> {
+        if let Some(v) = &self.version {
+            return Ok(v.clone());
+        }
         static VERSION: OnceLock<Result<String, String>> = OnceLock::new();
         VERSION
-            .get_or_init(|| {
-                let out = Command::new(&self.binary)
-                    .arg("--version")
-                    .stdin(Stdio::null())
-                    .output()
-                    .map_err(|e| format!("cannot run {} --version: {e}", self.binary.display()))?;
-                let text = String::from_utf8_lossy(&out.stdout);
-                text.lines()
-                    .find_map(|l| l.strip_prefix("Version:"))
-                    .map(|v| v.trim().to_string())
-                    .ok_or_else(|| {
-                        format!(
-                            "{} --version said no version: {}",
-                            self.binary.display(),
-                            text.trim()
-                        )
-                    })
-            })
+            .get_or_init(|| ask_version(&self.binary))
             .clone()
             .map_err(EngineError::Failed)
     }
@@ -226,7 +215,7 @@ const CHECKED: &str = "/run/hyperbox/criu-checked";
 /// The first `criu` on `path` (a `PATH` value), if `criu check` passes (or passed for this
 /// binary and kernel before: each container has a shim of its own, and the check takes a
 /// quarter of a second).
-fn locate(path: &std::ffi::OsStr) -> Result<PathBuf, String> {
+fn locate(path: &std::ffi::OsStr) -> Result<(PathBuf, Option<String>), String> {
     let binary = std::env::split_paths(path)
         .map(|d| d.join("criu"))
         .find(|p| is_executable(p))
@@ -237,23 +226,55 @@ fn locate(path: &std::ffi::OsStr) -> Result<PathBuf, String> {
             )
         })?;
     let record = check_record(&binary);
-    if record.is_some() && std::fs::read_to_string(CHECKED).ok() == record {
-        return Ok(binary);
+    let recorded = std::fs::read_to_string(CHECKED).unwrap_or_default();
+    if let Some(rest) = record.as_deref().and_then(|r| recorded.strip_prefix(r)) {
+        let version = rest
+            .lines()
+            .find_map(|l| l.strip_prefix(VERSION_LINE))
+            .map(str::to_string);
+        if version.is_some() {
+            return Ok((binary, version));
+        }
+    } else {
+        check(&binary)?;
     }
-    check(&binary)?;
-    if let Some(record) = record {
+    let version = ask_version(&binary).ok();
+    if let (Some(record), Some(v)) = (record, &version) {
         let tmp = format!("{CHECKED}.{}", std::process::id());
         let written = Path::new(CHECKED)
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&tmp, record))
+            .and_then(|()| std::fs::write(&tmp, format!("{record}{VERSION_LINE}{v}\n")))
             .and_then(|()| std::fs::rename(&tmp, CHECKED));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             tracing::debug!("cannot record the criu check in {CHECKED}: {e}");
         }
     }
-    Ok(binary)
+    Ok((binary, version))
+}
+
+/// The line of a check's record that gives CRIU's version.
+const VERSION_LINE: &str = "criu version: ";
+
+/// `criu --version`: `Version: 4.2.1`.
+fn ask_version(binary: &Path) -> Result<String, String> {
+    let out = Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {} --version: {e}", binary.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Version:"))
+        .map(|v| v.trim().to_string())
+        .ok_or_else(|| {
+            format!(
+                "{} --version said no version: {}",
+                binary.display(),
+                text.trim()
+            )
+        })
 }
 
 /// What identifies a check: the binary (path, size, modification time) and the kernel.
@@ -335,6 +356,11 @@ mod tests {
             eprintln!("no {}/criu: skipped", bin.display());
             return;
         }
-        assert_eq!(locate(bin.as_os_str()).unwrap(), bin.join("criu"));
+        let (found, version) = locate(bin.as_os_str()).unwrap();
+        assert_eq!(found, bin.join("criu"));
+        // Checked or recorded, the version is known without asking again.
+        let (_, again) = locate(bin.as_os_str()).unwrap();
+        assert!(version.is_some_and(|v| v.starts_with('4')), "no version");
+        assert_eq!(again.as_deref().map(|v| v.chars().next()), Some(Some('4')));
     }
 }
