@@ -142,7 +142,8 @@ fn layer_identity(dir: &str) -> PathBuf {
     }
 }
 
-/// Copies the tree `from` onto `to` (created if missing) as it is: owners, modes, times,
+/// Copies the tree `from` onto `to` (created if missing, else merged into) as it is: owners,
+/// modes, times,
 /// extended attributes (an overlay's opaque directories), device nodes (its whiteouts),
 /// links never followed.
 fn copy_tree(from: &Path, to: &Path) -> Result<(), EngineError> {
@@ -251,23 +252,8 @@ fn squash(upper: &Path, dest: &Path) -> Result<(), EngineError> {
             dest.display()
         ))
     })?;
-    let out = Command::new("cp")
-        .args(["-a", "--"])
-        .arg(upper.join("."))
-        .arg(dest)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| failed(format!("cannot run cp: {e}")))?;
-    if !out.status.success() {
-        return Err(failed(format!(
-            "cannot copy {} over {}: {}",
-            upper.display(),
-            dest.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    // Onto an existing directory, a copy of a tree merges into it.
+    copy_tree(upper, dest)
 }
 
 /// Removes from `dest` what the entries of the upper directory `upper` replace.
