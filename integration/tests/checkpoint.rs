@@ -153,6 +153,27 @@ fn thaw(cg: &Path) {
     fs::write(cg.join("freezer.state"), "THAWED").expect("thaw");
 }
 
+/// Checkpoints task `id` through the task API into CRIU images at `images` (runc's
+/// `image_path`), stopping it after the dump when `exit`; a failure fails the test, saying
+/// `what` with the daemon's log.
+fn checkpoint_into(
+    rt: &tokio::runtime::Runtime,
+    client: &TestClient,
+    c: &Containerd,
+    id: &str,
+    images: &Path,
+    exit: bool,
+    what: &str,
+) {
+    let options = CheckpointOptions {
+        exit,
+        image_path: images.to_string_lossy().into_owned(),
+        ..Default::default()
+    };
+    rt.block_on(client.checkpoint_task(id, Some(&options)))
+        .unwrap_or_else(|e| panic!("{what}: {e}\n{}", c.log_tail(30)));
+}
+
 /// Kills, deletes the task and the container.
 fn remove(c: &Containerd, id: &str) {
     let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", id]);
@@ -244,14 +265,15 @@ fn checkpoint_through_the_task_api(v: ContainerdVersion) {
     rt.block_on(client.pause("ck2")).expect("pause");
     wait_status(c, "ck2", "PAUSED");
     let paused_images = c.dir().join("ck2-images");
-    rt.block_on(client.checkpoint_task(
+    checkpoint_into(
+        &rt,
+        &client,
+        c,
         "ck2",
-        Some(&CheckpointOptions {
-            image_path: paused_images.to_string_lossy().into_owned(),
-            ..Default::default()
-        }),
-    ))
-    .unwrap_or_else(|e| panic!("checkpoint of a paused task: {e}\n{}", c.log_tail(30)));
+        &paused_images,
+        false,
+        "checkpoint of a paused task",
+    );
     assert!(paused_images.join("inventory.img").is_file());
     wait_status(c, "ck2", "PAUSED");
     let frozen = counter(c, "ck2").expect("counter");
@@ -267,15 +289,15 @@ fn checkpoint_through_the_task_api(v: ContainerdVersion) {
     // Exit: the dump ends the task.
     counter_passes(c, "ck3", 2);
     let exit_images = c.dir().join("ck3-images");
-    rt.block_on(client.checkpoint_task(
+    checkpoint_into(
+        &rt,
+        &client,
+        c,
         "ck3",
-        Some(&CheckpointOptions {
-            exit: true,
-            image_path: exit_images.to_string_lossy().into_owned(),
-            ..Default::default()
-        }),
-    ))
-    .unwrap_or_else(|e| panic!("checkpoint with exit: {e}\n{}", c.log_tail(30)));
+        &exit_images,
+        true,
+        "checkpoint with exit",
+    );
     assert!(exit_images.join("inventory.img").is_file());
     wait_status(c, "ck3", "STOPPED");
     c.ctr_run(&["tasks", "rm", "ck3"]).expect("task rm");
@@ -349,14 +371,7 @@ fn restore_continues_a_counter(v: ContainerdVersion) {
     let seen = counter_passes(c, "cnt", 3);
     let images = c.dir().join("cnt-images");
     let frozen = freeze_between_writes(c, "cnt");
-    rt.block_on(client.checkpoint_task(
-        "cnt",
-        Some(&CheckpointOptions {
-            image_path: images.to_string_lossy().into_owned(),
-            ..Default::default()
-        }),
-    ))
-    .unwrap_or_else(|e| panic!("checkpoint: {e}\n{}", c.log_tail(30)));
+    checkpoint_into(&rt, &client, c, "cnt", &images, false, "checkpoint");
     thaw(&frozen);
     remove(c, "cnt");
 
@@ -589,14 +604,7 @@ fn bad_input_harms_nothing(v: ContainerdVersion) {
     run_detached(c, &image, "orig", COUNTER);
     counter_passes(c, "orig", 2);
     let good = c.dir().join("orig-images");
-    rt.block_on(client.checkpoint_task(
-        "orig",
-        Some(&CheckpointOptions {
-            image_path: good.to_string_lossy().into_owned(),
-            ..Default::default()
-        }),
-    ))
-    .unwrap_or_else(|e| panic!("checkpoint: {e}\n{}", c.log_tail(30)));
+    checkpoint_into(&rt, &client, c, "orig", &good, false, "checkpoint");
     let corrupt = c.dir().join("corrupt-images");
     fs::create_dir_all(&corrupt).unwrap();
     for entry in fs::read_dir(&good).unwrap() {

@@ -107,22 +107,26 @@ fn wait_status(c: &Containerd, id: &str, want: &str) {
     }
 }
 
-fn exec(c: &Containerd, id: &str, exec_id: &str, script: &str) -> Result<String, String> {
-    let out = c
-        .ctr()
+/// `ctr task exec --exec-id EXEC_ID ID SHELL -c SCRIPT`.
+fn exec_in(c: &Containerd, id: &str, exec_id: &str, shell: &str, script: &str) -> Output {
+    c.ctr()
         .args([
             "tasks",
             "exec",
             "--exec-id",
             exec_id,
             id,
-            "sh",
+            shell,
             "-c",
             script,
         ])
         .stdin(Stdio::null())
         .output()
-        .expect("ctr exec");
+        .expect("ctr exec")
+}
+
+fn exec(c: &Containerd, id: &str, exec_id: &str, script: &str) -> Result<String, String> {
+    let out = exec_in(c, id, exec_id, "sh", script);
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -137,21 +141,7 @@ fn exec(c: &Containerd, id: &str, exec_id: &str, script: &str) -> Result<String,
 
 /// The service's answer (its body), asked once from inside container `id`.
 fn ask(c: &Containerd, id: &str, exec_id: &str) -> Result<String, String> {
-    let out = c
-        .ctr()
-        .args([
-            "tasks",
-            "exec",
-            "--exec-id",
-            exec_id,
-            id,
-            "bash",
-            "-c",
-            PY_SERVICE_GET,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("ctr exec");
+    let out = exec_in(c, id, exec_id, "bash", PY_SERVICE_GET);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     match text.lines().last() {
         Some(body) if out.status.success() && body.starts_with("warm ") => Ok(body.to_string()),

@@ -116,23 +116,22 @@ fn template(c: &Containerd, image: &str) -> anyhow::Result<()> {
     // Written aside and renamed, so that a read never sees it half written.
     let counter =
         "i=0; while :; do i=$((i+1)); echo $i > /tmp/m; mv /tmp/m /tmp/n; sleep 0.1; done";
+    let run = |id: &str, annotations: &[&str]| {
+        let mut args = vec!["run", "-d", "--null-io", "--runtime", HYPERBOX_RUNTIME];
+        for a in annotations {
+            args.extend(["--annotation", a]);
+        }
+        args.extend([image, id, "sh", "-c", counter]);
+        c.ctr_run(&args)
+    };
     let t = Instant::now();
-    c.ctr_run(&[
-        "run",
-        "-d",
-        "--null-io",
-        "--runtime",
-        HYPERBOX_RUNTIME,
-        "--annotation",
-        "io.hyperbox.template.capture=demo-counter",
-        "--annotation",
-        "io.hyperbox.template.ready-delay=1s",
-        image,
+    run(
         "demo-template",
-        "sh",
-        "-c",
-        counter,
-    ])?;
+        &[
+            "io.hyperbox.template.capture=demo-counter",
+            "io.hyperbox.template.ready-delay=1s",
+        ],
+    )?;
     let record = c
         .template_root()
         .join(c.namespace())
@@ -152,20 +151,7 @@ fn template(c: &Containerd, image: &str) -> anyhow::Result<()> {
     for n in 1..=3 {
         let id = format!("demo-copy{n}");
         let t = Instant::now();
-        c.ctr_run(&[
-            "run",
-            "-d",
-            "--null-io",
-            "--runtime",
-            HYPERBOX_RUNTIME,
-            "--annotation",
-            "io.hyperbox.restore-from=demo-counter",
-            image,
-            &id,
-            "sh",
-            "-c",
-            counter,
-        ])?;
+        run(&id, &["io.hyperbox.restore-from=demo-counter"])?;
         let ms = t.elapsed().as_millis();
         std::thread::sleep(std::time::Duration::from_millis(300));
         let at = c.ctr_stdout(&["tasks", "exec", "--exec-id", "n", &id, "cat", "/tmp/n"])?;
