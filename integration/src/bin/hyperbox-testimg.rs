@@ -43,6 +43,13 @@ enum Cmd {
         #[arg(value_name = "NAME", required = true)]
         names: Vec<String>,
     },
+    /// Build (or find) the stand-ins for the images of Kubernetes' CRI suite (critest) and
+    /// print `REFERENCE DIGEST` per name; with --registry, push each there as REPO:TAG.
+    Critest {
+        /// The registry, `127.0.0.1:PORT`.
+        #[arg(long)]
+        registry: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +99,26 @@ fn run(cli: Cli) -> Result<()> {
                     "{} {} {registry}/{repo_tag}",
                     built.name, built.manifest_digest
                 );
+            }
+        }
+        Cmd::Critest { registry } => {
+            let started = Instant::now();
+            let built = images::cri::build(&opts).context("building the critest images")?;
+            tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                from_cache = built.from_cache,
+                entry = %built.entry.display(),
+                "critest images done"
+            );
+            if let Some(registry) = &registry {
+                built
+                    .push(registry)
+                    .with_context(|| format!("pushing the critest images to {registry}"))?;
+            }
+            for image in &built.images {
+                for reference in &image.references {
+                    println!("{reference} {}", image.manifest_digest);
+                }
             }
         }
     }

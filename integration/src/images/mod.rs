@@ -27,6 +27,7 @@
 //! Entries are built under `KEY.partial`, renamed into place when complete, and guarded by
 //! `KEY.lock` (flock), so concurrent builders wait for each other.
 
+pub mod cri;
 pub mod layer;
 pub mod oci;
 pub mod rootfs;
@@ -375,8 +376,26 @@ pub fn build_all(images: &[TestImage], opts: &BuildOptions) -> Result<Vec<BuiltI
 /// Pushes a built image to a registry on loopback as `REGISTRY/REPO_TAG` with skopeo, keeping
 /// its digests, and checks that the registry serves the same manifest digest.
 pub fn push(image: &BuiltImage, registry: &str, repo_tag: &str) -> Result<(), ImageError> {
+    push_layout(
+        &image.layout_dir,
+        &image.manifest_digest,
+        registry,
+        repo_tag,
+    )?;
+    tracing::info!(image = %image.name, registry, repo_tag, "pushed");
+    Ok(())
+}
+
+/// Pushes the image tagged [`LAYOUT_REF`] in the OCI layout `layout` to `REGISTRY/REPO_TAG`
+/// with skopeo, keeping its digests, and checks that the registry serves `manifest_digest`.
+pub fn push_layout(
+    layout: &Path,
+    manifest_digest: &str,
+    registry: &str,
+    repo_tag: &str,
+) -> Result<(), ImageError> {
     let skopeo = rootfs::find_tool("skopeo", "skopeo")?;
-    let src = format!("oci:{}:{LAYOUT_REF}", image.layout_dir.display());
+    let src = format!("oci:{}:{LAYOUT_REF}", layout.display());
     let dest = format!("docker://{registry}/{repo_tag}");
     run_tool(
         Command::new(&skopeo).args([
@@ -395,15 +414,14 @@ pub fn push(image: &BuiltImage, registry: &str, repo_tag: &str) -> Result<(), Im
         &format!("skopeo inspect --raw {dest}"),
     )?;
     let actual = oci::sha256_digest(&raw);
-    if actual != image.manifest_digest {
+    if actual != manifest_digest {
         return Err(ImageError::DigestMismatch {
             registry: registry.to_owned(),
             reference: repo_tag.to_owned(),
-            expected: image.manifest_digest.clone(),
+            expected: manifest_digest.to_owned(),
             actual,
         });
     }
-    tracing::info!(image = %image.name, %dest, digest = %actual, "pushed");
     Ok(())
 }
 
@@ -711,6 +729,10 @@ fn key_of(recipe: &str) -> String {
 }
 
 fn read_record(path: &Path) -> Result<ImageRecord, ImageError> {
+    read_json(path)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ImageError> {
     let bytes = fs::read(path).map_err(|e| ImageError::io("cannot read", path, e))?;
     serde_json::from_slice(&bytes).map_err(|source| ImageError::Json {
         what: path.display().to_string(),

@@ -70,6 +70,28 @@ struct ContainerConfigJson<'a> {
     cmd: &'a [String],
     #[serde(rename = "WorkingDir")]
     working_dir: &'a str,
+    #[serde(rename = "Entrypoint", skip_serializing_if = "<[String]>::is_empty")]
+    entrypoint: &'a [String],
+    #[serde(rename = "User", skip_serializing_if = "str::is_empty")]
+    user: &'a str,
+    #[serde(rename = "ExposedPorts", skip_serializing_if = "BTreeMap::is_empty")]
+    exposed_ports: BTreeMap<&'a str, Empty>,
+}
+
+/// `{}`, the value of each `ExposedPorts` key.
+#[derive(Serialize)]
+struct Empty {}
+
+/// Parts of an image configuration that only some images set (the test images of Kubernetes'
+/// CRI suite): left empty, they are not written, so other images keep their bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigExtras {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `User`: `UID`, `NAME`, `UID:GID` or `NAME:GID`.
+    pub user: String,
+    /// `ExposedPorts` keys, `80/tcp`.
+    pub exposed_ports: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -108,6 +130,7 @@ pub struct LayoutWriter {
     dir: PathBuf,
     epoch: u64,
     layers: Vec<Layer>,
+    extras: ConfigExtras,
 }
 
 impl LayoutWriter {
@@ -124,6 +147,7 @@ impl LayoutWriter {
             dir: dir.to_path_buf(),
             epoch,
             layers: Vec::new(),
+            extras: ConfigExtras::default(),
         })
     }
 
@@ -156,6 +180,11 @@ impl LayoutWriter {
         Ok(self.layers.last().expect("a layer was just pushed"))
     }
 
+    /// Sets the configuration's `Entrypoint`, `User` and `ExposedPorts`.
+    pub fn set_extras(&mut self, extras: ConfigExtras) {
+        self.extras = extras;
+    }
+
     /// Reuses a layer blob of another layout (hard-linked, or copied across filesystems).
     pub fn add_existing_layer(
         &mut self,
@@ -186,6 +215,14 @@ impl LayoutWriter {
                 env: &run.env,
                 cmd: &run.cmd,
                 working_dir: "/",
+                entrypoint: &self.extras.entrypoint,
+                user: &self.extras.user,
+                exposed_ports: self
+                    .extras
+                    .exposed_ports
+                    .iter()
+                    .map(|p| (p.as_str(), Empty {}))
+                    .collect(),
             },
             rootfs: RootfsJson {
                 kind: "layers",
