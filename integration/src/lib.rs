@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod client;
 pub mod containerd;
+pub mod cri;
 pub mod docker;
 pub mod host;
 pub mod images;
@@ -20,6 +21,7 @@ pub mod pty;
 pub mod registry;
 pub mod sandbox;
 pub mod snapshotter;
+pub mod spec;
 pub mod testbed;
 pub mod wasm_image;
 pub mod workloads;

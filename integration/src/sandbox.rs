@@ -94,6 +94,13 @@ pub struct Record {
     /// of it, as a dockerd is): only the shims of `namespaces` are this sandbox's.
     #[serde(default)]
     pub containerd_client: bool,
+    /// Network interfaces made for the sandbox (a CNI bridge): deleted at teardown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net_links: Vec<String>,
+    /// iptables `nat` chains that appeared for the sandbox (CNI's portmap plugin): flushed,
+    /// unhooked and deleted at teardown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nat_chains: Vec<String>,
 }
 
 /// One sandbox directory and its guard.
@@ -223,6 +230,24 @@ impl Sandbox {
         self.record_containerd(socket, namespace)
     }
 
+    /// Records a network interface the sandbox made, so teardown deletes it.
+    pub fn record_net_link(&mut self, name: &str) -> Result<(), SandboxError> {
+        if !self.record.net_links.iter().any(|n| n == name) {
+            self.record.net_links.push(name.to_string());
+        }
+        self.save()
+    }
+
+    /// Records iptables `nat` chains that are the sandbox's, so teardown deletes them.
+    pub fn record_nat_chains(&mut self, chains: &[String]) -> Result<(), SandboxError> {
+        for c in chains {
+            if !self.record.nat_chains.contains(c) {
+                self.record.nat_chains.push(c.clone());
+            }
+        }
+        self.save()
+    }
+
     fn save(&self) -> Result<(), SandboxError> {
         let path = self.dir.join(RECORD);
         let tmp = self.dir.join(format!("{RECORD}.tmp"));
@@ -331,6 +356,13 @@ fn teardown_with(dir: &Path, abandoned: bool) -> Result<(), SandboxError> {
     for s in &shim_sockets {
         let _ = fs::remove_file(s);
     }
+    remove_nat_chains(&record.nat_chains);
+    for link in &record.net_links {
+        let _ = Command::new("ip")
+            .args(["link", "del", link])
+            .stderr(Stdio::null())
+            .status();
+    }
 
     if mounts_under(dir).is_empty() {
         let _ = fs::remove_dir_all(dir);
@@ -380,10 +412,101 @@ pub fn leftovers(
             left.push(format!("shim socket {}", s.display()));
         }
     }
+    for link in &record.net_links {
+        if Path::new("/sys/class/net").join(link).exists() {
+            left.push(format!("network interface {link}"));
+        }
+    }
+    let nat = nat_rules();
+    for chain in &record.nat_chains {
+        if nat.iter().any(|r| r == &format!("-N {chain}")) {
+            left.push(format!("iptables nat chain {chain}"));
+        }
+    }
     if dir.exists() {
         left.push(format!("directory {}", dir.display()));
     }
     left
+}
+
+/// `iptables -t nat -S`, one rule per line (empty when iptables is absent or fails).
+pub fn nat_rules() -> Vec<String> {
+    Command::new("iptables")
+        .args(["-w", "-t", "nat", "-S"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The words of an `iptables -S` line, double quotes (with backslash escapes) removed.
+fn split_rule(rule: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let (mut quoted, mut escaped, mut any) = (false, false, false);
+    for c in rule.chars() {
+        match c {
+            _ if escaped => {
+                word.push(c);
+                escaped = false;
+            }
+            '\\' if quoted => escaped = true,
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any || !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+                any = false;
+            }
+            c => word.push(c),
+        }
+    }
+    if any || !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+/// Deletes `chains` of the `nat` table: first every rule jumping to one, then the chains.
+fn remove_nat_chains(chains: &[String]) {
+    if chains.is_empty() {
+        return;
+    }
+    let iptables = |args: &[&str]| {
+        let _ = Command::new("iptables")
+            .arg("-w")
+            .args(["-t", "nat"])
+            .args(args)
+            .stderr(Stdio::null())
+            .status();
+    };
+    for rule in nat_rules() {
+        let words = split_rule(&rule);
+        let jumps = words
+            .windows(2)
+            .any(|w| w[0] == "-j" && chains.iter().any(|c| c == &w[1]));
+        if words.first().is_some_and(|w| w == "-A") && jumps {
+            let mut args = vec!["-D"];
+            args.extend(words[1..].iter().map(String::as_str));
+            iptables(&args);
+        }
+    }
+    for chain in chains {
+        iptables(&["-F", chain]);
+    }
+    for chain in chains {
+        iptables(&["-X", chain]);
+    }
 }
 
 /// Everything a sandbox has made, taken while it runs, to check after teardown that all of it
