@@ -8,6 +8,7 @@ mod cli;
 mod console;
 mod criu;
 mod engine;
+mod exec_security;
 mod executor;
 mod image;
 mod rootfs;
