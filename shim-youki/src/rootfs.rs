@@ -163,6 +163,18 @@ fn compact_lowerdir(data: &str) -> (String, Option<PathBuf>) {
     (out.join(","), Some(dir.into()))
 }
 
+/// The name libcontainer knows for a recursive rootfs propagation runc takes, or `None` when
+/// the name needs no change.
+fn libcontainer_propagation(name: &str) -> Option<&'static str> {
+    match name {
+        "rshared" => Some("shared"),
+        "rslave" => Some("slave"),
+        "rprivate" => Some("private"),
+        "runbindable" => Some("unbindable"),
+        _ => None,
+    }
+}
+
 /// What the rootfs checks need from a bundle's `config.json`.
 #[derive(Debug, Clone, Default)]
 pub struct SpecPaths {
@@ -172,6 +184,8 @@ pub struct SpecPaths {
     pub cwd: Option<String>,
     /// The destinations of the spec's mounts.
     pub mount_destinations: Vec<String>,
+    /// `linux.rootfsPropagation`.
+    pub root_propagation: Option<String>,
 }
 
 impl SpecPaths {
@@ -197,7 +211,45 @@ impl SpecPaths {
                 .flatten()
                 .filter_map(|m| Some(m.get("destination")?.as_str()?.to_string()))
                 .collect(),
+            root_propagation: text("/linux/rootfsPropagation"),
         })
+    }
+
+    /// Writes `linux.rootfsPropagation` in the bundle's `config.json` in the form libcontainer
+    /// knows when the spec uses one of the recursive names runc also takes (containerd's CRI
+    /// writes `rshared` for pods with Bidirectional mount propagation and `rslave` for
+    /// HostToContainer). libcontainer already applies `shared`, `slave` and `private`
+    /// recursively to the mounts it sets up (`MS_REC`), so `rshared` becomes `shared` and so on;
+    /// `runbindable` becomes `unbindable`. Any other value is left for libcontainer to refuse.
+    /// The file is replaced whole (a temporary file renamed over it).
+    pub fn normalize_root_propagation(&mut self, bundle: &Path) -> Result<(), String> {
+        let Some(known) = self
+            .root_propagation
+            .as_deref()
+            .and_then(libcontainer_propagation)
+        else {
+            return Ok(());
+        };
+        let path = bundle.join("config.json");
+        let mut config: serde_json::Value = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        config["linux"]["rootfsPropagation"] = known.into();
+        let tmp = bundle.join(".config.json.hyperbox");
+        let bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| {
+                let mode = std::fs::metadata(&path)?.permissions();
+                std::fs::set_permissions(&tmp, mode)?;
+                std::fs::rename(&tmp, &path)
+            })
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                format!("cannot rewrite {}: {e}", path.display())
+            })?;
+        self.root_propagation = Some(known.to_string());
+        Ok(())
     }
 
     /// Creates `process.cwd` in the rootfs when it is missing, as runc does, so a process
@@ -342,5 +394,37 @@ mod tests {
             MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_NOSUID
         );
         assert!(data.is_empty());
+    }
+
+    #[test]
+    fn recursive_propagations_are_written_as_libcontainer_knows_them() {
+        let bundle = std::env::temp_dir().join(format!("hb-prop-{}", std::process::id()));
+        std::fs::create_dir_all(&bundle).unwrap();
+        for (given, written) in [
+            ("rshared", "shared"),
+            ("rslave", "slave"),
+            ("rprivate", "private"),
+            ("runbindable", "unbindable"),
+            ("shared", "shared"),
+            ("bogus", "bogus"),
+        ] {
+            let config = serde_json::json!({
+                "root": {"path": "rootfs"},
+                "process": {"cwd": "/"},
+                "linux": {"rootfsPropagation": given, "namespaces": [{"type": "mount"}]},
+            });
+            std::fs::write(bundle.join("config.json"), config.to_string()).unwrap();
+            let mut spec = SpecPaths::read(&bundle).unwrap();
+            spec.normalize_root_propagation(&bundle).unwrap();
+            assert_eq!(spec.root_propagation.as_deref(), Some(written));
+            let back: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap())
+                    .unwrap();
+            assert_eq!(back["linux"]["rootfsPropagation"], written);
+            // Nothing else of the spec changes.
+            assert_eq!(back["linux"]["namespaces"], config["linux"]["namespaces"]);
+            assert_eq!(back["process"], config["process"]);
+        }
+        std::fs::remove_dir_all(&bundle).unwrap();
     }
 }

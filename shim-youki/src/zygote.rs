@@ -10,19 +10,22 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use hyperbox_shim_core::{EngineError, RestoreFrom};
 use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
+use libcontainer::oci_spec::runtime::{Process, Spec};
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::unistd::{fork, ForkResult, Pid};
 
 use crate::checkpoint::{self, RestoreStdio};
+use crate::exec_security;
 use crate::executor::{BoxedExecutor, ExecutorFactory, NewContainer};
 use crate::image::ImageRef;
 use crate::rootfs;
@@ -315,9 +318,7 @@ fn builder(
     stdio: StdioMask,
     fds: Vec<OwnedFd>,
 ) -> Result<ContainerBuilder, EngineError> {
-    fs::create_dir_all(root).map_err(|e| {
-        EngineError::Failed(format!("cannot create state dir {}: {e}", root.display()))
-    })?;
+    create_state_root(root)?;
     let mut b = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(failed(id, "use state dir for"))?;
@@ -349,13 +350,15 @@ fn create(
     no_pivot_root: bool,
     executors: &mut dyn ExecutorFactory,
 ) -> Result<u32, EngineError> {
-    let spec = rootfs::SpecPaths::read(bundle).map_err(EngineError::InvalidSpec)?;
+    let mut spec = rootfs::SpecPaths::read(bundle).map_err(EngineError::InvalidSpec)?;
     if mounts.is_empty() && !spec.root.is_dir() {
         return Err(EngineError::InvalidSpec(format!(
             "cannot create container {id}: its rootfs {} does not exist",
             spec.root.display()
         )));
     }
+    spec.normalize_root_propagation(bundle)
+        .map_err(EngineError::Failed)?;
     let b = builder(root, id, stdio, fds)?;
     let target = bundle.join("rootfs");
     rootfs::mount_all(mounts, &target).map_err(EngineError::Failed)?;
@@ -385,14 +388,19 @@ fn create(
             .with_detach(true)
             .build()
     });
-    match built {
+    match built
+        .map_err(|e| EngineError::Failed(chain(&e)))
+        .and_then(|c| {
+            secure_state(&root.join(id))?;
+            Ok(c)
+        }) {
         Ok(c) => {
             let pid = c.pid().map(Pid::as_raw).unwrap_or_default();
             tracing::info!(id, pid, "container created");
             Ok(pid as u32)
         }
         Err(e) => {
-            let mut text = format!("cannot create container {id}: {}", chain(&e));
+            let mut text = format!("cannot create container {id}: {e}");
             if let Some(hint) = spec.diagnose_cwd() {
                 text.push_str(": ");
                 text.push_str(&hint);
@@ -445,10 +453,9 @@ fn restore_container(
     };
     let from = &from;
     rootfs::mount_all(&mounts, &bundle.join("rootfs")).map_err(EngineError::Failed)?;
-    fs::create_dir_all(root).map_err(|e| {
-        EngineError::Failed(format!("cannot create state dir {}: {e}", root.display()))
-    })?;
-    let restored = checkpoint::restore(id, bundle, &root.join(id), from, streams);
+    create_state_root(root)?;
+    let restored = checkpoint::restore(id, bundle, &root.join(id), from, streams)
+        .and_then(|pid| secure_state(&root.join(id)).map(|()| pid));
     if restored.is_err() {
         if let Err(clean) = delete(root, id, bundle) {
             tracing::warn!(id, "cleanup after failed restore: {clean:?}");
@@ -457,6 +464,8 @@ fn restore_container(
     restored
 }
 
+/// Starts exec'd process `exec_id` in container `id`: `process` as containerd sent it, under
+/// the container's seccomp filter and with its SELinux label (`exec_security`).
 fn exec(
     root: &Path,
     id: &str,
@@ -469,12 +478,34 @@ fn exec(
     if !dir.exists() {
         return Err(EngineError::NotFound(format!("container {id}")));
     }
+    let container = load(root, id)?;
+    let config = container.bundle().join("config.json");
+    let spec = Spec::load(&config).map_err(|e| {
+        EngineError::Failed(format!("cannot read {}: {}", config.display(), chain(&e)))
+    })?;
+    let process: Process = serde_json::from_value(process.clone()).map_err(|e| {
+        EngineError::InvalidSpec(format!("the process spec of exec {exec_id}: {e}"))
+    })?;
+    let plan = exec_security::plan(&spec, process, exec_security::selinux_enabled())?;
+    // The process spec holds its environment: readable by root only, as the state is.
     let path = dir.join(format!("exec-{exec_id}.json"));
-    fs::write(&path, serde_json::to_vec(process).unwrap_or_default())
-        .map_err(|e| EngineError::Failed(format!("cannot write {}: {e}", path.display())))?;
+    let written = serde_json::to_vec(&plan.process)
+        .map_err(io::Error::other)
+        .and_then(|bytes| {
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?
+                .write_all(&bytes)
+        });
+    written.map_err(|e| EngineError::Failed(format!("cannot write {}: {e}", path.display())))?;
     let built = builder(root, id, stdio, fds).and_then(|b| {
-        b.as_tenant()
+        b.with_executor(plan.security)
+            .as_tenant()
             .with_process(Some(&path))
+            .with_process_label(plan.process_label)
             .as_sibling(true)
             .with_detach(true)
             .build()
@@ -487,6 +518,38 @@ fn exec(
     });
     let _ = fs::remove_file(&path);
     Ok(built?.as_raw() as u32)
+}
+
+/// Creates a state root (`/run/hyperbox/youki/NAMESPACE`, or the `root` runtime option's)
+/// readable by root only, as runc keeps its root (0700), and tightens one made earlier.
+fn create_state_root(root: &Path) -> Result<(), EngineError> {
+    let failed = |e: io::Error| {
+        EngineError::Failed(format!("cannot create state dir {}: {e}", root.display()))
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .map_err(failed)?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(failed)
+}
+
+/// Gives a container's state runc's modes: its directory 0711, and its files (`state.json`,
+/// libcontainer's copy of the config, with every annotation and environment variable) 0600.
+fn secure_state(dir: &Path) -> Result<(), EngineError> {
+    let failed = |p: &Path, e: io::Error| {
+        EngineError::Failed(format!("cannot restrict the state {}: {e}", p.display()))
+    };
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o711)).map_err(|e| failed(dir, e))?;
+    for entry in fs::read_dir(dir).map_err(|e| failed(dir, e))? {
+        let entry = entry.map_err(|e| failed(dir, e))?;
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(|e| failed(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 fn pids(root: &Path, id: &str) -> Result<Vec<u32>, EngineError> {
