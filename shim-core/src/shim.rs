@@ -33,6 +33,9 @@ pub fn run(
     runtime_id: &str,
     prepare: fn(&ShimContext) -> Result<Arc<dyn Engine>, EngineError>,
 ) -> ExitCode {
+    // Before anything else: nothing this process is handed by accident reaches what it
+    // starts (hooks, CRIU, loggers, the shim's own re-exec).
+    close_inherited_fds_on_exec();
     let args: Vec<OsString> = std::env::args_os().collect();
     let flags = match containerd_shim::parse(&args[1..]) {
         Ok(f) => f,
@@ -201,5 +204,61 @@ fn remove_dead_socket(id: &str, address_file: &Path) {
                 path.display()
             );
         }
+    }
+}
+
+/// Marks every file descriptor above the standard streams close-on-exec. containerd opens
+/// its own descriptors close-on-exec, but one it was itself handed without the flag (by a
+/// parent, a socket-activating init or an embedding program) is inherited by every shim it
+/// starts; runc's shim passes such descriptors on to runc and from there to hooks. Marked
+/// (not closed), so nothing the process uses itself is lost: only `exec` drops them.
+fn close_inherited_fds_on_exec() {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC takes plain integers and touches only
+    // the descriptors' flags.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if marked {
+        return;
+    }
+    // Kernels before 5.11: each open descriptor, as /proc lists them.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_SETFD on a descriptor number only sets its flag (EBADF for the one the
+        // listing itself used, which is closed by now).
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn inherited_descriptors_are_marked_close_on_exec() {
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let fd = file.as_raw_fd();
+        // SAFETY: clears the flag of a descriptor this test owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        let cloexec = || {
+            // SAFETY: reads the flags of a descriptor this test owns.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            flags & libc::FD_CLOEXEC == libc::FD_CLOEXEC
+        };
+        assert!(!cloexec());
+        close_inherited_fds_on_exec();
+        assert!(cloexec());
     }
 }
