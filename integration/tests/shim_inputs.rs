@@ -13,6 +13,7 @@ use hyperbox_integration::host;
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::Footprint;
+use hyperbox_integration::spec::config_spec;
 use hyperbox_integration::testbed::TestBed;
 
 const OURS: &str = "io.containerd.hyperbox.v1";
@@ -355,36 +356,6 @@ fn joins_pod_namespaces(v: ContainerdVersion) {
 }
 per_version!(pod_namespaces, joins_pod_namespaces);
 
-/// A rootfs of the host's static busybox, for `ctr run --config` specs.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "proc", "dev", "sys", "tmp", "hooklog"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static installed");
-    for applet in ["sh", "cat", "grep", "sleep"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    root
-}
-
-/// `ctr oci spec`'s default spec over a busybox rootfs in `dir`, without a terminal, for
-/// `ctr run --config`.
-fn config_spec(c: &Containerd, dir: &Path) -> serde_json::Value {
-    let root = busybox_rootfs(dir);
-    let out = c
-        .ctr()
-        .args(["oci", "spec"])
-        .output()
-        .expect("ctr oci spec");
-    assert!(out.status.success());
-    let mut spec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    spec["root"] = serde_json::json!({"path": root, "readonly": false});
-    spec["process"]["terminal"] = serde_json::json!(false);
-    spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
-    spec
-}
-
 /// Resource limits from the spec (memory, CPU shares and quota, pids, rlimits,
 /// oom_score_adj) are applied as runc applies them: the same cgroup files and process limits
 /// through both runtimes.
@@ -395,7 +366,7 @@ fn spec_limits_as_runc(v: ContainerdVersion) {
     for (n, runtime) in RUNTIMES.into_iter().enumerate() {
         let id = format!("limits{n}");
         let dir = c.dir().join(&id);
-        let mut spec = config_spec(c, &dir);
+        let mut spec = config_spec(c, &dir, &[]);
         spec["process"]["args"] = serde_json::json!(["sleep", "1000"]);
         spec["process"]["oomScoreAdj"] = serde_json::json!(321);
         spec["process"]["rlimits"] = serde_json::json!([
@@ -488,7 +459,7 @@ fn hooks_as_runc(v: ContainerdVersion) {
     for (n, runtime) in RUNTIMES.into_iter().enumerate() {
         let dir = c.dir().join(format!("hooks-{n}"));
         let host_log = dir.join("log");
-        let mut spec = config_spec(c, &dir);
+        let mut spec = config_spec(c, &dir, &["hooklog"]);
         // The process logs once poststart has (runc runs poststart after the process starts).
         spec["process"]["args"] = serde_json::json!([
             "sh",
