@@ -480,6 +480,9 @@ pub struct CritestRun {
     pub status: std::process::ExitStatus,
     /// critest's output, kept in the bed's sandbox.
     pub log: PathBuf,
+    /// The shim binaries seen running the pods during the run, with how many shims (pods) of
+    /// each: proof that the handler was the one asked for.
+    pub shims: BTreeMap<String, usize>,
 }
 
 /// Runs critest against `bed` with runtime handler `handler`, skipping specs that match the
@@ -494,7 +497,7 @@ pub fn run_critest(bed: &CriBed, handler: &str, skip: &str) -> Result<CritestRun
     let err = out.try_clone().map_err(io_err("cannot open", &log))?;
     let started = Instant::now();
     let critest = critest_binary();
-    let status = Command::new(&critest)
+    let mut child = Command::new(&critest)
         .arg(format!("--runtime-endpoint={}", bed.endpoint()))
         .arg(format!("--image-endpoint={}", bed.endpoint()))
         .arg(format!("--runtime-handler={handler}"))
@@ -509,8 +512,23 @@ pub fn run_critest(bed: &CriBed, handler: &str, skip: &str) -> Result<CritestRun
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
-        .status()
+        .spawn()
         .map_err(io_err("cannot run", &critest))?;
+    // Which shims run the pods: the daemon's shims name its socket on their command line.
+    let socket = bed.containerd.socket().to_string_lossy().into_owned();
+    let mut shims: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(io_err("cannot wait for", &critest))?
+        {
+            break status;
+        }
+        for (binary, id) in shims_of(&socket) {
+            shims.entry(binary).or_default().insert(id);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     let elapsed = started.elapsed();
     let report = JunitReport::read(&report)?;
     Ok(CritestRun {
@@ -519,7 +537,40 @@ pub fn run_critest(bed: &CriBed, handler: &str, skip: &str) -> Result<CritestRun
         elapsed,
         status,
         log,
+        shims: shims.into_iter().map(|(b, ids)| (b, ids.len())).collect(),
     })
+}
+
+/// The shims of the containerd at `socket` now running: (binary name, `-id` argument).
+fn shims_of(socket: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let binary = args
+            .first()
+            .and_then(|a| Path::new(a).file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !binary.starts_with("containerd-shim-") || !args.iter().any(|a| a == socket) {
+            continue;
+        }
+        let id = args
+            .windows(2)
+            .find(|w| w[0] == "-id")
+            .map(|w| w[1].clone())
+            .unwrap_or_default();
+        found.push((binary, id));
+    }
+    found
 }
 
 #[cfg(test)]

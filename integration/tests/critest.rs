@@ -58,7 +58,11 @@ fn critest_runc_and_hyperbox_on_containerd_1_7() {
     for (handler, _) in cri::HANDLERS {
         let run = cri::run_critest(&bed, handler, SKIP)
             .unwrap_or_else(|e| panic!("critest --runtime-handler={handler}: {e}"));
-        eprintln!("critest handler {handler}: {}", counts(&run));
+        eprintln!(
+            "critest handler {handler}: {}; shims seen: {:?}",
+            counts(&run),
+            run.shims
+        );
         runs.push(run);
     }
     let (runc, ours) = (&runs[0], &runs[1]);
@@ -121,6 +125,17 @@ fn critest_runc_and_hyperbox_on_containerd_1_7() {
         }
     }
     bed.teardown().expect("teardown leaves nothing behind");
+    for (run, shim) in [
+        (runc, "containerd-shim-runc-v2"),
+        (ours, "containerd-shim-hyperbox-v1"),
+    ] {
+        assert!(
+            run.shims.keys().all(|s| s == shim) && run.shims.contains_key(shim),
+            "handler {}: the pods ran on {:?}, not only on {shim}",
+            run.handler,
+            run.shims
+        );
+    }
     assert!(
         runc_failures.is_empty(),
         "runc's shim fails {} critest spec(s) (the suite or the test bed is broken):\n{}",
