@@ -481,11 +481,22 @@ impl Inner {
 
     /// The cgroup of running container `id`, for a call named `what`.
     fn cgroup_of(&self, id: &str, what: &str) -> Result<(Arc<ContainerCgroup>, bool), ShimError> {
+        self.cgroup_in(id, what, &[State::Running])
+    }
+
+    /// The cgroup of container `id` while its init is in one of `states`, for a call named
+    /// `what`.
+    fn cgroup_in(
+        &self,
+        id: &str,
+        what: &str,
+        states: &[State],
+    ) -> Result<(Arc<ContainerCgroup>, bool), ShimError> {
         let table = self.table();
         let c = table
             .get(id)
             .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
-        if c.init.state != State::Running {
+        if !states.contains(&c.init.state) {
             return Err(ShimError::FailedPrecondition(format!(
                 "cannot {what} container {id}: it is not running"
             )));
@@ -560,7 +571,8 @@ impl Inner {
                 req.id, resources.type_url
             )));
         }
-        let (cgroup, _) = self.cgroup_of(&req.id, "update")?;
+        // As runc's shim: a created task's limits can be changed before it starts.
+        let (cgroup, _) = self.cgroup_in(&req.id, "update", &[State::Created, State::Running])?;
         blocking(move || cgroup.update(&resources.value)).await?;
         tracing::info!(id = req.id, "resources updated");
         Ok(())
@@ -825,6 +837,11 @@ impl Inner {
         let exec = exec.ok_or_else(|| {
             ShimError::FailedPrecondition(format!("{} has no spec", describe(&id, &exec_id)))
         })?;
+        // A process started in a frozen cgroup would freeze before it reports, and the
+        // engine's call with it.
+        if self.table().get(&id).is_some_and(|c| c.paused) {
+            return Err(exec_while_paused());
+        }
         let stdio_paths = self.table()[&id].process(&id, &exec_id)?.stdio.clone();
         let opened = stdio_paths.open(StreamOwner {
             namespace: &self.namespace,
@@ -890,6 +907,9 @@ impl Inner {
                 return Err(ShimError::FailedPrecondition(format!(
                     "cannot exec in container {id}: it is not running"
                 )));
+            }
+            if c.paused {
+                return Err(exec_while_paused());
             }
             if c.execs.contains_key(&exec_id) {
                 return Err(ShimError::AlreadyExists(format!(
@@ -1205,6 +1225,12 @@ impl Inner {
             self.exit.signal();
         }
     }
+}
+
+/// runc's refusal of an exec into a paused container, word for word (and, as runc's shim
+/// sends it, with code Unknown).
+fn exec_while_paused() -> ShimError {
+    ShimError::Engine(EngineError::Failed("cannot exec in a paused state".into()))
 }
 
 /// Starts the copies of a process's terminal, when the engine returned one.
