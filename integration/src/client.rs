@@ -70,8 +70,12 @@ impl ClientError {
 
 /// runc's runtime options (`containerd.runc.v1.Options`), CRI's (`runtimeoptions.v1.Options`)
 /// and runc's checkpoint options (`containerd.runc.v1.CheckpointOptions`), as Docker, nerdctl,
-/// CRI and `ctr` send them: the shim's own definitions, so client and shim agree.
-pub use hyperbox_shim_core::{CheckpointOptions, CriOptions, RuncOptions};
+/// CRI and `ctr` send them, and the legacy `containerd.linux.runc` family containerd's Go
+/// client sends to runtimes not named `io.containerd.runc*`: the shim's own definitions, so
+/// client and shim agree.
+pub use hyperbox_shim_core::{
+    CheckpointOptions, CriOptions, LegacyCheckpointOptions, LegacyCreateOptions, RuncOptions,
+};
 
 /// Packs a message as containerd does: the type URL is the bare full name.
 pub fn to_any<M: Message + prost::Name>(m: &M) -> Any {
@@ -92,6 +96,15 @@ pub struct CreateTask {
     pub checkpoint: Option<Descriptor>,
     /// Runtime options (for example [`RuncOptions`] through [`to_any`]).
     pub options: Option<Any>,
+}
+
+/// The IO of an exec request ([`TestClient::exec_with_io`]).
+#[derive(Debug, Clone, Default)]
+pub struct ExecIo {
+    /// A FIFO (or file) path for stdout; empty for none.
+    pub stdout: String,
+    /// The request's terminal flag.
+    pub terminal: bool,
 }
 
 /// A decoded event from containerd's event stream.
@@ -426,6 +439,19 @@ impl TestClient {
         exec_id: &str,
         process: &serde_json::Value,
     ) -> Result<(), ClientError> {
+        self.exec_with_io(id, exec_id, process, &ExecIo::default())
+            .await
+    }
+
+    /// [`TestClient::exec`] with the request's IO: a stdout path and the terminal flag, sent
+    /// as given (whatever `process` says of a terminal).
+    pub async fn exec_with_io(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &serde_json::Value,
+        io: &ExecIo,
+    ) -> Result<(), ClientError> {
         let value = serde_json::to_vec(process).map_err(|source| ClientError::Encode {
             what: "Process",
             source,
@@ -437,6 +463,8 @@ impl TestClient {
                 type_url: PROCESS_TYPE_URL.to_string(),
                 value,
             }),
+            stdout: io.stdout.clone(),
+            terminal: io.terminal,
             ..Default::default()
         };
         self.tasks()

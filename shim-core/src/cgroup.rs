@@ -24,7 +24,7 @@ use libcgroups::common::{
 };
 use libcgroups::v1::ControllerType;
 
-use crate::error::EngineError;
+use crate::error::{EngineError, ShimError};
 
 const V1_METRICS: &str = "io.containerd.cgroups.v1.Metrics";
 const V2_METRICS: &str = "io.containerd.cgroups.v2.Metrics";
@@ -93,6 +93,45 @@ impl ContainerCgroup {
             layout,
             manager,
         })
+    }
+
+    /// Moves `pids` (the shim and its helpers) into cgroup `path` (runc's `shim_cgroup`), as
+    /// runc's shim moves itself. As there, the cgroup must exist (whoever asks for it made
+    /// it); it is joined in every hierarchy (created where a hierarchy lacks it).
+    pub fn join_shim(path: &Path, pids: &[u32]) -> Result<(), ShimError> {
+        let failed = |e: &dyn std::error::Error| {
+            ShimError::FailedPrecondition(format!(
+                "cannot move the shim into cgroup {}: {e}",
+                path.display()
+            ))
+        };
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        let root = Path::new("/sys/fs/cgroup");
+        let exists = root.join(relative).is_dir()
+            || fs::read_dir(root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|h| h.path().join(relative).is_dir());
+        if !exists {
+            return Err(ShimError::FailedPrecondition(format!(
+                "cannot move the shim into cgroup {}: it does not exist (create it first, as \
+                 for runc's shim)",
+                path.display()
+            )));
+        }
+        let manager = create_cgroup_manager(CgroupConfig {
+            cgroup_path: path.to_path_buf(),
+            systemd_cgroup: false,
+            container_name: "shim".to_string(),
+        })
+        .map_err(|e| failed(&e))?;
+        for &pid in pids {
+            manager
+                .add_task(nix::unistd::Pid::from_raw(pid as i32))
+                .map_err(|e| failed(&e))?;
+        }
+        Ok(())
     }
 
     /// Freezes (`true`) or thaws every process of the cgroup.

@@ -147,6 +147,12 @@ pub trait Engine: Send + Sync + Debug + 'static {
     /// nothing of the container may be left behind.
     async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<Spawned, EngineError>;
 
+    /// The engine's own long-lived processes besides the shim (a zygote), which go wherever
+    /// the shim goes (runc's `shim_cgroup`).
+    fn helper_pids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
     /// Lets the created init run the user's process.
     async fn start(&self, id: &str) -> Result<(), EngineError>;
 

@@ -26,7 +26,10 @@ pub use engine::{
     RootfsMount, ShimAction, ShimContext, Spawned,
 };
 pub use error::{EngineError, ShimError};
-pub use options::{CheckpointOptions, CriOptions, RuncOptions, RuntimeOptions};
+pub use options::{
+    CheckpointOptions, CriOptions, LegacyCheckpointOptions, LegacyCreateOptions, RuncOptions,
+    RuntimeOptions,
+};
 pub use reaper::exit_status;
 pub use service::TaskService;
 pub use shim::run;

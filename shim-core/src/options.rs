@@ -65,6 +65,92 @@ impl prost::Name for CriOptions {
     const PACKAGE: &'static str = "runtimeoptions.v1";
 }
 
+/// The legacy runtime's create options (`containerd.linux.runc.CreateOptions`,
+/// `runtime/linux/runctypes/runc.proto`). containerd's Go client 1.6/1.7 sends these, not
+/// [`RuncOptions`], to every runtime whose name does not start with `io.containerd.runc`
+/// (`WithShimCgroup`, user-namespace IO ownership, `WithRestoreImagePath`, ...).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LegacyCreateOptions {
+    #[prost(bool, tag = "1")]
+    pub no_pivot_root: bool,
+    #[prost(bool, tag = "2")]
+    pub open_tcp: bool,
+    #[prost(bool, tag = "3")]
+    pub external_unix_sockets: bool,
+    #[prost(bool, tag = "4")]
+    pub terminal: bool,
+    #[prost(bool, tag = "5")]
+    pub file_locks: bool,
+    #[prost(string, repeated, tag = "6")]
+    pub empty_namespaces: Vec<String>,
+    #[prost(string, tag = "7")]
+    pub cgroups_mode: String,
+    #[prost(bool, tag = "8")]
+    pub no_new_keyring: bool,
+    #[prost(string, tag = "9")]
+    pub shim_cgroup: String,
+    #[prost(uint32, tag = "10")]
+    pub io_uid: u32,
+    #[prost(uint32, tag = "11")]
+    pub io_gid: u32,
+    #[prost(string, tag = "12")]
+    pub criu_work_path: String,
+    #[prost(string, tag = "13")]
+    pub criu_image_path: String,
+}
+
+impl prost::Name for LegacyCreateOptions {
+    const NAME: &'static str = "CreateOptions";
+    const PACKAGE: &'static str = "containerd.linux.runc";
+}
+
+/// The legacy runtime's checkpoint options (`containerd.linux.runc.CheckpointOptions`), which
+/// the Go client sends to runtimes not named `io.containerd.runc*`
+/// (`WithCheckpointImagePath`, `WithCheckpointExit`, ...). Its image and work paths are
+/// numbered the other way round from [`CheckpointOptions`]'.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LegacyCheckpointOptions {
+    #[prost(bool, tag = "1")]
+    pub exit: bool,
+    #[prost(bool, tag = "2")]
+    pub open_tcp: bool,
+    #[prost(bool, tag = "3")]
+    pub external_unix_sockets: bool,
+    #[prost(bool, tag = "4")]
+    pub terminal: bool,
+    #[prost(bool, tag = "5")]
+    pub file_locks: bool,
+    #[prost(string, repeated, tag = "6")]
+    pub empty_namespaces: Vec<String>,
+    #[prost(string, tag = "7")]
+    pub cgroups_mode: String,
+    #[prost(string, tag = "8")]
+    pub work_path: String,
+    #[prost(string, tag = "9")]
+    pub image_path: String,
+}
+
+impl prost::Name for LegacyCheckpointOptions {
+    const NAME: &'static str = "CheckpointOptions";
+    const PACKAGE: &'static str = "containerd.linux.runc";
+}
+
+impl From<LegacyCheckpointOptions> for CheckpointOptions {
+    fn from(o: LegacyCheckpointOptions) -> Self {
+        CheckpointOptions {
+            exit: o.exit,
+            open_tcp: o.open_tcp,
+            external_unix_sockets: o.external_unix_sockets,
+            terminal: o.terminal,
+            file_locks: o.file_locks,
+            empty_namespaces: o.empty_namespaces,
+            cgroups_mode: o.cgroups_mode,
+            image_path: o.image_path,
+            work_path: o.work_path,
+        }
+    }
+}
+
 /// runc's checkpoint options (`containerd.runc.v1.CheckpointOptions`), sent in Checkpoint by
 /// clients that ask for more than containerd's defaults.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -95,6 +181,7 @@ impl prost::Name for CheckpointOptions {
 }
 
 const CHECKPOINT_OPTIONS: &str = "containerd.runc.v1.CheckpointOptions";
+const LEGACY_CHECKPOINT_OPTIONS: &str = "containerd.linux.runc.CheckpointOptions";
 
 /// The cgroup modes CRIU takes (runc's `--manage-cgroups-mode`).
 const CGROUPS_MODES: [&str; 4] = ["soft", "full", "strict", "ignore"];
@@ -107,13 +194,19 @@ impl CheckpointOptions {
             return Ok(Self::default());
         };
         let name = any.type_url.rsplit('/').next().unwrap_or_default();
-        if name != CHECKPOINT_OPTIONS {
-            return Err(ShimError::InvalidArgument(format!(
-                "unsupported checkpoint options type {:?}: this shim takes {CHECKPOINT_OPTIONS}",
-                any.type_url
-            )));
-        }
-        let o: Self = decode(name, &any.value)?;
+        let o: Self = match name {
+            CHECKPOINT_OPTIONS => decode(name, &any.value)?,
+            LEGACY_CHECKPOINT_OPTIONS => {
+                decode::<LegacyCheckpointOptions>(name, &any.value)?.into()
+            }
+            _ => {
+                return Err(ShimError::InvalidArgument(format!(
+                    "unsupported checkpoint options type {:?}: this shim takes \
+                     {CHECKPOINT_OPTIONS} or {LEGACY_CHECKPOINT_OPTIONS}",
+                    any.type_url
+                )))
+            }
+        };
         if !o.cgroups_mode.is_empty() && !CGROUPS_MODES.contains(&o.cgroups_mode.as_str()) {
             return Err(ShimError::InvalidArgument(format!(
                 "checkpoint option cgroups_mode {:?} is not one of {}",
@@ -140,6 +233,7 @@ impl CheckpointOptions {
 
 const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
 const CRI_OPTIONS: &str = "runtimeoptions.v1.Options";
+const LEGACY_CREATE_OPTIONS: &str = "containerd.linux.runc.CreateOptions";
 
 /// What the engine is asked to honour, from the runtime options. The default is what the shim
 /// does without options.
@@ -158,6 +252,9 @@ pub struct RuntimeOptions {
     pub criu_image_path: Option<PathBuf>,
     /// CRIU's work directory for a restore (runc's `criu_work_path`).
     pub criu_work_path: Option<PathBuf>,
+    /// The cgroup the shim (and its helpers) move into (runc's `shim_cgroup`): a path below
+    /// the cgroup root, as runc's shim takes it.
+    pub shim_cgroup: Option<PathBuf>,
 }
 
 impl RuntimeOptions {
@@ -172,9 +269,10 @@ impl RuntimeOptions {
         match name {
             RUNC_OPTIONS => Self::from_runc(decode(name, &any.value)?, &Host),
             CRI_OPTIONS => Self::from_cri(decode(name, &any.value)?),
+            LEGACY_CREATE_OPTIONS => Self::from_runc(from_legacy(decode(name, &any.value)?), &Host),
             _ => Err(ShimError::InvalidArgument(format!(
-                "unsupported runtime options type {:?}: this shim takes {RUNC_OPTIONS} or \
-                 {CRI_OPTIONS}",
+                "unsupported runtime options type {:?}: this shim takes {RUNC_OPTIONS}, \
+                 {LEGACY_CREATE_OPTIONS} or {CRI_OPTIONS}",
                 any.type_url
             ))),
         }
@@ -202,13 +300,10 @@ impl RuntimeOptions {
                     .into(),
             );
         }
-        if !o.shim_cgroup.is_empty() {
-            return refuse(format!(
-                "runtime option shim_cgroup ({}) cannot be honoured: this shim does not move \
-                 itself into a cgroup yet; remove it from the runtime options",
-                o.shim_cgroup
-            ));
-        }
+        let shim_cgroup = match o.shim_cgroup.as_str() {
+            "" => None,
+            path => Some(cgroup_path(path)?),
+        };
         if o.io_uid != 0 || o.io_gid != 0 {
             return refuse(format!(
                 "runtime options io_uid {} / io_gid {} cannot be honoured: this shim passes \
@@ -253,6 +348,7 @@ impl RuntimeOptions {
             no_pivot_root: o.no_pivot_root,
             criu_image_path: absolute("criu_image_path", &o.criu_image_path)?,
             criu_work_path: absolute("criu_work_path", &o.criu_work_path)?,
+            shim_cgroup,
         })
     }
 
@@ -272,6 +368,46 @@ impl RuntimeOptions {
         }
         Ok(Self::default())
     }
+}
+
+/// The legacy create options as the [`RuncOptions`] fields they stand for. What they carry
+/// for a restore (`open_tcp`, `external_unix_sockets`, `terminal`, `file_locks`,
+/// `empty_namespaces`, `cgroups_mode`) has no counterpart there: a restore takes those from
+/// its checkpoint's record, so they are ignored, with a debug log.
+fn from_legacy(o: LegacyCreateOptions) -> RuncOptions {
+    if o.open_tcp
+        || o.external_unix_sockets
+        || o.terminal
+        || o.file_locks
+        || !o.empty_namespaces.is_empty()
+        || !o.cgroups_mode.is_empty()
+    {
+        tracing::debug!(
+            "ignored: restore options of {LEGACY_CREATE_OPTIONS} (the checkpoint's record decides)"
+        );
+    }
+    RuncOptions {
+        no_pivot_root: o.no_pivot_root,
+        no_new_keyring: o.no_new_keyring,
+        shim_cgroup: o.shim_cgroup,
+        io_uid: o.io_uid,
+        io_gid: o.io_gid,
+        criu_work_path: o.criu_work_path,
+        criu_image_path: o.criu_image_path,
+        ..Default::default()
+    }
+}
+
+/// A cgroup path as runc's `shim_cgroup` takes it, relative to each hierarchy's root: made
+/// only of plain names (no `.` or `..`, which would leave the cgroup filesystem).
+fn cgroup_path(path: &str) -> Result<PathBuf, ShimError> {
+    let names: Vec<&str> = path.split('/').filter(|n| !n.is_empty()).collect();
+    if names.is_empty() || names.iter().any(|n| *n == "." || *n == "..") {
+        return Err(ShimError::InvalidArgument(format!(
+            "runtime option shim_cgroup {path:?} is not a cgroup path (/NAME/...) of plain names"
+        )));
+    }
+    Ok(PathBuf::from(format!("/{}", names.join("/"))))
 }
 
 fn decode<M: prost::Message + Default>(name: &str, bytes: &[u8]) -> Result<M, ShimError> {
@@ -381,13 +517,6 @@ mod tests {
             ),
             (
                 RuncOptions {
-                    shim_cgroup: "/shims".into(),
-                    ..Default::default()
-                },
-                "shim_cgroup",
-            ),
-            (
-                RuncOptions {
                     io_uid: 1000,
                     ..Default::default()
                 },
@@ -415,6 +544,76 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
+    }
+
+    #[test]
+    fn shim_cgroup_is_taken_as_a_path_of_plain_names() {
+        for (given, taken) in [("/shims", "/shims"), ("pods/a/shim", "/pods/a/shim")] {
+            let o = RuncOptions {
+                shim_cgroup: given.into(),
+                ..Default::default()
+            };
+            let got = RuntimeOptions::from_runc(o, &NoSystemd).unwrap();
+            assert_eq!(got.shim_cgroup, Some(PathBuf::from(taken)));
+        }
+        for bad in ["/", "/a/../../etc", "/a/./b"] {
+            let o = RuncOptions {
+                shim_cgroup: bad.into(),
+                ..Default::default()
+            };
+            let e = RuntimeOptions::from_runc(o, &NoSystemd).unwrap_err();
+            assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_legacy_families_mean_what_their_runc_v1_fields_mean() {
+        let legacy = LegacyCreateOptions {
+            no_pivot_root: true,
+            shim_cgroup: "/shims/a".into(),
+            criu_image_path: "/images".into(),
+            criu_work_path: "/work".into(),
+            open_tcp: true,
+            ..Default::default()
+        };
+        let url = "type.googleapis.com/containerd.linux.runc.CreateOptions";
+        let got = RuntimeOptions::from_any(Some(&any(url, legacy.encode_to_vec()))).unwrap();
+        assert_eq!(
+            got,
+            RuntimeOptions {
+                no_pivot_root: true,
+                shim_cgroup: Some(PathBuf::from("/shims/a")),
+                criu_image_path: Some(PathBuf::from("/images")),
+                criu_work_path: Some(PathBuf::from("/work")),
+                ..Default::default()
+            }
+        );
+        // What runc.v1 refuses, the legacy family's field is refused for, naming it.
+        let keyring = LegacyCreateOptions {
+            no_new_keyring: true,
+            ..Default::default()
+        };
+        let e = RuntimeOptions::from_any(Some(&any(url, keyring.encode_to_vec()))).unwrap_err();
+        assert!(e.to_string().contains("no_new_keyring"), "{e}");
+
+        // Checkpoint: image and work paths come from their own (swapped) field numbers.
+        let legacy = LegacyCheckpointOptions {
+            exit: true,
+            image_path: "/img".into(),
+            work_path: "/wrk".into(),
+            ..Default::default()
+        };
+        let url = "type.googleapis.com/containerd.linux.runc.CheckpointOptions";
+        let got = CheckpointOptions::from_any(Some(&any(url, legacy.encode_to_vec()))).unwrap();
+        assert_eq!(
+            got,
+            CheckpointOptions {
+                exit: true,
+                image_path: "/img".into(),
+                work_path: "/wrk".into(),
+                ..Default::default()
+            }
+        );
     }
 
     #[test]

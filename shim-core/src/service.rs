@@ -286,6 +286,20 @@ impl Inner {
             return;
         };
         tracing::info!(container_id, id, pid = r.pid, status = r.status, "exited");
+        // A container without a pid namespace of its own does not lose its processes with
+        // its init: as runc's shim, kill them all before the exit is reported.
+        let bundle = (container_id == id)
+            .then(|| self.table().get(&container_id).map(|c| c.bundle.clone()))
+            .flatten();
+        if bundle.is_some_and(|b| kills_all_on_exit(&b)) {
+            if let Err(e) = self
+                .engine
+                .signal_all(&container_id, Signal::SIGKILL as i32)
+                .await
+            {
+                tracing::warn!(container_id, "cannot kill what is left of it: {e}");
+            }
+        }
         self.publish(
             topics::TASK_EXIT_EVENT_TOPIC,
             Box::new(TaskExit {
@@ -313,6 +327,13 @@ impl Inner {
         let options = RuntimeOptions::from_any(req.options.as_ref()).inspect_err(|e| {
             tracing::error!(id, "create refused: {e}");
         })?;
+        if let Some(path) = &options.shim_cgroup {
+            let mut pids = vec![std::process::id()];
+            pids.extend(self.engine.helper_pids());
+            ContainerCgroup::join_shim(path, &pids).inspect_err(|e| {
+                tracing::error!(id, "create refused: {e}");
+            })?;
+        }
         // containerd unpacks a checkpoint from its content store into a directory and sends
         // its path; a client may instead name CRIU images in the runtime options, as for runc.
         let checkpoint = match (req.checkpoint.as_str(), &options.criu_image_path) {
@@ -896,8 +917,20 @@ impl Inner {
     async fn exec(&self, req: ExecProcessRequest) -> Result<(), ShimError> {
         let _order = self.lifecycle.lock().await;
         let (id, exec_id) = (req.id, req.exec_id);
-        let process: serde_json::Value = serde_json::from_slice(&req.spec.value)
+        let mut process: serde_json::Value = serde_json::from_slice(&req.spec.value)
             .map_err(|e| ShimError::InvalidArgument(format!("exec {exec_id}: bad spec: {e}")))?;
+        // As runc's shim: the request decides whether the process gets a terminal, whatever
+        // its process spec says (a client may ask for one in the IO only).
+        match process.as_object_mut() {
+            Some(p) => {
+                p.insert("terminal".into(), req.terminal.into());
+            }
+            None => {
+                return Err(ShimError::InvalidArgument(format!(
+                    "exec {exec_id}: the process spec is not an object"
+                )))
+            }
+        }
         {
             let mut table = self.table();
             let c = table
@@ -1227,6 +1260,36 @@ impl Inner {
     }
 }
 
+/// Whether the processes of the container of `bundle` must be killed when its init exits:
+/// when it has no pid namespace of its own (the host's, or another container's by path), as
+/// runc's shim decides (`ShouldKillAllOnExit`). An unreadable spec says yes, as there.
+fn kills_all_on_exit(bundle: &Path) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Spec {
+        linux: Option<Linux>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Linux {
+        #[serde(default)]
+        namespaces: Vec<Namespace>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Namespace {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        path: String,
+    }
+    let spec: Option<Spec> = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    !spec.and_then(|s| s.linux).is_some_and(|l| {
+        l.namespaces
+            .iter()
+            .any(|n| n.kind == "pid" && n.path.is_empty())
+    })
+}
+
 /// runc's refusal of an exec into a paused container, word for word (and, as runc's shim
 /// sends it, with code Unknown).
 fn exec_while_paused() -> ShimError {
@@ -1356,5 +1419,34 @@ impl Task for TaskService {
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
         self.inner.shutdown();
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_pid_namespace_of_its_own_keeps_the_processes_after_init() {
+        let bundle = std::env::temp_dir().join(format!("hb-killall-{}", std::process::id()));
+        std::fs::create_dir_all(&bundle).unwrap();
+        let cases = [
+            (
+                r#"{"linux":{"namespaces":[{"type":"pid"},{"type":"mount"}]}}"#,
+                false,
+            ),
+            (r#"{"linux":{"namespaces":[{"type":"mount"}]}}"#, true),
+            (
+                r#"{"linux":{"namespaces":[{"type":"pid","path":"/proc/9/ns/pid"}]}}"#,
+                true,
+            ),
+            (r#"{"process":{}}"#, true),
+            ("not json", true),
+        ];
+        for (spec, kill_all) in cases {
+            std::fs::write(bundle.join("config.json"), spec).unwrap();
+            assert_eq!(kills_all_on_exit(&bundle), kill_all, "{spec}");
+        }
+        std::fs::remove_dir_all(&bundle).unwrap();
     }
 }

@@ -127,6 +127,10 @@ fn unexpected(r: Reply) -> EngineError {
 
 #[async_trait]
 impl Engine for YoukiEngine {
+    fn helper_pids(&self) -> Vec<u32> {
+        vec![self.zygote_pid.as_raw() as u32]
+    }
+
     async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<Spawned, EngineError> {
         if spec.options.systemd_cgroup {
             return Err(EngineError::Unsupported(format!(
