@@ -710,7 +710,22 @@ impl Containerd {
         id: &str,
         args: &[&str],
     ) -> Result<(), ContainerdError> {
-        let mut all = vec!["containers", "create", image, id];
+        self.create_container_on(None, image, id, args)
+    }
+
+    /// [`Containerd::create_container`] with runtime `runtime` (`--runtime`) when given.
+    pub fn create_container_on(
+        &self,
+        runtime: Option<&str>,
+        image: &str,
+        id: &str,
+        args: &[&str],
+    ) -> Result<(), ContainerdError> {
+        let mut all = vec!["containers", "create"];
+        if let Some(runtime) = runtime {
+            all.extend(["--runtime", runtime]);
+        }
+        all.extend([image, id]);
         // ctr 1.6 parses flags anywhere on the line, so an argument such as `sh -c` would be
         // taken as its own `--config`; `--` ends its flags there. ctr 1.7 stops at the first
         // argument and would run `--` as the command.

@@ -17,6 +17,10 @@ pub enum TestBedError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(
+        "runtime {0} is not registered: build its shim first (cargo build --workspace --bins)"
+    )]
+    RuntimeMissing(String),
 }
 
 /// A containerd of one version plus a registry. Images are built (or taken from the cache),
@@ -33,6 +37,22 @@ impl TestBed {
     /// Starts a registry and a default containerd of `version`.
     pub fn start(version: ContainerdVersion) -> Result<Self, TestBedError> {
         Self::with_builder(Containerd::builder(version))
+    }
+
+    /// Starts a default test bed of `version` with `image` pulled, after checking that
+    /// `runtime` is registered (its shim built in the workspace); returns the image's
+    /// reference too.
+    pub fn for_runtime(
+        version: ContainerdVersion,
+        runtime: &str,
+        image: TestImage,
+    ) -> Result<(Self, String), TestBedError> {
+        let bed = Self::start(version)?;
+        if !bed.containerd.runtimes().iter().any(|r| r == runtime) {
+            return Err(TestBedError::RuntimeMissing(runtime.to_string()));
+        }
+        let reference = bed.image(image)?;
+        Ok((bed, reference))
     }
 
     /// Starts a registry and the containerd `builder` describes.

@@ -30,13 +30,7 @@ const OURS: &str = "io.containerd.hyperbox.v1";
 const RUNTIMES: [&str; 2] = [RUNC, OURS];
 
 fn bed(v: ContainerdVersion) -> (TestBed, String) {
-    let bed = TestBed::start(v).expect("test bed");
-    assert!(
-        bed.containerd.runtimes().iter().any(|r| r == OURS),
-        "{OURS} is not registered: build containerd-shim-hyperbox-v1 first"
-    );
-    let image = bed.image(TestImage::Busybox).expect("busybox pulled");
-    (bed, image)
+    TestBed::for_runtime(v, OURS, TestImage::Busybox).expect("test bed with busybox")
 }
 
 fn text(b: &[u8]) -> String {
