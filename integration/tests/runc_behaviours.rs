@@ -9,7 +9,9 @@
 //!   exits;
 //! - runtime option `shim_cgroup` moves the shim into that cgroup, given in runc's
 //!   `containerd.runc.v1.Options` or in the legacy `containerd.linux.runc.CreateOptions` that
-//!   containerd's Go client sends to runtimes not named `io.containerd.runc*`.
+//!   containerd's Go client sends to runtimes not named `io.containerd.runc*`;
+//! - stdin: everything a client writes before CloseIO reaches the process, and a client that
+//!   goes away does not end the process's input.
 //!
 //! The shim binary must be built first (`cargo build --workspace --bins`).
 
@@ -31,13 +33,7 @@ const OURS: &str = "io.containerd.hyperbox.v1";
 const RUNTIMES: [&str; 2] = [RUNC, OURS];
 
 fn bed(v: ContainerdVersion) -> (TestBed, String) {
-    let bed = TestBed::start(v).expect("test bed");
-    assert!(
-        bed.containerd.runtimes().iter().any(|r| r == OURS),
-        "{OURS} is not registered: build containerd-shim-hyperbox-v1 first"
-    );
-    let image = bed.image(TestImage::Busybox).expect("busybox pulled");
-    (bed, image)
+    TestBed::for_runtime(v, OURS, TestImage::Busybox).expect("test bed with busybox")
 }
 
 /// Runs `ctr ARGS` and returns (success, stderr), failing the test if it takes over 20 s.
@@ -119,13 +115,8 @@ fn update_created_as_runc(v: ContainerdVersion) {
     let mut seen = Vec::new();
     for (n, runtime) in RUNTIMES.into_iter().enumerate() {
         let id = format!("upd{n}");
-        let mut create = vec!["containers", "create", "--runtime", runtime, &image, &id];
-        // ctr 1.6 needs `--` before the command's flags; 1.7 must not get it.
-        if v == ContainerdVersion::V1_6 {
-            create.push("--");
-        }
-        create.extend(["sleep", "1000"]);
-        c.ctr_run(&create).expect("container created");
+        c.create_container_on(Some(runtime), &image, &id, &["sleep", "1000"])
+            .expect("container created");
         let pid = rt
             .block_on(client.create_task(CreateTask {
                 container_id: id.clone(),
@@ -397,12 +388,8 @@ fn shim_cgroup_as_runc(v: ContainerdVersion) {
                 ..Default::default()
             })
         };
-        let mut create = vec!["containers", "create", "--runtime", runtime, &image, &id];
-        if v == ContainerdVersion::V1_6 {
-            create.push("--");
-        }
-        create.extend(["sleep", "1000"]);
-        c.ctr_run(&create).expect("container created");
+        c.create_container_on(Some(runtime), &image, &id, &["sleep", "1000"])
+            .expect("container created");
         let created = rt.block_on(client.create_task(CreateTask {
             container_id: id.clone(),
             options: Some(options),
@@ -430,3 +417,94 @@ fn shim_cgroup_as_runc(v: ContainerdVersion) {
     assert_eq!(seen[4], seen[3], "hyperbox vs runc, no such cgroup");
 }
 per_version!(shim_cgroup, shim_cgroup_as_runc);
+
+/// `ctr run` with a payload on its stdin for a process that starts reading a second later:
+/// ctr sends CloseIO once its stdin ends, and the process must still read every byte (the
+/// copy drains the FIFO before the input ends).
+fn stdin_before_close_io_is_kept_as_runc(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    // More than the FIFO and the process's pipe hold together while the process has not
+    // started reading: ctr sends CloseIO with part of it still in the FIFO.
+    let payload = vec![b'z'; 200 * 1024];
+    let mut seen = Vec::new();
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let id = format!("stdin{n}");
+        let mut child = c
+            .ctr()
+            .args(["run", "--rm", "--runtime", runtime, "--fifo-dir"])
+            .arg(c.dir().join("fifo"))
+            .args([&image, &id, "sh", "-c", "sleep 1; wc -c"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ctr run");
+        let mut stdin = child.stdin.take().unwrap();
+        let data = payload.clone();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(&data);
+        });
+        let out = c.wait_ctr(child, Duration::from_secs(60)).expect("ctr");
+        writer.join().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let said = stderr.lines().next().unwrap_or_default().to_string();
+        seen.push((
+            runtime,
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            said,
+        ));
+    }
+    let want = payload.len().to_string();
+    assert!(
+        seen.iter().all(|(_, count, _)| *count == want),
+        "bytes read by the process, {want} written: {seen:?}"
+    );
+}
+per_version!(stdin_before_close_io, stdin_before_close_io_is_kept_as_runc);
+
+/// The client holding a task's stdin is killed: the process does not see the end of its
+/// input and keeps running, as under runc's shim.
+fn stdin_outlives_its_client_as_runc(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    let mut seen = Vec::new();
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let id = format!("stdinkill{n}");
+        let mut child = c
+            .ctr()
+            .args(["run", "--runtime", runtime, "--fifo-dir"])
+            .arg(c.dir().join("fifo"))
+            .args([&image, &id, "sh", "-c", "cat > /dev/null; echo eof"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ctr run");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c
+            .ctr_stdout(&["tasks", "ls"])
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("RUNNING"))
+        {
+            assert!(Instant::now() < deadline, "{runtime}: task not running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        std::thread::sleep(Duration::from_secs(1));
+        let line = c
+            .ctr_stdout(&["tasks", "ls"])
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(&id))
+            .map(|l| l.split_whitespace().last().unwrap_or_default().to_string());
+        seen.push(line);
+        let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", &id]);
+    }
+    assert_eq!(seen[0].as_deref(), Some("RUNNING"), "runc's view");
+    assert_eq!(seen[1], seen[0], "hyperbox vs runc");
+}
+per_version!(stdin_outlives_its_client, stdin_outlives_its_client_as_runc);

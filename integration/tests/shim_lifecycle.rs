@@ -53,6 +53,13 @@ fn run_rm(c: &Containerd, image: &str, id: &str, stdin: Option<&[u8]>, cmd: &[&s
     if let Some(data) = stdin {
         let mut w = child.stdin.take().unwrap();
         w.write_all(data).unwrap();
+        // ctr sends CloseIO when its stdin ends only once the task exists (before, it just
+        // closes the FIFO, and the process's input never ends: runc's shim holds a write end
+        // until CloseIO, and so does ours). End it once the task runs.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while task_line(c, id).is_none_or(|l| !l.contains("RUNNING")) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
     }
     c.wait_ctr(child, Duration::from_secs(60)).expect("ctr")
 }

@@ -53,7 +53,7 @@ impl Console {
             .spawn(move || copy_output(&reader, stdout, &exited_r));
         if let Err(e) = copy {
             if let Some(f) = &stdin {
-                f.close();
+                f.abort();
             }
             return Err(io_err("start the output copy of")(e));
         }

@@ -398,7 +398,7 @@ impl Inner {
             Ok(Spawned { pid, console }) => (pid, console),
             Err(e) => {
                 if let Some(f) = feeder {
-                    f.close();
+                    f.abort();
                 }
                 tracing::error!(id, "create failed: {e}");
                 return Err(e.into());
@@ -874,7 +874,7 @@ impl Inner {
             Ok(Spawned { pid, console }) => (pid, console),
             Err(e) => {
                 if let Some(f) = feeder {
-                    f.close();
+                    f.abort();
                 }
                 return Err(e.into());
             }
@@ -1098,6 +1098,9 @@ impl Inner {
                 )));
             }
             let p = c.execs.remove(&exec_id).expect("looked up above");
+            if let Some(f) = &p.stdin {
+                f.abort();
+            }
             let exit = p.exit.unwrap_or(Exit {
                 status: 0,
                 at: SystemTime::now(),
@@ -1142,8 +1145,10 @@ impl Inner {
             .table()
             .remove(&id)
             .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
-        if let Some(f) = &c.init.stdin {
-            f.close();
+        for p in std::iter::once(&c.init).chain(c.execs.values()) {
+            if let Some(f) = &p.stdin {
+                f.abort();
+            }
         }
         let exit = c.init.exit.unwrap_or(Exit {
             status: 128 + Signal::SIGKILL as u32,

@@ -374,37 +374,72 @@ fn fifo_reader(path: &str) -> Option<OwnedFd> {
 }
 
 /// Copies a stdin FIFO into the process's stdin pipe (or its terminal's master, see `Console`)
-/// on a thread of its own, until the FIFO's writer closes it or [`StdinFeeder::close`] is
-/// called.
+/// on a thread of its own.
+///
+/// As runc's shim does, the shim holds a write end of the FIFO itself until CloseIO: the
+/// process reads end-of-file only once CloseIO came and every client has closed its end and
+/// all they wrote is copied; a client that goes away (`ctr` killed) does not end the process's
+/// input. CloseIO ([`StdinFeeder::close`]) drops only that write end, so nothing written
+/// before it is lost; Delete ([`StdinFeeder::abort`]) stops the copy at once.
 #[derive(Debug, Clone)]
 pub struct StdinFeeder {
     pipe: Arc<Mutex<Option<File>>>,
+    held: Arc<Mutex<Option<File>>>,
 }
 
 impl StdinFeeder {
     pub(crate) fn spawn(fifo: &str, pipe: File) -> Result<Self, ShimError> {
+        let io_err = |what: &'static str| {
+            let path = fifo.to_string();
+            move |source: io::Error| ShimError::Io {
+                what,
+                path: path.into(),
+                source,
+            }
+        };
+        // The read end without waiting for a writer, then the shim's own write end (which
+        // opens at once, a reader being there); reads block from then on.
+        let src = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+            .map_err(io_err("open the stdin FIFO"))?;
+        let held = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+            .map_err(io_err("hold a write end of the stdin FIFO"))?;
+        set_blocking(&src).map_err(io_err("set blocking reads on the stdin FIFO"))?;
         let pipe = Arc::new(Mutex::new(Some(pipe)));
-        let feeder = StdinFeeder { pipe: pipe.clone() };
-        let path = fifo.to_string();
-        let fifo = fifo.to_string();
+        let feeder = StdinFeeder {
+            pipe: pipe.clone(),
+            held: Arc::new(Mutex::new(Some(held))),
+        };
+        let name = fifo.to_string();
         thread::Builder::new()
             .name("stdin".into())
             .spawn(move || {
-                if let Err(e) = feed(&fifo, &pipe) {
-                    tracing::warn!(fifo, "stdin copy ended: {e}");
+                if let Err(e) = feed(src, &pipe) {
+                    tracing::warn!(fifo = name, "stdin copy ended: {e}");
                 }
                 pipe.lock().unwrap_or_else(PoisonError::into_inner).take();
             })
-            .map_err(|source| ShimError::Io {
-                what: "start the stdin copy of",
-                path: path.into(),
-                source,
-            })?;
+            .map_err(io_err("start the stdin copy of"))?;
         Ok(feeder)
     }
 
-    /// Closes the process's stdin (CloseIO): it reads end-of-file once the pipe is drained.
+    /// CloseIO: the process's input ends once the clients have closed the FIFO and what they
+    /// wrote is copied.
     pub fn close(&self) {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// Ends the process's input now (Delete, or a process that could not be started).
+    pub fn abort(&self) {
+        self.close();
         self.pipe
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -412,9 +447,19 @@ impl StdinFeeder {
     }
 }
 
-fn feed(fifo: &str, pipe: &Mutex<Option<File>>) -> io::Result<()> {
-    // Blocks until the writer (containerd's client) opens its end.
-    let mut src = File::open(fifo)?;
+fn set_blocking(f: &File) -> io::Result<()> {
+    // SAFETY: F_GETFL and F_SETFL on a descriptor this function borrows only read and set
+    // its status flags.
+    unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn feed(mut src: File, pipe: &Mutex<Option<File>>) -> io::Result<()> {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = match src.read(&mut buf) {
@@ -450,7 +495,7 @@ mod tests {
     }
 
     #[test]
-    fn stdin_reaches_the_pipe_and_ends_with_the_writer() {
+    fn stdin_ends_after_close_io_and_the_writer_with_nothing_lost() {
         let dir = temp_dir("stdin");
         let fifo = dir.join("stdin");
         mkfifo(&fifo);
@@ -459,17 +504,62 @@ mod tests {
             ..Default::default()
         };
         let opened = paths.open(OWNER).unwrap();
-        let (stdio, feeder) = (opened.fds, opened.stdin);
-        assert!(feeder.is_some());
+        let (stdio, feeder) = (opened.fds, opened.stdin.expect("a feeder"));
+        let mut process = File::from(stdio.stdin.unwrap());
+        // Written and closed by the client, then CloseIO at once: every byte arrives.
+        let data = vec![b'x'; 256 * 1024];
+        let writer_data = data.clone();
         let mut writer = OpenOptions::new().write(true).open(&fifo).unwrap();
-        writer.write_all(b"x\n").unwrap();
-        drop(writer);
-        let mut got = String::new();
-        File::from(stdio.stdin.unwrap())
-            .read_to_string(&mut got)
-            .unwrap();
-        assert_eq!(got, "x\n");
+        let client = std::thread::spawn(move || writer.write_all(&writer_data).unwrap());
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < 1024 {
+            let n = process.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        feeder.close();
+        process.read_to_end(&mut got).unwrap();
+        client.join().unwrap();
+        assert_eq!(got.len(), data.len());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_client_going_away_does_not_end_the_input() {
+        let dir = temp_dir("stdin-gone");
+        let fifo = dir.join("stdin");
+        mkfifo(&fifo);
+        let paths = StdioPaths {
+            stdin: fifo.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let opened = paths.open(OWNER).unwrap();
+        let (stdio, feeder) = (opened.fds, opened.stdin.expect("a feeder"));
+        let process = File::from(stdio.stdin.unwrap());
+        let mut writer = OpenOptions::new().write(true).open(&fifo).unwrap();
+        writer.write_all(b"a\n").unwrap();
+        drop(writer);
+        std::thread::sleep(Duration::from_millis(200));
+        // The byte is there and no end-of-file follows it: poll says readable once, then the
+        // pipe stays open (a nonblocking read finds nothing rather than EOF).
+        set_nonblocking(&process);
+        let mut buf = [0u8; 16];
+        assert_eq!((&process).read(&mut buf).unwrap(), 2);
+        let more = (&process).read(&mut buf);
+        assert_eq!(more.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        // Delete ends it at once.
+        feeder.abort();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!((&process).read(&mut buf).unwrap(), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn set_nonblocking(f: &File) {
+        // SAFETY: sets a status flag of a descriptor the test owns.
+        unsafe {
+            let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
     }
 
     #[test]
