@@ -713,6 +713,19 @@ impl Containerd {
         self.create_container_on(None, image, id, args)
     }
 
+    /// `ctr run -d --null-io --runtime RUNTIME IMAGE ID CMD...`: a task left running.
+    pub fn run_detached(
+        &self,
+        runtime: &str,
+        image: &str,
+        id: &str,
+        cmd: &[&str],
+    ) -> Result<(), ContainerdError> {
+        let mut args = vec!["run", "-d", "--null-io", "--runtime", runtime, image, id];
+        args.extend_from_slice(cmd);
+        self.ctr_run(&args).map(drop)
+    }
+
     /// [`Containerd::create_container`] with runtime `runtime` (`--runtime`) when given.
     pub fn create_container_on(
         &self,

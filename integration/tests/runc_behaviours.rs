@@ -63,18 +63,8 @@ fn exec_into_paused_as_runc(v: ContainerdVersion) {
     let mut seen = Vec::new();
     for (n, runtime) in RUNTIMES.into_iter().enumerate() {
         let id = format!("paused{n}");
-        c.ctr_run(&[
-            "run",
-            "-d",
-            "--null-io",
-            "--runtime",
-            runtime,
-            &image,
-            &id,
-            "sleep",
-            "1000",
-        ])
-        .unwrap_or_else(|e| panic!("{runtime}: {e}"));
+        c.run_detached(runtime, &image, &id, &["sleep", "1000"])
+            .unwrap_or_else(|e| panic!("{runtime}: {e}"));
         assert!(ctr(c, &["tasks", "pause", &id]).0, "{runtime} pause");
         let (ok, stderr) = ctr(c, &["tasks", "exec", "--exec-id", "frozen", &id, "true"]);
         let refused = (ok, stderr.replace(&id, "ID"));
@@ -152,18 +142,8 @@ fn exec_terminal_from_request_as_runc(v: ContainerdVersion) {
     let mut seen = Vec::new();
     for (n, runtime) in RUNTIMES.into_iter().enumerate() {
         let id = format!("tty{n}");
-        c.ctr_run(&[
-            "run",
-            "-d",
-            "--null-io",
-            "--runtime",
-            runtime,
-            &image,
-            &id,
-            "sleep",
-            "1000",
-        ])
-        .unwrap_or_else(|e| panic!("{runtime}: {e}"));
+        c.run_detached(runtime, &image, &id, &["sleep", "1000"])
+            .unwrap_or_else(|e| panic!("{runtime}: {e}"));
         let fifo = c.dir().join(format!("tty{n}.out"));
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
             .expect("mkfifo");

@@ -231,18 +231,8 @@ fn state_is_private_as_runc(v: ContainerdVersion) {
     let mut seen = Vec::new();
     for (n, (runtime, root)) in RUNTIMES.into_iter().zip(&roots).enumerate() {
         let id = format!("state{n}");
-        c.ctr_run(&[
-            "run",
-            "-d",
-            "--null-io",
-            "--runtime",
-            runtime,
-            &image,
-            &id,
-            "sleep",
-            "1000",
-        ])
-        .unwrap_or_else(|e| panic!("{runtime}: {e}"));
+        c.run_detached(runtime, &image, &id, &["sleep", "1000"])
+            .unwrap_or_else(|e| panic!("{runtime}: {e}"));
         let ns_root = root.join(c.namespace());
         let dir = ns_root.join(&id);
         seen.push((mode(&ns_root), mode(&dir), mode(&dir.join("state.json"))));
