@@ -12,7 +12,6 @@
 //!
 //! The shim binary must be built first (`cargo build --workspace --bins`).
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -268,21 +267,41 @@ fn state_is_private_as_runc(v: ContainerdVersion) {
 }
 per_version!(state_is_private, state_is_private_as_runc);
 
-/// A descriptor containerd inherited without close-on-exec (from whatever started it) does
-/// not reach the container's hooks through our shim.
+/// A descriptor a shim is handed without close-on-exec (by containerd, from whatever started
+/// it, or by an embedding program) does not reach the container's hooks through ours. Each
+/// shim is started through a wrapper that opens such a descriptor and execs the real shim:
+/// runc's shim passes it on to runc and its hooks, which shows the scenario happens.
 fn leaked_fds_reach_no_hook(v: ContainerdVersion) {
-    let marker = std::env::temp_dir().join(format!("hyperbox-leaked-fd-{}", std::process::id()));
-    let leaked = std::fs::File::create(&marker).unwrap();
-    // SAFETY: clears close-on-exec of a descriptor this test owns, so the containerd started
-    // next inherits it, as a daemon started by a careless parent does.
-    unsafe { libc::fcntl(leaked.as_raw_fd(), libc::F_SETFD, 0) };
-    let bed = TestBed::start(v).expect("test bed");
-    drop(leaked);
+    let scratch = std::env::temp_dir().join(format!("hb-leak-{}-{v}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let marker = scratch.join("hyperbox-leaked-fd");
+    std::fs::write(&marker, "").unwrap();
+    let wrap = |name: &str, real: &Path| {
+        let path = scratch.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nexec 7<{}\nexec {} \"$@\"\n",
+                marker.display(),
+                real.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    };
+    let runc_shim = wrap("runc-shim", &v.bin_dir().join("containerd-shim-runc-v2"));
+    let ours = hyperbox_integration::host::workspace_binary("containerd-shim-hyperbox-v1")
+        .expect("containerd-shim-hyperbox-v1 built");
+    let our_shim = wrap("our-shim", &ours);
+    let bed = TestBed::with_builder(
+        hyperbox_integration::containerd::Containerd::builder(v)
+            .with_workspace_shims(false)
+            .with_shim(RUNC, runc_shim)
+            .with_shim(OURS, our_shim),
+    )
+    .expect("test bed");
     let c = &bed.containerd;
-    assert!(
-        c.runtimes().iter().any(|r| r == OURS),
-        "{OURS} not registered"
-    );
     let mut seen = Vec::new();
     for (n, runtime) in RUNTIMES.into_iter().enumerate() {
         let id = format!("fds{n}");
@@ -316,11 +335,12 @@ fn leaked_fds_reach_no_hook(v: ContainerdVersion) {
         }
         seen.push(fds);
     }
-    let _ = std::fs::remove_file(&marker);
+    let _ = std::fs::remove_dir_all(&scratch);
     let name = marker.file_name().unwrap().to_string_lossy().into_owned();
-    eprintln!(
-        "runc's shim passes the leaked descriptor to hooks: {}",
-        seen[0].contains(&name)
+    assert!(
+        seen[0].contains(&name),
+        "runc's hooks did not get the descriptor: the scenario did not happen\n{}",
+        seen[0]
     );
     assert!(
         !seen[1].contains(&name),
