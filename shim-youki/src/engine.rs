@@ -65,6 +65,18 @@ fn console_socket(stdio: &ProcessStdio) -> Result<Option<ConsoleSocket>, EngineE
         .transpose()
 }
 
+/// The terminal master the new process sent on `console`, if it asked for one; received off
+/// the runtime's threads, as it may take up to the console's limit.
+async fn receive_master(console: Option<ConsoleSocket>) -> Result<Option<OwnedFd>, EngineError> {
+    let Some(console) = console else {
+        return Ok(None);
+    };
+    tokio::task::spawn_blocking(move || console.receive_master())
+        .await
+        .map_err(|e| EngineError::Failed(format!("receiving the terminal panicked: {e}")))?
+        .map(Some)
+}
+
 fn split(stdio: ProcessStdio, console: Option<&ConsoleSocket>) -> (StdioMask, Vec<OwnedFd>) {
     let mask = StdioMask {
         stdin: stdio.stdin.is_some(),
@@ -85,12 +97,24 @@ impl YoukiEngine {
         let sock = self.zygote.clone();
         let zygote = self.zygote_pid;
         let reply = tokio::task::spawn_blocking(move || {
-            let sock = sock.lock().unwrap_or_else(PoisonError::into_inner);
-            wire::send(sock.as_fd(), &req, &fds)?;
-            drop(fds);
-            wire::recv::<Reply>(sock.as_fd())?
+            let (reply, mut fds) = {
+                let sock = sock.lock().unwrap_or_else(PoisonError::into_inner);
+                wire::send(sock.as_fd(), &req, &fds)?;
+                drop(fds);
+                wire::recv::<Reply>(sock.as_fd())?
+                    .ok_or_else(|| format!("the zygote (pid {zygote}) exited"))?
+            };
+            // A long request goes on in a worker of the zygote: its answer comes on a socket
+            // of its own, waited for without holding the zygote's.
+            if !matches!(reply, Reply::Detached) {
+                return Ok(reply);
+            }
+            let worker = fds
+                .pop()
+                .ok_or_else(|| "the zygote detached a request without a socket".to_string())?;
+            wire::recv::<Reply>(worker.as_fd())?
                 .map(|(r, _)| r)
-                .ok_or_else(|| format!("the zygote (pid {zygote}) exited"))
+                .ok_or_else(|| "the zygote's worker exited without an answer".to_string())
         })
         .await
         .map_err(|e| EngineError::Failed(format!("zygote call: {e}")))?
@@ -163,8 +187,7 @@ impl Engine for YoukiEngine {
             Reply::Pid(pid) => pid,
             other => return Err(unexpected(other)),
         };
-        // The process sent its master before the zygote replied: this does not wait.
-        match console.map(|c| c.receive_master()).transpose() {
+        match receive_master(console).await {
             Ok(console) => Ok(Spawned { pid, console }),
             Err(e) => {
                 if let Err(clean) = self.delete(&spec.id, &spec.bundle).await {
@@ -197,7 +220,7 @@ impl Engine for YoukiEngine {
             Reply::Pid(pid) => pid,
             other => return Err(unexpected(other)),
         };
-        match console.map(|c| c.receive_master()).transpose() {
+        match receive_master(console).await {
             Ok(console) => Ok(Spawned { pid, console }),
             Err(e) => {
                 // A process without its terminal's copies would hang its client.

@@ -96,6 +96,9 @@ pub enum Reply {
     Captured(Captured),
     Done,
     Failed(EngineError),
+    /// The request goes on in a worker of the zygote, which answers on the socket sent
+    /// with this reply: the zygote serves other requests meanwhile.
+    Detached,
 }
 
 /// A connected socket pair: (shim end, zygote end), both close-on-exec.

@@ -58,7 +58,7 @@ pub fn spawn(
         Ok(ForkResult::Child) => {
             drop(shim_end);
             let code = match become_zygote(parent) {
-                Ok(()) => serve(&zygote_end, &root, &namespace, executors.as_mut()),
+                Ok(()) => serve(&zygote_end, parent, &root, &namespace, executors.as_mut()),
                 Err(e) => {
                     tracing::error!("zygote setup: {e}");
                     1
@@ -104,7 +104,13 @@ fn become_zygote(parent: Pid) -> io::Result<()> {
 }
 
 /// Answers requests until the shim closes its end.
-fn serve(sock: &OwnedFd, root: &Path, namespace: &str, executors: &mut dyn ExecutorFactory) -> i32 {
+fn serve(
+    sock: &OwnedFd,
+    shim: Pid,
+    root: &Path,
+    namespace: &str,
+    executors: &mut dyn ExecutorFactory,
+) -> i32 {
     let mut roots = StateRoots {
         default: root.to_path_buf(),
         by_id: HashMap::new(),
@@ -119,15 +125,112 @@ fn serve(sock: &OwnedFd, root: &Path, namespace: &str, executors: &mut dyn Execu
                 return 1;
             }
         };
-        let reply = match handle(&mut roots, executors, req, fds) {
-            Ok(r) => r,
-            Err(e) => Reply::Failed(e),
+        let (reply, fds) = if runs_long(&req) {
+            match detach(sock, shim, &mut roots, executors, req, fds) {
+                Ok(worker) => (Reply::Detached, vec![worker]),
+                Err(e) => (Reply::Failed(e), Vec::new()),
+            }
+        } else {
+            match handle(&mut roots, executors, req, fds) {
+                Ok(r) => (r, Vec::new()),
+                Err(e) => (Reply::Failed(e), Vec::new()),
+            }
         };
-        if let Err(e) = wire::send(sock.as_fd(), &reply, &[]) {
+        if let Err(e) = wire::send(sock.as_fd(), &reply, &fds) {
             tracing::error!("zygote: {e}");
             return 1;
         }
     }
+}
+
+/// Requests that run CRIU against a running container, for as long as CRIU takes: they
+/// change nothing the zygote keeps, so a worker can answer them while the zygote goes on
+/// (a hung dump must not hold up the Delete, signal or exec of any container).
+fn runs_long(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Checkpoint { .. } | Request::CaptureTemplate { .. }
+    )
+}
+
+/// Hands `req` to a worker: a grandchild of the zygote (its parent exits at once, so it is
+/// reparented to the shim, the subreaper, which reaps it) that answers on a socket of its
+/// own and exits. Returns the shim's end of that socket.
+fn detach(
+    sock: &OwnedFd,
+    shim: Pid,
+    roots: &mut StateRoots,
+    executors: &mut dyn ExecutorFactory,
+    req: Request,
+    fds: Vec<OwnedFd>,
+) -> Result<OwnedFd, EngineError> {
+    let (shim_end, worker_end) = wire::pair()
+        .map_err(|e| EngineError::Failed(format!("cannot create a socket pair: {e}")))?;
+    // SAFETY: the zygote has one thread, so the child is a complete copy and may run any code.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { child }) => {
+            drop(worker_end);
+            // The intermediate exits at once.
+            let _ = nix::sys::wait::waitpid(child, None);
+            Ok(shim_end)
+        }
+        Ok(ForkResult::Child) => {
+            drop(shim_end);
+            // SAFETY: still one thread; the worker is a complete copy too.
+            match unsafe { fork() } {
+                Ok(ForkResult::Child) => {}
+                // SAFETY: ends the intermediate without running anything of the zygote's.
+                _ => unsafe { libc::_exit(0) },
+            }
+            // The zygote's socket is the zygote's alone; without it the worker cannot read
+            // or answer another request by mistake.
+            // SAFETY: the fd is not used again in this process, which ends with `_exit`.
+            unsafe { libc::close(std::os::fd::AsRawFd::as_raw_fd(sock)) };
+            let code = match become_worker(shim) {
+                Ok(()) => {
+                    let reply = match handle(roots, executors, req, fds) {
+                        Ok(r) => r,
+                        Err(e) => Reply::Failed(e),
+                    };
+                    match wire::send(worker_end.as_fd(), &reply, &[]) {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            tracing::error!("zygote worker: {e}");
+                            1
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("zygote worker setup: {e}");
+                    1
+                }
+            };
+            // SAFETY: as the zygote's own end.
+            unsafe { libc::_exit(code) }
+        }
+        Err(e) => Err(EngineError::Failed(format!(
+            "cannot fork a zygote worker: {e}"
+        ))),
+    }
+}
+
+/// Ties a worker's life to the shim's, once it has been reparented to it.
+fn become_worker(shim: Pid) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while nix::unistd::getppid() != shim {
+        if nix::unistd::getppid().as_raw() == 1 || std::time::Instant::now() > deadline {
+            return Err(io::Error::other("the shim is gone"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and changes no memory.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if nix::unistd::getppid() != shim {
+        return Err(io::Error::other("the shim exited"));
+    }
+    Ok(())
 }
 
 /// Where each container's state lives: under the default root, or under the one its runtime
