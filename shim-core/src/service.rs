@@ -1,10 +1,20 @@
 //! The containerd task service: the process table, the lifecycle calls and their events.
 //!
-//! One lock, `lifecycle`, orders everything that changes a process's state and publishes an
-//! event about it: Create, Start and exit handling each hold it across their engine call and
-//! their event. So an exit is never handled before the Create or Start of its process has
-//! registered the pid and sent TaskCreate/TaskStart, and containerd always sees TaskCreate,
-//! TaskStart, TaskExit, TaskDelete in that order.
+//! No request waits behind work that can block for long (a CRIU dump, a logger that is slow
+//! to start, a terminal that never comes, a frozen cgroup): Kill, State and Wait take no
+//! lock at all, and exits are handled without one.
+//!
+//! - Each container has a lock of its own that orders the calls that change its processes'
+//!   states: Create, Start, Pause, Resume and Delete. They hold it across their engine call
+//!   and their event, never across the opening of a process's streams (done before, off the
+//!   runtime's threads). Checkpoint and template capture do not hold it: a container marks
+//!   one as under way, so a second is refused while Kill, Resume and Delete go on.
+//! - An exit is recorded (and Wait answered) as soon as it is reaped. Its TaskExit event is
+//!   held while the process's TaskCreate/TaskStart/TaskExecStarted is not out yet, so
+//!   containerd always sees TaskCreate, TaskStart, TaskExit, TaskDelete in that order.
+//! - An exit reaped before the engine has returned the pid of its process (a restored
+//!   process, or an exec that ends at once) is kept aside while a spawn is under way and
+//!   handed to that spawn once it knows its pid.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,7 +53,7 @@ use crate::engine::{
 use crate::error::{EngineError, ShimError};
 use crate::options::{CheckpointOptions, RuntimeOptions};
 use crate::reaper::Reaped;
-use crate::stdio::{OutputCopy, StdinFeeder, StdioPaths, StreamOwner};
+use crate::stdio::{OpenedStdio, OutputCopy, StdinFeeder, StdioPaths, StreamOwner};
 use crate::template::{self, CapturePlan, Captured, Readiness, TemplateCapture, TemplatePlan};
 
 /// How long Delete waits for a created-but-never-started init to die after SIGKILL.
@@ -83,6 +93,10 @@ struct Process {
     exec: Option<ExecSpec>,
     /// Read ends of its output FIFOs, held until it exits (see `OpenedStdio`).
     fifo_readers: Vec<std::os::fd::OwnedFd>,
+    /// Whether the event of its last state change (TaskCreate, TaskStart, TaskExecStarted)
+    /// is out; until it is, its TaskExit waits in `held_exit`.
+    announced: bool,
+    held_exit: Option<TaskExit>,
 }
 
 impl Process {
@@ -98,6 +112,8 @@ impl Process {
             console: None,
             exec: None,
             fifo_readers: Vec::new(),
+            announced: true,
+            held_exit: None,
         }
     }
 
@@ -134,6 +150,10 @@ struct Container {
     restored: bool,
     /// The template to capture once it is ready (annotations), taken by Start.
     capture: Option<TemplateCapturePlan>,
+    /// A checkpoint or capture under way (its name), during which another is refused.
+    busy: Option<&'static str>,
+    /// Execs the engine is starting, whose pids are not in the table yet.
+    exec_spawns: usize,
 }
 
 /// A capture a container asked for, with the rootfs mounts the engine needs for it.
@@ -171,8 +191,70 @@ struct Inner {
     publisher: RemotePublisher,
     namespace: String,
     exit: Arc<ExitSignal>,
-    lifecycle: tokio::sync::Mutex<()>,
+    /// Each container's lifecycle lock (see the module's documentation).
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     containers: Mutex<HashMap<String, Container>>,
+    /// Exits whose pid no process held when reaped, kept while a spawn is under way.
+    early: Mutex<EarlyExits>,
+    /// Held from the recording of an exit to the end of its TaskExit's publication, and by
+    /// Delete for its TaskDelete: a TaskDelete never overtakes the exit it follows.
+    exits: tokio::sync::Mutex<()>,
+}
+
+/// Exits reaped while the engine was spawning a process whose pid was not known yet.
+#[derive(Debug, Default)]
+struct EarlyExits {
+    /// Spawns under way; with none, nothing is kept (helpers' exits are not asked for).
+    spawning: usize,
+    exits: HashMap<u32, Reaped>,
+}
+
+/// A spawn under way (see [`EarlyExits`]); ends when dropped, if not before.
+struct Spawning<'a> {
+    inner: &'a Inner,
+    ended: bool,
+}
+
+impl Spawning<'_> {
+    /// Ends the spawn of the process that got `pid`, returning its exit if it was already
+    /// reaped. Called with the table locked, after the pid was recorded there, so that no
+    /// exit can fall between the table and the kept exits.
+    fn end(mut self, _table: &HashMap<String, Container>, pid: u32) -> Option<Reaped> {
+        self.ended = true;
+        let mut early = self.inner.early();
+        let exit = early.exits.remove(&pid);
+        early.spawning -= 1;
+        if early.spawning == 0 {
+            early.exits.clear();
+        }
+        exit
+    }
+}
+
+/// A checkpoint or capture under way (see `Container::busy`); over when dropped.
+struct Busy<'a> {
+    inner: &'a Inner,
+    id: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.inner.table().get_mut(&self.id) {
+            c.busy = None;
+        }
+    }
+}
+
+impl Drop for Spawning<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let mut early = self.inner.early();
+            early.spawning -= 1;
+            if early.spawning == 0 {
+                early.exits.clear();
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -209,14 +291,16 @@ impl TaskService {
             publisher,
             namespace,
             exit,
-            lifecycle: tokio::sync::Mutex::new(()),
+            locks: Mutex::new(HashMap::new()),
             containers: Mutex::new(HashMap::new()),
+            early: Mutex::new(EarlyExits::default()),
+            exits: tokio::sync::Mutex::new(()),
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
             while let Some(r) = reaped.recv().await {
                 let Some(inner) = weak.upgrade() else { return };
-                inner.handle_exit(r).await;
+                inner.reaped(r);
             }
         });
         TaskService { inner }
@@ -240,85 +324,198 @@ impl Inner {
         }
     }
 
-    async fn handle_exit(&self, r: Reaped) {
-        let _order = self.lifecycle.lock().await;
+    fn early(&self) -> MutexGuard<'_, EarlyExits> {
+        self.early.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes container `id`'s lifecycle lock.
+    async fn order(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Drops the lock of container `id`, gone, unless another call still waits on it.
+    fn forget_lock(&self, id: &str) {
+        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        // The map's reference and the caller's guard's.
+        if locks.get(id).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            locks.remove(id);
+        }
+    }
+
+    /// Marks a spawn under way: exits of unknown pids are kept until it ends.
+    fn spawning(&self) -> Spawning<'_> {
+        self.early().spawning += 1;
+        Spawning {
+            inner: self,
+            ended: false,
+        }
+    }
+
+    /// A reaped child: the exit of one of the table's processes is handled on a task of its
+    /// own (it may wait for the process's log and kill what is left of its container); the
+    /// exit of a pid no process holds is kept while a spawn may yet claim it.
+    fn reaped(self: &Arc<Self>, r: Reaped) {
+        let found = {
+            let table = self.table();
+            let found = table.iter().find_map(|(id, c)| {
+                if c.init.pid == r.pid && c.init.state != State::Stopped {
+                    return Some((id.clone(), String::new()));
+                }
+                c.execs
+                    .iter()
+                    .find(|(_, p)| p.pid == r.pid && p.state == State::Running)
+                    .map(|(exec_id, _)| (id.clone(), exec_id.clone()))
+            });
+            if found.is_none() {
+                let mut early = self.early();
+                if early.spawning > 0 {
+                    early.exits.insert(r.pid, r);
+                }
+            }
+            found
+        };
+        match found {
+            Some((id, exec_id)) => {
+                let inner = self.clone();
+                tokio::spawn(async move { inner.handle_exit(&id, &exec_id, r).await });
+            }
+            None => tracing::debug!(pid = r.pid, status = r.status, "reaped a helper process"),
+        }
+    }
+
+    /// Records the exit `r` of process `exec_id` of container `id` and reports it.
+    async fn handle_exit(&self, id: &str, exec_id: &str, r: Reaped) {
         let exit = Exit {
             status: r.status,
             at: r.at,
         };
+        let ours = |p: &Process| p.pid == r.pid && p.state != State::Stopped;
         // The process's `file://` log gets everything it wrote before anyone hears of its
         // exit (a pid namespace's processes die with its init, so the pipe closes at once;
         // an exec's children may hold it, hence the limit).
-        let output = {
+        let (output, bundle) = {
             let table = self.table();
-            table.values().find_map(|c| {
-                std::iter::once(&c.init)
-                    .chain(c.execs.values())
-                    .find(|p| p.pid == r.pid && p.state != State::Stopped)
-                    .and_then(|p| p.output.clone())
-            })
+            let Some(c) = table.get(id) else { return };
+            let Ok(p) = c.process(id, exec_id) else {
+                return;
+            };
+            (
+                p.output.clone().filter(|_| ours(p)),
+                exec_id.is_empty().then(|| c.bundle.clone()),
+            )
         };
         if let Some(copy) = output {
             copy.drained(LOG_DRAIN_WAIT).await;
         }
-        let mut found = None;
-        {
-            let mut table = self.table();
-            for (id, c) in table.iter_mut() {
-                if c.init.pid == r.pid && c.init.state != State::Stopped {
-                    c.init.set_exit(exit);
-                    found = Some((id.clone(), id.clone()));
-                    break;
-                }
-                if let Some((exec_id, p)) = c
-                    .execs
-                    .iter_mut()
-                    .find(|(_, p)| p.pid == r.pid && p.state == State::Running)
-                {
-                    p.set_exit(exit);
-                    found = Some((id.clone(), exec_id.clone()));
-                    break;
-                }
-            }
-        }
-        let Some((container_id, id)) = found else {
-            tracing::debug!(pid = r.pid, status = r.status, "reaped a helper process");
-            return;
-        };
-        tracing::info!(container_id, id, pid = r.pid, status = r.status, "exited");
         // A container without a pid namespace of its own does not lose its processes with
         // its init: as runc's shim, kill them all before the exit is reported.
-        let bundle = (container_id == id)
-            .then(|| self.table().get(&container_id).map(|c| c.bundle.clone()))
-            .flatten();
         if bundle.is_some_and(|b| kills_all_on_exit(&b)) {
-            if let Err(e) = self
-                .engine
-                .signal_all(&container_id, Signal::SIGKILL as i32)
-                .await
-            {
-                tracing::warn!(container_id, "cannot kill what is left of it: {e}");
+            if let Err(e) = self.engine.signal_all(id, Signal::SIGKILL as i32).await {
+                tracing::warn!(id, "cannot kill what is left of it: {e}");
             }
         }
-        self.publish(
-            topics::TASK_EXIT_EVENT_TOPIC,
-            Box::new(TaskExit {
-                container_id,
-                id,
+        // Recorded at once (Wait answers); published when `releasable` says.
+        let _exits = self.exits.lock().await;
+        let events = {
+            let mut table = self.table();
+            let Some(p) = table
+                .get_mut(id)
+                .and_then(|c| c.process_mut(id, exec_id).ok())
+                .filter(|p| ours(p))
+            else {
+                return;
+            };
+            p.set_exit(exit);
+            p.held_exit = Some(TaskExit {
+                container_id: id.to_string(),
+                id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
                 pid: r.pid,
                 exit_status: r.status,
                 exited_at: timestamp(r.at),
                 ..Default::default()
-            }),
-        )
-        .await;
+            });
+            table.get_mut(id).map(releasable).unwrap_or_default()
+        };
+        self.publish_exits(events).await;
+    }
+
+    /// Publishes the TaskExits `releasable` gave, in order.
+    async fn publish_exits(&self, events: Vec<TaskExit>) {
+        for event in events {
+            tracing::info!(
+                id = event.container_id,
+                exec_id = event.id,
+                pid = event.pid,
+                status = event.exit_status,
+                "exited"
+            );
+            self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event))
+                .await;
+        }
+    }
+
+    /// Publishes the TaskExits of container `id` that may go out now.
+    async fn release_exits(&self, id: &str) {
+        let _exits = self.exits.lock().await;
+        let events = self.table().get_mut(id).map(releasable).unwrap_or_default();
+        self.publish_exits(events).await;
+    }
+
+    /// Holds the TaskExit of process `exec_id` of container `id` until [`Self::announce`].
+    fn hold_exit(&self, id: &str, exec_id: &str) {
+        if let Some(p) = self
+            .table()
+            .get_mut(id)
+            .and_then(|c| c.process_mut(id, exec_id).ok())
+        {
+            p.announced = false;
+        }
+    }
+
+    /// The event of the process's last state change is out: its TaskExit may follow.
+    async fn announce(&self, id: &str, exec_id: &str) {
+        if let Some(p) = self
+            .table()
+            .get_mut(id)
+            .and_then(|c| c.process_mut(id, exec_id).ok())
+        {
+            p.announced = true;
+        }
+        self.release_exits(id).await;
+    }
+
+    /// Hands an exit reaped before its pid was known to the exit handling.
+    fn early_exit(self: &Arc<Self>, id: &str, exec_id: &str, r: Option<Reaped>) {
+        if let Some(r) = r {
+            let (inner, id, exec_id) = (self.clone(), id.to_string(), exec_id.to_string());
+            tokio::spawn(async move { inner.handle_exit(&id, &exec_id, r).await });
+        }
     }
 
     async fn create(
         self: &Arc<Self>,
         req: CreateTaskRequest,
     ) -> Result<CreateTaskResponse, ShimError> {
-        let _order = self.lifecycle.lock().await;
+        let id = req.id.clone();
+        let _order = self.order(&id).await;
+        let created = self.create_locked(req).await;
+        if created.is_err() && !self.table().contains_key(&id) {
+            self.forget_lock(&id);
+        }
+        created
+    }
+
+    async fn create_locked(
+        self: &Arc<Self>,
+        req: CreateTaskRequest,
+    ) -> Result<CreateTaskResponse, ShimError> {
         let id = req.id.clone();
         if self.table().contains_key(&id) {
             return Err(ShimError::AlreadyExists(format!("container {id}")));
@@ -372,10 +569,7 @@ impl Inner {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let opened = stdio.open(StreamOwner {
-            namespace: &self.namespace,
-            container_id: &id,
-        })?;
+        let opened = open_stdio(&stdio, &self.namespace, &id).await?;
         let (fds, feeder, output, fifo_readers) =
             (opened.fds, opened.stdin, opened.output, opened.fifo_readers);
         let spec = CreateSpec {
@@ -393,6 +587,7 @@ impl Inner {
             options,
             restore,
         };
+        let spawning = self.spawning();
         let created = self.engine.create(&spec, fds).await;
         let (pid, console) = match created {
             Ok(Spawned { pid, console }) => (pid, console),
@@ -419,27 +614,35 @@ impl Inner {
         init.output = output;
         init.console = console;
         init.fifo_readers = fifo_readers;
+        init.announced = false;
         let cgroup = self.open_cgroup(&id).await;
-        self.table().insert(
-            id.clone(),
-            Container {
-                bundle: spec.bundle.clone(),
-                init,
-                execs: HashMap::new(),
-                cgroup,
-                paused: false,
-                restored: spec.restore.is_some(),
-                capture: plan.capture.map(|plan| TemplateCapturePlan {
-                    plan,
-                    rootfs: spec.rootfs.clone(),
-                }),
-            },
-        );
+        let early = {
+            let mut table = self.table();
+            table.insert(
+                id.clone(),
+                Container {
+                    bundle: spec.bundle.clone(),
+                    init,
+                    execs: HashMap::new(),
+                    cgroup,
+                    paused: false,
+                    restored: spec.restore.is_some(),
+                    capture: plan.capture.map(|plan| TemplateCapturePlan {
+                        plan,
+                        rootfs: spec.rootfs.clone(),
+                    }),
+                    busy: None,
+                    exec_spawns: 0,
+                },
+            );
+            spawning.end(&table, pid)
+        };
+        self.early_exit(&id, "", early);
         tracing::info!(id, pid, restored = spec.restore.is_some(), "created");
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
-                container_id: id,
+                container_id: id.clone(),
                 bundle: req.bundle,
                 rootfs: req.rootfs,
                 io: MessageField::some(TaskIO {
@@ -454,6 +657,7 @@ impl Inner {
             }),
         )
         .await;
+        self.announce(&id, "").await;
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -537,7 +741,7 @@ impl Inner {
     }
 
     async fn pause(&self, req: PauseRequest) -> Result<(), ShimError> {
-        let _order = self.lifecycle.lock().await;
+        let _order = self.order(&req.id).await;
         let (cgroup, paused) = self.cgroup_of(&req.id, "pause")?;
         if paused {
             return Err(ShimError::FailedPrecondition(format!(
@@ -560,7 +764,7 @@ impl Inner {
     }
 
     async fn resume(&self, req: ResumeRequest) -> Result<(), ShimError> {
-        let _order = self.lifecycle.lock().await;
+        let _order = self.order(&req.id).await;
         let (cgroup, paused) = self.cgroup_of(&req.id, "resume")?;
         if !paused {
             return Err(ShimError::FailedPrecondition(format!(
@@ -623,7 +827,6 @@ impl Inner {
     /// resumes it after; the engine dumps it frozen or not. The images go where the options
     /// say, else where containerd asks (it then stores them in its content store).
     async fn checkpoint(&self, req: CheckpointTaskRequest) -> Result<(), ShimError> {
-        let _order = self.lifecycle.lock().await;
         let id = req.id;
         let options = CheckpointOptions::from_any(req.options.as_ref()).inspect_err(|e| {
             tracing::error!(id, "checkpoint refused: {e}");
@@ -640,6 +843,7 @@ impl Inner {
             }
             c.bundle.clone()
         };
+        let _busy = self.mark_busy(&id, "checkpoint")?;
         // As runc's shim: the images go where the options say, else where containerd asks.
         // containerd honours an image path only for runc's runtime names: for this one it
         // still stores its own directory in its content store, which then gets a record
@@ -682,6 +886,25 @@ impl Inner {
             "checkpointed"
         );
         Ok(())
+    }
+
+    /// Marks a checkpoint or capture (`what`) of container `id` under way, until the
+    /// returned guard is dropped; refused while another is.
+    fn mark_busy(&self, id: &str, what: &'static str) -> Result<Busy<'_>, ShimError> {
+        let mut table = self.table();
+        let c = table
+            .get_mut(id)
+            .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+        if let Some(other) = c.busy {
+            return Err(ShimError::FailedPrecondition(format!(
+                "cannot {what} container {id}: a {other} of it is under way"
+            )));
+        }
+        c.busy = Some(what);
+        Ok(Busy {
+            inner: self,
+            id: id.to_string(),
+        })
     }
 
     /// Waits until container `id` (init `pid`) is ready as its capture plan says, then
@@ -762,13 +985,15 @@ impl Inner {
         Ok(())
     }
 
-    /// The capture itself, in the task's lifecycle order (no kill, pause or delete meanwhile).
+    /// The capture itself; no other capture or checkpoint of the container meanwhile.
     async fn capture(
         &self,
         id: &str,
         capture: &TemplateCapturePlan,
     ) -> Result<Captured, EngineError> {
-        let _order = self.lifecycle.lock().await;
+        let _busy = self
+            .mark_busy(id, "capture")
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
         let (bundle, cgroup, paused) = {
             let table = self.table();
             let c = table
@@ -793,6 +1018,8 @@ impl Inner {
         };
         let started = std::time::Instant::now();
         let captured = self.engine.capture_template(id, &bundle, &spec).await;
+        // Left frozen if it was paused meanwhile.
+        let paused = self.table().get(id).is_none_or(|c| c.paused);
         if !paused {
             if let Err(e) = cgroup.freeze(false) {
                 tracing::error!(id, "cannot thaw the container after its capture: {e}");
@@ -807,107 +1034,215 @@ impl Inner {
     }
 
     async fn start(self: &Arc<Self>, req: StartRequest) -> Result<StartResponse, ShimError> {
-        let _order = self.lifecycle.lock().await;
         let (id, exec_id) = (req.id, req.exec_id);
-        let (state, pid, exec, restored) = {
-            let table = self.table();
-            let c = table
-                .get(&id)
-                .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
-            let p = c.process(&id, &exec_id)?;
-            (p.state, p.pid, p.exec.clone(), c.restored)
-        };
-        if state != State::Created {
+        if exec_id.is_empty() {
+            self.start_init(id).await
+        } else {
+            self.start_exec(id, exec_id).await
+        }
+    }
+
+    /// The state of process `exec_id` of container `id`, which Start needs to be Created.
+    fn startable(&self, id: &str, exec_id: &str) -> Result<(), ShimError> {
+        let table = self.table();
+        let c = table
+            .get(id)
+            .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+        let p = c.process(id, exec_id)?;
+        if p.state != State::Created {
             return Err(ShimError::FailedPrecondition(format!(
-                "cannot start {}: it is {state:?}",
-                describe(&id, &exec_id)
+                "cannot start {}: it is {:?}",
+                describe(id, exec_id),
+                p.state
             )));
         }
-        if exec_id.is_empty() {
-            // A restored init has run since Create: there is nothing to let go.
-            if !restored {
-                self.engine.start(&id).await?;
+        if !exec_id.is_empty() {
+            if c.init.state != State::Running {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "cannot start {}: container {id} is not running",
+                    describe(id, exec_id)
+                )));
             }
-            let capture = self.table().get_mut(&id).and_then(|c| {
-                if c.init.state == State::Created {
-                    c.init.state = State::Running;
-                }
-                c.capture.take()
-            });
-            if let Some(capture) = capture {
-                let inner = self.clone();
-                let id = id.clone();
-                tokio::spawn(async move { inner.capture_when_ready(id, pid, capture).await });
+            // A process started in a frozen cgroup would freeze before it reports, and the
+            // engine's call with it.
+            if c.paused {
+                return Err(exec_while_paused());
             }
-            tracing::info!(id, pid, "started");
-            self.publish(
-                topics::TASK_START_EVENT_TOPIC,
-                Box::new(TaskStart {
-                    container_id: id,
-                    pid,
-                    ..Default::default()
-                }),
-            )
-            .await;
-            return Ok(StartResponse {
-                pid,
-                ..Default::default()
-            });
         }
+        Ok(())
+    }
 
-        let exec = exec.ok_or_else(|| {
-            ShimError::FailedPrecondition(format!("{} has no spec", describe(&id, &exec_id)))
-        })?;
-        // A process started in a frozen cgroup would freeze before it reports, and the
-        // engine's call with it.
-        if self.table().get(&id).is_some_and(|c| c.paused) {
-            return Err(exec_while_paused());
-        }
-        let stdio_paths = self.table()[&id].process(&id, &exec_id)?.stdio.clone();
-        let opened = stdio_paths.open(StreamOwner {
-            namespace: &self.namespace,
-            container_id: &id,
-        })?;
-        let (fds, feeder, output, fifo_readers) =
-            (opened.fds, opened.stdin, opened.output, opened.fifo_readers);
-        let (pid, console) = match self.engine.exec(&id, &exec, fds).await {
-            Ok(Spawned { pid, console }) => (pid, console),
-            Err(e) => {
-                if let Some(f) = feeder {
-                    f.abort();
-                }
-                return Err(e.into());
-            }
-        };
-        let console = attach_console(console, &stdio_paths).inspect_err(|_| {
+    /// What `part` takes of exec `exec_id` of container `id`, not yet started.
+    fn exec_part<T>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        part: impl FnOnce(&Process) -> Option<T>,
+    ) -> Result<T, ShimError> {
+        let table = self.table();
+        let c = table
+            .get(id)
+            .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+        part(c.process(id, exec_id)?).ok_or_else(|| {
+            ShimError::FailedPrecondition(format!("{} has no spec", describe(id, exec_id)))
+        })
+    }
+
+    /// Undoes what the Start of an exec of container `id` did before `e` stopped it: its
+    /// process (if the engine started one) is killed, its input closed, and the exits that
+    /// waited on it may go out.
+    async fn exec_not_started(
+        &self,
+        id: &str,
+        pid: Option<u32>,
+        feeder: Option<StdinFeeder>,
+        e: ShimError,
+    ) -> ShimError {
+        if let Some(pid) = pid {
             // Without its terminal's copies the process would hang its client: end it.
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        })?;
-        {
-            let mut table = self.table();
-            let p = table
-                .get_mut(&id)
-                .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?
-                .process_mut(&id, &exec_id)?;
-            p.pid = pid;
-            p.state = State::Running;
-            p.stdin = feeder;
-            p.output = output;
-            p.console = console;
-            p.fifo_readers = fifo_readers;
-            p.exec = None;
         }
-        tracing::info!(id, exec_id, pid, "exec started");
+        if let Some(f) = feeder {
+            f.abort();
+        }
+        self.count_exec_spawn(id, false);
+        self.release_exits(id).await;
+        e
+    }
+
+    /// Counts an exec of container `id` the engine starts (`true`) or has started.
+    fn count_exec_spawn(&self, id: &str, starting: bool) {
+        if let Some(c) = self.table().get_mut(id) {
+            if starting {
+                c.exec_spawns += 1;
+            } else {
+                c.exec_spawns = c.exec_spawns.saturating_sub(1);
+            }
+        }
+    }
+
+    async fn start_init(self: &Arc<Self>, id: String) -> Result<StartResponse, ShimError> {
+        let _order = self.order(&id).await;
+        self.startable(&id, "")?;
+        let (pid, restored) = {
+            let table = self.table();
+            let c = &table[&id];
+            (c.init.pid, c.restored)
+        };
+        // A restored init has run since Create: there is nothing to let go.
+        if !restored {
+            self.hold_exit(&id, "");
+            if let Err(e) = self.engine.start(&id).await {
+                self.announce(&id, "").await;
+                return Err(e.into());
+            }
+        }
+        let capture = self.table().get_mut(&id).and_then(|c| {
+            if c.init.state == State::Created {
+                c.init.state = State::Running;
+            }
+            c.capture.take()
+        });
+        if let Some(capture) = capture {
+            let inner = self.clone();
+            let id = id.clone();
+            tokio::spawn(async move { inner.capture_when_ready(id, pid, capture).await });
+        }
+        tracing::info!(id, pid, "started");
         self.publish(
-            topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-            Box::new(TaskExecStarted {
-                container_id: id,
-                exec_id,
+            topics::TASK_START_EVENT_TOPIC,
+            Box::new(TaskStart {
+                container_id: id.clone(),
                 pid,
                 ..Default::default()
             }),
         )
         .await;
+        self.announce(&id, "").await;
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start_exec(
+        self: &Arc<Self>,
+        id: String,
+        exec_id: String,
+    ) -> Result<StartResponse, ShimError> {
+        self.startable(&id, &exec_id)?;
+        let stdio_paths = self.exec_part(&id, &exec_id, |p| Some(p.stdio.clone()))?;
+        // Opened before the container's lock is taken: a logger may take its time.
+        let opened = open_stdio(&stdio_paths, &self.namespace, &id).await?;
+        let (fds, feeder, output, fifo_readers) =
+            (opened.fds, opened.stdin, opened.output, opened.fifo_readers);
+        let abort = |feeder: Option<StdinFeeder>| {
+            if let Some(f) = feeder {
+                f.abort();
+            }
+        };
+        let _order = self.order(&id).await;
+        let exec = match self
+            .startable(&id, &exec_id)
+            .and_then(|()| self.exec_part(&id, &exec_id, |p| p.exec.clone()))
+        {
+            Ok(exec) => exec,
+            Err(e) => {
+                abort(feeder);
+                return Err(e);
+            }
+        };
+        let spawning = self.spawning();
+        self.count_exec_spawn(&id, true);
+        let spawned = self.engine.exec(&id, &exec, fds).await;
+        let (pid, console) = match spawned {
+            Ok(Spawned { pid, console }) => (pid, console),
+            Err(e) => return Err(self.exec_not_started(&id, None, feeder, e.into()).await),
+        };
+        let console = match attach_console(console, &stdio_paths) {
+            Ok(c) => c,
+            Err(e) => return Err(self.exec_not_started(&id, Some(pid), feeder, e).await),
+        };
+        let recorded = {
+            let mut table = self.table();
+            match table.get_mut(&id).and_then(|c| c.execs.get_mut(&exec_id)) {
+                Some(p) => {
+                    p.pid = pid;
+                    p.state = State::Running;
+                    p.stdin = feeder;
+                    p.output = output;
+                    p.console = console;
+                    p.fifo_readers = fifo_readers;
+                    p.exec = None;
+                    p.announced = false;
+                    if let Some(c) = table.get_mut(&id) {
+                        c.exec_spawns -= 1;
+                    }
+                    Ok(spawning.end(&table, pid))
+                }
+                None => Err(feeder),
+            }
+        };
+        let early = match recorded {
+            Ok(early) => early,
+            Err(feeder) => {
+                let gone = ShimError::NotFound(describe(&id, &exec_id));
+                return Err(self.exec_not_started(&id, Some(pid), feeder, gone).await);
+            }
+        };
+        self.early_exit(&id, &exec_id, early);
+        tracing::info!(id, exec_id, pid, "exec started");
+        self.publish(
+            topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+            Box::new(TaskExecStarted {
+                container_id: id.clone(),
+                exec_id: exec_id.clone(),
+                pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        self.announce(&id, &exec_id).await;
         Ok(StartResponse {
             pid,
             ..Default::default()
@@ -915,7 +1250,6 @@ impl Inner {
     }
 
     async fn exec(&self, req: ExecProcessRequest) -> Result<(), ShimError> {
-        let _order = self.lifecycle.lock().await;
         let (id, exec_id) = (req.id, req.exec_id);
         let mut process: serde_json::Value = serde_json::from_slice(&req.spec.value)
             .map_err(|e| ShimError::InvalidArgument(format!("exec {exec_id}: bad spec: {e}")))?;
@@ -1085,7 +1419,7 @@ impl Inner {
     async fn delete(&self, req: DeleteRequest) -> Result<DeleteResponse, ShimError> {
         let (id, exec_id) = (req.id, req.exec_id);
         if !exec_id.is_empty() {
-            let _order = self.lifecycle.lock().await;
+            let _order = self.order(&id).await;
             let mut table = self.table();
             let c = table
                 .get_mut(&id)
@@ -1135,7 +1469,7 @@ impl Inner {
             State::Stopped => {}
         }
 
-        let _order = self.lifecycle.lock().await;
+        let _order = self.order(&id).await;
         let bundle = match self.table().get(&id) {
             Some(c) => c.bundle.clone(),
             None => return Err(ShimError::NotFound(format!("container {id}"))),
@@ -1154,7 +1488,18 @@ impl Inner {
             status: 128 + Signal::SIGKILL as u32,
             at: SystemTime::now(),
         });
+        self.forget_lock(&id);
         tracing::info!(id, "deleted");
+        let _exits = self.exits.lock().await;
+        // Exits still held (an exec's not reaped yet kept the init's) go out before the end.
+        let mut c = c;
+        let mut held: Vec<TaskExit> = c
+            .execs
+            .values_mut()
+            .filter_map(|p| p.held_exit.take())
+            .collect();
+        held.extend(c.init.held_exit.take());
+        self.publish_exits(held).await;
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {
@@ -1265,6 +1610,27 @@ impl Inner {
     }
 }
 
+/// The held TaskExits of container `c` that may go out now, in the order they must: those
+/// of its execs whose start is announced, then its init's once it is announced and no exec
+/// can still report an exit (as runc's shim: containerd takes the init's exit as the
+/// container's end, after which an exec's would come too late).
+fn releasable(c: &mut Container) -> Vec<TaskExit> {
+    let mut out: Vec<TaskExit> = c
+        .execs
+        .values_mut()
+        .filter(|p| p.announced)
+        .filter_map(|p| p.held_exit.take())
+        .collect();
+    let execs_pending = c.exec_spawns > 0
+        || c.execs
+            .values()
+            .any(|p| p.state == State::Running || p.held_exit.is_some());
+    if c.init.announced && !execs_pending {
+        out.extend(c.init.held_exit.take());
+    }
+    out
+}
+
 /// Whether the processes of the container of `bundle` must be killed when its init exits:
 /// when it has no pid namespace of its own (the host's, or another container's by path), as
 /// runc's shim decides (`ShouldKillAllOnExit`). An unreadable spec says yes, as there.
@@ -1323,6 +1689,28 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| ShimError::Engine(EngineError::Failed(format!("cgroup work panicked: {e}"))))?
         .map_err(ShimError::from)
+}
+
+/// Opens the streams of a new process of container `id` off the runtime's threads: a
+/// `binary://` logger may take up to its readiness limit, and nothing else may wait on it.
+async fn open_stdio(
+    paths: &StdioPaths,
+    namespace: &str,
+    id: &str,
+) -> Result<OpenedStdio, ShimError> {
+    let (paths, namespace, id) = (paths.clone(), namespace.to_string(), id.to_string());
+    tokio::task::spawn_blocking(move || {
+        paths.open(StreamOwner {
+            namespace: &namespace,
+            container_id: &id,
+        })
+    })
+    .await
+    .map_err(|e| {
+        ShimError::Engine(EngineError::Failed(format!(
+            "opening the streams panicked: {e}"
+        )))
+    })?
 }
 
 fn describe(id: &str, exec_id: &str) -> String {
