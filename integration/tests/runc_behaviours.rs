@@ -11,7 +11,8 @@
 //!   `containerd.runc.v1.Options` or in the legacy `containerd.linux.runc.CreateOptions` that
 //!   containerd's Go client sends to runtimes not named `io.containerd.runc*`;
 //! - stdin: everything a client writes before CloseIO reaches the process, and a client that
-//!   goes away does not end the process's input.
+//!   goes away does not end the process's input;
+//! - when an init dies with an exec in its pid namespace, the exec's TaskExit comes first.
 //!
 //! The shim binary must be built first (`cargo build --workspace --bins`).
 
@@ -488,3 +489,54 @@ fn stdin_outlives_its_client_as_runc(v: ContainerdVersion) {
     assert_eq!(seen[1], seen[0], "hyperbox vs runc");
 }
 per_version!(stdin_outlives_its_client, stdin_outlives_its_client_as_runc);
+
+/// A container's init is killed while an exec runs in its pid namespace: both die, and the
+/// exec's TaskExit comes before the init's (containerd takes the init's as the container's
+/// end), as under runc's shim.
+fn exec_exit_before_init_exit_as_runc(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    let rt = runtime();
+    let client = rt.block_on(c.client()).expect("client");
+    let mut seen = Vec::new();
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let id = format!("exitorder{n}");
+        c.run_detached(runtime, &image, &id, &["sleep", "1000"])
+            .unwrap_or_else(|e| panic!("{runtime}: {e}"));
+        let process = serde_json::json!({
+            "args": ["sleep", "1000"],
+            "cwd": "/",
+            "env": ["PATH=/bin:/usr/bin"],
+            "user": {"uid": 0, "gid": 0},
+        });
+        let exits = rt.block_on(async {
+            client.exec(&id, "sleeper", &process).await?;
+            client.start(&id, "sleeper").await?;
+            let mut events = client.subscribe(&[r#"topic=="/tasks/exit""#]).await?;
+            client.kill(&id, 9, false).await?;
+            let mut exits = Vec::new();
+            while exits.len() < 2 {
+                let seen = events
+                    .until_topic("/tasks/exit", Duration::from_secs(20))
+                    .await?;
+                for e in seen {
+                    let exit: containerd_client::events::TaskExit =
+                        e.decode().expect("TaskExit payload");
+                    if exit.container_id == id {
+                        exits.push((exit.id.replace(&id, "INIT"), exit.exit_status));
+                    }
+                }
+            }
+            client.delete_task(&id).await?;
+            Ok::<_, hyperbox_integration::client::ClientError>(exits)
+        });
+        seen.push(exits.map_err(|e| format!("{runtime}: {e}")));
+    }
+    let want = vec![("sleeper".to_string(), 137), ("INIT".to_string(), 137)];
+    assert_eq!(seen[0].as_ref(), Ok(&want), "runc's view");
+    assert_eq!(seen[1], seen[0], "hyperbox vs runc");
+}
+per_version!(
+    exec_exit_before_init_exit,
+    exec_exit_before_init_exit_as_runc
+);
