@@ -33,4 +33,4 @@ pub use options::{
 pub use reaper::exit_status;
 pub use service::TaskService;
 pub use shim::run;
-pub use stdio::StdioPaths;
+pub use stdio::{IoOwner, StdioPaths};

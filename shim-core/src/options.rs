@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 
 use crate::error::ShimError;
+use crate::stdio::IoOwner;
 
 /// runc's options, as containerd's `api/types/runc/options/oci.proto` defines them.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -255,6 +256,8 @@ pub struct RuntimeOptions {
     /// The cgroup the shim (and its helpers) move into (runc's `shim_cgroup`): a path below
     /// the cgroup root, as runc's shim takes it.
     pub shim_cgroup: Option<PathBuf>,
+    /// Who owns the pipes of the container's processes (runc's `io_uid` and `io_gid`).
+    pub io_owner: Option<IoOwner>,
 }
 
 impl RuntimeOptions {
@@ -304,14 +307,11 @@ impl RuntimeOptions {
             "" => None,
             path => Some(cgroup_path(path)?),
         };
-        if o.io_uid != 0 || o.io_gid != 0 {
-            return refuse(format!(
-                "runtime options io_uid {} / io_gid {} cannot be honoured: this shim passes \
-                 containerd's stdio to the container as it is; remove them from the runtime \
-                 options",
-                o.io_uid, o.io_gid
-            ));
-        }
+        // As runc's shim: the pipes belong to these ids when either is set.
+        let io_owner = (o.io_uid != 0 || o.io_gid != 0).then_some(IoOwner {
+            uid: o.io_uid,
+            gid: o.io_gid,
+        });
         if !o.task_api_address.is_empty() {
             return refuse(format!(
                 "runtime option task_api_address ({}) cannot be honoured: this shim serves \
@@ -349,6 +349,7 @@ impl RuntimeOptions {
             criu_image_path: absolute("criu_image_path", &o.criu_image_path)?,
             criu_work_path: absolute("criu_work_path", &o.criu_work_path)?,
             shim_cgroup,
+            io_owner,
         })
     }
 
@@ -517,13 +518,6 @@ mod tests {
             ),
             (
                 RuncOptions {
-                    io_uid: 1000,
-                    ..Default::default()
-                },
-                "io_uid",
-            ),
-            (
-                RuncOptions {
                     no_new_keyring: true,
                     ..Default::default()
                 },
@@ -544,6 +538,27 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
+    }
+
+    #[test]
+    fn io_ids_give_the_pipes_an_owner() {
+        let owner = |io_uid, io_gid| {
+            let o = RuncOptions {
+                io_uid,
+                io_gid,
+                ..Default::default()
+            };
+            RuntimeOptions::from_runc(o, &NoSystemd).unwrap().io_owner
+        };
+        assert_eq!(owner(0, 0), None);
+        assert_eq!(
+            owner(100000, 100000),
+            Some(IoOwner {
+                uid: 100000,
+                gid: 100000
+            })
+        );
+        assert_eq!(owner(0, 5), Some(IoOwner { uid: 0, gid: 5 }));
     }
 
     #[test]

@@ -53,7 +53,7 @@ use crate::engine::{
 use crate::error::{EngineError, ShimError};
 use crate::options::{CheckpointOptions, RuntimeOptions};
 use crate::reaper::Reaped;
-use crate::stdio::{OpenedStdio, OutputCopy, StdinFeeder, StdioPaths, StreamOwner};
+use crate::stdio::{IoOwner, OpenedStdio, OutputCopy, StdinFeeder, StdioPaths, StreamOwner};
 use crate::template::{self, CapturePlan, Captured, Readiness, TemplateCapture, TemplatePlan};
 
 /// How long Delete waits for a created-but-never-started init to die after SIGKILL.
@@ -154,6 +154,8 @@ struct Container {
     busy: Option<&'static str>,
     /// Execs the engine is starting, whose pids are not in the table yet.
     exec_spawns: usize,
+    /// Who owns its processes' pipes (runtime options `io_uid`/`io_gid`).
+    io_owner: Option<IoOwner>,
 }
 
 /// A capture a container asked for, with the rootfs mounts the engine needs for it.
@@ -569,7 +571,8 @@ impl Inner {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let opened = open_stdio(&stdio, &self.namespace, &id).await?;
+        let io_owner = options.io_owner;
+        let opened = open_stdio(&stdio, &self.namespace, &id, io_owner).await?;
         let (fds, feeder, output, fifo_readers) =
             (opened.fds, opened.stdin, opened.output, opened.fifo_readers);
         let spec = CreateSpec {
@@ -633,6 +636,7 @@ impl Inner {
                     }),
                     busy: None,
                     exec_spawns: 0,
+                    io_owner,
                 },
             );
             spawning.end(&table, pid)
@@ -1172,8 +1176,9 @@ impl Inner {
     ) -> Result<StartResponse, ShimError> {
         self.startable(&id, &exec_id)?;
         let stdio_paths = self.exec_part(&id, &exec_id, |p| Some(p.stdio.clone()))?;
+        let io_owner = self.table().get(&id).and_then(|c| c.io_owner);
         // Opened before the container's lock is taken: a logger may take its time.
-        let opened = open_stdio(&stdio_paths, &self.namespace, &id).await?;
+        let opened = open_stdio(&stdio_paths, &self.namespace, &id, io_owner).await?;
         let (fds, feeder, output, fifo_readers) =
             (opened.fds, opened.stdin, opened.output, opened.fifo_readers);
         let abort = |feeder: Option<StdinFeeder>| {
@@ -1697,12 +1702,14 @@ async fn open_stdio(
     paths: &StdioPaths,
     namespace: &str,
     id: &str,
+    io: Option<IoOwner>,
 ) -> Result<OpenedStdio, ShimError> {
     let (paths, namespace, id) = (paths.clone(), namespace.to_string(), id.to_string());
     tokio::task::spawn_blocking(move || {
         paths.open(StreamOwner {
             namespace: &namespace,
             container_id: &id,
+            io,
         })
     })
     .await

@@ -52,6 +52,35 @@ pub struct StdioPaths {
 pub struct StreamOwner<'a> {
     pub namespace: &'a str,
     pub container_id: &'a str,
+    /// Who owns the pipes the process gets, when not the shim (see [`IoOwner`]).
+    pub io: Option<IoOwner>,
+}
+
+/// The owner of the pipes a process gets for its streams (runc's `io_uid` and `io_gid`): in a
+/// user namespace, the host ids of the container's root, so that its processes may reopen
+/// their streams (`/dev/stdout`, `/proc/self/fd/1`), as they can under runc's shim. Output
+/// to FIFOs then goes through a pipe of the shim's, copied into the FIFO, as runc's shim
+/// always does; the FIFOs themselves belong to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoOwner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl IoOwner {
+    /// Gives `fd` (a pipe end) to this owner.
+    fn take(self, fd: &OwnedFd, what: &str) -> Result<(), ShimError> {
+        nix::unistd::fchown(
+            fd.as_raw_fd(),
+            Some(nix::unistd::Uid::from_raw(self.uid)),
+            Some(nix::unistd::Gid::from_raw(self.gid)),
+        )
+        .map_err(|e| ShimError::Io {
+            what: "give io_uid/io_gid the pipe of",
+            path: what.into(),
+            source: e.into(),
+        })
+    }
 }
 
 /// The opened streams of a new process.
@@ -165,9 +194,24 @@ impl StdioPaths {
                 ..Default::default()
             });
         }
-        let (stdout, stderr, output) = match &target {
-            OutputTarget::Fifos => (open_output(&self.stdout)?, open_output(&self.stderr)?, None),
-            OutputTarget::File(path) => {
+        let (stdout, stderr, output) = match (&target, owner.io) {
+            (OutputTarget::Fifos, None) => {
+                (open_output(&self.stdout)?, open_output(&self.stderr)?, None)
+            }
+            (OutputTarget::Fifos, Some(_)) => {
+                let mut copies = Vec::new();
+                let mut piped = |path: &str| -> Result<Option<OwnedFd>, ShimError> {
+                    let Some(fifo) = open_output(path)? else {
+                        return Ok(None);
+                    };
+                    let (w, copy) = OutputCopy::start(File::from(fifo), path)?;
+                    copies.push(copy);
+                    Ok(Some(w))
+                };
+                let (out, err) = (piped(&self.stdout)?, piped(&self.stderr)?);
+                (out, err, OutputCopy::all(copies))
+            }
+            (OutputTarget::File(path), _) => {
                 let (w, copy) = OutputCopy::to_file(path)?;
                 let w2 = w.try_clone().map_err(|source| ShimError::Io {
                     what: "duplicate the log pipe of",
@@ -176,11 +220,18 @@ impl StdioPaths {
                 })?;
                 (Some(w), Some(w2), Some(copy))
             }
-            OutputTarget::Binary { program, args } => {
+            (OutputTarget::Binary { program, args }, _) => {
                 let (out, err) = start_logger(program, args, owner)?;
                 (Some(out), Some(err), None)
             }
         };
+        if let Some(io) = owner.io {
+            for (fd, path) in [(&stdout, &self.stdout), (&stderr, &self.stderr)] {
+                if let Some(fd) = fd {
+                    io.take(fd, path)?;
+                }
+            }
+        }
         let (stdin, feeder) = if self.stdin.is_empty() {
             (None, None)
         } else {
@@ -190,6 +241,9 @@ impl StdioPaths {
                     path: self.stdin.clone().into(),
                     source: e.into(),
                 })?;
+            if let Some(io) = owner.io {
+                io.take(&read, &self.stdin)?;
+            }
             let feeder = StdinFeeder::spawn(&self.stdin, File::from(write))?;
             (Some(read), Some(feeder))
         };
@@ -214,11 +268,12 @@ impl StdioPaths {
     }
 }
 
-/// The shim's copy of a process's output pipe into its `file://` log, on a thread of its own
-/// until every writer of the pipe is gone.
+/// The shim's copies of a process's output pipes into its `file://` log (or, for a process
+/// whose pipes belong to `io_uid`, into its FIFOs), each on a thread of its own until every
+/// writer of its pipe is gone.
 #[derive(Debug, Clone)]
 pub struct OutputCopy {
-    done: watch::Receiver<bool>,
+    done: Vec<watch::Receiver<bool>>,
 }
 
 impl OutputCopy {
@@ -236,34 +291,54 @@ impl OutputCopy {
                 .create(dir)
                 .map_err(|e| io_err("create the directory of the log file", e))?;
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o640)
             .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
             .open(path)
             .map_err(|e| io_err("open the log file", e))?;
+        Self::start(file, &path.to_string_lossy())
+    }
+
+    /// Starts copying a new pipe into `to` (named `what`); returns the pipe's write end.
+    fn start(mut to: File, what: &str) -> Result<(OwnedFd, Self), ShimError> {
+        let io_err = |what: &'static str, path: &str, source| ShimError::Io {
+            what,
+            path: path.into(),
+            source,
+        };
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-            .map_err(|e| io_err("create the log pipe of", e.into()))?;
+            .map_err(|e| io_err("create the output pipe of", what, e.into()))?;
         let (tx, done) = watch::channel(false);
-        let log = path.display().to_string();
+        let name = what.to_string();
         thread::Builder::new()
-            .name("log-copy".into())
+            .name("output-copy".into())
             .spawn(move || {
-                if let Err(e) = io::copy(&mut File::from(read), &mut file) {
-                    tracing::warn!(log, "log copy ended: {e}");
+                if let Err(e) = io::copy(&mut File::from(read), &mut to) {
+                    tracing::warn!(to = name, "output copy ended: {e}");
                 }
                 tx.send_replace(true);
             })
-            .map_err(|e| io_err("start the copy to the log file", e))?;
-        Ok((write, OutputCopy { done }))
+            .map_err(|e| io_err("start the output copy to", what, e))?;
+        Ok((write, OutputCopy { done: vec![done] }))
     }
 
-    /// Waits until everything the process wrote is in the file, for at most `limit` (its
-    /// children may hold the pipe open after it exits).
+    /// All of `copies` as one; `None` for none.
+    fn all(copies: Vec<Self>) -> Option<Self> {
+        let done: Vec<_> = copies.into_iter().flat_map(|c| c.done).collect();
+        (!done.is_empty()).then_some(OutputCopy { done })
+    }
+
+    /// Waits until everything the process wrote is copied, for at most `limit` (its
+    /// children may hold the pipes open after it exits).
     pub async fn drained(&self, limit: Duration) {
-        let mut done = self.done.clone();
-        let _ = tokio::time::timeout(limit, done.wait_for(|d| *d)).await;
+        let all = async {
+            for done in &self.done {
+                let _ = done.clone().wait_for(|d| *d).await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, all).await;
     }
 }
 
@@ -701,6 +776,7 @@ mod tests {
     }
 
     const OWNER: StreamOwner<'static> = StreamOwner {
+        io: None,
         namespace: "ns",
         container_id: "c1",
     };
