@@ -12,7 +12,9 @@
 //!   containerd's Go client sends to runtimes not named `io.containerd.runc*`;
 //! - stdin: everything a client writes before CloseIO reaches the process, and a client that
 //!   goes away does not end the process's input;
-//! - when an init dies with an exec in its pid namespace, the exec's TaskExit comes first.
+//! - when an init dies with an exec in its pid namespace, the exec's TaskExit comes first;
+//! - runtime options `io_uid`/`io_gid` give a user-namespaced container's root its pipes,
+//!   so that it can reopen its stdout.
 //!
 //! The shim binary must be built first (`cargo build --workspace --bins`).
 
@@ -539,4 +541,126 @@ fn exec_exit_before_init_exit_as_runc(v: ContainerdVersion) {
 per_version!(
     exec_exit_before_init_exit,
     exec_exit_before_init_exit_as_runc
+);
+
+/// The host id the tests map a user namespace's root to.
+const USERNS_ROOT: u32 = 100_000;
+
+/// Makes a FIFO at `path` and reads it to its end on a thread; the text comes on the
+/// receiver.
+fn read_fifo(path: &Path) -> (std::path::PathBuf, mpsc::Receiver<String>) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let (tx, rx) = mpsc::channel();
+    let reader = path.to_path_buf();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&reader) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let _ = tx.send(text);
+    });
+    (path.to_path_buf(), rx)
+}
+
+/// Gives everything under `root` (not following links) to uid and gid `id`.
+fn chown_tree(root: &Path, id: u32) {
+    std::os::unix::fs::lchown(root, Some(id), Some(id)).expect("chown");
+    if root.is_symlink() || !root.is_dir() {
+        return;
+    }
+    for entry in std::fs::read_dir(root).expect("read_dir") {
+        chown_tree(&entry.expect("entry").path(), id);
+    }
+}
+
+/// A container in a user namespace, created with runtime options `io_uid`/`io_gid` naming
+/// the host ids of its root (as nerdctl and CRI send them): its root can reopen its stdout
+/// through `/proc/self/fd/1`, as under runc's shim; without them it cannot (the stream is
+/// the shim's), under either.
+fn io_owner_in_user_namespace_as_runc(v: ContainerdVersion) {
+    let (bed, _) = bed(v);
+    let c = &bed.containerd;
+    let rt = runtime();
+    let client = rt.block_on(c.client()).expect("client");
+    let mut seen = Vec::new();
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        for owned in [true, false] {
+            let id = format!("userns{n}{}", u8::from(owned));
+            let dir = c.dir().join(&id);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut spec = config_spec(c, &dir, &[]);
+            // The rootfs belongs to the namespace's root, as a remapped snapshot does.
+            chown_tree(&dir.join("rootfs"), USERNS_ROOT);
+            spec["process"]["args"] = serde_json::json!([
+                "sh",
+                "-c",
+                "echo reopened > /proc/self/fd/1 || echo refused; echo direct"
+            ]);
+            let ns = spec["linux"]["namespaces"].as_array_mut().unwrap();
+            ns.push(serde_json::json!({"type": "user"}));
+            ns.push(serde_json::json!({"type": "cgroup"}));
+            let map = serde_json::json!([{"containerID": 0, "hostID": USERNS_ROOT, "size": 65536}]);
+            spec["linux"]["uidMappings"] = map.clone();
+            spec["linux"]["gidMappings"] = map;
+            let config = write(&dir, &spec);
+            c.ctr_run(&[
+                "containers",
+                "create",
+                "--runtime",
+                runtime,
+                "--config",
+                config.to_str().unwrap(),
+                &id,
+            ])
+            .unwrap_or_else(|e| panic!("{runtime}: {e}"));
+            // runc's shim needs both streams.
+            let (fifo, rx) = read_fifo(&dir.join("out"));
+            let (err_fifo, _) = read_fifo(&dir.join("err"));
+            let options = owned.then(|| {
+                to_any(&RuncOptions {
+                    io_uid: USERNS_ROOT,
+                    io_gid: USERNS_ROOT,
+                    ..Default::default()
+                })
+            });
+            let ran = rt.block_on(async {
+                client
+                    .create_task(CreateTask {
+                        container_id: id.clone(),
+                        stdout: fifo.to_string_lossy().into_owned(),
+                        stderr: err_fifo.to_string_lossy().into_owned(),
+                        options,
+                        ..Default::default()
+                    })
+                    .await?;
+                client.start(&id, "").await?;
+                let status = client.wait(&id, "").await?;
+                client.delete_task(&id).await?;
+                Ok::<_, hyperbox_integration::client::ClientError>(status)
+            });
+            let out = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+            let _ = c.ctr_run(&["containers", "rm", &id]);
+            seen.push((
+                runtime,
+                owned,
+                ran.map_err(|e| e.to_string()),
+                out.trim().to_string(),
+            ));
+        }
+    }
+    let want = |owned: bool| {
+        let first = if owned { "reopened" } else { "refused" };
+        (Ok(0), format!("{first}\ndirect"))
+    };
+    for (runtime, owned, ran, out) in &seen {
+        assert_eq!(
+            (ran.clone(), out.clone()),
+            want(*owned),
+            "{runtime}, io ids given: {owned}; all: {seen:?}"
+        );
+    }
+}
+per_version!(
+    io_owner_in_user_namespace,
+    io_owner_in_user_namespace_as_runc
 );
