@@ -559,12 +559,6 @@ impl Inner {
                 )))
             }
         };
-        if restore.is_some() && req.terminal {
-            return Err(ShimError::InvalidArgument(format!(
-                "cannot restore container {id} with a terminal: restoring terminals is not \
-                 supported yet"
-            )));
-        }
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

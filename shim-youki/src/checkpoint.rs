@@ -474,10 +474,13 @@ fn ns_key(t: LinuxNamespaceType) -> String {
 }
 
 /// The standard streams of a restored init: the new container's, in fd order; `None` puts
-/// `/dev/null` in place of an external stream.
+/// `/dev/null` in place of an external stream. With a console socket, the restored init's
+/// terminal (a new one, which CRIU makes for the checkpointed one) is handed to it, as
+/// runc's restore does.
 #[derive(Debug, Default)]
 pub struct RestoreStdio {
     pub streams: [Option<OwnedFd>; 3],
+    pub console_socket: Option<PathBuf>,
 }
 
 /// What a restore leaves to undo if a later step fails.
@@ -696,6 +699,12 @@ fn run_restore(
     opts.set_log_level(LOG_LEVEL);
     opts.set_root(criu_root.to_string_lossy().into_owned());
     opts.set_evasive_devices(true);
+    // A checkpointed terminal's master was the shim's, outside the images: CRIU makes a new
+    // pair and sends its master, which goes to the console socket.
+    let console_socket = stdio.console_socket.clone();
+    opts.set_orphan_pts_master(console_socket.is_some());
+    // CRIU sends that master only as a notification.
+    opts.set_notify_scripts(console_socket.is_some());
     // CRIU runs in the container's cgroup (see `started` below), so the restored processes,
     // its children, are born there. CRIU's own cgroup restore (a yard of every hierarchy
     // mounted, the images' cgroups re-rooted under the new one) is needed only to give them a
@@ -828,25 +837,56 @@ fn run_restore(
     };
     // The cgroup roots are known only once CRIU runs in the cgroup, so the request is built
     // around a hook: the roots come from the CRIU process's /proc entry.
-    let answer = criu.call(&mut req, &inherit, |criu_pid, req| {
-        started(criu_pid)?;
-        let mut opts = opts.take().expect("called once");
-        let roots = if manage_cgroups {
-            cgroup_roots(criu_pid.as_raw())?
-        } else {
-            Vec::new()
-        };
-        for (ctrl, path) in roots {
-            let mut root = rpc::Cgroup_root::new();
-            if !ctrl.is_empty() {
-                root.set_ctrl(ctrl);
-            }
-            root.set_path(path);
-            opts.cg_root.push(root);
+    let mut terminal_sent = false;
+    let notified = |script: &str, fd: Option<OwnedFd>| -> Result<(), EngineError> {
+        if script != "orphan-pts-master" {
+            return Ok(());
         }
-        req.opts = protobuf::MessageField::some(opts);
+        let (Some(socket), Some(master)) = (&console_socket, fd) else {
+            return Err(failed(format!(
+                "cannot restore container {id}: CRIU sent a terminal it was not asked for"
+            )));
+        };
+        crate::console::send_master(socket, &master)?;
+        terminal_sent = true;
         Ok(())
-    })?;
+    };
+    let answer = criu.call_notified(
+        &mut req,
+        &inherit,
+        |criu_pid, req| {
+            started(criu_pid)?;
+            let mut opts = opts.take().expect("called once");
+            let roots = if manage_cgroups {
+                cgroup_roots(criu_pid.as_raw())?
+            } else {
+                Vec::new()
+            };
+            for (ctrl, path) in roots {
+                let mut root = rpc::Cgroup_root::new();
+                if !ctrl.is_empty() {
+                    root.set_ctrl(ctrl);
+                }
+                root.set_path(path);
+                opts.cg_root.push(root);
+            }
+            req.opts = protobuf::MessageField::some(opts);
+            Ok(())
+        },
+        notified,
+    )?;
+    if let Ok(resp) = &answer {
+        if console_socket.is_some() && !terminal_sent {
+            // The restored process runs; without a terminal its client would hang.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(resp.restore.pid()),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(EngineError::InvalidSpec(format!(
+                "cannot restore container {id} with a terminal: its checkpoint has none"
+            )));
+        }
+    }
     Ok(answer.map(|resp| resp.restore.pid()))
 }
 

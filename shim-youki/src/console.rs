@@ -4,7 +4,7 @@
 //! (`SCM_RIGHTS`) before it reports ready. So the master lands in the shim, not the zygote,
 //! and is waiting on the connection by the time the zygote replies.
 
-use std::io::IoSliceMut;
+use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,8 +13,8 @@ use hyperbox_shim_core::EngineError;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
-    accept4, bind, listen, recvmsg, socket, AddressFamily, Backlog, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType, UnixAddr,
+    accept4, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog,
+    ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 
 /// How long, in milliseconds, to wait for the master once the zygote has said the process is
@@ -98,6 +98,29 @@ impl ConsoleSocket {
     }
 }
 
+/// Sends a terminal's `master` to the console socket at `path`, as a process that allocated
+/// it does (a restore hands on the master CRIU made for the restored terminal).
+pub fn send_master(path: &Path, master: &OwnedFd) -> Result<(), EngineError> {
+    let peer = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| failed("create a peer of", path, e))?;
+    let addr = UnixAddr::new(path).map_err(|e| failed("name", path, e))?;
+    connect(peer.as_raw_fd(), &addr).map_err(|e| failed("connect to", path, e))?;
+    sendmsg::<()>(
+        peer.as_raw_fd(),
+        &[IoSlice::new(b"/dev/ptmx")],
+        &[ControlMessage::ScmRights(&[master.as_raw_fd()])],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| failed("send the terminal to", path, e))?;
+    Ok(())
+}
+
 fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<(), EngineError> {
     loop {
         let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
@@ -119,31 +142,13 @@ impl Drop for ConsoleSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::socket::{connect, sendmsg, ControlMessage};
-    use std::io::IoSlice;
 
     #[test]
     fn a_sent_master_is_received() {
         let dir = std::env::temp_dir().join(format!("console-test-{}", std::process::id()));
         let console = ConsoleSocket::bind(&dir).unwrap();
-        let peer = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        connect(peer.as_raw_fd(), &UnixAddr::new(console.path()).unwrap()).unwrap();
         let (r, _w) = nix::unistd::pipe().unwrap();
-        sendmsg::<()>(
-            peer.as_raw_fd(),
-            &[IoSlice::new(b"/dev/ptmx")],
-            &[ControlMessage::ScmRights(&[r.as_raw_fd()])],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
-        drop(peer);
+        send_master(console.path(), &r).unwrap();
         assert!(console.receive_master().is_ok());
         let path = console.path().to_path_buf();
         drop(console);

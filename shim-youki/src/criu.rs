@@ -15,7 +15,13 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use hyperbox_shim_core::EngineError;
-use nix::sys::socket::{recv, sendmsg, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+use std::io::IoSliceMut;
+use std::os::fd::FromRawFd;
+
+use nix::sys::socket::{
+    recv, recvmsg, sendmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType,
+};
 use nix::unistd::Pid;
 use protobuf::Message;
 use rust_criu::rust_criu_protobuf::rpc;
@@ -76,6 +82,19 @@ impl Criu {
         inherit: &[(RawFd, BorrowedFd<'_>)],
         started: impl FnOnce(Pid, &mut rpc::Criu_req) -> Result<(), EngineError>,
     ) -> Result<Result<rpc::Criu_resp, Refused>, EngineError> {
+        self.call_notified(req, inherit, started, |_, _| Ok(()))
+    }
+
+    /// [`Criu::call`], with `notified` called on each of CRIU's notifications (its script
+    /// name, and the fd it came with: `orphan-pts-master` brings a restored terminal's master)
+    /// before CRIU is told to go on; an error from it fails the request.
+    pub fn call_notified(
+        &self,
+        req: &mut rpc::Criu_req,
+        inherit: &[(RawFd, BorrowedFd<'_>)],
+        started: impl FnOnce(Pid, &mut rpc::Criu_req) -> Result<(), EngineError>,
+        mut notified: impl FnMut(&str, Option<OwnedFd>) -> Result<(), EngineError>,
+    ) -> Result<Result<rpc::Criu_resp, Refused>, EngineError> {
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             EngineError::Failed(format!(
                 "criu {}: cannot {what}: {e}",
@@ -110,7 +129,7 @@ impl Criu {
                 .map_err(|e| failed("encode a request", &e))?;
             send(&ours, &bytes).map_err(|e| failed("send a request", &e))?;
             loop {
-                let bytes = receive(&ours).map_err(|e| failed("read its answer", &e))?;
+                let (bytes, fd) = receive(&ours).map_err(|e| failed("read its answer", &e))?;
                 let resp = rpc::Criu_resp::parse_from_bytes(&bytes)
                     .map_err(|e| failed("decode its answer", &e))?;
                 if !resp.success() {
@@ -120,6 +139,7 @@ impl Criu {
                     }));
                 }
                 if resp.type_() == rpc::Criu_req_type::NOTIFY {
+                    notified(resp.notify.script(), fd)?;
                     let mut ack = rpc::Criu_req::new();
                     ack.set_type(rpc::Criu_req_type::NOTIFY);
                     ack.set_notify_success(true);
@@ -177,8 +197,8 @@ fn send(sock: &OwnedFd, bytes: &[u8]) -> nix::Result<()> {
     .map(|_| ())
 }
 
-/// One datagram, whatever its size (peeked first).
-fn receive(sock: &OwnedFd) -> io::Result<Vec<u8>> {
+/// One datagram, whatever its size (peeked first), and the fd it carried, if any.
+fn receive(sock: &OwnedFd) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
     loop {
         let mut probe = [0u8; 1];
         let len = match recv(
@@ -197,14 +217,32 @@ fn receive(sock: &OwnedFd) -> io::Result<Vec<u8>> {
             Err(e) => return Err(e.into()),
         };
         let mut buf = vec![0u8; len];
-        match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
+        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let (n, fd) = match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fd = None;
+                for c in msg.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(fds) = c {
+                        for raw in fds {
+                            // SAFETY: SCM_RIGHTS gave this process a new fd nothing else owns.
+                            let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                            fd.get_or_insert(owned);
+                        }
+                    }
+                }
+                (msg.bytes, fd)
             }
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
-        }
+        };
+        buf.truncate(n);
+        return Ok((buf, fd));
     }
 }
 

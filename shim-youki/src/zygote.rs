@@ -542,6 +542,7 @@ fn restore_container(
     let mut next = |wanted: bool| if wanted { fds.next() } else { None };
     let streams = RestoreStdio {
         streams: [next(stdio.stdin), next(stdio.stdout), next(stdio.stderr)],
+        console_socket: stdio.console_socket,
     };
     // A template's rootfs changes are a layer of the new container's overlay, over the image's:
     // the template is held (shared) until the rootfs is mounted, so that it cannot be removed
