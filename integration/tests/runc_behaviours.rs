@@ -14,7 +14,9 @@
 //!   goes away does not end the process's input;
 //! - when an init dies with an exec in its pid namespace, the exec's TaskExit comes first;
 //! - runtime options `io_uid`/`io_gid` give a user-namespaced container's root its pipes,
-//!   so that it can reopen its stdout.
+//!   so that it can reopen its stdout;
+//! - a container with a terminal is restored with a terminal, its output reaching the new
+//!   task's.
 //!
 //! The shim binary must be built first (`cargo build --workspace --bins`).
 
@@ -24,7 +26,9 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hyperbox_integration::client::{to_any, CreateTask, ExecIo, LegacyCreateOptions, RuncOptions};
+use hyperbox_integration::client::{
+    to_any, CheckpointOptions, CreateTask, ExecIo, LegacyCreateOptions, RuncOptions,
+};
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
@@ -664,3 +668,133 @@ per_version!(
     io_owner_in_user_namespace,
     io_owner_in_user_namespace_as_runc
 );
+
+/// Collects what arrives on the FIFO at `path` (made here) on a thread, chunk by chunk.
+fn stream_fifo(path: &Path) -> mpsc::Receiver<String> {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let (tx, rx) = mpsc::channel();
+    let reader = path.to_path_buf();
+    std::thread::spawn(move || {
+        let Ok(mut f) = std::fs::File::open(&reader) else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Whether `want` arrives on `rx` within `limit`.
+fn arrives(rx: &mpsc::Receiver<String>, want: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut seen = String::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(chunk) => {
+                seen.push_str(&chunk);
+                if seen.contains(want) {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// A container with a terminal is checkpointed (exit) and restored with a terminal: the
+/// restored process writes on, and its output reaches the new task's terminal, as under
+/// runc's shim (which hands CRIU's new pty master to the console socket).
+fn restore_with_terminal_as_runc(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    let rt = runtime();
+    let client = rt.block_on(c.client()).expect("client");
+    let mut seen = Vec::new();
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let id = format!("ttyck{n}");
+        let mut args = vec![
+            "containers",
+            "create",
+            "--tty",
+            "--runtime",
+            runtime,
+            &image,
+            &id,
+        ];
+        // ctr 1.6 would take `-c` as its own flag.
+        if v == ContainerdVersion::V1_6 {
+            args.push("--");
+        }
+        args.extend(["sh", "-c", "while true; do echo tick; sleep 0.1; done"]);
+        c.ctr_run(&args)
+            .unwrap_or_else(|e| panic!("{runtime}: {e}"));
+        let images = c.dir().join(format!("ttyck{n}-images"));
+        let before = c.dir().join(format!("ttyck{n}-before"));
+        let after = c.dir().join(format!("ttyck{n}-after"));
+        let first = stream_fifo(&before);
+        let task = |stdout: &Path, restore: Option<&Path>| CreateTask {
+            container_id: id.clone(),
+            stdout: stdout.to_string_lossy().into_owned(),
+            terminal: true,
+            options: restore.map(|images| {
+                to_any(&RuncOptions {
+                    criu_image_path: images.to_string_lossy().into_owned(),
+                    ..Default::default()
+                })
+            }),
+            ..Default::default()
+        };
+        let ran = rt.block_on(async {
+            client.create_task(task(&before, None)).await?;
+            client.start(&id, "").await?;
+            Ok::<_, hyperbox_integration::client::ClientError>(())
+        });
+        let ticked = ran.is_ok() && arrives(&first, "tick", Duration::from_secs(10));
+        let second = stream_fifo(&after);
+        let restored = rt.block_on(async {
+            let options = CheckpointOptions {
+                exit: true,
+                image_path: images.to_string_lossy().into_owned(),
+                ..Default::default()
+            };
+            client.checkpoint_task(&id, Some(&options)).await?;
+            client.wait(&id, "").await?;
+            client.delete_task(&id).await?;
+            client.create_task(task(&after, Some(&images))).await?;
+            client.start(&id, "").await
+        });
+        let ticks_on = restored.is_ok() && arrives(&second, "tick", Duration::from_secs(10));
+        let _ = rt.block_on(async {
+            client.kill(&id, 9, false).await?;
+            client.wait(&id, "").await?;
+            client.delete_task(&id).await
+        });
+        let _ = c.ctr_run(&["containers", "rm", &id]);
+        seen.push((
+            runtime,
+            ticked,
+            restored.map(|_| ()).map_err(|e| e.to_string()),
+            ticks_on,
+        ));
+    }
+    assert_eq!(
+        (seen[0].1, seen[0].2.clone(), seen[0].3),
+        (true, Ok(()), true),
+        "runc's view: {seen:?}"
+    );
+    assert_eq!(
+        (seen[1].1, seen[1].2.clone(), seen[1].3),
+        (seen[0].1, seen[0].2.clone(), seen[0].3),
+        "hyperbox vs runc: {seen:?}"
+    );
+}
+per_version!(restore_with_terminal, restore_with_terminal_as_runc);
