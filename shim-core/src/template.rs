@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -238,13 +238,30 @@ fn check_ready_file(path: &str) -> Result<PathBuf, EngineError> {
 /// own root: symbolic links in the container resolve inside it, never to the host's files.
 pub fn exists_in_container(pid: u32, path: &Path) -> std::io::Result<bool> {
     let root = fs::File::open(format!("/proc/{pid}/root"))?;
+    match open_in_root(root.as_fd(), path, libc::O_PATH) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens `path` (absolute or not) below the directory `root` as if `root` were `/`: symbolic
+/// links and `..` resolve inside it, never above (`openat2` with `RESOLVE_IN_ROOT`, magic
+/// links refused). `flags` are `open`'s (close-on-exec is added).
+pub fn open_in_root(root: BorrowedFd<'_>, path: &Path, flags: i32) -> std::io::Result<OwnedFd> {
     let relative = path.strip_prefix("/").unwrap_or(path);
+    let relative = if relative.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        relative
+    };
     let name = CString::new(relative.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // SAFETY: open_how is plain integers, for which zero is valid (and what openat2 wants of
     // fields this code does not set).
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.mode = if flags & libc::O_CREAT != 0 { 0o644 } else { 0 };
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: openat2 reads the path and `how` (of the size given) and returns a new fd or -1.
     let fd = unsafe {
@@ -256,16 +273,11 @@ pub fn exists_in_container(pid: u32, path: &Path) -> std::io::Result<bool> {
             std::mem::size_of::<libc::open_how>(),
         )
     };
-    if fd >= 0 {
-        // SAFETY: a new fd that nothing else owns.
-        drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        return Ok(true);
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ENOENT) | Some(libc::ENOTDIR) => Ok(false),
-        _ => Err(e),
-    }
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]
