@@ -674,3 +674,66 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
     assert_eq!(fp.leftovers(), Vec::<String>::new());
 }
 per_version!(bad_input, template_bad_input_harms_nothing);
+
+/// A template whose rootfs plants a link to a host directory (`/evil -> HOST`), restored into
+/// a container whose spec mounts a volume below that link (`/evil/x`, as a Kubernetes
+/// volumeMount may): the mount point is made inside the container's rootfs or not at all,
+/// never in the host's directory.
+fn template_links_stay_inside(v: ContainerdVersion) {
+    let bed = TestBed::start(v).expect("test bed");
+    let image = bed.image(TestImage::Busybox).expect("busybox");
+    let c = &bed.containerd;
+    let host_dir = c.dir().join("host-dir");
+    fs::create_dir_all(&host_dir).unwrap();
+    let volume = c.dir().join("volume");
+    fs::create_dir_all(&volume).unwrap();
+    let plant = format!(
+        "ln -s {host} /evil; ln -s {host}/file /evil-file; {COUNTER}",
+        host = host_dir.display()
+    );
+    run_ok_in(
+        c,
+        &image,
+        "planter",
+        None,
+        &[(CAPTURE, "planted"), (READY_DELAY, "300ms")],
+        &["sh", "-c", &plant],
+    );
+    wait_template(c, "planted", Duration::from_secs(30));
+    remove(c, "planter");
+    let mount = |dst: &str| {
+        format!(
+            "type=bind,src={},dst={dst},options=rbind:rw",
+            volume.display()
+        )
+    };
+    let (dir_mount, file_mount) = (mount("/evil/x/y"), mount("/evil-file"));
+    let restore_from = format!("{RESTORE_FROM}=planted");
+    let out = c
+        .ctr()
+        .args(["run", "-d", "--null-io", "--runtime", OURS])
+        .args(["--annotation", &restore_from])
+        .args(["--mount", &dir_mount, "--mount", &file_mount])
+        .args([&image, "victim", "sh", "-c", COUNTER])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ctr run");
+    let made: Vec<_> = fs::read_dir(&host_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    eprintln!(
+        "restore through the planted links: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", "victim"]);
+    let _ = c.ctr_run(&["tasks", "rm", "-f", "victim"]);
+    let _ = c.ctr_run(&["containers", "rm", "victim"]);
+    assert!(
+        made.is_empty(),
+        "the restore made {made:?} in the host's {} through the template's links",
+        host_dir.display()
+    );
+}
+per_version!(links_stay_inside, template_links_stay_inside);
