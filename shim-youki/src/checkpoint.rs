@@ -84,7 +84,7 @@ fn failed(e: impl std::fmt::Display) -> EngineError {
     EngineError::Failed(e.to_string())
 }
 
-fn load_spec(bundle: &Path) -> Result<Spec, EngineError> {
+pub(crate) fn load_spec(bundle: &Path) -> Result<Spec, EngineError> {
     let path = bundle.join("config.json");
     Spec::load(&path)
         .map_err(|e| EngineError::InvalidSpec(format!("cannot read {}: {e}", path.display())))

@@ -13,6 +13,7 @@ mod executor;
 mod image;
 mod rootfs;
 pub mod template;
+mod template_security;
 mod wire;
 mod zygote;
 

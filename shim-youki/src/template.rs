@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint;
 use crate::criu::Criu;
 use crate::image::ImageRef;
+use crate::template_security::Security;
 
 /// Where templates are kept unless `HYPERBOX_TEMPLATE_ROOT` names another directory.
 pub const DEFAULT_ROOT: &str = "/var/lib/hyperbox/templates";
@@ -72,6 +73,11 @@ pub struct Record {
     /// The digest of the image's manifest (or index), as containerd has it.
     #[serde(default)]
     pub image_digest: Option<String>,
+    /// The security settings of the process captured, which its copies keep (see
+    /// `template_security`); a restore must ask for the same. `None` in a record of an older
+    /// shim, which is not restored.
+    #[serde(default)]
+    pub security: Option<Box<Security>>,
 }
 
 /// One entry of a listing: a template, or a capture of that name that failed.
@@ -517,6 +523,7 @@ impl Store {
                 .map(|i| i.name.clone())
                 .or_else(|| image_annotation(bundle)),
             image_digest: image.map(|i| i.digest.clone()),
+            security: Some(Box::new(Security::of(&checkpoint::load_spec(bundle)?))),
         };
         let file = tmp.join(RECORD);
         fs::write(
@@ -609,6 +616,23 @@ impl Store {
                     "template {name} was captured from image {theirs}, this container runs {ours}"
                 )));
             }
+        }
+        // CRIU gives the copies the captured process's credentials, capabilities, seccomp
+        // filters and labels, whatever this spec says: it must say the same.
+        let Some(theirs) = &record.security else {
+            return Err(EngineError::InvalidSpec(format!(
+                "template {name} records no security settings (an older shim captured it): \
+                 capture it again"
+            )));
+        };
+        let wanted = Security::of(&checkpoint::load_spec(bundle)?);
+        let differences = theirs.differences(&wanted);
+        if !differences.is_empty() {
+            return Err(EngineError::InvalidSpec(format!(
+                "cannot restore from template {name}: its processes would keep the security \
+                 settings they were captured with, and this container asks for others: {}",
+                differences.join("; ")
+            )));
         }
         Ok(record)
     }
