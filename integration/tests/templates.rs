@@ -737,3 +737,71 @@ fn template_links_stay_inside(v: ContainerdVersion) {
     );
 }
 per_version!(links_stay_inside, template_links_stay_inside);
+
+/// A template captured from a privileged container (every capability, no seccomp filter)
+/// is not restored into a container whose spec gives fewer: CRIU would hand the copy the
+/// captured process's privileges. The refusal names what differs; a copy that asks for the
+/// same privileges is restored.
+fn template_privileges_come_from_the_spec(v: ContainerdVersion) {
+    let bed = TestBed::start(v).expect("test bed");
+    let image = bed.image(TestImage::Busybox).expect("busybox");
+    let c = &bed.containerd;
+    let run = |id: &str, privileged: bool, annotations: &[(&str, &str)]| {
+        let mut args = vec!["run", "-d", "--null-io", "--runtime", OURS];
+        if privileged {
+            args.push("--privileged");
+        }
+        let pairs: Vec<String> = annotations
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        for p in &pairs {
+            args.extend(["--annotation", p.as_str()]);
+        }
+        args.extend([image.as_str(), id, "sh", "-c", COUNTER]);
+        c.ctr()
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr run")
+    };
+    let out = run(
+        "mighty",
+        true,
+        &[(CAPTURE, "mighty"), (READY_DELAY, "300ms")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_template(c, "mighty", Duration::from_secs(30));
+    remove(c, "mighty");
+
+    let out = run("meek", false, &[(RESTORE_FROM, "mighty")]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let caps = exec(c, "meek", "caps", "grep CapEff /proc/1/status");
+    let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", "meek"]);
+    let _ = c.ctr_run(&["tasks", "rm", "-f", "meek"]);
+    let _ = c.ctr_run(&["containers", "rm", "meek"]);
+    assert!(
+        !out.status.success()
+            && stderr.contains("security settings")
+            && stderr.contains("bounding capabilities")
+            && stderr.contains("CAP_SYS_ADMIN"),
+        "a restore with fewer privileges than the template's: {stderr}; its init's {caps:?}"
+    );
+
+    let out = run("peer", true, &[(RESTORE_FROM, "mighty")]);
+    assert!(
+        out.status.success(),
+        "the same privileges: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    counter_passes(c, "peer", 0);
+    remove(c, "peer");
+}
+per_version!(
+    privileges_from_the_spec,
+    template_privileges_come_from_the_spec
+);
