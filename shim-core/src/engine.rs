@@ -207,8 +207,8 @@ pub trait Engine: Send + Sync + Debug + 'static {
 
     /// Records that the capture of template `name` failed, and why, where the engine's
     /// template listing shows it. Engines without templates keep this default.
-    async fn template_failed(&self, name: &str, reason: &str) {
-        let _ = (name, reason);
+    async fn template_failed(&self, name: &str, reason: &str, bundle: &Path) {
+        let _ = (name, reason, bundle);
     }
 
     /// Removes the container: kills what is left of it, removes its cgroup and state, and

@@ -163,6 +163,8 @@ struct Container {
 struct TemplateCapturePlan {
     plan: CapturePlan,
     rootfs: Vec<RootfsMount>,
+    /// The container's bundle (whose spec says whose template it is).
+    bundle: PathBuf,
 }
 
 /// The resources type containerd sends in Update (OCI `LinuxResources`, as JSON).
@@ -627,6 +629,7 @@ impl Inner {
                     capture: plan.capture.map(|plan| TemplateCapturePlan {
                         plan,
                         rootfs: spec.rootfs.clone(),
+                        bundle: spec.bundle.clone(),
                     }),
                     busy: None,
                     exec_spawns: 0,
@@ -932,7 +935,9 @@ impl Inner {
             ),
             Err(e) => {
                 tracing::error!(id, name, "template not captured: {e}");
-                self.engine.template_failed(&name, &e.to_string()).await;
+                self.engine
+                    .template_failed(&name, &e.to_string(), &capture.bundle)
+                    .await;
             }
         }
     }

@@ -28,6 +28,10 @@ pub const READY_DELAY: &str = "io.hyperbox.template.ready-delay";
 pub const TIMEOUT: &str = "io.hyperbox.template.timeout";
 /// Restore this container from the template of this name.
 pub const RESTORE_FROM: &str = "io.hyperbox.restore-from";
+/// The pod namespace containerd's CRI writes into every container's spec, from the pod's
+/// metadata (after any annotation a pod may pass through): under Kubernetes, a template's
+/// owner.
+pub const CRI_SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
 /// In a Kubernetes pod (whose annotations reach every container), the one container the
 /// template annotations are for, by name; without it, every container but the sandbox's.
 pub const CONTAINER: &str = "io.hyperbox.template.container";
@@ -101,6 +105,37 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A pod namespace as Kubernetes names it (a DNS label: 1 to 63 lower-case letters, digits
+/// and '-', starting and ending with a letter or digit).
+pub fn check_owner(owner: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&owner.len())
+        && owner
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !owner.starts_with('-')
+        && !owner.ends_with('-');
+    if !ok {
+        return Err(format!(
+            "pod namespace {owner:?} is not 1 to 63 lower-case letters, digits or '-' \
+             starting and ending with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// A template to restore from: `NAME`, a template of the container's own owner, or
+/// `POD_NAMESPACE/NAME`, one of that pod namespace's (restored only where an administrator
+/// shares it).
+pub fn check_reference(reference: &str) -> Result<(), String> {
+    match reference.split_once('/') {
+        None => check_name(reference),
+        Some((owner, name)) => {
+            check_owner(owner)?;
+            check_name(name)
+        }
+    }
+}
+
 /// A duration as annotations give it: `250ms`, `2s`, `1.5s`, `1m`, or bare seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -146,9 +181,9 @@ impl TemplatePlan {
             }
         }
         let restore_from = match get(RESTORE_FROM) {
-            Some(name) => {
-                check_name(name).map_err(|e| invalid(format!("{RESTORE_FROM}: {e}")))?;
-                Some(name.to_string())
+            Some(reference) => {
+                check_reference(reference).map_err(|e| invalid(format!("{RESTORE_FROM}: {e}")))?;
+                Some(reference.to_string())
             }
             None => None,
         };
@@ -345,6 +380,8 @@ mod tests {
         );
         let p = plan(&[(RESTORE_FROM, "py")]).unwrap();
         assert_eq!(p.restore_from.as_deref(), Some("py"));
+        let shared = plan(&[(RESTORE_FROM, "team-a/py")]).unwrap();
+        assert_eq!(shared.restore_from.as_deref(), Some("team-a/py"));
         // In a pod: never the sandbox; only the container named, when one is.
         let pod = [(RESTORE_FROM, "py"), (CONTAINER, "web")];
         for (kind, name, applies) in [
@@ -374,7 +411,9 @@ mod tests {
                 vec![(CAPTURE, "../x"), (READY_DELAY, "1s")],
                 "template name",
             ),
-            (vec![(RESTORE_FROM, "a/b")], "template name"),
+            (vec![(RESTORE_FROM, "a/../b")], "template name"),
+            (vec![(RESTORE_FROM, "A/b")], "pod namespace"),
+            (vec![(RESTORE_FROM, "-a/b")], "pod namespace"),
             (
                 vec![(READY_FILE, "/a")],
                 "needs io.hyperbox.template.capture",

@@ -7,18 +7,21 @@ use std::process::ExitCode;
 use crate::template::{self, Listed, Store};
 
 const USAGE: &str = "\
-usage: containerd-shim-hyperbox-v1 templates list [-n NAMESPACE | -A]
-       containerd-shim-hyperbox-v1 templates inspect [-n NAMESPACE] NAME
-       containerd-shim-hyperbox-v1 templates remove [-n NAMESPACE] NAME...
+usage: containerd-shim-hyperbox-v1 templates list [-n NAMESPACE [-p POD_NAMESPACE] | -A]
+       containerd-shim-hyperbox-v1 templates inspect [-n NAMESPACE] [-p POD_NAMESPACE] NAME
+       containerd-shim-hyperbox-v1 templates remove [-n NAMESPACE] [-p POD_NAMESPACE] NAME...
 
 Templates are captured from containers annotated io.hyperbox.template.capture=NAME and
 restored into containers annotated io.hyperbox.restore-from=NAME. NAMESPACE is the
 containerd namespace (default: $CONTAINERD_NAMESPACE, else \"default\"); -A lists all.
+Under Kubernetes each pod namespace has templates of its own (POD_NAMESPACE, in containerd
+namespace k8s.io); a listing of a namespace shows its pod namespaces' too, as NS/POD_NS.
 The store is HYPERBOX_TEMPLATE_ROOT, else /var/lib/hyperbox/templates, root's only.";
 
 struct Args {
     command: String,
     namespace: Option<String>,
+    owner: Option<String>,
     all: bool,
     names: Vec<String>,
 }
@@ -29,6 +32,7 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
     let mut parsed = Args {
         command,
         namespace: None,
+        owner: None,
         all: false,
         names: Vec::new(),
     };
@@ -36,6 +40,9 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
         match w.as_str() {
             "-n" | "--namespace" => {
                 parsed.namespace = Some(words.next().ok_or(format!("{w} needs a value"))?)
+            }
+            "-p" | "--pod-namespace" => {
+                parsed.owner = Some(words.next().ok_or(format!("{w} needs a value"))?)
             }
             "-A" | "--all-namespaces" => parsed.all = true,
             "-h" | "--help" => return Err(String::new()),
@@ -105,7 +112,13 @@ fn run(args: &Args) -> Result<(), String> {
         .or_else(|| std::env::var("CONTAINERD_NAMESPACE").ok())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "default".to_string());
-    let store = |ns: &str| Store::at(&root, ns).map_err(|e| e.to_string());
+    let owner = args.owner.as_deref();
+    let store =
+        |ns: &str, owner: Option<&str>| Store::scoped(&root, ns, owner).map_err(|e| e.to_string());
+    let scope = match owner {
+        Some(o) => format!("namespace {namespace}, pod namespace {o}"),
+        None => format!("namespace {namespace}"),
+    };
     let mut out = std::io::stdout().lock();
     let mut say = |line: String| {
         let _ = writeln!(out, "{line}");
@@ -121,8 +134,26 @@ fn run(args: &Args) -> Result<(), String> {
                 "{:<16} {:<24} {:>10} {:>5} {:<8} {:<8} FROM",
                 "NAMESPACE", "NAME", "SIZE", "AGE", "CRIU", "SHIM"
             ));
+            let mut stores = Vec::new();
             for ns in namespaces {
-                for entry in store(&ns)?.list() {
+                let own = store(&ns, None)?;
+                match owner {
+                    Some(o) if !args.all => stores.push(store(&ns, Some(o))?),
+                    _ => {
+                        let owners = own.owners();
+                        stores.push(own);
+                        for o in owners {
+                            stores.push(store(&ns, Some(&o))?);
+                        }
+                    }
+                }
+            }
+            for s in stores {
+                let ns = match s.owner() {
+                    Some(o) => format!("{}/{o}", s.namespace()),
+                    None => s.namespace().to_string(),
+                };
+                for entry in s.list() {
                     match entry {
                         Listed::Template { record, bytes, .. } => say(format!(
                             "{:<16} {:<24} {:>10} {:>5} {:<8} {:<8} {}",
@@ -149,7 +180,7 @@ fn run(args: &Args) -> Result<(), String> {
             let [name] = args.names.as_slice() else {
                 return Err("inspect takes one NAME".into());
             };
-            let s = store(&namespace)?;
+            let s = store(&namespace, owner)?;
             let found = s.list().into_iter().find(|l| l.name() == name);
             match found {
                 Some(Listed::Template {
@@ -167,16 +198,14 @@ fn run(args: &Args) -> Result<(), String> {
                     "template {name}: capture failed: {}",
                     reason.trim()
                 )),
-                None => Err(format!(
-                    "template {name} does not exist in namespace {namespace}"
-                )),
+                None => Err(format!("template {name} does not exist in {scope}")),
             }
         }
         "remove" | "rm" => {
             if args.names.is_empty() {
                 return Err("remove takes at least one NAME".into());
             }
-            let s = store(&namespace)?;
+            let s = store(&namespace, owner)?;
             let mut missing = Vec::new();
             for name in &args.names {
                 match s.remove(name) {
@@ -188,10 +217,7 @@ fn run(args: &Args) -> Result<(), String> {
             if missing.is_empty() {
                 Ok(())
             } else {
-                Err(format!(
-                    "no template {} in namespace {namespace}",
-                    missing.join(", ")
-                ))
+                Err(format!("no template {} in {scope}", missing.join(", ")))
             }
         }
         other => Err(format!("unknown templates command {other:?}\n{USAGE}")),

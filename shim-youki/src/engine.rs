@@ -298,10 +298,11 @@ impl Engine for YoukiEngine {
         }
     }
 
-    async fn template_failed(&self, name: &str, reason: &str) {
+    async fn template_failed(&self, name: &str, reason: &str, bundle: &Path) {
         let req = Request::TemplateFailed {
             name: name.to_string(),
             reason: reason.to_string(),
+            bundle: bundle.to_path_buf(),
         };
         if let Err(e) = self.call_done(req).await {
             tracing::warn!(name, "cannot record the failed capture: {e}");

@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hyperbox_shim_core::template::{check_name, Captured, TemplateCapture};
+use hyperbox_shim_core::template::{
+    check_name, check_owner, Captured, TemplateCapture, CRI_SANDBOX_NAMESPACE,
+};
 use hyperbox_shim_core::{CheckpointSpec, EngineError, RestoreSpec, RootfsMount};
 use libcontainer::container::Container;
 use serde::{Deserialize, Serialize};
@@ -73,6 +75,9 @@ pub struct Record {
     /// The digest of the image's manifest (or index), as containerd has it.
     #[serde(default)]
     pub image_digest: Option<String>,
+    /// The pod namespace it belongs to, under Kubernetes.
+    #[serde(default)]
+    pub owner: Option<String>,
     /// The security settings of the process captured, which its copies keep (see
     /// `template_security`); a restore must ask for the same. `None` in a record of an older
     /// shim, which is not restored.
@@ -84,7 +89,7 @@ pub struct Record {
 #[derive(Debug)]
 pub enum Listed {
     Template {
-        record: Record,
+        record: Box<Record>,
         path: PathBuf,
         bytes: u64,
     },
@@ -94,11 +99,130 @@ pub enum Listed {
     },
 }
 
-/// The templates of one containerd namespace.
+/// The templates of one owner: a containerd namespace, and under Kubernetes (every pod in
+/// containerd's `k8s.io`) a pod namespace in it, as CRI writes it into the container's spec.
+/// Tenants never see each other's templates; a restore across owners needs an
+/// administrator's [`Settings::shared`].
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// The store's root ([`root`], or the CLI's).
+    root: PathBuf,
     dir: PathBuf,
     namespace: String,
+    /// The pod namespace, under Kubernetes.
+    owner: Option<String>,
+}
+
+/// A pod namespace's templates are in its containerd namespace's directory, under this prefix
+/// and its name: no template name starts with a '.'.
+const OWNER_PREFIX: &str = ".pod.";
+
+/// Where the node's template settings are, unless `HYPERBOX_TEMPLATE_CONFIG` names another
+/// file.
+pub const SETTINGS: &str = "/etc/hyperbox/templates.toml";
+
+/// The node's template settings, an administrator's (never a tenant's: no annotation sets
+/// them). A missing file is the defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Templates any owner may restore from, as `POD_NAMESPACE/NAME` (what such a restore
+    /// names in `io.hyperbox.restore-from`).
+    #[serde(default)]
+    pub shared: Vec<String>,
+}
+
+impl Settings {
+    /// The settings file's path.
+    pub fn path() -> PathBuf {
+        std::env::var_os("HYPERBOX_TEMPLATE_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from(SETTINGS), PathBuf::from)
+    }
+
+    /// Reads the settings; a file that does not parse, or names a template badly, is an
+    /// error naming it.
+    pub fn load() -> Result<Settings, EngineError> {
+        let path = Self::path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Settings::default()),
+            Err(e) => return Err(failed(format!("cannot read {}: {e}", path.display()))),
+        };
+        let settings: Settings = toml::from_str(&text).map_err(|e| {
+            EngineError::InvalidSpec(format!("template settings {}: {e}", path.display()))
+        })?;
+        for entry in &settings.shared {
+            if !entry.contains('/') {
+                return Err(EngineError::InvalidSpec(format!(
+                    "template settings {}: shared entry {entry:?} is not POD_NAMESPACE/NAME",
+                    path.display()
+                )));
+            }
+            hyperbox_shim_core::template::check_reference(entry).map_err(|e| {
+                EngineError::InvalidSpec(format!("template settings {}: {e}", path.display()))
+            })?;
+        }
+        Ok(settings)
+    }
+
+    /// Whether template `name` of pod namespace `owner` is shared.
+    pub fn shares(&self, owner: &str, name: &str) -> bool {
+        self.shared
+            .iter()
+            .any(|e| e.split_once('/') == Some((owner, name)))
+    }
+}
+
+/// The owner of the container of `bundle` under Kubernetes: the pod namespace CRI wrote in
+/// its spec; `None` outside Kubernetes.
+pub fn owner_of(bundle: &Path) -> Result<Option<String>, EngineError> {
+    let path = bundle.join("config.json");
+    let spec: serde_json::Value = fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| EngineError::InvalidSpec(format!("cannot read {}: {e}", path.display())))?;
+    let Some(owner) = spec
+        .get("annotations")
+        .and_then(|a| a.get(CRI_SANDBOX_NAMESPACE))
+    else {
+        return Ok(None);
+    };
+    let owner = owner.as_str().unwrap_or_default();
+    check_owner(owner)
+        .map_err(|e| EngineError::InvalidSpec(format!("{CRI_SANDBOX_NAMESPACE}: {e}")))?;
+    Ok(Some(owner.to_string()))
+}
+
+/// The store and name of the template that the container of `bundle` (in containerd
+/// namespace `namespace`) restores from, `reference` as its annotation gives it: `NAME`, its
+/// own owner's, or `POD_NAMESPACE/NAME`, refused for another owner's template unless the
+/// node's settings share it.
+pub fn resolve(
+    namespace: &str,
+    bundle: &Path,
+    reference: &str,
+) -> Result<(Store, String), EngineError> {
+    let own = owner_of(bundle)?;
+    let Some((owner, name)) = reference.split_once('/') else {
+        return Ok((
+            Store::scoped(&root(), namespace, own.as_deref())?,
+            reference.to_string(),
+        ));
+    };
+    if own.as_deref() != Some(owner) && !Settings::load()?.shares(owner, name) {
+        return Err(EngineError::InvalidSpec(format!(
+            "template {reference} belongs to pod namespace {owner}, not this container's ({}): \
+             another owner's template is restored only when an administrator shares it \
+             (shared = [\"{reference}\"] in {})",
+            own.as_deref().unwrap_or("none"),
+            Settings::path().display()
+        )));
+    }
+    Ok((
+        Store::scoped(&root(), namespace, Some(owner))?,
+        name.to_string(),
+    ))
 }
 
 fn failed(e: impl std::fmt::Display) -> EngineError {
@@ -361,20 +485,75 @@ impl Store {
 
     /// The templates of `namespace` under `root`.
     pub fn at(root: &Path, namespace: &str) -> Result<Store, EngineError> {
+        Self::scoped(root, namespace, None)
+    }
+
+    /// The templates of pod namespace `owner` (when given) of `namespace` under `root`.
+    pub fn scoped(root: &Path, namespace: &str, owner: Option<&str>) -> Result<Store, EngineError> {
         check_name(namespace).map_err(|e| {
             EngineError::InvalidSpec(format!(
                 "namespace {namespace:?}: {}",
                 e.replace("template name", "name")
             ))
         })?;
+        let mut dir = root.join(namespace);
+        if let Some(owner) = owner {
+            check_owner(owner).map_err(EngineError::InvalidSpec)?;
+            dir.push(format!("{OWNER_PREFIX}{owner}"));
+        }
         Ok(Store {
-            dir: root.join(namespace),
+            root: root.to_path_buf(),
+            dir,
             namespace: namespace.to_string(),
+            owner: owner.map(str::to_string),
         })
+    }
+
+    /// The store of the container of `bundle`: its owner's in `namespace`.
+    pub fn for_bundle(namespace: &str, bundle: &Path) -> Result<Store, EngineError> {
+        Self::scoped(&root(), namespace, owner_of(bundle)?.as_deref())
     }
 
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// The pod namespace whose templates these are, under Kubernetes.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+
+    /// The pod namespaces that have templates in this store's containerd namespace.
+    pub fn owners(&self) -> Vec<String> {
+        let mut owners: Vec<String> = fs::read_dir(self.root.join(&self.namespace))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(OWNER_PREFIX)
+                    .filter(|o| check_owner(o).is_ok())
+                    .map(str::to_string)
+            })
+            .collect();
+        owners.sort();
+        owners
+    }
+
+    /// Whose templates these are, for messages.
+    fn scope(&self) -> String {
+        match &self.owner {
+            None => format!("namespace {}", self.namespace),
+            Some(o) => format!("namespace {}, pod namespace {o}", self.namespace),
+        }
+    }
+
+    /// The CLI options that name this store.
+    fn cli_options(&self) -> String {
+        match &self.owner {
+            None => format!("-n {}", self.namespace),
+            Some(o) => format!("-n {} -p {o}", self.namespace),
+        }
     }
 
     /// The directory of template `name`.
@@ -392,7 +571,7 @@ impl Store {
 
     /// Creates the store's directories, the root readable by root only.
     fn ensure(&self) -> Result<(), EngineError> {
-        let root = self.dir.parent().unwrap_or(&self.dir);
+        let root = self.root.as_path();
         for dir in [root, &self.dir] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -523,6 +702,7 @@ impl Store {
                 .map(|i| i.name.clone())
                 .or_else(|| image_annotation(bundle)),
             image_digest: image.map(|i| i.digest.clone()),
+            owner: self.owner.clone(),
             security: Some(Box::new(Security::of(&checkpoint::load_spec(bundle)?))),
         };
         let file = tmp.join(RECORD);
@@ -561,10 +741,11 @@ impl Store {
         let path = self.path(name);
         if !path.is_dir() {
             return Err(EngineError::NotFound(format!(
-                "template {name} does not exist in namespace {}: capture it first (annotation \
+                "template {name} does not exist in {}: capture it first (annotation \
                  io.hyperbox.template.capture={name}); `containerd-shim-hyperbox-v1 templates \
-                 list -n {}` lists the templates",
-                self.namespace, self.namespace
+                 list {}` lists the templates",
+                self.scope(),
+                self.cli_options()
             )));
         }
         let file = path.join(RECORD);
@@ -574,9 +755,9 @@ impl Store {
             .map_err(|e| {
                 EngineError::InvalidSpec(format!(
                     "template {name} is damaged: cannot read {}: {e}; remove it with \
-                     `containerd-shim-hyperbox-v1 templates remove -n {} {name}`",
+                     `containerd-shim-hyperbox-v1 templates remove {} {name}`",
                     file.display(),
-                    self.namespace
+                    self.cli_options()
                 ))
             })?;
         let criu = Criu::get()?.version()?;
@@ -708,7 +889,7 @@ impl Store {
             match record {
                 Some(record) => out.push(Listed::Template {
                     bytes: disk_usage(&path),
-                    record,
+                    record: Box::new(record),
                     path,
                 }),
                 None => out.push(Listed::Failed {

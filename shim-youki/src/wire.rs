@@ -56,6 +56,8 @@ pub enum Request {
     TemplateFailed {
         name: String,
         reason: String,
+        /// The bundle of the container that failed, whose owner's store records it.
+        bundle: PathBuf,
     },
     Checkpoint {
         id: String,

@@ -29,7 +29,7 @@ use crate::exec_security;
 use crate::executor::{BoxedExecutor, ExecutorFactory, NewContainer};
 use crate::image::ImageRef;
 use crate::rootfs;
-use crate::template::Store;
+use crate::template::{self, Store};
 use crate::wire::{self, Reply, Request, StdioMask};
 
 /// Forks the zygote serving containers whose state lives under `root`, their executors
@@ -359,12 +359,16 @@ fn handle(
             image,
         } => {
             let c = load(roots.of(&id), &id)?;
-            Store::new(&roots.namespace)?
+            Store::for_bundle(&roots.namespace, &bundle)?
                 .capture(&c, &id, &bundle, &spec, image.as_ref())
                 .map(Reply::Captured)
         }
-        Request::TemplateFailed { name, reason } => {
-            Store::new(&roots.namespace)?.record_failure(&name, &reason);
+        Request::TemplateFailed {
+            name,
+            reason,
+            bundle,
+        } => {
+            Store::for_bundle(&roots.namespace, &bundle)?.record_failure(&name, &reason);
             Ok(Reply::Done)
         }
         Request::Pids { id } => pids(roots.of(&id), &id).map(Reply::Pids),
@@ -549,9 +553,9 @@ fn restore_container(
     // in between (a removal refuses a template an overlay uses).
     let (from, mounts, _hold) = match from {
         RestoreFrom::Checkpoint(spec) => (spec.clone(), mounts.to_vec(), None),
-        RestoreFrom::Template(name) => {
-            let prepared =
-                Store::new(namespace)?.prepare_restore(name, id, bundle, mounts, image)?;
+        RestoreFrom::Template(reference) => {
+            let (store, name) = template::resolve(namespace, bundle, reference)?;
+            let prepared = store.prepare_restore(&name, id, bundle, mounts, image)?;
             (prepared.spec, prepared.mounts, Some(prepared.hold))
         }
     };
