@@ -561,8 +561,10 @@ impl Containerd {
             .arg("--config")
             .arg(&self.config)
             .env("PATH", &self.path_env)
-            // The shims keep their templates in the sandbox, torn down with it.
+            // The shims keep their templates in the sandbox, torn down with it, and read the
+            // node's template settings there (none unless a test writes them).
             .env("HYPERBOX_TEMPLATE_ROOT", self.template_root())
+            .env("HYPERBOX_TEMPLATE_CONFIG", self.template_settings())
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(log)
@@ -656,6 +658,12 @@ impl Containerd {
     /// Where this daemon's shims keep templates (`HYPERBOX_TEMPLATE_ROOT`): in the sandbox.
     pub fn template_root(&self) -> PathBuf {
         self.sandbox.dir().join("templates")
+    }
+
+    /// Where this daemon's shims read the node's template settings
+    /// (`HYPERBOX_TEMPLATE_CONFIG`): in the sandbox.
+    pub fn template_settings(&self) -> PathBuf {
+        self.sandbox.dir().join("templates.toml")
     }
 
     /// Runs `ctr ARGS` and returns its output, failing with its stderr when it fails.

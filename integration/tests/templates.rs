@@ -485,7 +485,13 @@ fn template_bad_input_harms_nothing(v: ContainerdVersion) {
         &[(CAPTURE, "x"), (READY_FILE, "ready")],
         "absolute path",
     );
-    refused(c, &image, "b4", &[(RESTORE_FROM, "a/b")], "template name");
+    refused(
+        c,
+        &image,
+        "b4",
+        &[(RESTORE_FROM, "a/../b")],
+        "template name",
+    );
 
     // A good template of a counter (its rootfs changes include /tmp/n, which it has open).
     run_ok_in(
@@ -727,9 +733,7 @@ fn template_links_stay_inside(v: ContainerdVersion) {
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", "victim"]);
-    let _ = c.ctr_run(&["tasks", "rm", "-f", "victim"]);
-    let _ = c.ctr_run(&["containers", "rm", "victim"]);
+    remove_quietly(c, "victim");
     assert!(
         made.is_empty(),
         "the restore made {made:?} in the host's {} through the template's links",
@@ -781,9 +785,7 @@ fn template_privileges_come_from_the_spec(v: ContainerdVersion) {
     let out = run("meek", false, &[(RESTORE_FROM, "mighty")]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let caps = exec(c, "meek", "caps", "grep CapEff /proc/1/status");
-    let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", "meek"]);
-    let _ = c.ctr_run(&["tasks", "rm", "-f", "meek"]);
-    let _ = c.ctr_run(&["containers", "rm", "meek"]);
+    remove_quietly(c, "meek");
     assert!(
         !out.status.success()
             && stderr.contains("security settings")
@@ -805,3 +807,104 @@ per_version!(
     privileges_from_the_spec,
     template_privileges_come_from_the_spec
 );
+
+/// Under Kubernetes every pod is in containerd's `k8s.io`: templates belong to the pod
+/// namespace CRI writes into each container's spec (set here by the test's own client, as
+/// CRI does). A pod of another namespace does not find a tenant's template by its name, is
+/// refused it by `OWNER/NAME` until an administrator shares it in the node's template
+/// settings, and captures a template of the same name without touching the tenant's.
+fn templates_belong_to_their_pod_namespace(v: ContainerdVersion) {
+    let bed = TestBed::start(v).expect("test bed");
+    let image = bed.image(TestImage::Busybox).expect("busybox");
+    let c = &bed.containerd;
+    const SANDBOX_NS: &str = "io.kubernetes.cri.sandbox-namespace";
+    let run = |id: &str, owner: &str, annotations: &[(&str, &str)]| {
+        let mut all = vec![(SANDBOX_NS, owner)];
+        all.extend_from_slice(annotations);
+        run_in(c, &image, id, None, &all, &["sh", "-c", COUNTER])
+    };
+    let said = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let out = run(
+        "a1",
+        "tenant-a",
+        &[(CAPTURE, "svc"), (READY_DELAY, "300ms")],
+    );
+    assert!(out.status.success(), "{}", said(&out));
+    let a_store = store(c).join(".pod.tenant-a");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a_store.join("svc/template.json").is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "no template svc of tenant-a\n{}",
+            c.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    // By its name, from another pod namespace: not there.
+    let out = run("b1", "tenant-b", &[(RESTORE_FROM, "svc")]);
+    let b_by_name = (out.status.success(), said(&out));
+    remove_quietly(c, "b1");
+    // By its owner's name: refused, until shared.
+    let out = run("b2", "tenant-b", &[(RESTORE_FROM, "tenant-a/svc")]);
+    let b_by_owner = (out.status.success(), said(&out));
+    remove_quietly(c, "b2");
+    fs::write(c.template_settings(), "shared = [\"tenant-a/svc\"]\n").unwrap();
+    let out = run("b3", "tenant-b", &[(RESTORE_FROM, "tenant-a/svc")]);
+    let b_shared = (out.status.success(), said(&out));
+    remove_quietly(c, "b3");
+    fs::remove_file(c.template_settings()).unwrap();
+    // Its own pod namespace restores it by name.
+    let out = run("a2", "tenant-a", &[(RESTORE_FROM, "svc")]);
+    let a_by_name = (out.status.success(), said(&out));
+    remove_quietly(c, "a2");
+    // Another tenant's capture of the same name is its own.
+    let out = run(
+        "b4",
+        "tenant-b",
+        &[(CAPTURE, "svc"), (READY_DELAY, "300ms")],
+    );
+    assert!(out.status.success(), "{}", said(&out));
+    let b_store = store(c).join(".pod.tenant-b");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b_store.join("svc/template.json").is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "no template svc of tenant-b\n{}",
+            c.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    remove_quietly(c, "b4");
+    remove_quietly(c, "a1");
+    let listing = templates(c, &["list"]);
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+
+    assert!(
+        !b_by_name.0 && b_by_name.1.contains("does not exist"),
+        "tenant-b by name: {b_by_name:?}"
+    );
+    assert!(
+        !b_by_owner.0 && b_by_owner.1.contains("shares it"),
+        "tenant-b by owner, not shared: {b_by_owner:?}"
+    );
+    assert!(b_shared.0, "tenant-b, shared: {b_shared:?}");
+    assert!(a_by_name.0, "tenant-a by name: {a_by_name:?}");
+    let ns = c.namespace();
+    assert!(
+        listing.contains(&format!("{ns}/tenant-a")) && listing.contains(&format!("{ns}/tenant-b")),
+        "{listing}"
+    );
+}
+per_version!(pod_namespaces, templates_belong_to_their_pod_namespace);
+
+/// Kills and removes container `id`, whatever state it is in (or none).
+fn remove_quietly(c: &Containerd, id: &str) {
+    let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", id]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while task(c, id).is_some_and(|t| t.1 != "STOPPED") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.ctr_run(&["tasks", "rm", "-f", id]);
+    let _ = c.ctr_run(&["containers", "rm", id]);
+}
