@@ -970,6 +970,20 @@ pub fn io_error(e: EngineError) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_settings_example_parses_and_shares_nothing() {
+        let example: Settings = toml::from_str(include_str!("../../config/templates.toml"))
+            .expect("config/templates.toml parses");
+        assert!(example.shared.is_empty());
+        let some: Settings = toml::from_str("shared = [\"team-a/py\"]").unwrap();
+        assert!(some.shares("team-a", "py"));
+        assert!(!some.shares("team-b", "py") && !some.shares("team-a", "other"));
+        assert!(
+            toml::from_str::<Settings>("share = []").is_err(),
+            "unknown keys refused"
+        );
+    }
     use std::os::unix::fs::FileTypeExt;
 
     fn overlay(options: &[&str]) -> Vec<RootfsMount> {
