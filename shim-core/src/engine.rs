@@ -5,6 +5,7 @@
 use std::fmt::Debug;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,9 @@ pub struct RestoreSpec {
     pub image_dir: PathBuf,
     /// CRIU's work directory (its log); `None` lets the engine choose.
     pub work_dir: Option<PathBuf>,
+    /// How long CRIU may take; `None` for as long as it takes.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
 }
 
 /// What a checkpoint is to take: runc's `CheckpointOptions`, decoded, and where it goes.
@@ -86,6 +90,9 @@ pub struct CheckpointSpec {
     /// with a container left running, and a restored copy does not get them. Templates.
     #[serde(default)]
     pub skip_in_flight: bool,
+    /// How long CRIU may take; `None` for as long as it takes.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
 }
 
 /// An additional process to run in a running container.

@@ -545,6 +545,7 @@ impl Inner {
         .map(|image_dir| RestoreSpec {
             image_dir,
             work_dir: options.criu_work_path.clone(),
+            timeout: None,
         });
         // A template to restore from, or to capture, is asked for in the spec's annotations.
         let plan = TemplatePlan::read(Path::new(&req.bundle)).inspect_err(|e| {
@@ -873,6 +874,8 @@ impl Inner {
             cgroups_mode: non_empty(options.cgroups_mode),
             // As runc: a connection waiting to be accepted fails the dump.
             skip_in_flight: false,
+            // As runc: CRIU takes as long as it takes (the client may give up).
+            timeout: None,
         };
         let started = std::time::Instant::now();
         self.engine

@@ -283,7 +283,7 @@ fn describe(refused: &criu::Refused, log: &Path) -> String {
 /// Checkpoints container `c` (whose bundle is `bundle`) as `spec` says.
 pub fn dump(c: &Container, bundle: &Path, spec: &CheckpointSpec) -> Result<(), EngineError> {
     let id = c.id().to_string();
-    let criu = Criu::get()?;
+    let criu = Criu::get()?.with_timeout(spec.timeout);
     let pid = c
         .pid()
         .ok_or_else(|| EngineError::NotFound(format!("container {id} has no init pid")))?
@@ -567,7 +567,7 @@ pub fn restore(
     from: &RestoreSpec,
     stdio: RestoreStdio,
 ) -> Result<u32, EngineError> {
-    let criu = Criu::get()?;
+    let criu = Criu::get()?.with_timeout(from.timeout);
     let oci = load_spec(bundle)?;
     let mut meta = read_metadata(id, &from.image_dir)?;
     // A record of a checkpoint whose images went elsewhere (containerd's copy of it).
@@ -579,6 +579,7 @@ pub fn restore(
     let from = &RestoreSpec {
         image_dir,
         work_dir: from.work_dir.clone(),
+        timeout: from.timeout,
     };
     let images = open_dir(&from.image_dir, false)?;
     if state_dir.exists() {

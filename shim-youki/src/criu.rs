@@ -13,6 +13,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use hyperbox_shim_core::EngineError;
 use std::io::IoSliceMut;
@@ -32,6 +33,8 @@ pub struct Criu {
     binary: PathBuf,
     /// Its version, when the record of its check had it.
     version: Option<String>,
+    /// How long a request may take; `None` for as long as it takes.
+    timeout: Option<Duration>,
 }
 
 /// What to install when CRIU is missing or does not work.
@@ -55,7 +58,11 @@ impl Criu {
         FOUND
             .get_or_init(|| locate(&std::env::var_os("PATH").unwrap_or_default()))
             .clone()
-            .map(|(binary, version)| Criu { binary, version })
+            .map(|(binary, version)| Criu {
+                binary,
+                version,
+                timeout: None,
+            })
             .map_err(EngineError::Unsupported)
     }
 
@@ -70,6 +77,13 @@ impl Criu {
             .get_or_init(|| ask_version(&self.binary))
             .clone()
             .map_err(EngineError::Failed)
+    }
+
+    /// This CRIU, its requests stopped after `timeout` (when given): CRIU is sent SIGTERM,
+    /// then SIGKILL, and the request fails saying so.
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// Sends `req` to a new `criu swrk` and returns its answer. `inherit` places fds at the
@@ -122,6 +136,7 @@ impl Criu {
         }
         let mut child = cmd.spawn().map_err(|e| failed("start", &e))?;
         drop(theirs);
+        let deadline = self.timeout.map(|t| (Instant::now() + t, t));
         let answer = (|| {
             started(Pid::from_raw(child.id() as i32), req)?;
             let bytes = req
@@ -129,6 +144,14 @@ impl Criu {
                 .map_err(|e| failed("encode a request", &e))?;
             send(&ours, &bytes).map_err(|e| failed("send a request", &e))?;
             loop {
+                if let Some((at, limit)) = deadline {
+                    if !readable_before(&ours, at).map_err(|e| failed("wait for it", &e))? {
+                        return Err(EngineError::Failed(format!(
+                            "CRIU did not finish within the {:.1} s left to it: it was stopped",
+                            limit.as_secs_f64()
+                        )));
+                    }
+                }
                 let (bytes, fd) = receive(&ours).map_err(|e| failed("read its answer", &e))?;
                 let resp = rpc::Criu_resp::parse_from_bytes(&bytes)
                     .map_err(|e| failed("decode its answer", &e))?;
@@ -154,7 +177,7 @@ impl Criu {
         })();
         drop(ours);
         if answer.is_err() {
-            let _ = child.kill();
+            stop(&mut child);
         }
         let _ = child.wait();
         answer
@@ -195,6 +218,39 @@ fn send(sock: &OwnedFd, bytes: &[u8]) -> nix::Result<()> {
         None,
     )
     .map(|_| ())
+}
+
+/// Stops a CRIU that is to give up: SIGTERM first (a chance to let go of the tasks it
+/// holds), SIGKILL if it is still there 5 s later.
+fn stop(child: &mut std::process::Child) {
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+}
+
+/// Whether `sock` has something to read before `at`.
+fn readable_before(sock: &OwnedFd, at: Instant) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        let left = at.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) if Instant::now() >= at => return Ok(false),
+            Ok(0) => continue,
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// One datagram, whatever its size (peeked first), and the fd it carried, if any.

@@ -25,7 +25,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyperbox_shim_core::template::{
     check_name, check_owner, Captured, TemplateCapture, CRI_SANDBOX_NAMESPACE,
@@ -122,14 +122,105 @@ const OWNER_PREFIX: &str = ".pod.";
 pub const SETTINGS: &str = "/etc/hyperbox/templates.toml";
 
 /// The node's template settings, an administrator's (never a tenant's: no annotation sets
-/// them). A missing file is the defaults.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// them). A missing file, or a setting left out, is the default (`config/templates.toml`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Templates any owner may restore from, as `POD_NAMESPACE/NAME` (what such a restore
     /// names in `io.hyperbox.restore-from`).
-    #[serde(default)]
     pub shared: Vec<String>,
+    /// How long a capture may take: the copy of the container's rootfs changes and CRIU's
+    /// dump. The container is thawed and runs on when it runs out.
+    #[serde(with = "setting_duration")]
+    pub capture_timeout: Duration,
+    /// How long CRIU may take to restore a container from a template.
+    #[serde(with = "setting_duration")]
+    pub restore_timeout: Duration,
+    /// The most a capture copies of a container's rootfs changes (its overlay's upper
+    /// directory); more refuses the capture.
+    #[serde(with = "setting_size")]
+    pub max_rootfs_changes: u64,
+    /// What one owner's templates may take on disk together; a capture that would exceed it
+    /// is refused.
+    #[serde(with = "setting_size")]
+    pub owner_quota: u64,
+    /// Templates nothing restored from for this long are removed (when no restore holds
+    /// them); zero keeps them.
+    #[serde(with = "setting_duration")]
+    pub expire_unused: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            shared: Vec::new(),
+            capture_timeout: Duration::from_secs(5 * 60),
+            restore_timeout: Duration::from_secs(2 * 60),
+            max_rootfs_changes: 4 << 30,
+            owner_quota: 50 << 30,
+            expire_unused: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// A duration setting: a number and a unit, `s`, `m`, `h` or `d` (`90s`, `5m`, `30d`), or `0`.
+pub fn parse_setting_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 90s, 5m, 12h or 30d"))?;
+    let unit = match unit {
+        "" if n == 0 => 1,
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration such as 90s, 5m, 12h or 30d"
+            ))
+        }
+    };
+    Ok(Duration::from_secs(n.saturating_mul(unit)))
+}
+
+/// A size setting: bytes, or a number with `KiB`, `MiB`, `GiB` or `TiB`.
+pub fn parse_setting_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 512MiB or 4GiB"))?;
+    let shift = match unit {
+        "" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => return Err(format!("{text:?} is not a size such as 512MiB or 4GiB")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+mod setting_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_setting_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod setting_size {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_setting_size(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Settings {
@@ -276,16 +367,36 @@ fn layer_identity(dir: &str) -> PathBuf {
 /// modes, times,
 /// extended attributes (an overlay's opaque directories), device nodes (its whiteouts),
 /// links never followed.
-fn copy_tree(from: &Path, to: &Path) -> Result<(), EngineError> {
-    let out = Command::new("cp")
+fn copy_tree(from: &Path, to: &Path, deadline: Instant) -> Result<(), EngineError> {
+    let mut child = Command::new("cp")
         .args(["-a", "--no-target-directory", "--"])
         .arg(from)
         .arg(to)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .map_err(|e| failed(format!("cannot run cp: {e}")))?;
+    // Past the capture's deadline the copy is stopped.
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed(format!(
+                    "the copy of {} did not finish within the template settings' \
+                     capture_timeout: it was stopped",
+                    from.display()
+                )));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(failed(format!("cannot wait for cp: {e}"))),
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| failed(format!("cannot wait for cp: {e}")))?;
     if !out.status.success() {
         return Err(failed(format!(
             "cannot copy {} to {}: {}",
@@ -374,7 +485,7 @@ fn overlays_using(layer: &Path) -> Vec<PathBuf> {
 /// as the overlay showed them: what `upper` deletes (whiteouts), hides (opaque directories)
 /// or replaces goes first, then its entries are copied in. `dest` stays a layer: whiteouts
 /// and opaque directories are kept, for the image layers below.
-fn squash(upper: &Path, dest: &Path) -> Result<(), EngineError> {
+fn squash(upper: &Path, dest: &Path, deadline: Instant) -> Result<(), EngineError> {
     clear_for(upper, dest).map_err(|e| {
         failed(format!(
             "cannot put {} over {}: {e}",
@@ -383,7 +494,7 @@ fn squash(upper: &Path, dest: &Path) -> Result<(), EngineError> {
         ))
     })?;
     // Onto an existing directory, a copy of a tree merges into it.
-    copy_tree(upper, dest)
+    copy_tree(upper, dest, deadline)
 }
 
 /// Removes from `dest` what the entries of the upper directory `upper` replace.
@@ -565,6 +676,11 @@ impl Store {
         self.dir.join(format!(".{name}.error"))
     }
 
+    /// Written at each restore from template `name`: its mtime is when it was last used.
+    fn used_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(".{name}.used"))
+    }
+
     fn log_dir(&self, name: &str) -> PathBuf {
         self.dir.join(format!(".{name}.log"))
     }
@@ -596,6 +712,43 @@ impl Store {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
+        self.expire();
+    }
+
+    /// Removes the templates nothing restored from for the template settings'
+    /// `expire_unused` (counted from their capture when never used), unless a restore or a
+    /// running container uses them.
+    fn expire(&self) {
+        let expire = match Settings::load() {
+            Ok(s) if !s.expire_unused.is_zero() => s.expire_unused,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!("templates are not expired: {e}");
+                return;
+            }
+        };
+        let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if check_name(&name).is_err() {
+                continue;
+            }
+            let Some(last) = [
+                mtime(&self.used_file(&name)),
+                mtime(&entry.path().join(RECORD)),
+            ]
+            .into_iter()
+            .flatten()
+            .max() else {
+                continue;
+            };
+            if last.elapsed().is_ok_and(|idle| idle > expire) {
+                match self.remove(&name) {
+                    Ok(_) => tracing::info!(name, "template expired: unused for {expire:?}"),
+                    Err(e) => tracing::debug!(name, "expired template kept: {e}"),
+                }
+            }
+        }
     }
 
     /// Captures container `c` (id `id`, bundle `bundle`, frozen by the caller) as template
@@ -609,6 +762,8 @@ impl Store {
         image: Option<&ImageRef>,
     ) -> Result<Captured, EngineError> {
         check_name(&spec.name).map_err(EngineError::InvalidSpec)?;
+        let settings = Settings::load()?;
+        let deadline = Instant::now() + settings.capture_timeout;
         let overlay = overlay_of(&spec.rootfs)
             .map_err(|e| EngineError::Unsupported(format!("cannot capture container {id}: {e}")))?;
         let criu = Criu::get()?;
@@ -618,6 +773,15 @@ impl Store {
         if path.exists() {
             return Ok(Captured::Exists { path });
         }
+        let changes = disk_usage(&overlay.upper);
+        if changes > settings.max_rootfs_changes {
+            return Err(EngineError::Unsupported(format!(
+                "cannot capture container {id}: its rootfs changes take {changes} bytes, more \
+                 than the template settings' max_rootfs_changes ({} bytes, {})",
+                settings.max_rootfs_changes,
+                Settings::path().display()
+            )));
+        }
         let tmp = self
             .dir
             .join(format!(".capture-{}-{}", spec.name, std::process::id()));
@@ -626,7 +790,23 @@ impl Store {
             .mode(0o700)
             .create(&tmp)
             .map_err(|e| failed(format!("cannot create {}: {e}", tmp.display())))?;
-        let written = self.write(c, id, bundle, spec, image, &overlay, &criu, &tmp);
+        let written = self
+            .write(c, id, bundle, spec, image, &overlay, &criu, &tmp, deadline)
+            .and_then(|()| {
+                // The owner's templates with this one, and what other captures hold now.
+                let used = disk_usage(&self.dir);
+                if used > settings.owner_quota {
+                    return Err(EngineError::Unsupported(format!(
+                        "cannot keep template {}: the templates of {} would take {used} bytes, \
+                         more than the template settings' owner_quota ({} bytes, {})",
+                        spec.name,
+                        self.scope(),
+                        settings.owner_quota,
+                        Settings::path().display()
+                    )));
+                }
+                Ok(())
+            });
         if let Err(e) = written {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
@@ -664,6 +844,7 @@ impl Store {
         overlay: &Overlay,
         criu: &Criu,
         tmp: &Path,
+        deadline: Instant,
     ) -> Result<(), EngineError> {
         // A container restored from a template has that template's changes as a layer of
         // its own: the new template's rootfs is that layer with the upper directory over it.
@@ -671,10 +852,10 @@ impl Store {
         match fs::read(bundle.join(LAYER_FILE)) {
             Ok(layer) => {
                 let layer = PathBuf::from(std::ffi::OsString::from_vec(layer));
-                copy_tree(&layer, &rootfs)?;
-                squash(&overlay.upper, &rootfs)?;
+                copy_tree(&layer, &rootfs, deadline)?;
+                squash(&overlay.upper, &rootfs, deadline)?;
             }
-            Err(_) => copy_tree(&overlay.upper, &rootfs)?,
+            Err(_) => copy_tree(&overlay.upper, &rootfs, deadline)?,
         }
         let log_dir = self.log_dir(&spec.name);
         let _ = fs::remove_dir_all(&log_dir);
@@ -687,6 +868,7 @@ impl Store {
                 // A client connecting as the service becomes ready (a readiness probe)
                 // stays with the original; copies start without it.
                 skip_in_flight: true,
+                timeout: Some(deadline.saturating_duration_since(Instant::now())),
                 ..Default::default()
             },
         )?;
@@ -832,8 +1014,11 @@ impl Store {
         image: Option<&ImageRef>,
     ) -> Result<PreparedRestore, EngineError> {
         let path = self.path(name);
+        let settings = Settings::load()?;
         let hold = Hold::shared(&path)?;
         self.check(name, mounts, bundle, image)?;
+        // Used now: not expired for a while (see `sweep`).
+        let _ = fs::write(self.used_file(name), b"");
         let layer = path.join(ROOTFS);
         let mut mounts = mounts.to_vec();
         let lower = mounts[0]
@@ -857,6 +1042,7 @@ impl Store {
             spec: RestoreSpec {
                 image_dir: path.join(IMAGES),
                 work_dir: Some(bundle.join("criu-work")),
+                timeout: Some(settings.restore_timeout),
             },
             mounts,
             hold,
@@ -908,6 +1094,7 @@ impl Store {
         check_name(name).map_err(EngineError::InvalidSpec)?;
         let removed = fs::remove_file(self.error_file(name)).is_ok();
         let _ = fs::remove_dir_all(self.log_dir(name));
+        let _ = fs::remove_file(self.used_file(name));
         let path = self.path(name);
         if !path.exists() {
             return Ok(removed);
@@ -975,7 +1162,25 @@ mod tests {
     fn the_settings_example_parses_and_shares_nothing() {
         let example: Settings = toml::from_str(include_str!("../../config/templates.toml"))
             .expect("config/templates.toml parses");
+        let defaults = Settings::default();
         assert!(example.shared.is_empty());
+        assert_eq!(
+            (
+                example.capture_timeout,
+                example.restore_timeout,
+                example.max_rootfs_changes,
+                example.owner_quota,
+                example.expire_unused
+            ),
+            (
+                defaults.capture_timeout,
+                defaults.restore_timeout,
+                defaults.max_rootfs_changes,
+                defaults.owner_quota,
+                defaults.expire_unused
+            ),
+            "the example gives the defaults"
+        );
         let some: Settings = toml::from_str("shared = [\"team-a/py\"]").unwrap();
         assert!(some.shares("team-a", "py"));
         assert!(!some.shares("team-b", "py") && !some.shares("team-a", "other"));
@@ -983,6 +1188,37 @@ mod tests {
             toml::from_str::<Settings>("share = []").is_err(),
             "unknown keys refused"
         );
+    }
+
+    #[test]
+    fn durations_and_sizes_of_the_settings() {
+        for (text, secs) in [
+            ("0", 0),
+            ("90s", 90),
+            ("5m", 300),
+            ("12h", 43_200),
+            ("30d", 2_592_000),
+        ] {
+            assert_eq!(
+                parse_setting_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        for bad in ["", "5", "1.5m", "m", "5w", "-1s"] {
+            assert!(parse_setting_duration(bad).is_err(), "{bad}");
+        }
+        for (text, bytes) in [
+            ("0", 0),
+            ("4096", 4096),
+            ("64KiB", 65_536),
+            ("4GiB", 4 << 30),
+        ] {
+            assert_eq!(parse_setting_size(text), Ok(bytes), "{text}");
+        }
+        for bad in ["", "4GB", "1.5GiB", "KiB", "99999999999TiB"] {
+            assert!(parse_setting_size(bad).is_err(), "{bad}");
+        }
     }
     use std::os::unix::fs::FileTypeExt;
 
@@ -1062,8 +1298,8 @@ mod tests {
         fs::write(upper.join("file-then-dir"), "upper").unwrap();
         fs::create_dir_all(upper.join("dir-then-file")).unwrap();
 
-        copy_tree(&layer, &dest).unwrap();
-        squash(&upper, &dest).unwrap();
+        copy_tree(&layer, &dest, Instant::now() + Duration::from_secs(60)).unwrap();
+        squash(&upper, &dest, Instant::now() + Duration::from_secs(60)).unwrap();
         let read = |p: &str| fs::read_to_string(dest.join(p)).ok();
         assert_eq!(read("a/kept").as_deref(), Some("layer"));
         assert_eq!(read("a/changed").as_deref(), Some("upper"));
