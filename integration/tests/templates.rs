@@ -168,6 +168,7 @@ fn templates(c: &Containerd, args: &[&str]) -> Output {
         .args(args)
         .args(["-n", c.namespace()])
         .env("HYPERBOX_TEMPLATE_ROOT", c.template_root())
+        .env("HYPERBOX_TEMPLATE_CONFIG", c.template_settings())
         .stdin(Stdio::null())
         .output()
         .expect("templates command")
@@ -908,3 +909,86 @@ fn remove_quietly(c: &Containerd, id: &str) {
     let _ = c.ctr_run(&["tasks", "rm", "-f", id]);
     let _ = c.ctr_run(&["containers", "rm", id]);
 }
+
+/// The node's template settings bound the work a template costs: a container that wrote more
+/// than `max_rootfs_changes` is not captured, a capture over the owner's `owner_quota` is not
+/// kept, a capture whose CRIU outlasts `capture_timeout` is stopped (the container thawed and
+/// running on), and a template unused for `expire_unused` is removed. Each failure says
+/// which setting, in `templates list`.
+fn template_work_is_bounded(v: ContainerdVersion) {
+    let bed = TestBed::start(v).expect("test bed");
+    let image = bed.image(TestImage::Busybox).expect("busybox");
+    let c = &bed.containerd;
+    let settings = |text: &str| fs::write(c.template_settings(), text).unwrap();
+    let capture = |id: &str, script: &str| {
+        run_ok_in(
+            c,
+            &image,
+            id,
+            None,
+            &[(CAPTURE, id), (READY_DELAY, "300ms")],
+            &["sh", "-c", script],
+        )
+    };
+    let runs_on = |id: &str| {
+        let now = counter(c, id);
+        counter_passes(c, id, now);
+    };
+
+    settings("max_rootfs_changes = \"64KiB\"\n");
+    capture(
+        "big",
+        &format!("head -c 300000 /dev/zero > /blob; {COUNTER}"),
+    );
+    let why = wait_failure(c, "big");
+    assert!(why.contains("max_rootfs_changes"), "{why}");
+    runs_on("big");
+    remove(c, "big");
+
+    settings("owner_quota = \"4KiB\"\n");
+    capture("quota", COUNTER);
+    let why = wait_failure(c, "quota");
+    assert!(why.contains("owner_quota"), "{why}");
+    assert!(!store(c).join("quota").exists());
+    runs_on("quota");
+    remove(c, "quota");
+
+    // A CRIU that never answers a dump (first on containerd's PATH; `check` and `--version`
+    // go to the real one).
+    let bin = c.dir().join("bin");
+    let real = std::env::split_paths(c.path_env())
+        .filter(|d| *d != bin)
+        .map(|d| d.join("criu"))
+        .find(|p| p.is_file())
+        .expect("criu on containerd's PATH");
+    let fake = bin.join("criu");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = swrk ]; then exec sleep 300; fi\nexec {} \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    settings("capture_timeout = \"2s\"\n");
+    capture("slow", COUNTER);
+    let why = wait_failure(c, "slow");
+    fs::remove_file(&fake).unwrap();
+    assert!(why.contains("CRIU did not finish within"), "{why}");
+    runs_on("slow");
+    remove(c, "slow");
+
+    settings("expire_unused = \"1s\"\n");
+    capture("old", COUNTER);
+    wait_template(c, "old", Duration::from_secs(30));
+    remove(c, "old");
+    thread::sleep(Duration::from_millis(2100));
+    let listing = templates(c, &["list"]);
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert!(
+        !store(c).join("old").exists() && !listing.contains(" old "),
+        "an unused template is expired: {listing}"
+    );
+}
+per_version!(bounded_work, template_work_is_bounded);
