@@ -151,18 +151,7 @@ fn exec_terminal_from_request_as_runc(v: ContainerdVersion) {
         let id = format!("tty{n}");
         c.run_detached(runtime, &image, &id, &["sleep", "1000"])
             .unwrap_or_else(|e| panic!("{runtime}: {e}"));
-        let fifo = c.dir().join(format!("tty{n}.out"));
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-            .expect("mkfifo");
-        let (tx, rx) = mpsc::channel();
-        let reader = fifo.clone();
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Ok(mut f) = std::fs::File::open(&reader) {
-                let _ = f.read_to_string(&mut text);
-            }
-            let _ = tx.send(text);
-        });
+        let (fifo, rx) = read_fifo(&c.dir().join(format!("tty{n}.out")));
         let process = serde_json::json!({
             "args": ["sh", "-c", "if [ -t 1 ]; then echo tty; else echo notty; fi"],
             "cwd": "/",

@@ -831,16 +831,7 @@ fn templates_belong_to_their_pod_namespace(v: ContainerdVersion) {
         &[(CAPTURE, "svc"), (READY_DELAY, "300ms")],
     );
     assert!(out.status.success(), "{}", said(&out));
-    let a_store = store(c).join(".pod.tenant-a");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !a_store.join("svc/template.json").is_file() {
-        assert!(
-            Instant::now() < deadline,
-            "no template svc of tenant-a\n{}",
-            c.log_tail(30)
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_pod_template(c, "tenant-a", "svc");
 
     // By its name, from another pod namespace: not there.
     let out = run("b1", "tenant-b", &[(RESTORE_FROM, "svc")]);
@@ -866,16 +857,7 @@ fn templates_belong_to_their_pod_namespace(v: ContainerdVersion) {
         &[(CAPTURE, "svc"), (READY_DELAY, "300ms")],
     );
     assert!(out.status.success(), "{}", said(&out));
-    let b_store = store(c).join(".pod.tenant-b");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !b_store.join("svc/template.json").is_file() {
-        assert!(
-            Instant::now() < deadline,
-            "no template svc of tenant-b\n{}",
-            c.log_tail(30)
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_pod_template(c, "tenant-b", "svc");
     remove_quietly(c, "b4");
     remove_quietly(c, "a1");
     let listing = templates(c, &["list"]);
@@ -898,6 +880,23 @@ fn templates_belong_to_their_pod_namespace(v: ContainerdVersion) {
     );
 }
 per_version!(pod_namespaces, templates_belong_to_their_pod_namespace);
+
+/// Waits until pod namespace `owner` has template `name`.
+fn wait_pod_template(c: &Containerd, owner: &str, name: &str) {
+    let record = store(c)
+        .join(format!(".pod.{owner}"))
+        .join(name)
+        .join("template.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !record.is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "no template {name} of {owner}\n{}",
+            c.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// Kills and removes container `id`, whatever state it is in (or none).
 fn remove_quietly(c: &Containerd, id: &str) {
