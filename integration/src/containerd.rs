@@ -10,7 +10,7 @@
 use std::fmt;
 use std::fs;
 use std::io;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -664,6 +664,35 @@ impl Containerd {
     /// (`HYPERBOX_TEMPLATE_CONFIG`): in the sandbox.
     pub fn template_settings(&self) -> PathBuf {
         self.sandbox.dir().join("templates.toml")
+    }
+
+    /// Puts a `criu` first on this daemon's `PATH` (so the shims started from now on find it)
+    /// whose `swrk`, the RPC a dump or restore uses, never answers: it writes its pid to
+    /// `pidfile` and sleeps. `check` and `--version` go to the real CRIU further down the
+    /// `PATH`. Returns the fake's path (remove it to put the real CRIU back).
+    pub fn hang_criu_requests(&self, pidfile: &Path) -> Result<PathBuf, ContainerdError> {
+        let bin = self.dir().join("bin");
+        let real = std::env::split_paths(&self.path_env)
+            .filter(|d| *d != bin)
+            .map(|d| d.join("criu"))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                io_err(
+                    "find a criu (scripts/setup-host installs it) on the PATH beside",
+                    &bin,
+                )(io::Error::from(io::ErrorKind::NotFound))
+            })?;
+        let fake = bin.join("criu");
+        let script = format!(
+            "#!/bin/sh\nif [ \"$1\" = swrk ]; then echo $$ > {}; exec sleep 300; fi\n\
+             exec {} \"$@\"\n",
+            pidfile.display(),
+            real.display()
+        );
+        fs::write(&fake, script).map_err(io_err("cannot write", &fake))?;
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755))
+            .map_err(io_err("cannot make executable", &fake))?;
+        Ok(fake)
     }
 
     /// Runs `ctr ARGS` and returns its output, failing with its stderr when it fails.

@@ -14,12 +14,12 @@
 //! The shim binary must be built first (`cargo build --workspace --bins`).
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hyperbox_integration::client::{ExecIo, TestClient};
-use hyperbox_integration::containerd::ContainerdVersion;
+use hyperbox_integration::client::{ClientError, ExecIo, TestClient};
+use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
 use hyperbox_integration::testbed::TestBed;
@@ -111,6 +111,9 @@ fn stop_and_clean_up(
     calls
 }
 
+/// Each call's name, how long it took and what it said.
+type Calls = Vec<(&'static str, Duration, Result<String, String>)>;
+
 fn assert_prompt(runtime: &str, calls: &[(&str, Duration, Result<String, String>)]) {
     for (name, took, said) in calls {
         // containerd answers State itself, with an unknown status, when the shim does not.
@@ -123,13 +126,48 @@ fn assert_prompt(runtime: &str, calls: &[(&str, Duration, Result<String, String>
     }
 }
 
+/// Sends a request on a thread of its own (`request`, with a client of its own: a client's
+/// channel lives on the runtime that made it) that a helper holds: once the helper wrote its
+/// pid to `pidfile`, times [`stop_and_clean_up`] of container `id`, then kills the helper.
+/// Returns the timed calls and what the held request said in the end.
+fn while_held<F, T>(
+    c: &Containerd,
+    id: &str,
+    pidfile: &Path,
+    what: &str,
+    request: F,
+) -> (Calls, Result<Result<(), String>, mpsc::RecvTimeoutError>)
+where
+    F: FnOnce(TestClient) -> T + Send + 'static,
+    T: std::future::Future<Output = Result<(), ClientError>>,
+{
+    let rt = tokio_rt();
+    let client = rt.block_on(c.client()).expect("client");
+    let (tx, rx) = mpsc::channel();
+    let (socket, ns) = (c.socket().to_path_buf(), c.namespace().to_string());
+    let held = std::thread::spawn(move || {
+        let out = tokio_rt().block_on(async {
+            let client = TestClient::connect(&socket, &ns).await?;
+            request(client).await
+        });
+        let _ = tx.send(out.map_err(|e| e.to_string()));
+    });
+    let pid = pid_in(pidfile, what, &rx);
+    let calls = stop_and_clean_up(&rt, &client, id, true);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let answer = rx.recv_timeout(Duration::from_secs(40));
+    held.join().unwrap();
+    (calls, answer)
+}
+
 /// An exec whose logger never reports ready holds its Start; the container's State, Pause,
 /// Resume, another exec, Kill, Wait and Delete are answered promptly meanwhile.
 fn logger_held_exec(v: ContainerdVersion) {
     let (bed, image) = TestBed::for_runtime(v, OURS, TestImage::Busybox).expect("test bed");
     let c = &bed.containerd;
-    let rt = tokio_rt();
-    let client = rt.block_on(c.client()).expect("client");
     let id = "logheld";
     c.run_detached(OURS, &image, id, &["sleep", "1000"])
         .expect("run");
@@ -140,41 +178,20 @@ fn logger_held_exec(v: ContainerdVersion) {
         &logger,
         &format!("echo $$ > {}\nexec sleep 300\n", pidfile.display()),
     );
-    let (tx, rx) = mpsc::channel();
-    let held = {
-        // A client of its own: a client's channel lives on the runtime that made it.
-        let (socket, ns, id) = (
-            c.socket().to_path_buf(),
-            c.namespace().to_string(),
-            id.to_string(),
-        );
-        let io = ExecIo {
-            stdout: format!("binary://{}", logger.display()),
-            terminal: false,
-        };
-        std::thread::spawn(move || {
-            let process = serde_json::json!({
-                "args": ["true"],
-                "cwd": "/",
-                "env": ["PATH=/bin:/usr/bin"],
-                "user": {"uid": 0, "gid": 0},
-            });
-            let out = tokio_rt().block_on(async {
-                let client = TestClient::connect(&socket, &ns).await?;
-                client.exec_with_io(&id, "logged", &process, &io).await?;
-                client.start(&id, "logged").await
-            });
-            let _ = tx.send(out.map(|_| ()).map_err(|e| e.to_string()));
-        })
+    let io = ExecIo {
+        stdout: format!("binary://{}", logger.display()),
+        terminal: false,
     };
-    let logger_pid = pid_in(&pidfile, "the logger", &rx);
-    let calls = stop_and_clean_up(&rt, &client, id, true);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(logger_pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let start = rx.recv_timeout(Duration::from_secs(40));
-    held.join().unwrap();
+    let (calls, start) = while_held(c, id, &pidfile, "the logger", move |client| async move {
+        let process = serde_json::json!({
+            "args": ["true"],
+            "cwd": "/",
+            "env": ["PATH=/bin:/usr/bin"],
+            "user": {"uid": 0, "gid": 0},
+        });
+        client.exec_with_io(id, "logged", &process, &io).await?;
+        client.start(id, "logged").await.map(drop)
+    });
     eprintln!("{calls:?}; the held exec's start: {start:?}");
     assert_prompt(OURS, &calls);
     assert!(
@@ -184,59 +201,24 @@ fn logger_held_exec(v: ContainerdVersion) {
 }
 per_version!(logger_held, logger_held_exec);
 
-/// The first executable `criu` on `path` other than in `skip`.
-fn real_criu(path: &str, skip: &Path) -> PathBuf {
-    std::env::split_paths(path)
-        .filter(|d| d != skip)
-        .map(|d| d.join("criu"))
-        .find(|p| p.is_file())
-        .expect("criu on containerd's PATH (scripts/setup-host installs it)")
-}
-
 /// A checkpoint whose CRIU never answers holds its request; the container's State, Pause,
 /// Resume, an exec, Kill, Wait and Delete are answered promptly meanwhile, and the
 /// checkpoint fails once CRIU goes.
 fn criu_held_checkpoint(v: ContainerdVersion) {
     let (bed, image) = TestBed::for_runtime(v, OURS, TestImage::Busybox).expect("test bed");
     let c = &bed.containerd;
-    let bin = c.dir().join("bin");
-    let real = real_criu(c.path_env(), &bin);
     let pidfile = c.dir().join("criu.pid");
-    // First on containerd's PATH, so the shims find it; `check` and `--version` go to the
-    // real CRIU, `swrk` (the RPC a dump uses) hangs.
-    script(
-        &bin.join("criu"),
-        &format!(
-            "if [ \"$1\" = swrk ]; then echo $$ > {}; exec sleep 300; fi\nexec {} \"$@\"\n",
-            pidfile.display(),
-            real.display()
-        ),
-    );
-    let rt = tokio_rt();
-    let client = rt.block_on(c.client()).expect("client");
+    c.hang_criu_requests(&pidfile).expect("a hanging criu");
     let id = "criuheld";
     c.run_detached(OURS, &image, id, &["sleep", "1000"])
         .expect("run");
-    let (tx, rx) = mpsc::channel();
-    let held = {
-        // A client of its own: a client's channel lives on the runtime that made it.
-        let (socket, ns) = (c.socket().to_path_buf(), c.namespace().to_string());
-        std::thread::spawn(move || {
-            let out = tokio_rt().block_on(async {
-                let client = TestClient::connect(&socket, &ns).await?;
-                client.checkpoint_task(id, None).await
-            });
-            let _ = tx.send(out.map(|_| ()).map_err(|e| e.to_string()));
-        })
-    };
-    let criu_pid = pid_in(&pidfile, "the dump's CRIU", &rx);
-    let calls = stop_and_clean_up(&rt, &client, id, true);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(criu_pid),
-        nix::sys::signal::Signal::SIGKILL,
+    let (calls, checkpoint) = while_held(
+        c,
+        id,
+        &pidfile,
+        "the dump's CRIU",
+        move |client| async move { client.checkpoint_task(id, None).await.map(drop) },
     );
-    let checkpoint = rx.recv_timeout(Duration::from_secs(40));
-    held.join().unwrap();
     eprintln!("{calls:?}; the held checkpoint: {checkpoint:?}");
     assert_prompt(OURS, &calls);
     assert!(

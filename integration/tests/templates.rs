@@ -952,24 +952,10 @@ fn template_work_is_bounded(v: ContainerdVersion) {
     runs_on("quota");
     remove(c, "quota");
 
-    // A CRIU that never answers a dump (first on containerd's PATH; `check` and `--version`
-    // go to the real one).
-    let bin = c.dir().join("bin");
-    let real = std::env::split_paths(c.path_env())
-        .filter(|d| *d != bin)
-        .map(|d| d.join("criu"))
-        .find(|p| p.is_file())
-        .expect("criu on containerd's PATH");
-    let fake = bin.join("criu");
-    fs::write(
-        &fake,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = swrk ]; then exec sleep 300; fi\nexec {} \"$@\"\n",
-            real.display()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // A CRIU that never answers a dump.
+    let fake = c
+        .hang_criu_requests(&c.dir().join("criu.pid"))
+        .expect("a hanging criu");
     settings("capture_timeout = \"2s\"\n");
     capture("slow", COUNTER);
     let why = wait_failure(c, "slow");
