@@ -3,17 +3,27 @@
 //! [`ChunkSink`] (the host-wide [`crate::ChunkStore`]) and addressed by device id.
 //!
 //! Layout: block 0 holds the superblock and the device table; inodes (with inline xattrs,
-//! inline tails and chunk indexes) follow from block 1, the root first; whole data blocks of
+//! inline tails and chunk indexes) follow from block 1, the root first (at nid 1: a nid of 0
+//! would reach readers as inode number 0, which `readdir` skips); whole data blocks of
 //! directories, long symlinks and small files that do not fit inline come last.
+//!
+//! Memory does not grow with file or layer size: the walk is iterative, with one directory
+//! descriptor open at a time (it goes back up through `..`, checking each parent is the one
+//! it came down from); file contents, symlink targets and the stored chunks' addresses go to
+//! an unnamed spill file beside the image while the tree is walked, and the image is then
+//! streamed to disk. What stays in memory is per inode (its attributes, xattrs, and its
+//! name in its directory), capped by [`ImageOptions::with_max_inodes`]. Holes are found with
+//! `SEEK_DATA`/`SEEK_HOLE` and never read.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io;
+use std::io::{self, BufWriter, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -50,6 +60,20 @@ pub enum ImageError {
     /// The tree exceeds an EROFS limit.
     #[error("tree at {path} does not fit in an EROFS image: {what}")]
     TooLarge { path: PathBuf, what: &'static str },
+    /// Directories nest deeper than [`ImageOptions::with_max_depth`] allows.
+    #[error("directories nest deeper than {limit} levels at {path}")]
+    TooDeep { path: PathBuf, limit: u32 },
+    /// The image would cost more than a limit of [`ImageOptions`] allows.
+    #[error("{what} at {path}: {needed} over the limit of {limit}")]
+    OverLimit {
+        path: PathBuf,
+        what: &'static str,
+        needed: u64,
+        limit: u64,
+    },
+    /// The walk ran past [`ImageOptions::with_deadline`].
+    #[error("conversion ran past its time limit of {limit:?} (at {path})")]
+    TimedOut { path: PathBuf, limit: Duration },
     /// Storing a chunk of a file failed.
     #[error("failed to store a chunk of {path}: {source}")]
     Store {
@@ -64,6 +88,14 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> ImageEr
         op,
         path: path.to_path_buf(),
         source: io::Error::from(e),
+    }
+}
+
+fn std_io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
     }
 }
 
@@ -94,11 +126,23 @@ pub trait ChunkSink {
     fn device_table(&self) -> Vec<DeviceSlot>;
 }
 
+/// Default of [`ImageOptions::with_max_depth`].
+pub const DEFAULT_MAX_DEPTH: u32 = 4096;
+/// Default of [`ImageOptions::with_max_image_bytes`]: 1 GiB (a 1 TiB sparse file needs a
+/// 128 MiB image with 64 KiB chunks, 8 bytes of chunk index per chunk, holes included).
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 1 << 30;
+/// Default of [`ImageOptions::with_max_inodes`].
+pub const DEFAULT_MAX_INODES: u64 = 2_000_000;
+
 /// Options of [`write_image`].
 #[derive(Debug, Clone)]
 pub struct ImageOptions {
     inline_max: u64,
     uuid: [u8; 16],
+    max_depth: u32,
+    max_image_bytes: u64,
+    max_inodes: u64,
+    time_limit: Option<Duration>,
 }
 
 impl Default for ImageOptions {
@@ -106,6 +150,10 @@ impl Default for ImageOptions {
         Self {
             inline_max: 2048,
             uuid: [0; 16],
+            max_depth: DEFAULT_MAX_DEPTH,
+            max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+            max_inodes: DEFAULT_MAX_INODES,
+            time_limit: None,
         }
     }
 }
@@ -121,6 +169,35 @@ impl ImageOptions {
     /// The file system UUID. Default all zeroes.
     pub fn with_uuid(mut self, uuid: [u8; 16]) -> Self {
         self.uuid = uuid;
+        self
+    }
+
+    /// Directories may nest this deep below the root; deeper ones fail the image with
+    /// [`ImageError::TooDeep`]. Default [`DEFAULT_MAX_DEPTH`].
+    pub fn with_max_depth(mut self, levels: u32) -> Self {
+        self.max_depth = levels;
+        self
+    }
+
+    /// The image file may be this large; a tree that needs more fails with
+    /// [`ImageError::OverLimit`], found out before the file that crosses the limit is read.
+    /// Default [`DEFAULT_MAX_IMAGE_BYTES`].
+    pub fn with_max_image_bytes(mut self, bytes: u64) -> Self {
+        self.max_image_bytes = bytes;
+        self
+    }
+
+    /// The tree may hold this many inodes (memory is spent per inode). Default
+    /// [`DEFAULT_MAX_INODES`].
+    pub fn with_max_inodes(mut self, inodes: u64) -> Self {
+        self.max_inodes = inodes;
+        self
+    }
+
+    /// The walk and the chunking give up with [`ImageError::TimedOut`] once this long has
+    /// passed since [`write_image`] started. Default: no limit.
+    pub fn with_time_limit(mut self, limit: Duration) -> Self {
+        self.time_limit = Some(limit);
         self
     }
 }
@@ -140,6 +217,8 @@ pub struct ImageStats {
     pub inline_bytes: u64,
     /// Distinct xattrs stored once in the shared xattr area (carried by several inodes).
     pub shared_xattrs: u64,
+    /// Deepest directory nesting below the root.
+    pub depth: u32,
     /// Size of the image file.
     pub image_bytes: u64,
 }
@@ -153,8 +232,17 @@ enum Body {
         entries: Vec<(Vec<u8>, usize)>,
         parent: usize,
     },
-    Bytes(Vec<u8>),
-    Chunked(Vec<Option<ChunkLocation>>),
+    /// `size` bytes at `at` in the spill file (a small file's data, a symlink's target).
+    Spilled {
+        at: u64,
+    },
+    /// `count` chunk indexes; the `stored` chunks that are not holes are listed as spill
+    /// records (chunk number, device id, block address) from `at`, in chunk order.
+    Chunked {
+        count: u64,
+        at: u64,
+        stored: u64,
+    },
     Empty,
 }
 
@@ -201,12 +289,80 @@ impl Node {
     }
 }
 
+/// Size of one spill record of a stored chunk: chunk number (8), device id (2), pad (2),
+/// block address (4).
+const SPILL_CHUNK_RECORD: usize = 16;
+
+/// An unnamed temporary file beside the image: file data and chunk addresses gathered
+/// during the walk, read back while the image is written.
+struct Spill {
+    w: BufWriter<File>,
+    len: u64,
+    path: PathBuf,
+}
+
+impl Spill {
+    fn create(dir: &Path) -> Result<Self, ImageError> {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let raw = fcntl::open(
+            dir,
+            OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            Mode::S_IRUSR | Mode::S_IWUSR,
+        )
+        .map_err(io_err("create a spill file in", dir))?;
+        // SAFETY: `raw` was just returned by open and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(raw) };
+        Ok(Self {
+            w: BufWriter::with_capacity(1 << 16, file),
+            len: 0,
+            path: dir.join("(spill file)"),
+        })
+    }
+
+    fn append(&mut self, data: &[u8]) -> Result<u64, ImageError> {
+        let at = self.len;
+        self.w
+            .write_all(data)
+            .map_err(std_io_err("write", &self.path))?;
+        self.len += data.len() as u64;
+        Ok(at)
+    }
+
+    /// Everything appended, flushed, for positioned reads.
+    fn finish(self) -> Result<SpillReader, ImageError> {
+        let path = self.path;
+        let file = self
+            .w
+            .into_inner()
+            .map_err(|e| std_io_err("write", &path)(e.into_error()))?;
+        Ok(SpillReader { file, path })
+    }
+}
+
+struct SpillReader {
+    file: File,
+    path: PathBuf,
+}
+
+impl SpillReader {
+    fn read(&self, buf: &mut [u8], at: u64) -> Result<(), ImageError> {
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(std_io_err("read", &self.path))
+    }
+}
+
 /// Writes an EROFS image of the tree at `root` into `out` (truncated first).
 ///
 /// Symlinks are never followed: every entry is reached with `openat`/`fstatat` relative to
 /// its already opened parent, with `O_NOFOLLOW`. Regular files larger than the inline limit
 /// are cut into chunks of `sink.chunk_bits()`; all-zero chunks and holes become null chunk
-/// addresses. Hard links within the tree share one inode.
+/// addresses. Hard links within the tree share one inode. The limits of `options` are
+/// checked as the walk goes, so a tree over one fails before most of its cost is paid.
 pub fn write_image(
     root: &Path,
     out: &File,
@@ -214,6 +370,7 @@ pub fn write_image(
     sink: &mut dyn ChunkSink,
     options: &ImageOptions,
 ) -> Result<ImageStats, ImageError> {
+    let started = Instant::now();
     let chunk_bits = sink.chunk_bits();
     if !(format::BLOCK_BITS..=format::BLOCK_BITS + 31).contains(&chunk_bits) {
         return Err(ImageError::TooLarge {
@@ -221,55 +378,37 @@ pub fn write_image(
             what: "chunk size must be a block size multiple below 2^43",
         });
     }
+    let spill = Spill::create(out_path.parent().unwrap_or(Path::new(".")))?;
     let mut walker = Walker {
         nodes: Vec::new(),
         links: HashMap::new(),
         sink,
         chunk_bits,
-        inline_max: options.inline_max,
+        options,
+        deadline: options.time_limit.map(|l| started + l),
+        index_bytes: 0,
+        spill,
         buf: vec![0; 1 << chunk_bits],
         zeroes: vec![0; 1 << chunk_bits],
         stats: ImageStats::default(),
     };
-    let root_dir = Dir::open(
-        root,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(io_err("open directory", root))?;
-    let st = stat::fstat(root_dir.as_raw_fd()).map_err(io_err("stat", root))?;
-    let xattrs = read_xattrs(&proc_path(root_dir.as_raw_fd(), b"."), root)?;
-    walker.nodes.push(Node::new(
-        &st,
-        xattrs,
-        Body::Dir {
-            entries: Vec::new(),
-            parent: 0,
-        },
-    ));
-    walker.walk_dir(&root_dir, root, 0)?;
+    walker.walk(root)?;
     let devices = walker.sink.device_table();
     let mut stats = walker.stats;
-    let image = layout(
+    let spill = walker.spill.finish()?;
+    out.set_len(0).map_err(std_io_err("truncate", out_path))?;
+    let written = write_layout(
         &mut walker.nodes,
         &devices,
         options,
         chunk_bits,
         root,
+        &spill,
+        out,
+        out_path,
         &mut stats,
     )?;
-    out.set_len(0).map_err(|source| ImageError::Io {
-        op: "truncate",
-        path: out_path.to_path_buf(),
-        source,
-    })?;
-    out.write_all_at(&image, 0)
-        .map_err(|source| ImageError::Io {
-            op: "write",
-            path: out_path.to_path_buf(),
-            source,
-        })?;
-    stats.image_bytes = image.len() as u64;
+    stats.image_bytes = written;
     stats.inodes = walker.nodes.len() as u64;
     tracing::debug!(root = %root.display(), image = %out_path.display(), ?stats, "wrote erofs image");
     Ok(stats)
@@ -321,12 +460,49 @@ fn read_xattrs(at: &Path, shown: &Path) -> Result<Xattrs, ImageError> {
     Ok(out)
 }
 
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// The names in the open directory `dir` (without `.` and `..`), sorted.
+fn dir_names(dir: &Dir, path: &Path) -> Result<Vec<Vec<u8>>, ImageError> {
+    // Iterate a duplicate descriptor: `dir` stays the *at() base.
+    let dup = unistd::dup(dir.as_raw_fd()).map_err(io_err("duplicate descriptor of", path))?;
+    let mut it = Dir::from_fd(dup).map_err(io_err("read directory", path))?;
+    let mut names = Vec::new();
+    for entry in it.iter() {
+        let entry = entry.map_err(io_err("read directory", path))?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// A file's identity: device and inode numbers.
+type FileId = (u64, u64);
+
+/// A directory on the walk's path from the root: its node, identity, and the names in it
+/// still to visit (in reverse order, popped from the end).
+struct Frame {
+    node: usize,
+    id: FileId,
+    names: Vec<Vec<u8>>,
+}
+
 struct Walker<'a> {
     nodes: Vec<Node>,
     links: HashMap<(u64, u64), usize>,
     sink: &'a mut dyn ChunkSink,
     chunk_bits: u8,
-    inline_max: u64,
+    options: &'a ImageOptions,
+    deadline: Option<Instant>,
+    /// Bytes of chunk indexes the image needs so far.
+    index_bytes: u64,
+    spill: Spill,
     buf: Vec<u8>,
     zeroes: Vec<u8>,
     stats: ImageStats,
@@ -339,170 +515,286 @@ impl Walker<'_> {
         }
     }
 
-    fn walk_dir(&mut self, dir: &Dir, dir_path: &Path, me: usize) -> Result<(), ImageError> {
-        let fd = dir.as_raw_fd();
-        let mut names = Vec::new();
-        {
-            // Iterate a duplicate descriptor: `dir` stays borrowed as the *at() base.
-            let dup = unistd::dup(fd).map_err(io_err("duplicate descriptor of", dir_path))?;
-            let mut it = Dir::from_fd(dup).map_err(io_err("read directory", dir_path))?;
-            for entry in it.iter() {
-                let entry = entry.map_err(io_err("read directory", dir_path))?;
-                let name = entry.file_name().to_bytes();
-                if name != b"." && name != b".." {
-                    names.push(name.to_vec());
+    fn check_time(&self, path: &Path) -> Result<(), ImageError> {
+        match (self.deadline, self.options.time_limit) {
+            (Some(d), Some(limit)) if Instant::now() > d => Err(ImageError::TimedOut {
+                path: path.to_path_buf(),
+                limit,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn push_node(&mut self, node: Node, path: &Path) -> Result<usize, ImageError> {
+        if self.nodes.len() as u64 >= self.options.max_inodes {
+            return Err(ImageError::OverLimit {
+                path: path.to_path_buf(),
+                what: "inodes in the layer",
+                needed: self.nodes.len() as u64 + 1,
+                limit: self.options.max_inodes,
+            });
+        }
+        self.nodes.push(node);
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Walks the tree depth first without recursion, with one directory open at a time.
+    fn walk(&mut self, root: &Path) -> Result<(), ImageError> {
+        let mut cur = Dir::open(
+            root,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err("open directory", root))?;
+        let st = stat::fstat(cur.as_raw_fd()).map_err(io_err("stat", root))?;
+        let xattrs = read_xattrs(&proc_path(cur.as_raw_fd(), b"."), root)?;
+        self.push_node(
+            Node::new(
+                &st,
+                xattrs,
+                Body::Dir {
+                    entries: Vec::new(),
+                    parent: 0,
+                },
+            ),
+            root,
+        )?;
+        let mut path = root.to_path_buf();
+        let mut names = dir_names(&cur, &path)?;
+        names.reverse();
+        let mut stack = vec![Frame {
+            node: 0,
+            id: (st.st_dev, st.st_ino),
+            names,
+        }];
+        loop {
+            let top = stack.last_mut().expect("the root frame is popped last");
+            let Some(name) = top.names.pop() else {
+                stack.pop();
+                let Some(parent) = stack.last() else {
+                    return Ok(());
+                };
+                // Back up through "..", which must be the directory we came down from.
+                let up = Dir::openat(Some(cur.as_raw_fd()), "..", DIR_FLAGS, Mode::empty())
+                    .map_err(io_err("open the parent of", &path))?;
+                let ust = stat::fstat(up.as_raw_fd()).map_err(io_err("stat", &path))?;
+                path.pop();
+                if (ust.st_dev, ust.st_ino) != parent.id {
+                    return Err(ImageError::Changed { path });
                 }
+                cur = up;
+                continue;
+            };
+            let me = top.node;
+            let entry_path = path.join(OsStr::from_bytes(&name));
+            self.check_time(&entry_path)?;
+            if let Some(child) = self.entry(&cur, me, name, &entry_path)? {
+                if stack.len() as u32 > self.options.max_depth {
+                    return Err(ImageError::TooDeep {
+                        path: entry_path,
+                        limit: self.options.max_depth,
+                    });
+                }
+                self.stats.depth = self.stats.depth.max(stack.len() as u32);
+                let (dir, id) = child;
+                path = entry_path;
+                let mut names = dir_names(&dir, &path)?;
+                names.reverse();
+                let node = self.nodes.len() - 1;
+                stack.push(Frame { node, id, names });
+                cur = dir;
             }
         }
-        names.sort();
-        for name in names {
-            let path = dir_path.join(OsStr::from_bytes(&name));
-            if name.len() > format::NAME_LEN {
-                return Err(ImageError::NameTooLong { path });
+    }
+
+    /// Adds entry `name` of the open directory `dir` (node `me`); a directory comes back
+    /// opened, with its identity, for the walk to go into.
+    fn entry(
+        &mut self,
+        dir: &Dir,
+        me: usize,
+        name: Vec<u8>,
+        path: &Path,
+    ) -> Result<Option<(Dir, FileId)>, ImageError> {
+        let fd = dir.as_raw_fd();
+        if name.len() > format::NAME_LEN {
+            return Err(ImageError::NameTooLong {
+                path: path.to_path_buf(),
+            });
+        }
+        let cname = OsStr::from_bytes(&name);
+        let st = stat::fstatat(Some(fd), cname, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(io_err("stat", path))?;
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFDIR && st.st_nlink > 1 {
+            if let Some(&existing) = self.links.get(&(st.st_dev, st.st_ino)) {
+                self.nodes[existing].nlink += 1;
+                self.add_entry(me, name, existing);
+                return Ok(None);
             }
-            let cname = OsStr::from_bytes(&name);
-            let st = stat::fstatat(Some(fd), cname, AtFlags::AT_SYMLINK_NOFOLLOW)
-                .map_err(io_err("stat", &path))?;
-            let kind = st.st_mode & libc::S_IFMT;
-            if kind != libc::S_IFDIR && st.st_nlink > 1 {
-                if let Some(&existing) = self.links.get(&(st.st_dev, st.st_ino)) {
-                    self.nodes[existing].nlink += 1;
-                    self.add_entry(me, name, existing);
-                    continue;
+        }
+        let xattrs = read_xattrs(&proc_path(fd, &name), path)?;
+        let mut opened = None;
+        let idx = match kind {
+            libc::S_IFDIR => {
+                let child = Dir::openat(Some(fd), cname, DIR_FLAGS, Mode::empty())
+                    .map_err(io_err("open directory", path))?;
+                let cst = stat::fstat(child.as_raw_fd()).map_err(io_err("stat", path))?;
+                if (cst.st_dev, cst.st_ino) != (st.st_dev, st.st_ino) {
+                    return Err(ImageError::Changed {
+                        path: path.to_path_buf(),
+                    });
                 }
-            }
-            let xattrs = read_xattrs(&proc_path(fd, &name), &path)?;
-            let idx = self.nodes.len();
-            match kind {
-                libc::S_IFDIR => {
-                    let child = Dir::openat(
-                        Some(fd),
-                        cname,
-                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(io_err("open directory", &path))?;
-                    let cst = stat::fstat(child.as_raw_fd()).map_err(io_err("stat", &path))?;
-                    if (cst.st_dev, cst.st_ino) != (st.st_dev, st.st_ino) {
-                        return Err(ImageError::Changed { path });
-                    }
-                    self.nodes.push(Node::new(
+                opened = Some((child, (cst.st_dev, cst.st_ino)));
+                self.push_node(
+                    Node::new(
                         &st,
                         xattrs,
                         Body::Dir {
                             entries: Vec::new(),
                             parent: me,
                         },
-                    ));
-                    self.add_entry(me, name, idx);
-                    self.walk_dir(&child, &path, idx)?;
-                }
-                libc::S_IFREG => {
-                    let raw = fcntl::openat(
-                        Some(fd),
-                        cname,
-                        OFlag::O_RDONLY
-                            | OFlag::O_NOFOLLOW
-                            | OFlag::O_NONBLOCK
-                            | OFlag::O_NOCTTY
-                            | OFlag::O_CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(io_err("open", &path))?;
-                    // SAFETY: `raw` was just returned by openat and is owned by nothing else.
-                    let file = unsafe { File::from_raw_fd(raw) };
-                    let fst = stat::fstat(file.as_raw_fd()).map_err(io_err("stat", &path))?;
-                    if (fst.st_dev, fst.st_ino, fst.st_mode) != (st.st_dev, st.st_ino, st.st_mode) {
-                        return Err(ImageError::Changed { path });
-                    }
-                    let size = fst.st_size as u64;
-                    let body = if size == 0 {
-                        Body::Empty
-                    } else if size <= self.inline_max {
-                        let mut data = vec![0; size as usize];
-                        file.read_exact_at(&mut data, 0)
-                            .map_err(|_| ImageError::Changed { path: path.clone() })?;
-                        self.stats.inline_bytes += size;
-                        Body::Bytes(data)
-                    } else {
-                        self.stats.chunked_files += 1;
-                        Body::Chunked(self.chunk_file(&file, size, &path)?)
-                    };
-                    let end = stat::fstat(file.as_raw_fd()).map_err(io_err("stat", &path))?;
-                    if end.st_size as u64 != size {
-                        return Err(ImageError::Changed { path });
-                    }
-                    let mut node = Node::new(&st, xattrs, body);
-                    node.size = size;
-                    self.nodes.push(node);
-                    self.add_entry(me, name, idx);
-                }
-                libc::S_IFLNK => {
-                    let target = fcntl::readlinkat(Some(fd), cname)
-                        .map_err(io_err("read symlink", &path))?;
-                    let target = target.as_bytes().to_vec();
-                    let mut node = Node::new(&st, xattrs, Body::Empty);
-                    node.size = target.len() as u64;
-                    node.body = Body::Bytes(target);
-                    self.nodes.push(node);
-                    self.add_entry(me, name, idx);
-                }
-                _ => {
-                    self.nodes.push(Node::new(&st, xattrs, Body::Empty));
-                    self.add_entry(me, name, idx);
-                }
+                    ),
+                    path,
+                )?
             }
-            if kind != libc::S_IFDIR && st.st_nlink > 1 {
-                self.links.insert((st.st_dev, st.st_ino), idx);
+            libc::S_IFREG => {
+                let raw = fcntl::openat(
+                    Some(fd),
+                    cname,
+                    OFlag::O_RDONLY
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_NONBLOCK
+                        | OFlag::O_NOCTTY
+                        | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(io_err("open", path))?;
+                // SAFETY: `raw` was just returned by openat and is owned by nothing else.
+                let file = unsafe { File::from_raw_fd(raw) };
+                let fst = stat::fstat(file.as_raw_fd()).map_err(io_err("stat", path))?;
+                if (fst.st_dev, fst.st_ino, fst.st_mode) != (st.st_dev, st.st_ino, st.st_mode) {
+                    return Err(ImageError::Changed {
+                        path: path.to_path_buf(),
+                    });
+                }
+                let size = fst.st_size as u64;
+                let body = if size == 0 {
+                    Body::Empty
+                } else if size <= self.options.inline_max {
+                    let mut data = vec![0; size as usize];
+                    file.read_exact_at(&mut data, 0)
+                        .map_err(|_| ImageError::Changed {
+                            path: path.to_path_buf(),
+                        })?;
+                    self.stats.inline_bytes += size;
+                    Body::Spilled {
+                        at: self.spill.append(&data)?,
+                    }
+                } else {
+                    self.stats.chunked_files += 1;
+                    self.chunk_file(&file, size, path)?
+                };
+                let end = stat::fstat(file.as_raw_fd()).map_err(io_err("stat", path))?;
+                if end.st_size as u64 != size {
+                    return Err(ImageError::Changed {
+                        path: path.to_path_buf(),
+                    });
+                }
+                let mut node = Node::new(&st, xattrs, body);
+                node.size = size;
+                self.push_node(node, path)?
             }
+            libc::S_IFLNK => {
+                let target =
+                    fcntl::readlinkat(Some(fd), cname).map_err(io_err("read symlink", path))?;
+                let target = target.as_bytes();
+                let mut node = Node::new(
+                    &st,
+                    xattrs,
+                    Body::Spilled {
+                        at: self.spill.append(target)?,
+                    },
+                );
+                node.size = target.len() as u64;
+                self.push_node(node, path)?
+            }
+            _ => self.push_node(Node::new(&st, xattrs, Body::Empty), path)?,
+        };
+        self.add_entry(me, name, idx);
+        if kind != libc::S_IFDIR && st.st_nlink > 1 {
+            self.links.insert((st.st_dev, st.st_ino), idx);
         }
-        Ok(())
+        Ok(opened)
     }
 
-    fn chunk_file(
-        &mut self,
-        file: &File,
-        size: u64,
-        path: &Path,
-    ) -> Result<Vec<Option<ChunkLocation>>, ImageError> {
+    /// Stores the chunks of `file` that hold data; chunks inside holes (found with
+    /// `SEEK_DATA`/`SEEK_HOLE`, never read) and all-zero chunks become null indexes.
+    fn chunk_file(&mut self, file: &File, size: u64, path: &Path) -> Result<Body, ImageError> {
         let chunk = 1u64 << self.chunk_bits;
         let count = size.div_ceil(chunk);
-        let mut out = Vec::with_capacity(count as usize);
-        for i in 0..count {
-            let off = i * chunk;
-            let len = chunk.min(size - off) as usize;
-            // Holes are skipped without reading them.
-            let data_at = match unistd::lseek(file.as_raw_fd(), off as i64, Whence::SeekData) {
+        self.index_bytes += count * format::CHUNK_INDEX_SIZE as u64;
+        if self.index_bytes > self.options.max_image_bytes {
+            return Err(ImageError::OverLimit {
+                path: path.to_path_buf(),
+                what: "bytes of image (chunk indexes, holes included)",
+                needed: self.index_bytes,
+                limit: self.options.max_image_bytes,
+            });
+        }
+        let at = self.spill.len;
+        let mut stored = 0u64;
+        let mut next = 0u64; // first chunk not yet looked at
+        let fd = file.as_raw_fd();
+        while next < count {
+            let data = match unistd::lseek(fd, (next * chunk) as i64, Whence::SeekData) {
                 Ok(d) => d as u64,
-                Err(Errno::ENXIO) => u64::MAX,
+                Err(Errno::ENXIO) => break,
                 Err(e) => return Err(io_err("seek in", path)(e)),
             };
-            if data_at >= off + len as u64 {
-                self.stats.hole_chunks += 1;
-                out.push(None);
-                continue;
+            if data >= size {
+                break;
             }
-            let buf = &mut self.buf[..len];
-            file.read_exact_at(buf, off)
-                .map_err(|_| ImageError::Changed {
-                    path: path.to_path_buf(),
-                })?;
-            if buf[..] == self.zeroes[..len] {
-                self.stats.hole_chunks += 1;
-                out.push(None);
-                continue;
+            let hole = match unistd::lseek(fd, data as i64, Whence::SeekHole) {
+                Ok(h) => (h as u64).min(size),
+                Err(Errno::ENXIO) => size,
+                Err(e) => return Err(io_err("seek in", path)(e)),
+            };
+            let first = (data / chunk).max(next);
+            let last = hole.div_ceil(chunk).max(first + 1).min(count);
+            for i in first..last {
+                if (i - first) % 256 == 0 {
+                    self.check_time(path)?;
+                }
+                let off = i * chunk;
+                let len = chunk.min(size - off) as usize;
+                let buf = &mut self.buf[..len];
+                file.read_exact_at(buf, off)
+                    .map_err(|_| ImageError::Changed {
+                        path: path.to_path_buf(),
+                    })?;
+                if buf[..] == self.zeroes[..len] {
+                    continue;
+                }
+                let loc = self
+                    .sink
+                    .put_chunk(buf)
+                    .map_err(|source| ImageError::Store {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                self.stats.chunks += 1;
+                stored += 1;
+                let mut rec = [0u8; SPILL_CHUNK_RECORD];
+                rec[..8].copy_from_slice(&i.to_le_bytes());
+                rec[8..10].copy_from_slice(&loc.device_id.to_le_bytes());
+                rec[12..16].copy_from_slice(&loc.blkaddr.to_le_bytes());
+                self.spill.append(&rec)?;
             }
-            let loc = self
-                .sink
-                .put_chunk(buf)
-                .map_err(|source| ImageError::Store {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-            self.stats.chunks += 1;
-            out.push(Some(loc));
+            next = last;
         }
-        Ok(out)
+        self.stats.hole_chunks += count - stored;
+        Ok(Body::Chunked { count, at, stored })
     }
 }
 
@@ -606,14 +898,80 @@ fn xattr_body(xattrs: &[(Vec<u8>, Vec<u8>)], shared: &SharedXattrs) -> Vec<u8> {
     body
 }
 
-fn layout(
+/// The image file, written front to back.
+struct Out<'a> {
+    w: BufWriter<&'a File>,
+    pos: u64,
+    path: &'a Path,
+}
+
+impl Out<'_> {
+    fn write(&mut self, data: &[u8]) -> Result<(), ImageError> {
+        self.w
+            .write_all(data)
+            .map_err(std_io_err("write", self.path))?;
+        self.pos += data.len() as u64;
+        Ok(())
+    }
+
+    /// Zeroes up to `off`.
+    fn pad_to(&mut self, off: u64) -> Result<(), ImageError> {
+        debug_assert!(off >= self.pos, "image written out of order");
+        const ZEROES: [u8; 4096] = [0; 4096];
+        while self.pos < off {
+            let n = (off - self.pos).min(ZEROES.len() as u64) as usize;
+            self.write(&ZEROES[..n])?;
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of a directory: blocks of dirents, each block's names after its dirents.
+fn dir_data(
+    entries: &[(Vec<u8>, usize)],
+    nodes: &[Node],
+    place: &[Placement],
+    nid: impl Fn(&Placement) -> u64,
+    size: u64,
+) -> Vec<u8> {
+    let bs = BLOCK_SIZE as usize;
+    let names: Vec<&[u8]> = entries.iter().map(|(n, _)| n.as_slice()).collect();
+    let (starts, _) = pack_dir(&names);
+    let mut out = Vec::with_capacity(size as usize);
+    for (b, &start) in starts.iter().enumerate() {
+        let end = starts.get(b + 1).copied().unwrap_or(entries.len());
+        let mut blk = vec![0u8; bs];
+        let mut nameoff = (end - start) * format::DIRENT_SIZE;
+        for (j, (name, child)) in entries[start..end].iter().enumerate() {
+            let mut d = Le(&mut blk[j * format::DIRENT_SIZE..]);
+            d.u64(0, nid(&place[*child]));
+            d.u16(8, nameoff as u16);
+            d.u8(10, nodes[*child].file_type());
+            blk[nameoff..nameoff + name.len()].copy_from_slice(name);
+            nameoff += name.len();
+        }
+        if end == entries.len() {
+            blk.truncate(nameoff);
+        }
+        out.extend_from_slice(&blk);
+    }
+    debug_assert_eq!(out.len() as u64, size);
+    out
+}
+
+/// Lays the nodes out and streams the image into `out`; returns its size.
+#[allow(clippy::too_many_arguments)]
+fn write_layout(
     nodes: &mut [Node],
     devices: &[DeviceSlot],
     options: &ImageOptions,
     chunk_bits: u8,
     root: &Path,
+    spill: &SpillReader,
+    out_file: &File,
+    out_path: &Path,
     stats: &mut ImageStats,
-) -> Result<Vec<u8>, ImageError> {
+) -> Result<u64, ImageError> {
     let too_large = |what| ImageError::TooLarge {
         path: root.to_path_buf(),
         what,
@@ -644,6 +1002,7 @@ fn layout(
             node.size = pack_dir(&names).1;
         }
     }
+    drop(subdirs);
 
     // Compact inodes take their mtime from the superblock: pick the most common one.
     let mut times: HashMap<(i64, u32), u64> = HashMap::new();
@@ -661,7 +1020,8 @@ fn layout(
     let xattr_blkaddr = if shared.area.is_empty() { 0 } else { 1u64 };
     let meta_blkaddr = 1 + align_up(shared.area.len() as u64, bs) / bs;
     let meta_start = meta_blkaddr * bs;
-    let mut pos = meta_start;
+    // Slot 0 stays empty: no inode gets nid 0 (readdir skips entries whose inode number is 0).
+    let mut pos = meta_start + format::INODE_SLOT_SIZE;
     let mut place = Vec::with_capacity(nodes.len());
     let mut chunked = false;
     for n in nodes.iter() {
@@ -682,11 +1042,11 @@ fn layout(
         let head = isize + p.xattr_body.len() as u64;
         pos = align_up(pos, format::INODE_SLOT_SIZE);
         let need = match &n.body {
-            Body::Chunked(idx) => {
+            Body::Chunked { count, .. } => {
                 chunked = true;
                 p.layout = format::LAYOUT_CHUNK_BASED;
                 align_up(pos + head, format::CHUNK_INDEX_SIZE as u64) - pos
-                    + (idx.len() * format::CHUNK_INDEX_SIZE) as u64
+                    + count * format::CHUNK_INDEX_SIZE as u64
             }
             _ if n.size == 0 => {
                 p.layout = format::LAYOUT_FLAT_PLAIN;
@@ -724,8 +1084,23 @@ fn layout(
     if next_block > u32::MAX.into() {
         return Err(too_large("image over 2^32 blocks"));
     }
+    let image_bytes = next_block * bs;
+    if image_bytes > options.max_image_bytes {
+        return Err(ImageError::OverLimit {
+            path: root.to_path_buf(),
+            what: "bytes of image",
+            needed: image_bytes,
+            limit: options.max_image_bytes,
+        });
+    }
 
-    let mut img = vec![0u8; (next_block * bs) as usize];
+    let mut out = Out {
+        w: BufWriter::with_capacity(1 << 20, out_file),
+        pos: 0,
+        path: out_path,
+    };
+    // Block 0: superblock and device table.
+    let mut block0 = vec![0u8; bs as usize];
     let mut incompat = 0;
     if chunked {
         incompat |= format::FEATURE_INCOMPAT_CHUNKED_FILE;
@@ -747,63 +1122,33 @@ fn layout(
         extra_devices: devices.len() as u16,
         devt_slotoff: (devt_off / format::DEVT_SLOT_SIZE) as u16,
     }
-    .encode(&mut img[format::SUPER_OFFSET..]);
-    let xa = (xattr_blkaddr * bs) as usize;
-    img[xa..xa + shared.area.len()].copy_from_slice(&shared.area);
+    .encode(&mut block0[format::SUPER_OFFSET..]);
     for (i, d) in devices.iter().enumerate() {
         let off = devt_off + i * format::DEVT_SLOT_SIZE;
         format::encode_device_slot(
-            &mut img[off..off + format::DEVT_SLOT_SIZE],
+            &mut block0[off..off + format::DEVT_SLOT_SIZE],
             &d.tag,
             d.blocks,
         );
     }
+    out.write(&block0)?;
+    drop(block0);
+    if xattr_blkaddr != 0 {
+        out.pad_to(xattr_blkaddr * bs)?;
+        out.write(&shared.area)?;
+    }
 
+    // Inodes, with their xattrs and inline tails or chunk indexes.
+    let mut scratch = vec![0u8; 1 << 16];
     for (i, (n, p)) in nodes.iter().zip(place.iter()).enumerate() {
-        let data: Vec<u8> = match &n.body {
-            Body::Dir { entries, .. } => {
-                let names: Vec<&[u8]> = entries.iter().map(|(n, _)| n.as_slice()).collect();
-                let (starts, _) = pack_dir(&names);
-                let mut out = Vec::with_capacity(n.size as usize);
-                for (b, &start) in starts.iter().enumerate() {
-                    let end = starts.get(b + 1).copied().unwrap_or(entries.len());
-                    let mut blk = vec![0u8; bs as usize];
-                    let mut nameoff = (end - start) * format::DIRENT_SIZE;
-                    for (j, (name, child)) in entries[start..end].iter().enumerate() {
-                        let mut d = Le(&mut blk[j * format::DIRENT_SIZE..]);
-                        d.u64(0, nid(&place[*child]));
-                        d.u16(8, nameoff as u16);
-                        d.u8(10, nodes[*child].file_type());
-                        blk[nameoff..nameoff + name.len()].copy_from_slice(name);
-                        nameoff += name.len();
-                    }
-                    if end == entries.len() {
-                        blk.truncate(nameoff);
-                    }
-                    out.extend_from_slice(&blk);
-                }
-                out
-            }
-            Body::Bytes(b) => b.clone(),
-            Body::Chunked(_) | Body::Empty => Vec::new(),
-        };
-        debug_assert_eq!(
-            data.len() as u64,
-            if matches!(n.body, Body::Chunked(_)) {
-                0
-            } else {
-                n.size
-            }
-        );
-
-        let at = p.pos as usize;
+        out.pad_to(p.pos)?;
         let isize = if p.compact {
             format::COMPACT_INODE_SIZE
         } else {
             format::EXTENDED_INODE_SIZE
         };
         let i_u = match &n.body {
-            Body::Chunked(_) => {
+            Body::Chunked { .. } => {
                 u32::from(
                     u16::from(chunk_bits - format::BLOCK_BITS) & format::CHUNK_FORMAT_BLKBITS_MASK,
                 ) | u32::from(format::CHUNK_FORMAT_INDEXES)
@@ -822,8 +1167,9 @@ fn layout(
             return Err(too_large("xattrs of one inode over 256 KiB"));
         }
         let ino = (i + 1) as u32;
+        let mut inode = [0u8; format::EXTENDED_INODE_SIZE];
         {
-            let mut b = Le(&mut img[at..at + isize]);
+            let mut b = Le(&mut inode[..isize]);
             b.u16(0, u16::from(!p.compact) | (p.layout << 1));
             b.u16(2, icount as u16);
             b.u16(4, n.mode as u16);
@@ -847,37 +1193,104 @@ fn layout(
                 b.u32(44, n.nlink);
             }
         }
-        let xat = at + isize;
-        img[xat..xat + p.xattr_body.len()].copy_from_slice(&p.xattr_body);
-        let after = xat + p.xattr_body.len();
+        out.write(&inode[..isize])?;
+        out.write(&p.xattr_body)?;
         match &n.body {
-            Body::Chunked(idx) => {
-                let base = align_up(after as u64, format::CHUNK_INDEX_SIZE as u64) as usize;
-                for (k, c) in idx.iter().enumerate() {
-                    let off = base + k * format::CHUNK_INDEX_SIZE;
-                    let (dev, blk) = c.map_or((0, format::NULL_ADDR), |c| (c.device_id, c.blkaddr));
-                    format::encode_chunk_index(
-                        &mut img[off..off + format::CHUNK_INDEX_SIZE],
-                        dev,
-                        blk,
-                    );
-                }
+            Body::Chunked { count, at, stored } => {
+                out.pad_to(align_up(out.pos, format::CHUNK_INDEX_SIZE as u64))?;
+                write_chunk_indexes(&mut out, spill, *count, *at, *stored, &mut scratch)?;
             }
-            _ => {
-                let full = (p.blocks * bs) as usize;
-                let in_blocks = full.min(data.len());
-                if p.blocks > 0 {
-                    let s = (p.startblk * bs) as usize;
-                    img[s..s + in_blocks].copy_from_slice(&data[..in_blocks]);
-                }
-                if p.tail > 0 {
-                    img[after..after + p.tail as usize].copy_from_slice(&data[in_blocks..]);
-                }
+            Body::Dir { entries, .. } if p.tail > 0 => {
+                let data = dir_data(entries, nodes, &place, nid, n.size);
+                out.write(&data[(p.blocks * bs) as usize..])?;
             }
+            Body::Spilled { at } if p.tail > 0 => {
+                let tail = &mut scratch[..p.tail as usize];
+                spill.read(tail, at + p.blocks * bs)?;
+                out.write(tail)?;
+            }
+            _ => {}
         }
     }
+
+    // Whole data blocks.
+    for (n, p) in nodes.iter().zip(place.iter()).filter(|(_, p)| p.blocks > 0) {
+        out.pad_to(p.startblk * bs)?;
+        let full = (p.blocks * bs).min(n.size);
+        match &n.body {
+            Body::Dir { entries, .. } => {
+                let data = dir_data(entries, nodes, &place, nid, n.size);
+                out.write(&data[..full as usize])?;
+            }
+            Body::Spilled { at } => {
+                let mut done = 0;
+                while done < full {
+                    let k = (full - done).min(scratch.len() as u64) as usize;
+                    spill.read(&mut scratch[..k], at + done)?;
+                    out.write(&scratch[..k])?;
+                    done += k as u64;
+                }
+            }
+            _ => {}
+        }
+    }
+    out.pad_to(image_bytes)?;
+    out.w.flush().map_err(std_io_err("write", out_path))?;
     stats.inodes = nodes.len() as u64;
-    Ok(img)
+    Ok(out.pos)
+}
+
+/// Writes `count` chunk indexes: the `stored` spill records from `at` where they say, null
+/// indexes between them.
+fn write_chunk_indexes(
+    out: &mut Out<'_>,
+    spill: &SpillReader,
+    count: u64,
+    at: u64,
+    stored: u64,
+    scratch: &mut [u8],
+) -> Result<(), ImageError> {
+    const BATCH: usize = 1024;
+    let mut records = vec![0u8; BATCH * SPILL_CHUNK_RECORD];
+    let (mut have, mut used, mut read) = (0usize, 0usize, 0u64);
+    let per = scratch.len() / format::CHUNK_INDEX_SIZE;
+    let mut k = 0u64;
+    while k < count {
+        let n = (count - k).min(per as u64) as usize;
+        for (j, slot) in scratch[..n * format::CHUNK_INDEX_SIZE]
+            .chunks_exact_mut(format::CHUNK_INDEX_SIZE)
+            .enumerate()
+        {
+            if used == have && read < stored {
+                let take = (stored - read).min(BATCH as u64) as usize;
+                spill.read(
+                    &mut records[..take * SPILL_CHUNK_RECORD],
+                    at + read * SPILL_CHUNK_RECORD as u64,
+                )?;
+                read += take as u64;
+                have = take;
+                used = 0;
+            }
+            let chunk_no = k + j as u64;
+            let rec = &records[used.min(BATCH - 1) * SPILL_CHUNK_RECORD..][..SPILL_CHUNK_RECORD];
+            let (dev, blk) = if used < have
+                && u64::from_le_bytes(rec[..8].try_into().expect("8 bytes")) == chunk_no
+            {
+                used += 1;
+                (
+                    u16::from_le_bytes([rec[8], rec[9]]),
+                    u32::from_le_bytes(rec[12..16].try_into().expect("4 bytes")),
+                )
+            } else {
+                (0, format::NULL_ADDR)
+            };
+            format::encode_chunk_index(slot, dev, blk);
+        }
+        out.write(&scratch[..n * format::CHUNK_INDEX_SIZE])?;
+        k += n as u64;
+    }
+    debug_assert_eq!((used, read), (have, stored));
+    Ok(())
 }
 
 #[cfg(test)]
