@@ -9,6 +9,7 @@
 //! - [`layer`]: where a snapshot's files live (directories named by numeric ids, never by
 //!   keys) and the mounts containerd gets (overlayfs, or a bind mount for a single layer);
 //! - [`filter`]: containerd's filter syntax for `List`;
+//! - [`tree`]: walking and removing trees of any depth, one descriptor at a time;
 //! - [`usage`]: disk usage of a snapshot's own directory, as `du` counts it;
 //! - [`config`]: the TOML configuration file;
 //! - `conversion`: committed layers converted to EROFS images over the chunk store, mounted,
@@ -23,6 +24,7 @@ pub mod filter;
 pub mod layer;
 pub mod service;
 pub mod store;
+pub mod tree;
 pub mod usage;
 
 pub use config::Config;

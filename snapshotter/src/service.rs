@@ -261,12 +261,7 @@ fn field(key: &str, rec: &SnapshotRecord, path: &[String]) -> Option<String> {
 }
 
 /// Removes a directory tree that may not exist.
-pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-}
+pub(crate) use crate::tree::remove_tree;
 
 impl Inner {
     /// Hands `job` to the background worker.

@@ -7,15 +7,10 @@
 //! `O_NOFOLLOW`, `fstatat` with `AT_SYMLINK_NOFOLLOW`) and never leaves the tree.
 
 use std::collections::HashSet;
-use std::ffi::CString;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use nix::dir::Dir;
-use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag};
-use nix::sys::stat::{fstat, fstatat, FileStat, Mode};
+use nix::sys::stat::FileStat;
 
 /// Bytes and inodes used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -26,34 +21,9 @@ pub struct DiskUsage {
     pub inodes: i64,
 }
 
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
-    .union(OFlag::O_DIRECTORY)
-    .union(OFlag::O_NOFOLLOW)
-    .union(OFlag::O_CLOEXEC);
-
-/// A directory being walked and the names in it still to visit.
-struct Frame {
-    dir: Dir,
-    names: std::vec::IntoIter<CString>,
-}
-
-fn frame(mut dir: Dir) -> io::Result<Frame> {
-    let mut names = Vec::new();
-    for entry in dir.iter() {
-        let name = entry?.file_name().to_owned();
-        if name.as_bytes() != b"." && name.as_bytes() != b".." {
-            names.push(name);
-        }
-    }
-    Ok(Frame {
-        dir,
-        names: names.into_iter(),
-    })
-}
-
 /// The usage of the tree at `dir` (which must be a directory, not a link to one). Entries
-/// that vanish or change type during the walk are skipped. Open descriptors grow with the
-/// tree's depth, not its width.
+/// that vanish or change type during the walk are skipped. The walk is iterative with one
+/// directory open at a time ([`crate::tree::walk`]), so any depth is measured.
 pub fn disk_usage(dir: &Path) -> io::Result<DiskUsage> {
     let mut seen = HashSet::new();
     let mut usage = DiskUsage::default();
@@ -63,30 +33,15 @@ pub fn disk_usage(dir: &Path) -> io::Result<DiskUsage> {
             usage.size = usage.size.saturating_add(st.st_blocks.saturating_mul(512));
         }
     };
-    let root = Dir::open(dir, DIR_FLAGS, Mode::empty())?;
-    count(&fstat(root.as_raw_fd())?);
-    let mut stack = vec![frame(root)?];
-    while let Some(top) = stack.last_mut() {
-        let Some(name) = top.names.next() else {
-            stack.pop();
-            continue;
-        };
-        let fd = top.dir.as_raw_fd();
-        let st = match fstatat(Some(fd), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(Errno::ENOENT) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        count(&st);
-        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-            match Dir::openat(Some(fd), name.as_c_str(), DIR_FLAGS, Mode::empty()) {
-                Ok(sub) => stack.push(frame(sub)?),
-                // Removed, or replaced by a link or a file since the fstatat.
-                Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
+    let root = crate::tree::walk(
+        dir,
+        |_, _, st| {
+            count(st);
+            Ok(true)
+        },
+        |_, _| Ok(()),
+    )?;
+    count(&root);
     Ok(usage)
 }
 
