@@ -41,6 +41,8 @@ pub enum ConfigError {
     RootSeparator(PathBuf),
     #[error("config option `mount_mode` must be \"file\", \"loop\" or \"auto\", got {0:?}")]
     MountMode(String),
+    #[error("config option `{0}` must be at least 1")]
+    Zero(&'static str),
     #[error("config option `address` ({address}) must not lie inside `root` ({root})")]
     AddressInRoot { address: PathBuf, root: PathBuf },
 }
@@ -66,6 +68,16 @@ pub struct Config {
     /// devices) or `"auto"` (file-backed where the kernel supports it, else loop devices).
     /// Default `"auto"`.
     pub mount_mode: String,
+    /// Deepest directory nesting a layer may have to be converted (default 4096).
+    pub max_depth: u32,
+    /// Most inodes a layer may hold to be converted (default 2,000,000; the conversion
+    /// keeps a few hundred bytes per inode in memory).
+    pub max_inodes: u64,
+    /// Largest EROFS image one layer may need (default 1 GiB). Chunk indexes take 8 bytes
+    /// per 64 KiB of file, holes included: a 1 TiB sparse file needs 128 MiB.
+    pub max_image_bytes: u64,
+    /// Longest one conversion may take, in seconds (default 600).
+    pub conversion_timeout_s: u64,
 }
 
 impl Default for Config {
@@ -77,6 +89,10 @@ impl Default for Config {
             log_level: "info".to_string(),
             convert: true,
             mount_mode: "auto".to_string(),
+            max_depth: hyperbox_erofs::DEFAULT_MAX_DEPTH,
+            max_inodes: hyperbox_erofs::DEFAULT_MAX_INODES,
+            max_image_bytes: hyperbox_erofs::DEFAULT_MAX_IMAGE_BYTES,
+            conversion_timeout_s: 600,
         }
     }
 }
@@ -111,8 +127,18 @@ impl Config {
         }
     }
 
+    /// The limits of one layer's conversion.
+    pub fn conversion_limits(&self) -> crate::ConversionLimits {
+        crate::ConversionLimits {
+            max_depth: self.max_depth,
+            max_inodes: self.max_inodes,
+            max_image_bytes: self.max_image_bytes,
+            timeout: std::time::Duration::from_secs(self.conversion_timeout_s),
+        }
+    }
+
     /// Checks the values: absolute paths, a real file mode, the socket outside the root, a
-    /// known mount mode.
+    /// known mount mode, limits of at least 1.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.erofs_mount_mode()?;
         for (option, value) in [("root", &self.root), ("address", &self.address)] {
@@ -128,6 +154,16 @@ impl Config {
         }
         if self.socket_mode > 0o777 {
             return Err(ConfigError::SocketMode(self.socket_mode));
+        }
+        for (option, value) in [
+            ("max_depth", u64::from(self.max_depth)),
+            ("max_inodes", self.max_inodes),
+            ("max_image_bytes", self.max_image_bytes),
+            ("conversion_timeout_s", self.conversion_timeout_s),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(option));
+            }
         }
         if self.address.starts_with(&self.root) {
             return Err(ConfigError::AddressInRoot {
@@ -189,6 +225,13 @@ mod tests {
             Config::from_toml("mount_mode = \"fuse\"", p),
             Err(ConfigError::MountMode(_))
         ));
+        assert!(matches!(
+            Config::from_toml("max_depth = 0", p),
+            Err(ConfigError::Zero("max_depth"))
+        ));
+        let c = Config::from_toml("max_image_bytes = 5\nconversion_timeout_s = 7", p).unwrap();
+        assert_eq!(c.conversion_limits().max_image_bytes, 5);
+        assert_eq!(c.conversion_limits().timeout.as_secs(), 7);
         let c = Config::from_toml("convert = false\nmount_mode = \"loop\"", p).unwrap();
         assert!(!c.convert);
         assert_eq!(

@@ -30,6 +30,7 @@ use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Weak};
+use std::time::Instant;
 
 use hyperbox_erofs::{commit_layer, mount_image, ImageOptions};
 use nix::mount::{umount2, MntFlags};
@@ -37,7 +38,31 @@ use tracing::{error, info, warn};
 
 use crate::layer::LayerStorage;
 use crate::service::{remove_tree, Inner, Job, SnapshotterError};
-use crate::store::{self, SnapshotKind, SnapshotRecord, SnapshotTable};
+use crate::store::{self, ConversionReport, SnapshotKind, SnapshotRecord, SnapshotTable};
+
+/// A layer whose conversion was begun this many times without ending (the snapshotter
+/// died during each try) is set aside instead of being tried again.
+pub(crate) const MAX_INTERRUPTED: u32 = 3;
+
+/// Resets this process's peak resident memory (`VmHWM`), so that the next reading is the
+/// peak since now.
+fn reset_peak_rss() {
+    if let Err(e) = fs::write("/proc/self/clear_refs", "5") {
+        warn!("cannot reset the peak RSS: {e}");
+    }
+}
+
+/// This process's peak resident memory (`VmHWM`) in bytes; 0 if unknown.
+fn peak_rss_bytes() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
 
 /// The longest a conversion waits for unpacks to finish; an unpack snapshot left behind by
 /// a crashed client must not stop conversions for good.
@@ -62,11 +87,13 @@ pub(crate) fn spawn_worker(inner: Weak<Inner>, jobs: mpsc::Receiver<Job>) -> io:
                     Job::Convert(id) => {
                         inner.wait_for_unpacks(&mut stale_unpacks);
                         if let Err(e) = inner.convert(id) {
-                            error!(id, "conversion to erofs failed, the layer stays a plain directory: {e}");
+                            error!(id, "conversion to erofs: {e}");
                         }
                     }
                     Job::Gc => match inner.chunks.gc() {
-                        Ok(gc) if gc.chunks_reclaimed > 0 => info!(?gc, "chunk store garbage collected"),
+                        Ok(gc) if gc.chunks_reclaimed > 0 => {
+                            info!(?gc, "chunk store garbage collected")
+                        }
                         Ok(_) => {}
                         Err(e) => warn!("chunk store garbage collection failed: {e}"),
                     },
@@ -84,6 +111,76 @@ pub(crate) fn mount_points() -> io::Result<BTreeSet<PathBuf>> {
         .filter_map(|l| l.split(' ').nth(4))
         .map(|m| PathBuf::from(unescape_mountinfo(m)))
         .collect())
+}
+
+/// The fields of one `/proc/self/mountinfo` line the release check needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MountEntry {
+    /// `major:minor` of the mounted filesystem.
+    dev: String,
+    /// The mount's root within its filesystem (a bind mount of a directory names it).
+    root: PathBuf,
+    point: PathBuf,
+    fstype: String,
+    super_options: String,
+}
+
+fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let (head, tail) = l.split_once(" - ")?;
+            let f: Vec<&str> = head.split(' ').collect();
+            let t: Vec<&str> = tail.split(' ').collect();
+            Some(MountEntry {
+                dev: f.get(2)?.to_string(),
+                root: PathBuf::from(unescape_mountinfo(f.get(3)?)),
+                point: PathBuf::from(unescape_mountinfo(f.get(4)?)),
+                fstype: t.first()?.to_string(),
+                super_options: unescape_mountinfo(t.get(2).copied().unwrap_or("")),
+            })
+        })
+        .collect()
+}
+
+/// Whether a mount in `table` still uses `dir` or something inside it: an overlay naming it
+/// as a lower, upper or work dir, or a bind mount of it or of something in it.
+fn used_by_mounts(dir: &Path, table: &[MountEntry]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let overlay_uses = table.iter().filter(|m| m.fstype == "overlay").any(|m| {
+        m.super_options
+            .split(',')
+            .filter_map(|o| o.split_once('='))
+            .filter(|(k, _)| {
+                matches!(
+                    *k,
+                    "lowerdir" | "upperdir" | "workdir" | "datadir+" | "lowerdir+"
+                )
+            })
+            .flat_map(|(_, v)| v.split(':'))
+            .any(|p| Path::new(p).starts_with(dir))
+    });
+    if overlay_uses {
+        return true;
+    }
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return false;
+    };
+    let dev = format!("{}:{}", libc::major(meta.dev()), libc::minor(meta.dev()));
+    // The mount `dir` lies in, and `dir`'s path within that filesystem.
+    let Some(home) = table
+        .iter()
+        .filter(|m| m.dev == dev && dir.starts_with(&m.point))
+        .max_by_key(|m| m.point.components().count())
+    else {
+        return false;
+    };
+    let Ok(inside) = dir.strip_prefix(&home.point) else {
+        return false;
+    };
+    let rel = home.root.join(inside);
+    table
+        .iter()
+        .any(|m| m.dev == dev && m.root.starts_with(&rel))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -191,7 +288,11 @@ impl Inner {
             return Ok(());
         }
         for (_, rec) in self.store.read()?.all()? {
-            if rec.kind == SnapshotKind::Committed && !rec.storage.is_erofs() {
+            let set_aside = rec
+                .conversion
+                .as_ref()
+                .is_some_and(|c| c.set_aside.is_some());
+            if rec.kind == SnapshotKind::Committed && !rec.storage.is_erofs() && !set_aside {
                 self.queue(Job::Convert(rec.id));
             }
         }
@@ -312,7 +413,39 @@ impl Inner {
         Ok(())
     }
 
-    /// Converts committed layer `id`, if it still is a plain one.
+    /// Changes the conversion record of layer `id` (under `key`) in one transaction; false
+    /// when the layer is gone.
+    fn update_conversion(
+        &self,
+        key: &str,
+        id: u64,
+        change: impl FnOnce(&mut SnapshotRecord),
+    ) -> Result<bool> {
+        let mut txn = self.store.write()?;
+        let Some(mut rec) = txn.get(key)?.filter(|r| r.id == id) else {
+            return Ok(false);
+        };
+        change(&mut rec);
+        txn.put(key, &rec)?;
+        txn.commit()?;
+        Ok(true)
+    }
+
+    /// Records why layer `id` is set aside: it stays a plain directory and is never tried
+    /// again.
+    fn set_aside(&self, key: &str, id: u64, reason: String) -> Result<()> {
+        error!(key, id, %reason, "conversion to erofs failed: the layer is set aside and stays a plain directory (`hyperbox-snapshotter status` lists it)");
+        self.update_conversion(key, id, |rec| {
+            rec.conversion
+                .get_or_insert_with(Default::default)
+                .set_aside = Some(reason);
+        })?;
+        Ok(())
+    }
+
+    /// Converts committed layer `id`, if it still is a plain one and has not been set aside.
+    /// A failure of any kind sets the layer aside, and so does a layer whose earlier tries
+    /// were all cut short by the snapshotter dying ([`MAX_INTERRUPTED`] of them).
     pub(crate) fn convert(&self, id: u64) -> Result<()> {
         let _guard = self.convert_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some((key, rec)) = self.record_of(id)? else {
@@ -321,61 +454,94 @@ impl Inner {
         if rec.kind != SnapshotKind::Committed || rec.storage.is_erofs() {
             return Ok(());
         }
-        // A failed earlier try may have left pieces.
+        let tries = rec.conversion.unwrap_or_default();
+        if tries.set_aside.is_some() {
+            return Ok(());
+        }
+        if tries.attempts >= MAX_INTERRUPTED {
+            return self.set_aside(
+                &key,
+                id,
+                format!(
+                    "{} tries were cut short: the snapshotter died during each",
+                    tries.attempts
+                ),
+            );
+        }
+        // Counted before it starts: a try that kills the process still counts.
+        if !self.update_conversion(&key, id, |rec| {
+            rec.conversion.get_or_insert_with(Default::default).attempts += 1;
+        })? {
+            return Ok(());
+        }
+        reset_peak_rss();
+        let started = Instant::now();
+        match self.convert_once(&key, id, started) {
+            Ok(()) => self.release_plain_dirs(),
+            Err(e) => {
+                if let Err(undo) = self.drop_erofs_layer(id) {
+                    warn!(id, "cannot undo the failed conversion: {undo}");
+                }
+                self.set_aside(&key, id, e.to_string())
+            }
+        }
+    }
+
+    fn convert_once(&self, key: &str, id: u64, started: Instant) -> Result<()> {
+        // A try cut short earlier may have left pieces.
         self.drop_erofs_layer(id)?;
         let fs_dir = self.layout.fs_dir(id);
         let image = self.layout.image_path(id);
-        let report = match commit_layer(
-            &self.chunks,
-            &id.to_string(),
-            &fs_dir,
-            &image,
-            &ImageOptions::default(),
-        ) {
-            Ok(r) => r,
-            Err(source) => {
-                let _ = self.drop_erofs_layer(id);
-                return Err(SnapshotterError::Layer { id, source });
-            }
+        let limits = self.options.limits;
+        let options = ImageOptions::default()
+            .with_max_depth(limits.max_depth)
+            .with_max_inodes(limits.max_inodes)
+            .with_max_image_bytes(limits.max_image_bytes)
+            .with_time_limit(limits.timeout);
+        let report = commit_layer(&self.chunks, &id.to_string(), &fs_dir, &image, &options)
+            .map_err(|source| SnapshotterError::Layer { id, source })?;
+        self.mount_layer(id)?;
+        let cost = ConversionReport {
+            millis: started.elapsed().as_millis() as u64,
+            peak_rss_bytes: peak_rss_bytes(),
+            image_bytes: report.image.image_bytes,
+            inodes: report.image.inodes,
+            chunks: report.image.chunks,
+            new_chunks: report.chunks.new_chunks,
         };
-        if let Err(e) = self.mount_layer(id) {
-            let _ = self.drop_erofs_layer(id);
-            return Err(e);
-        }
-        let switched = (|| {
-            let mut txn = self.store.write()?;
-            let Some(mut rec) = txn.get(&key)?.filter(|r| r.id == id) else {
-                return Ok(false);
-            };
+        let switched = self.update_conversion(key, id, |rec| {
             rec.storage = LayerStorage::Erofs {
                 converted_ns: store::now_ns(),
                 first_stored_bytes: report.chunks.new_bytes,
             };
-            txn.put(&key, &rec)?;
-            txn.commit()?;
-            Ok::<_, SnapshotterError>(true)
-        })();
-        match switched {
-            Ok(true) => {}
-            Ok(false) => {
-                // Removed meanwhile (cannot happen while the lock is held; kept for safety).
-                self.drop_erofs_layer(id)?;
-                return Ok(());
-            }
-            Err(e) => {
-                let _ = self.drop_erofs_layer(id);
-                return Err(e);
-            }
+            rec.conversion.get_or_insert_with(Default::default).report = Some(cost.clone());
+        })?;
+        if !switched {
+            // Removed meanwhile (cannot happen while the lock is held; kept for safety).
+            self.drop_erofs_layer(id)?;
+            return Ok(());
         }
-        info!(key, id, image = ?report.image, chunks = ?report.chunks, "layer converted to erofs");
-        self.release_plain_dirs()
+        info!(
+            key,
+            id,
+            millis = cost.millis,
+            peak_rss_mib = cost.peak_rss_bytes >> 20,
+            image = ?report.image,
+            chunks = ?report.chunks,
+            "layer converted to erofs"
+        );
+        Ok(())
     }
 
     /// Deletes the plain `fs` dir of every converted layer that no active snapshot or view
-    /// created before its switch still uses as a lower dir.
+    /// created before its switch still uses as a lower dir, and that no mount still uses
+    /// (an overlay naming it as its upper dir: a snapshot committed while its container ran).
     pub(crate) fn release_plain_dirs(&self) -> Result<()> {
         let txn = self.store.write()?;
         let all = txn.all()?;
+        let table = fs::read_to_string("/proc/self/mountinfo")
+            .map(|t| parse_mountinfo(&t))
+            .map_err(io_err("cannot read", Path::new("/proc/self/mountinfo")))?;
         let mut doomed = Vec::new();
         for (key, layer) in &all {
             let LayerStorage::Erofs { converted_ns, .. } = layer.storage else {
@@ -402,6 +568,10 @@ impl Inner {
             if in_use {
                 continue;
             }
+            if used_by_mounts(&fs_dir, &table) {
+                info!(key, id = layer.id, dir = %fs_dir.display(), "plain layer directory kept: a mount still uses it");
+                continue;
+            }
             let trash =
                 self.layout
                     .trash_dir()
@@ -423,6 +593,32 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_that_use_a_directory_are_found() {
+        let text = "\
+22 1 8:1 / / rw,relatime - ext4 /dev/vda rw
+90 22 0:50 / /run/c1/rootfs rw - overlay overlay rw,lowerdir=/r/snapshots/3/erofs:/r/snapshots/2/fs,upperdir=/r/snapshots/7/fs,workdir=/r/snapshots/7/work,index=off
+91 22 8:1 /r/snapshots/9/fs /mnt/view ro - ext4 /dev/vda rw
+92 22 8:1 /r/snapshots/10 /mnt/above rw - ext4 /dev/vda rw
+";
+        let table = parse_mountinfo(text);
+        assert_eq!(table.len(), 4);
+        assert_eq!(table[2].root, Path::new("/r/snapshots/9/fs"));
+        assert!(
+            used_by_mounts(Path::new("/r/snapshots/7/fs"), &table),
+            "upper dir"
+        );
+        assert!(
+            used_by_mounts(Path::new("/r/snapshots/2/fs"), &table),
+            "lower dir"
+        );
+        assert!(!used_by_mounts(Path::new("/r/snapshots/3/fs"), &table));
+        assert!(
+            !used_by_mounts(Path::new("/r/snapshots/77/fs"), &table),
+            "77 is not 7"
+        );
+    }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {

@@ -28,4 +28,7 @@ pub mod tree;
 pub mod usage;
 
 pub use config::Config;
-pub use service::{HyperboxSnapshotter, LayerOptions, SnapshotterError, STORAGE_LABEL};
+pub use service::{
+    ConversionLimits, HyperboxSnapshotter, LayerOptions, SnapshotterError, CONVERSION_LABEL,
+    STORAGE_LABEL,
+};

@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! hyperbox-snapshotter [--config FILE] [--root DIR] [--address SOCKET]
+//! hyperbox-snapshotter [--config FILE] [--address SOCKET] status [--all]
 //! ```
+//!
+//! `status` asks the running snapshotter (through its socket) for its snapshots and prints
+//! each committed layer's storage and conversion: what it cost, or why it was set aside.
 //!
 //! Logs go to stderr (journald under systemd). SIGTERM or SIGINT stops it; containers keep
 //! running, since their mounts do not go through this process.
@@ -36,6 +40,97 @@ struct Args {
     /// Overrides `address` of the configuration.
     #[arg(long)]
     address: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Lists the committed layers of the running snapshotter: storage (erofs, directory,
+    /// or pending), and what the conversion cost or why the layer was set aside.
+    Status {
+        /// Active snapshots and views too.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Prints the layers of the snapshotter listening on `address`.
+fn status(address: &Path, all: bool) -> anyhow::Result<()> {
+    use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+    use containerd_client::services::v1::snapshots::ListSnapshotsRequest;
+    use hyperbox_snapshotter::{CONVERSION_LABEL, STORAGE_LABEL};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let infos = runtime.block_on(async {
+        let channel = containerd_client::connect(address)
+            .await
+            .with_context(|| format!("cannot connect to {}", address.display()))?;
+        let mut stream = SnapshotsClient::new(channel)
+            .list(ListSnapshotsRequest {
+                snapshotter: "hyperbox".to_string(),
+                filters: Vec::new(),
+            })
+            .await
+            .context("List failed")?
+            .into_inner();
+        let mut infos = Vec::new();
+        while let Some(batch) = stream.message().await.context("List failed")? {
+            infos.extend(batch.info);
+        }
+        anyhow::Ok(infos)
+    })?;
+    let mut rows = Vec::new();
+    let (mut erofs, mut aside, mut pending) = (0, 0, 0);
+    for info in &infos {
+        // containerd's Kind: 1 view, 2 active, 3 committed.
+        let kind = match info.kind {
+            1 => "view",
+            2 => "active",
+            3 => "committed",
+            _ => "unknown",
+        };
+        let storage = info.labels.get(STORAGE_LABEL).map(String::as_str);
+        let conversion = info
+            .labels
+            .get(CONVERSION_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        let storage = match (kind, storage) {
+            ("committed", Some("erofs")) => {
+                erofs += 1;
+                "erofs"
+            }
+            ("committed", Some(_)) => {
+                aside += 1;
+                "directory"
+            }
+            ("committed", None) => {
+                pending += 1;
+                "pending"
+            }
+            _ if !all => continue,
+            _ => "directory",
+        };
+        rows.push((kind, storage, info.name.clone(), conversion));
+    }
+    rows.sort_by(|a, b| a.2.cmp(&b.2));
+    let width = rows.iter().map(|r| r.2.len()).max().unwrap_or(3).max(3);
+    println!(
+        "{:<10} {:<9} {:<width$} CONVERSION",
+        "KIND", "STORAGE", "KEY"
+    );
+    for (kind, storage, key, conversion) in rows {
+        println!("{kind:<10} {storage:<9} {key:<width$} {conversion}");
+    }
+    println!(
+        "{} committed layers: {erofs} converted to erofs, {aside} set aside (plain directories), \
+         {pending} waiting for conversion",
+        erofs + aside + pending
+    );
+    Ok(())
 }
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
@@ -146,6 +241,9 @@ where
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = load_config(&args)?;
+    if let Some(Command::Status { all }) = args.command {
+        return status(&config.address, all);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log_level))
         .with_context(|| format!("invalid log_level {:?}", config.log_level))?;
@@ -158,6 +256,7 @@ fn run() -> anyhow::Result<()> {
     let options = LayerOptions {
         convert: config.convert,
         mount_mode: config.erofs_mount_mode()?,
+        limits: config.conversion_limits(),
     };
     let snapshotter = HyperboxSnapshotter::open(&config.root, options)
         .with_context(|| format!("cannot open snapshotter root {}", config.root.display()))?;

@@ -126,6 +126,8 @@ pub struct LayerOptions {
     pub convert: bool,
     /// How EROFS images are mounted (config `mount_mode`).
     pub mount_mode: MountMode,
+    /// What one layer's conversion may cost; a layer over a limit is set aside.
+    pub limits: ConversionLimits,
 }
 
 impl Default for LayerOptions {
@@ -133,6 +135,32 @@ impl Default for LayerOptions {
         LayerOptions {
             convert: true,
             mount_mode: MountMode::Auto,
+            limits: ConversionLimits::default(),
+        }
+    }
+}
+
+/// The limits of one layer's conversion (config `max_depth`, `max_inodes`,
+/// `max_image_bytes`, `conversion_timeout_s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversionLimits {
+    /// Deepest directory nesting below the layer's root.
+    pub max_depth: u32,
+    /// Inodes in the layer.
+    pub max_inodes: u64,
+    /// Size of the EROFS image (8 bytes of chunk index per 64 KiB of file, holes included).
+    pub max_image_bytes: u64,
+    /// Wall-clock time of the walk and the chunking.
+    pub timeout: std::time::Duration,
+}
+
+impl Default for ConversionLimits {
+    fn default() -> Self {
+        ConversionLimits {
+            max_depth: hyperbox_erofs::DEFAULT_MAX_DEPTH,
+            max_inodes: hyperbox_erofs::DEFAULT_MAX_INODES,
+            max_image_bytes: hyperbox_erofs::DEFAULT_MAX_IMAGE_BYTES,
+            timeout: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -226,13 +254,40 @@ fn to_kind(kind: SnapshotKind) -> Kind {
 /// the record, never stored, so no client can set it.
 pub const STORAGE_LABEL: &str = "containerd.io/snapshot/hyperbox.storage";
 
-/// The labels of a snapshot as clients see them: its own, plus [`STORAGE_LABEL`] on a
-/// converted layer.
+/// Computed label of a committed layer's conversion: what it cost, or why the layer was
+/// set aside (`set aside: REASON`).
+pub const CONVERSION_LABEL: &str = "containerd.io/snapshot/hyperbox.conversion";
+
+/// Prefix of the labels the snapshotter computes; clients' labels under it are dropped.
+const COMPUTED_LABELS: &str = "containerd.io/snapshot/hyperbox.";
+
+/// The labels of a snapshot as clients see them: its own, plus [`STORAGE_LABEL`] (`erofs`
+/// on a converted layer, `directory` on one set aside) and [`CONVERSION_LABEL`].
 fn labels_of(rec: &SnapshotRecord) -> BTreeMap<String, String> {
     let mut labels = rec.labels.clone();
-    labels.remove(STORAGE_LABEL);
+    labels.retain(|k, _| !k.starts_with(COMPUTED_LABELS));
     if rec.storage.is_erofs() {
         labels.insert(STORAGE_LABEL.to_string(), "erofs".to_string());
+    }
+    if let Some(c) = &rec.conversion {
+        if let Some(reason) = &c.set_aside {
+            labels.insert(STORAGE_LABEL.to_string(), "directory".to_string());
+            labels.insert(CONVERSION_LABEL.to_string(), format!("set aside: {reason}"));
+        } else if let Some(r) = &c.report {
+            let mib = |b: u64| b as f64 / f64::from(1 << 20);
+            labels.insert(
+                CONVERSION_LABEL.to_string(),
+                format!(
+                    "took {} ms, peak RSS {:.1} MiB, image {:.1} MiB, {} inodes, {} chunks ({} new)",
+                    r.millis,
+                    mib(r.peak_rss_bytes),
+                    mib(r.image_bytes),
+                    r.inodes,
+                    r.chunks,
+                    r.new_chunks
+                ),
+            );
+        }
     }
     labels
 }
@@ -389,6 +444,7 @@ impl Inner {
                 created_ns: now,
                 updated_ns: now,
                 storage: LayerStorage::Directory,
+                conversion: None,
             };
             txn.put(&key, &rec)?;
             let dest = self.layout.snapshot_dir(id);

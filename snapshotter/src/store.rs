@@ -98,6 +98,42 @@ pub struct SnapshotRecord {
     pub updated_ns: u64,
     /// Where the files are.
     pub storage: LayerStorage,
+    /// A committed layer's conversion to EROFS: tries, outcome, cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversion: Option<Conversion>,
+}
+
+/// What became of a committed layer's conversion to EROFS.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Conversion {
+    /// Tries begun. Recorded before each try starts, so a try cut short by a crash of the
+    /// snapshotter counts too: a layer that keeps killing it is set aside, not retried.
+    pub attempts: u32,
+    /// Why the layer was set aside. It stays a plain directory, served as it is, and is not
+    /// tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_aside: Option<String>,
+    /// What the conversion that succeeded cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ConversionReport>,
+}
+
+/// The cost of one conversion.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversionReport {
+    /// Wall-clock time of the image, chunks, mount and switch.
+    pub millis: u64,
+    /// The snapshotter's peak resident memory while it ran (`VmHWM`, reset before it).
+    pub peak_rss_bytes: u64,
+    /// Size of the EROFS image file.
+    pub image_bytes: u64,
+    /// Inodes in the image.
+    pub inodes: u64,
+    /// Chunks the layer's files hold, and how many of them were new to the store.
+    pub chunks: u64,
+    pub new_chunks: u64,
 }
 
 /// Now, in nanoseconds since the Unix epoch.
@@ -313,6 +349,7 @@ mod tests {
             created_ns: 1,
             updated_ns: 2,
             storage: LayerStorage::Directory,
+            conversion: None,
         }
     }
 

@@ -23,4 +23,5 @@ pub use store::{
 };
 pub use writer::{
     write_image, ChunkLocation, ChunkSink, DeviceSlot, ImageError, ImageOptions, ImageStats,
+    DEFAULT_MAX_DEPTH, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_INODES,
 };
