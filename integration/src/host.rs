@@ -40,6 +40,12 @@ pub fn tools_bin() -> PathBuf {
     prefix().join("bin")
 }
 
+/// Debian 13's erofs-utils 1.8 `fsck.erofs`, unpacked by `scripts/setup-host`: the
+/// reference reader the snapshotter's tests extract images with.
+pub fn fsck_erofs() -> PathBuf {
+    prefix().join("erofs-utils-1.8/usr/bin/fsck.erofs")
+}
+
 /// The directory holding this workspace's built binaries (`target/<profile>`).
 ///
 /// `HYPERBOX_BIN_DIR` wins; otherwise it is derived from the running executable, which is

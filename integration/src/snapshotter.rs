@@ -24,6 +24,9 @@ pub const BINARY: &str = "hyperbox-snapshotter";
 pub const PLUGIN: &str = "hyperbox";
 /// The label the snapshotter reports on a layer served from its EROFS image.
 pub const STORAGE_LABEL: &str = "containerd.io/snapshot/hyperbox.storage";
+/// Label the snapshotter computes for a committed layer's conversion: its cost, or
+/// `set aside: REASON`.
+pub const CONVERSION_LABEL: &str = "containerd.io/snapshot/hyperbox.conversion";
 
 /// Errors starting the snapshotter.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +179,11 @@ impl SnapshotterDaemon {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Ids of the committed layers served from an EROFS image: the snapshot directories

@@ -25,6 +25,9 @@ pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 /// Gzip level of layer blobs: fixed, since the level changes the bytes.
 const GZIP_LEVEL: u32 = 6;
 
+/// A layer's tar on its way into the blob: hashed (diff id), compressed, hashed (digest).
+type TarStream = HashingWriter<GzEncoder<HashingWriter<BufWriter<File>>>>;
+
 /// A content descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -153,6 +156,26 @@ impl LayoutWriter {
 
     /// Writes `entries` as the next layer (a gzip-compressed tar).
     pub fn add_layer(&mut self, entries: &mut [LayerEntry]) -> Result<&Layer, ImageError> {
+        let epoch = self.epoch;
+        self.add_compressed(|tar| layer::write_tar(entries, epoch, tar))
+    }
+
+    /// Adds the tar file at `tar` (made by another tool, e.g. GNU tar's sparse format) as
+    /// the next layer, gzip-compressed.
+    pub fn add_tar_layer(&mut self, tar: &Path) -> Result<&Layer, ImageError> {
+        self.add_compressed(|mut out| {
+            let mut file = File::open(tar).map_err(|e| ImageError::io("cannot open", tar, e))?;
+            io::copy(&mut file, &mut out).map_err(|e| ImageError::io("cannot read", tar, e))?;
+            Ok(out)
+        })
+    }
+
+    /// Writes the next layer's blob: the tar `write` produces, gzip-compressed, with its
+    /// diff id (digest of the tar) and digest (of the compressed blob).
+    fn add_compressed(
+        &mut self,
+        write: impl FnOnce(TarStream) -> Result<TarStream, ImageError>,
+    ) -> Result<&Layer, ImageError> {
         let tmp = self.dir.join("blobs/sha256/.layer.tmp");
         let file = File::create(&tmp).map_err(|e| ImageError::io("cannot create", &tmp, e))?;
         let compressed = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
@@ -160,8 +183,7 @@ impl LayoutWriter {
             .mtime(0)
             .operating_system(255)
             .write(compressed, Compression::new(GZIP_LEVEL));
-        let tar_stream = HashingWriter::new(gz);
-        let tar_stream = layer::write_tar(entries, self.epoch, tar_stream)?;
+        let tar_stream = write(HashingWriter::new(gz))?;
         let (gz, diff_id, _) = tar_stream.finish();
         let compressed = gz
             .finish()
