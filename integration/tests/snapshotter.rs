@@ -108,8 +108,16 @@ impl Fixture {
     }
 
     /// Checks every converted layer: its image mounted once at `snapshots/ID/erofs`, its
-    /// plain dir gone, `fsck.erofs` (with the packs as devices) decoding all of its data.
+    /// plain dir gone, `fsck.erofs` (with the packs as devices) decoding all of its data and
+    /// extracting a tree equal to the mount.
     fn check_converted_layers(&self, expected: usize) {
+        self.check_converted_layers_with(expected, true);
+    }
+
+    /// [`Fixture::check_converted_layers`]; without `extract`, `fsck.erofs` only decodes
+    /// (erofs-utils 1.8.6 cannot extract a file with a hole past 2 GiB: it keeps `lseek`'s
+    /// result in an `int`, and 2^31 reads as an error).
+    fn check_converted_layers_with(&self, expected: usize, extract: bool) {
         let ids = self.image_ids();
         assert_eq!(ids.len(), expected, "images: {ids:?}");
         let mounts = self.erofs_mounts();
@@ -122,12 +130,31 @@ impl Fixture {
             let n = mounts.iter().filter(|(p, _)| *p == point).count();
             assert_eq!(n, 1, "mounts of {point}: {mounts:?}");
             assert!(!dir.join("fs").exists(), "plain dir of layer {id} kept");
-            let mut fsck = Command::new("fsck.erofs");
+            let fsck_erofs = hyperbox_integration::host::fsck_erofs();
+            assert!(
+                fsck_erofs.exists(),
+                "{} is missing: scripts/setup-host unpacks Debian 13's erofs-utils there",
+                fsck_erofs.display()
+            );
+            // Its walk recurses with a PATH_MAX buffer per level: a deep tree needs more than
+            // the default 8 MiB of stack.
+            let mut fsck = Command::new("sh");
+            fsck.args(["-c", "ulimit -s unlimited && exec \"$0\" \"$@\""])
+                .arg(&fsck_erofs);
             for p in &packs {
                 fsck.arg(format!("--device={}", p.display()));
             }
+            // erofs-utils is the reference reader: what it extracts must be what the kernel
+            // mount shows (which the fidelity test holds against overlayfs).
+            let extracted = self.snap.dir().join(format!("extract-{id}"));
+            let _ = fs::remove_dir_all(&extracted);
+            if extract {
+                fsck.arg("--xattrs")
+                    .arg(format!("--extract={}", extracted.display()));
+            } else {
+                fsck.arg("--extract");
+            }
             let out = fsck
-                .arg("--extract")
                 .arg(dir.join("layer.erofs"))
                 .output()
                 .expect("fsck.erofs runs");
@@ -137,6 +164,47 @@ impl Fixture {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
+            if !extract {
+                continue;
+            }
+            let mut theirs = tree_facts(&extracted);
+            let mut ours = tree_facts(&dir.join("erofs"));
+            // Two things erofs-utils 1.8.6 does not restore, accounted for exactly: it sets
+            // xattrs before the owner, and the kernel drops `security.capability` on chown
+            // (the fidelity test checks it through the mount); and it leaves a chunked file's
+            // trailing hole out, so such a file must be the mount's content cut short where
+            // only zeroes follow.
+            for e in ours.values_mut().chain(theirs.values_mut()) {
+                e.xattrs.retain(|(n, _)| n != "security.capability");
+            }
+            for (path, t) in theirs.iter_mut() {
+                let Some(o) = ours.get(path) else { continue };
+                if t.kind == "file" && t.size < o.size {
+                    use sha2::{Digest, Sha256};
+                    let mut h = Sha256::new();
+                    let mut file = fs::File::open(extracted.join(path)).unwrap();
+                    std::io::copy(&mut file, &mut h).unwrap();
+                    std::io::copy(
+                        &mut std::io::Read::take(std::io::repeat(0), o.size - t.size),
+                        &mut h,
+                    )
+                    .unwrap();
+                    if Some(format!("{:x}", h.finalize())) == o.content {
+                        t.size = o.size;
+                        t.content = o.content.clone();
+                    }
+                }
+            }
+            let n = ours.len();
+            let diffs = differences(&ours, &theirs, "mount", "fsck.erofs --extract");
+            assert!(
+                diffs.is_empty(),
+                "layer {id}: {} differences:\n{}",
+                diffs.len(),
+                diffs[..diffs.len().min(20)].join("\n")
+            );
+            eprintln!("layer {id}: {n} entries extracted by fsck.erofs equal the mount");
+            fs::remove_dir_all(&extracted).expect("extraction removed");
         }
         assert_eq!(mounts.len(), ids.len(), "{mounts:?}");
     }
@@ -1775,6 +1843,31 @@ struct EntryFacts {
     content: Option<String>,
     link: Option<PathBuf>,
     xattrs: Vec<(String, Vec<u8>)>,
+    /// A directory's names as `readdir` returns them, `.` and `..` included (readdir drops
+    /// entries whose inode number is 0), sorted.
+    listing: Option<Vec<String>>,
+}
+
+/// The names `readdir` gives for the directory at `path`, `.` and `..` included, sorted.
+fn listing(path: &Path) -> Vec<String> {
+    use nix::fcntl::OFlag;
+    let mut dir = nix::dir::Dir::open(
+        path,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let mut names: Vec<String> = dir
+        .iter()
+        .map(|e| {
+            e.expect("readdir")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 /// Every entry under `root` (not following links), by path relative to it; the top-level
@@ -1833,6 +1926,13 @@ fn tree_facts(root: &Path) -> std::collections::BTreeMap<PathBuf, EntryFacts> {
                 content,
                 link: ft.is_symlink().then(|| fs::read_link(&path).unwrap()),
                 xattrs,
+                listing: ft.is_dir().then(|| {
+                    let mut names = listing(&path);
+                    if rel.as_os_str().is_empty() {
+                        names.retain(|n| !["proc", "sys", "dev"].contains(&n.as_str()));
+                    }
+                    names
+                }),
             },
         );
         if ft.is_dir() {
@@ -1848,6 +1948,27 @@ fn tree_facts(root: &Path) -> std::collections::BTreeMap<PathBuf, EntryFacts> {
         }
     }
     out
+}
+
+/// Every entry in which two trees' facts differ, naming the trees `a` and `b`.
+fn differences(
+    ours: &std::collections::BTreeMap<PathBuf, EntryFacts>,
+    theirs: &std::collections::BTreeMap<PathBuf, EntryFacts>,
+    a: &str,
+    b: &str,
+) -> Vec<String> {
+    let mut diffs = Vec::new();
+    for (path, facts) in ours {
+        match theirs.get(path) {
+            Some(t) if t == facts => {}
+            Some(t) => diffs.push(format!("{}: {a} {facts:?}\n  {b} {t:?}", path.display())),
+            None => diffs.push(format!("{}: only in {a}", path.display())),
+        }
+    }
+    for path in theirs.keys().filter(|p| !ours.contains_key(*p)) {
+        diffs.push(format!("{}: only in {b}", path.display()));
+    }
+    diffs
 }
 
 /// Test 2, fidelity: an image holding every kind of entry (regular, empty, sparse-ish,
@@ -1985,20 +2106,7 @@ fn fidelity(v: ContainerdVersion) {
         .xattrs
         .iter()
         .any(|(n, _)| n == "security.capability"));
-    let mut diffs = Vec::new();
-    for (path, facts) in ours {
-        match theirs.get(path) {
-            Some(t) if t == facts => {}
-            Some(t) => diffs.push(format!(
-                "{}: hyperbox {facts:?}\n  overlayfs {t:?}",
-                path.display()
-            )),
-            None => diffs.push(format!("{}: only in hyperbox", path.display())),
-        }
-    }
-    for path in theirs.keys().filter(|p| !ours.contains_key(*p)) {
-        diffs.push(format!("{}: only in overlayfs", path.display()));
-    }
+    let diffs = differences(ours, theirs, "hyperbox", "overlayfs");
     assert!(
         diffs.is_empty(),
         "{} differences:\n{}",
@@ -2013,3 +2121,469 @@ fn fidelity(v: ContainerdVersion) {
     teardown_leaves_nothing(f);
 }
 per_version!(fidelity_vs_overlayfs, fidelity);
+
+/// `depth` nested directories `d` under `root` (one descriptor open at a time, as no path
+/// this long can be named) with the file `leaf` in the deepest.
+fn make_deep(root: &Path, depth: usize) {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let mut cur = nix::dir::Dir::open(root, flags, Mode::empty()).expect("open root");
+    for _ in 0..depth {
+        nix::sys::stat::mkdirat(Some(cur.as_raw_fd()), "d", Mode::from_bits_truncate(0o755))
+            .expect("mkdirat");
+        cur = nix::dir::Dir::openat(Some(cur.as_raw_fd()), "d", flags, Mode::empty())
+            .expect("openat");
+    }
+    let fd = nix::fcntl::openat(
+        Some(cur.as_raw_fd()),
+        "leaf",
+        OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .expect("create leaf");
+    // SAFETY: `fd` was just returned by openat and is owned by nothing else.
+    let mut leaf = unsafe { fs::File::from_raw_fd(fd) };
+    leaf.write_all(b"at the bottom").expect("write leaf");
+}
+
+/// The contents of `leaf` at the bottom of a [`make_deep`] tree.
+fn read_deep_leaf(root: &Path, depth: usize) -> Vec<u8> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let mut cur = nix::dir::Dir::open(root, flags, Mode::empty()).expect("open root");
+    for level in 0..depth {
+        cur = nix::dir::Dir::openat(Some(cur.as_raw_fd()), "d", flags, Mode::empty())
+            .unwrap_or_else(|e| panic!("level {level}: {e}"));
+    }
+    let fd = nix::fcntl::openat(
+        Some(cur.as_raw_fd()),
+        "leaf",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .expect("open leaf");
+    // SAFETY: `fd` was just returned by openat and is owned by nothing else.
+    let mut leaf = unsafe { fs::File::from_raw_fd(fd) };
+    let mut data = Vec::new();
+    leaf.read_to_end(&mut data).expect("read leaf");
+    data
+}
+
+/// Waits until committed layer `key` carries the storage label (converted, or set aside),
+/// and returns its labels.
+fn wait_storage(
+    snap: &SnapshotterDaemon,
+    calls: &Calls,
+    key: &str,
+) -> std::collections::HashMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let info = calls.stat(key).expect("stat");
+        if info.labels.contains_key(STORAGE_LABEL) {
+            return info.labels;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key} neither converted nor set aside:\n{}",
+            snap.log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `hyperbox-snapshotter status` against `snap`.
+fn status_output(snap: &SnapshotterDaemon) -> String {
+    let binary = hyperbox_integration::host::workspace_binary(BINARY).expect("built");
+    let out = Command::new(binary)
+        .arg("--config")
+        .arg(snap.dir().join("snapshotter.toml"))
+        .arg("status")
+        .output()
+        .expect("status runs");
+    assert!(out.status.success(), "status: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A committed layer made straight through the API, as containerd's unpacker makes one:
+/// `fill` writes into its directory.
+fn direct_layer(calls: &Calls, name: &str, parent: &str, fill: impl FnOnce(&Path)) {
+    let key = format!("{name}-active");
+    let mounts = calls.prepare(&key, parent).expect("prepare");
+    let upper = match mounts[0].r#type.as_str() {
+        "bind" => PathBuf::from(&mounts[0].source),
+        _ => PathBuf::from(option(&mounts[0], "upperdir").expect("upperdir")),
+    };
+    fill(&upper);
+    calls.commit(name, &key).expect("commit");
+}
+
+/// The peak RSS a conversion label reports, in MiB.
+fn peak_rss_mib(conversion: &str) -> f64 {
+    conversion
+        .split("peak RSS ")
+        .nth(1)
+        .and_then(|r| r.split(" MiB").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {conversion:?}"))
+}
+
+/// An image of busybox plus 500 nested directories with a file at the bottom, pulled
+/// through containerd, converts, passes `fsck.erofs`'s extraction and runs. (containerd's
+/// own unpack of deeper trees is slow: it resolves every path component by component,
+/// about three minutes for 1,950 levels; the snapshotter's side of deeper layers is
+/// `hostile_layers_direct`.)
+fn deep_image(v: ContainerdVersion) {
+    use hyperbox_integration::images::layer::{self, LayerEntry};
+    use hyperbox_integration::images::oci;
+    let f = Fixture::start(v);
+    let work = f.snap.dir().join("deep");
+    let busybox = TestBed::build(TestImage::Busybox).expect("busybox built");
+    let tree = work.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    for digest in &busybox.layer_digests {
+        sh(&format!(
+            "tar -xzpf {} -C {} --numeric-owner",
+            busybox.blob_path(digest).display(),
+            tree.display()
+        ));
+    }
+    let mut entries = layer::scan_tree(&tree).expect("scan");
+    let mut deep = PathBuf::new();
+    for _ in 0..500 {
+        deep.push("d");
+        entries.push(LayerEntry::dir(deep.clone(), 0o755));
+    }
+    entries.push(LayerEntry::file(
+        deep.join("leaf"),
+        0o644,
+        b"at the bottom".to_vec(),
+    ));
+    let layout = work.join("layout");
+    let archive = work.join("deep.tar");
+    let epoch = 2_000_000_000;
+    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
+    writer.add_layer(&mut entries).expect("layer");
+    let run = oci::RunConfig {
+        cmd: vec!["sh".into()],
+        env: vec!["PATH=/bin".into()],
+        history: vec!["busybox and 500 nested directories".into()],
+    };
+    let reference = "docker.io/hyperbox/deep:latest";
+    writer.finish(&run, "latest", reference).expect("finish");
+    oci::write_archive(&layout, &archive, epoch).expect("archive");
+    f.c()
+        .ctr_run(&[
+            "images",
+            "import",
+            "--snapshotter",
+            PLUGIN,
+            &archive.to_string_lossy(),
+        ])
+        .expect("import");
+    let direct = f.direct();
+    f.wait_converted(&direct);
+    f.check_converted_layers(1);
+    f.run_check(
+        reference,
+        "deep-500",
+        &format!(
+            "test \"$(cat /{})\" = 'at the bottom'",
+            deep.join("leaf").display()
+        ),
+    );
+    drop(direct);
+    teardown_leaves_nothing(f);
+}
+per_version!(deep, deep_image);
+
+/// Hostile layers, made as containerd's unpacker makes layers (Prepare, write, Commit) but
+/// straight on the snapshotter's socket (containerd's garbage collector would remove
+/// snapshots it does not know):
+/// - a 1,950-deep layer converts (it used to overflow the conversion thread's stack and
+///   crash-loop the snapshotter);
+/// - a 100,000-deep one is set aside with its reason (label and `status`), stays readable as
+///   a plain directory, is not tried again after a restart, and is removed (removal used to
+///   overflow the stack too);
+/// - sparse files of 1 GiB, 1 TiB and 16 TiB (8 KB of data each) convert with the same
+///   peak memory, and a layer over `max_image_bytes` is set aside;
+/// - a layer committed while its overlay (or bind mount) is still mounted keeps its
+///   directory until the mount is gone.
+#[test]
+fn hostile_layers_direct() {
+    use hyperbox_integration::snapshotter::CONVERSION_LABEL;
+    let mut snap = SnapshotterDaemon::start("max_image_bytes = 3221225472\n").expect("started");
+    let work = snap.dir().join("hostile");
+    fs::create_dir_all(&work).unwrap();
+    let calls = Calls::direct(&snap.socket());
+
+    // 1,950 levels convert; the deepest file reads through the EROFS mount.
+    direct_layer(&calls, "deep-1950", "", |dir| make_deep(dir, 1950));
+    let labels = wait_storage(&snap, &calls, "deep-1950");
+    assert_eq!(labels[STORAGE_LABEL], "erofs", "{labels:?}");
+    let view = calls.view("deep-1950-view", "deep-1950").expect("view");
+    assert_eq!(
+        read_deep_leaf(Path::new(&view[0].source), 1950),
+        b"at the bottom"
+    );
+    calls.remove("deep-1950-view").expect("remove view");
+
+    // 100,000 levels: set aside, readable, not retried, removed.
+    let before = snap.entries("snapshots");
+    direct_layer(&calls, "deep-layer", "", |dir| make_deep(dir, 100_000));
+    let labels = wait_storage(&snap, &calls, "deep-layer");
+    assert_eq!(labels[STORAGE_LABEL], "directory", "{labels:?}");
+    let reason = &labels[CONVERSION_LABEL];
+    assert!(
+        reason.starts_with("set aside: ") && reason.contains("deeper than 4096 levels"),
+        "{reason}"
+    );
+    assert!(snap.log().contains("set aside"), "{}", snap.log());
+    let status = status_output(&snap);
+    assert!(
+        status.lines().any(|l| l.contains("deep-layer")
+            && l.contains("directory")
+            && l.contains("deeper than 4096")),
+        "{status}"
+    );
+    let view = calls.view("deep-view", "deep-layer").expect("view");
+    assert_eq!(view[0].r#type, "bind", "{view:?}");
+    let mnt = work.join("deep-view");
+    fs::create_dir(&mnt).unwrap();
+    sh(&format!(
+        "mount --bind -o ro {} {}",
+        view[0].source,
+        mnt.display()
+    ));
+    assert_eq!(read_deep_leaf(&mnt, 100_000), b"at the bottom");
+    sh(&format!("umount {}", mnt.display()));
+    drop(calls);
+    let log_start = snap.log().len();
+    snap.stop(Signal::SIGKILL);
+    snap.spawn().expect("restarted");
+    let calls = Calls::direct(&snap.socket());
+    thread::sleep(Duration::from_secs(2));
+    let after_restart = snap.log()[log_start..].to_string();
+    assert!(
+        !after_restart.contains("set aside"),
+        "tried again:\n{after_restart}"
+    );
+    assert_eq!(calls.stat("deep-layer").unwrap().labels, labels);
+    calls.remove("deep-view").expect("remove view");
+    calls
+        .remove("deep-layer")
+        .expect("remove the 100,000-deep layer");
+    assert_eq!(before, snap.entries("snapshots"), "directories left behind");
+    let pid = snap.pid();
+
+    // Sparse files: memory does not grow with their size; a layer over the image cap is
+    // set aside before it costs anything.
+    let sizes: [(&str, u64); 3] = [
+        ("1 GiB", 1 << 30),
+        ("1 TiB", 1 << 40),
+        ("16 TiB", (16 << 40) - (64 << 10)),
+    ];
+    let mut peaks = Vec::new();
+    for (i, (name, size)) in sizes.iter().enumerate() {
+        let key = format!("sparse-{i}");
+        direct_layer(&calls, &key, "", |dir| {
+            let file = fs::File::create(dir.join("sparse")).unwrap();
+            file.set_len(*size).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&file, &[0x5a; 8192], size / 2).unwrap();
+        });
+        let labels = wait_storage(&snap, &calls, &key);
+        assert_eq!(labels[STORAGE_LABEL], "erofs", "{labels:?}");
+        let conversion = &labels[CONVERSION_LABEL];
+        eprintln!("sparse file of {name} with 8 KB of data: {conversion}");
+        peaks.push(peak_rss_mib(conversion));
+    }
+    let max = peaks.iter().cloned().fold(f64::MIN, f64::max);
+    let min = peaks.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        max - min < 16.0,
+        "peak RSS differs by {:.1} MiB: {peaks:?}",
+        max - min
+    );
+    direct_layer(&calls, "sparse-over", "", |dir| {
+        for n in ["a", "b"] {
+            let file = fs::File::create(dir.join(n)).unwrap();
+            file.set_len((16 << 40) - (64 << 10)).unwrap();
+        }
+    });
+    let labels = wait_storage(&snap, &calls, "sparse-over");
+    assert_eq!(labels[STORAGE_LABEL], "directory", "{labels:?}");
+    let reason = &labels[CONVERSION_LABEL];
+    assert!(reason.contains("over the limit of 3221225472"), "{reason}");
+    for key in ["sparse-over", "sparse-1", "sparse-2"] {
+        calls.remove(key).expect("remove");
+    }
+
+    // Committed while still mounted (an overlay's upper dir, a bind mount): converted, but
+    // the directory stays until the mount is gone.
+    for (name, parent) in [("busy-overlay", "sparse-0"), ("busy-bind", "")] {
+        let key = format!("{name}-active");
+        let mounts = calls.prepare(&key, parent).expect("prepare");
+        let mnt = work.join(name);
+        fs::create_dir(&mnt).unwrap();
+        let m = &mounts[0];
+        let upper = if m.r#type == "bind" {
+            sh(&format!("mount --bind {} {}", m.source, mnt.display()));
+            PathBuf::from(&m.source)
+        } else {
+            sh(&format!(
+                "mount -t overlay overlay -o {} {}",
+                m.options.join(","),
+                mnt.display()
+            ));
+            PathBuf::from(option(m, "upperdir").unwrap())
+        };
+        fs::write(mnt.join("hello"), b"still here").unwrap();
+        calls.commit(name, &key).expect("commit");
+        let labels = wait_storage(&snap, &calls, name);
+        assert_eq!(labels[STORAGE_LABEL], "erofs", "{labels:?}");
+        calls.cleanup().expect("cleanup");
+        assert!(
+            upper.join("hello").exists(),
+            "{name}: the mounted dir was released"
+        );
+        assert_eq!(fs::read(mnt.join("hello")).unwrap(), b"still here");
+        fs::write(mnt.join("more"), b"written after the conversion").unwrap();
+        sh(&format!("umount {}", mnt.display()));
+        calls.cleanup().expect("cleanup");
+        assert!(!upper.exists(), "{name}: released once unmounted");
+    }
+    assert_eq!(snap.pid(), pid, "the snapshotter restarted");
+    assert!(!snap.log().contains("panicked"), "{}", snap.log());
+}
+
+/// A sparse file over 4 GiB through the tar path (GNU tar's PAX sparse format; containerd
+/// writes it out dense): its content, size and data at every region (before and past 4 GiB)
+/// come through the EROFS layer, `fsck.erofs` extracts the same, and its holes stay holes:
+/// the image stores only the chunks that hold data. One containerd version: containerd
+/// writes the 4 GiB out, which both versions do the same way.
+#[test]
+fn a_sparse_file_over_4_gib_through_tar() {
+    use hyperbox_integration::images::{layer, oci};
+    use hyperbox_integration::snapshotter::CONVERSION_LABEL;
+    use std::os::unix::fs::FileExt;
+    let v = ContainerdVersion::V1_7;
+    if !ContainerdVersion::selected().contains(&v) {
+        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        return;
+    }
+    let f = Fixture::start(v);
+    let work = f.snap.dir().join("big");
+    let tree = work.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    let busybox = TestBed::build(TestImage::Busybox).expect("busybox built");
+    for digest in &busybox.layer_digests {
+        sh(&format!(
+            "tar -xzpf {} -C {} --numeric-owner",
+            busybox.blob_path(digest).display(),
+            tree.display()
+        ));
+    }
+    let src = work.join("src");
+    fs::create_dir_all(&src).unwrap();
+    let size: u64 = (4 << 30) + (1 << 20);
+    let big = fs::File::create(src.join("big")).unwrap();
+    big.set_len(size).unwrap();
+    let pattern: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    big.write_all_at(&pattern, 0).unwrap();
+    big.write_all_at(b"in the middle", (2 << 30) + 12345)
+        .unwrap();
+    big.write_all_at(&pattern, (4 << 30) + 100).unwrap();
+    big.write_all_at(b"the end!!", size - 9).unwrap();
+    drop(big);
+    let expected = String::from_utf8(
+        Command::new("sha256sum")
+            .arg(src.join("big"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()[..64]
+        .to_string();
+    let tar = work.join("big.tar");
+    sh(&format!(
+        "tar --sparse --format=posix --numeric-owner -cf {} -C {} big",
+        tar.display(),
+        src.display()
+    ));
+    let tar_bytes = fs::metadata(&tar).unwrap().len();
+    assert!(
+        tar_bytes < 4 << 20,
+        "the tar is not sparse: {tar_bytes} bytes"
+    );
+
+    let layout = work.join("layout");
+    let archive = work.join("big-image.tar");
+    let epoch = 2_000_000_000;
+    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
+    let mut entries = layer::scan_tree(&tree).expect("scan");
+    writer.add_layer(&mut entries).expect("busybox layer");
+    writer.add_tar_layer(&tar).expect("sparse layer");
+    let run = oci::RunConfig {
+        cmd: vec!["sh".into()],
+        env: vec!["PATH=/bin".into()],
+        history: vec!["busybox".into(), "a sparse 4 GiB file".into()],
+    };
+    let reference = "docker.io/hyperbox/big:latest";
+    writer.finish(&run, "latest", reference).expect("finish");
+    oci::write_archive(&layout, &archive, epoch).expect("archive");
+    f.c()
+        .ctr_run(&[
+            "images",
+            "import",
+            "--snapshotter",
+            PLUGIN,
+            &archive.to_string_lossy(),
+        ])
+        .expect("import");
+    let direct = f.direct();
+    let layers = f.wait_converted(&direct);
+    f.check_converted_layers_with(2, false);
+    // The sparse layer's image addresses 65,553 chunks, holes included (about 512 KiB of
+    // chunk indexes); only the four data regions (five chunks: the one past 4 GiB spans
+    // two) are stored.
+    let conversions: Vec<&String> = layers
+        .iter()
+        .filter_map(|i| i.labels.get(CONVERSION_LABEL))
+        .collect();
+    let sparse = conversions
+        .iter()
+        .find(|c| c.contains("2 inodes"))
+        .unwrap_or_else(|| panic!("no two-inode layer: {conversions:?}"));
+    eprintln!("sparse layer: {sparse}");
+    assert!(sparse.contains(" 5 chunks "), "{sparse}");
+    let id = f
+        .image_ids()
+        .into_iter()
+        .find(|id| {
+            f.snap
+                .root()
+                .join("snapshots")
+                .join(id)
+                .join("erofs/big")
+                .exists()
+        })
+        .expect("the sparse layer's mount");
+    let mounted = f.snap.root().join("snapshots").join(&id).join("erofs/big");
+    let out = Command::new("sha256sum").arg(&mounted).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout)[..64], expected);
+    f.run_check(
+        reference,
+        "big",
+        &format!(
+            "test $(stat -c %s /big) = {size} && test \"$(tail -c 9 /big)\" = 'the end!!' && \
+             test \"$(dd if=/big bs=1 skip={} count=13 2>/dev/null)\" = 'in the middle'",
+            (2u64 << 30) + 12345
+        ),
+    );
+    drop(direct);
+    teardown_leaves_nothing(f);
+}
