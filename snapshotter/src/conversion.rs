@@ -17,12 +17,18 @@
 //! the image, and converts again) or the converted one (start-up re-mounts it if the kernel
 //! mount is gone).
 //!
+//! A try is counted in the record before it starts. Any failure, or three tries each cut short
+//! by the process dying, sets the layer aside (the reason in its record, its labels and
+//! `hyperbox-snapshotter status`): it stays a plain directory and is never tried again.
+//!
 //! Plain dirs: an overlay mounted before the switch names `fs` as a lower dir (a running
 //! container's root, an unpack's view). Such a mount belongs to an active snapshot or view
 //! created before the switch whose ancestors hold the layer; while one exists the `fs` dir
 //! stays, and its Mounts keep naming `fs`. Once none is left (checked after a conversion,
 //! after every Remove of an active snapshot or view, in Cleanup and at start-up), `fs` moves
-//! to `trash/` and is deleted, so disk use converges to the image plus its chunks.
+//! to `trash/` and is deleted, so disk use converges to the image plus its chunks. A mount the
+//! records do not know of (an overlay whose upper dir is a layer committed while mounted, a
+//! bind mount) keeps `fs` too, found in `/proc/self/mountinfo`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
