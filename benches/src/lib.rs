@@ -8,6 +8,7 @@
 //! - [`task_stats`]: a running task's Stats asked of its shim (ttrpc, containerd bypassed) and
 //!   of containerd;
 //! - [`snapshots`]: hyperbox-snapshotter against overlayfs (pull, run, disk, chunk+hash);
+//! - [`conversion`]: what converting one layer to EROFS costs the snapshotter (time, peak RSS);
 //! - [`wasm`]: the wasm shim against runc.v2 (warm and cold `ctr run --rm`, memory, kill);
 //! - [`templates`]: starting from a template of the youki shim against starting cold, and
 //!   checkpoint/restore through it against runc.v2's shim;
@@ -16,6 +17,7 @@
 //!
 //! The `hyperbox-bench` binary drives them; `benches/README.md` says how to run it.
 
+pub mod conversion;
 pub mod engines;
 pub mod machine;
 pub mod memprobe;
