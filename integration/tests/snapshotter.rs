@@ -2122,6 +2122,56 @@ fn fidelity(v: ContainerdVersion) {
 }
 per_version!(fidelity_vs_overlayfs, fidelity);
 
+/// busybox's files (extracted under `work/busybox`) as the entries of one layer.
+fn busybox_entries(work: &Path) -> Vec<hyperbox_integration::images::layer::LayerEntry> {
+    let busybox = TestBed::build(TestImage::Busybox).expect("busybox built");
+    let tree = work.join("busybox");
+    fs::create_dir_all(&tree).unwrap();
+    for digest in &busybox.layer_digests {
+        sh(&format!(
+            "tar -xzpf {} -C {} --numeric-owner",
+            busybox.blob_path(digest).display(),
+            tree.display()
+        ));
+    }
+    hyperbox_integration::images::layer::scan_tree(&tree).expect("scan")
+}
+
+/// An image whose layers `layers` adds (running `sh`, `PATH=/bin`), imported through the
+/// snapshotter as `docker.io/hyperbox/NAME:latest`; returns that reference.
+fn import_image(
+    f: &Fixture,
+    work: &Path,
+    name: &str,
+    history: &[&str],
+    layers: impl FnOnce(&mut hyperbox_integration::images::oci::LayoutWriter),
+) -> String {
+    use hyperbox_integration::images::oci;
+    let layout = work.join(format!("{name}.layout"));
+    let archive = work.join(format!("{name}.tar"));
+    let epoch = 2_000_000_000;
+    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
+    layers(&mut writer);
+    let run = oci::RunConfig {
+        cmd: vec!["sh".into()],
+        env: vec!["PATH=/bin".into()],
+        history: history.iter().map(|h| h.to_string()).collect(),
+    };
+    let reference = format!("docker.io/hyperbox/{name}:latest");
+    writer.finish(&run, "latest", &reference).expect("finish");
+    oci::write_archive(&layout, &archive, epoch).expect("archive");
+    f.c()
+        .ctr_run(&[
+            "images",
+            "import",
+            "--snapshotter",
+            PLUGIN,
+            &archive.to_string_lossy(),
+        ])
+        .expect("import");
+    reference
+}
+
 /// `depth` nested directories `d` under `root` (one descriptor open at a time, as no path
 /// this long can be named) with the file `leaf` in the deepest.
 fn make_deep(root: &Path, depth: usize) {
@@ -2238,21 +2288,10 @@ fn peak_rss_mib(conversion: &str) -> f64 {
 /// about three minutes for 1,950 levels; the snapshotter's side of deeper layers is
 /// `hostile_layers_direct`.)
 fn deep_image(v: ContainerdVersion) {
-    use hyperbox_integration::images::layer::{self, LayerEntry};
-    use hyperbox_integration::images::oci;
+    use hyperbox_integration::images::layer::LayerEntry;
     let f = Fixture::start(v);
     let work = f.snap.dir().join("deep");
-    let busybox = TestBed::build(TestImage::Busybox).expect("busybox built");
-    let tree = work.join("tree");
-    fs::create_dir_all(&tree).unwrap();
-    for digest in &busybox.layer_digests {
-        sh(&format!(
-            "tar -xzpf {} -C {} --numeric-owner",
-            busybox.blob_path(digest).display(),
-            tree.display()
-        ));
-    }
-    let mut entries = layer::scan_tree(&tree).expect("scan");
+    let mut entries = busybox_entries(&work);
     let mut deep = PathBuf::new();
     for _ in 0..500 {
         deep.push("d");
@@ -2263,28 +2302,11 @@ fn deep_image(v: ContainerdVersion) {
         0o644,
         b"at the bottom".to_vec(),
     ));
-    let layout = work.join("layout");
-    let archive = work.join("deep.tar");
-    let epoch = 2_000_000_000;
-    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
-    writer.add_layer(&mut entries).expect("layer");
-    let run = oci::RunConfig {
-        cmd: vec!["sh".into()],
-        env: vec!["PATH=/bin".into()],
-        history: vec!["busybox and 500 nested directories".into()],
-    };
-    let reference = "docker.io/hyperbox/deep:latest";
-    writer.finish(&run, "latest", reference).expect("finish");
-    oci::write_archive(&layout, &archive, epoch).expect("archive");
-    f.c()
-        .ctr_run(&[
-            "images",
-            "import",
-            "--snapshotter",
-            PLUGIN,
-            &archive.to_string_lossy(),
-        ])
-        .expect("import");
+    let history = ["busybox and 500 nested directories"];
+    let reference = import_image(&f, &work, "deep", &history, |w| {
+        w.add_layer(&mut entries).expect("layer");
+    });
+    let reference = reference.as_str();
     let direct = f.direct();
     f.wait_converted(&direct);
     f.check_converted_layers(1);
@@ -2467,7 +2489,6 @@ fn hostile_layers_direct() {
 /// writes the 4 GiB out, which both versions do the same way.
 #[test]
 fn a_sparse_file_over_4_gib_through_tar() {
-    use hyperbox_integration::images::{layer, oci};
     use hyperbox_integration::snapshotter::CONVERSION_LABEL;
     use std::os::unix::fs::FileExt;
     let v = ContainerdVersion::V1_7;
@@ -2477,16 +2498,7 @@ fn a_sparse_file_over_4_gib_through_tar() {
     }
     let f = Fixture::start(v);
     let work = f.snap.dir().join("big");
-    let tree = work.join("tree");
-    fs::create_dir_all(&tree).unwrap();
-    let busybox = TestBed::build(TestImage::Busybox).expect("busybox built");
-    for digest in &busybox.layer_digests {
-        sh(&format!(
-            "tar -xzpf {} -C {} --numeric-owner",
-            busybox.blob_path(digest).display(),
-            tree.display()
-        ));
-    }
+    let mut entries = busybox_entries(&work);
     let src = work.join("src");
     fs::create_dir_all(&src).unwrap();
     let size: u64 = (4 << 30) + (1 << 20);
@@ -2520,30 +2532,12 @@ fn a_sparse_file_over_4_gib_through_tar() {
         "the tar is not sparse: {tar_bytes} bytes"
     );
 
-    let layout = work.join("layout");
-    let archive = work.join("big-image.tar");
-    let epoch = 2_000_000_000;
-    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
-    let mut entries = layer::scan_tree(&tree).expect("scan");
-    writer.add_layer(&mut entries).expect("busybox layer");
-    writer.add_tar_layer(&tar).expect("sparse layer");
-    let run = oci::RunConfig {
-        cmd: vec!["sh".into()],
-        env: vec!["PATH=/bin".into()],
-        history: vec!["busybox".into(), "a sparse 4 GiB file".into()],
-    };
-    let reference = "docker.io/hyperbox/big:latest";
-    writer.finish(&run, "latest", reference).expect("finish");
-    oci::write_archive(&layout, &archive, epoch).expect("archive");
-    f.c()
-        .ctr_run(&[
-            "images",
-            "import",
-            "--snapshotter",
-            PLUGIN,
-            &archive.to_string_lossy(),
-        ])
-        .expect("import");
+    let history = ["busybox", "a sparse 4 GiB file"];
+    let reference = import_image(&f, &work, "big", &history, |w| {
+        w.add_layer(&mut entries).expect("busybox layer");
+        w.add_tar_layer(&tar).expect("sparse layer");
+    });
+    let reference = reference.as_str();
     let direct = f.direct();
     let layers = f.wait_converted(&direct);
     f.check_converted_layers_with(2, false);

@@ -143,33 +143,6 @@ fn a_tree_deeper_than_the_limit_fails_cleanly() {
     );
 }
 
-/// A sink that, at the first chunk, moves the directory the walk is in to another parent:
-/// going back up through `..` would then leave the tree, and the walk must refuse.
-struct MoveOnFirstChunk<'a> {
-    inner: hyperbox_erofs::LayerWriter<'a>,
-    moves: Vec<(PathBuf, PathBuf)>,
-}
-
-impl hyperbox_erofs::ChunkSink for MoveOnFirstChunk<'_> {
-    fn chunk_bits(&self) -> u8 {
-        self.inner.chunk_bits()
-    }
-
-    fn put_chunk(
-        &mut self,
-        data: &[u8],
-    ) -> Result<hyperbox_erofs::ChunkLocation, hyperbox_erofs::StoreError> {
-        for (from, to) in self.moves.drain(..) {
-            fs::rename(from, to).unwrap();
-        }
-        self.inner.put_chunk(data)
-    }
-
-    fn device_table(&self) -> Vec<hyperbox_erofs::DeviceSlot> {
-        self.inner.device_table()
-    }
-}
-
 #[test]
 fn a_directory_moved_out_from_under_the_walk_is_refused() {
     if !require_root("a_directory_moved_out_from_under_the_walk_is_refused") {
@@ -184,9 +157,12 @@ fn a_directory_moved_out_from_under_the_walk_is_refused() {
     fs::create_dir(&outside).unwrap();
     fs::write(outside.join("secret"), b"not in the tree").unwrap();
     let store = ChunkStore::open(&scratch.join("store"), StoreConfig::default()).unwrap();
-    let mut sink = MoveOnFirstChunk {
+    // At the first chunk (inside a/b), a/b moves out of the tree: going back up through
+    // `..` would now lead outside.
+    let (from, to) = (src.join("a/b"), outside.join("b"));
+    let mut sink = common::OnFirstChunk {
         inner: store.begin_layer("l").unwrap(),
-        moves: vec![(src.join("a/b"), outside.join("b"))],
+        act: Some(Box::new(move || fs::rename(from, to).unwrap())),
     };
     let image = scratch.join("l.erofs");
     let out = common::create_rw(&image);

@@ -204,35 +204,6 @@ fn real_rootfs_round_trip() {
     assert!(store.verify().unwrap().problems.is_empty());
 }
 
-/// A sink that, at the first chunk, replaces entries the walk has listed but not reached yet
-/// with symlinks out of the tree, as a hostile process racing the writer would.
-struct SwapOnFirstChunk<'a> {
-    inner: hyperbox_erofs::LayerWriter<'a>,
-    swaps: Vec<(std::path::PathBuf, &'static str)>,
-}
-
-impl hyperbox_erofs::ChunkSink for SwapOnFirstChunk<'_> {
-    fn chunk_bits(&self) -> u8 {
-        self.inner.chunk_bits()
-    }
-
-    fn put_chunk(
-        &mut self,
-        data: &[u8],
-    ) -> Result<hyperbox_erofs::ChunkLocation, hyperbox_erofs::StoreError> {
-        for (p, target) in self.swaps.drain(..) {
-            let old = p.with_extension("old");
-            fs::rename(&p, &old).unwrap();
-            std::os::unix::fs::symlink(target, &p).unwrap();
-        }
-        self.inner.put_chunk(data)
-    }
-
-    fn device_table(&self) -> Vec<hyperbox_erofs::DeviceSlot> {
-        self.inner.device_table()
-    }
-}
-
 #[test]
 fn entries_swapped_for_symlinks_mid_walk_are_stored_as_symlinks() {
     if !require_root("entries_swapped_for_symlinks_mid_walk_are_stored_as_symlinks") {
@@ -246,12 +217,20 @@ fn entries_swapped_for_symlinks_mid_walk_are_stored_as_symlinks() {
     // Sorted first, so its chunks are stored before the walk reaches the zz- entries.
     fs::write(src.join("a-big"), common::pattern(3, 200_000)).unwrap();
     let store = ChunkStore::open(&scratch.join("store"), StoreConfig::default()).unwrap();
-    let mut sink = SwapOnFirstChunk {
+    // At the first chunk, the entries the walk has listed but not reached yet become
+    // symlinks out of the tree.
+    let swaps = [
+        (src.join("zz-dir"), "/etc"),
+        (src.join("zz-file"), "/etc/shadow"),
+    ];
+    let mut sink = common::OnFirstChunk {
         inner: store.begin_layer("l").unwrap(),
-        swaps: vec![
-            (src.join("zz-dir"), "/etc"),
-            (src.join("zz-file"), "/etc/shadow"),
-        ],
+        act: Some(Box::new(move || {
+            for (p, target) in swaps {
+                fs::rename(&p, p.with_extension("old")).unwrap();
+                std::os::unix::fs::symlink(target, &p).unwrap();
+            }
+        })),
     };
     let image = scratch.join("l.erofs");
     let out = common::create_rw(&image);

@@ -544,3 +544,30 @@ pub fn create_rw(p: &Path) -> File {
         .open(p)
         .unwrap()
 }
+
+/// A sink that runs `act` once, at the first chunk, then stores chunks in `inner`: a hostile
+/// process racing the writer, changing the tree at a moment the test knows.
+pub struct OnFirstChunk<'a> {
+    pub inner: hyperbox_erofs::LayerWriter<'a>,
+    pub act: Option<Box<dyn FnOnce()>>,
+}
+
+impl hyperbox_erofs::ChunkSink for OnFirstChunk<'_> {
+    fn chunk_bits(&self) -> u8 {
+        self.inner.chunk_bits()
+    }
+
+    fn put_chunk(
+        &mut self,
+        data: &[u8],
+    ) -> Result<hyperbox_erofs::ChunkLocation, hyperbox_erofs::StoreError> {
+        if let Some(act) = self.act.take() {
+            act();
+        }
+        self.inner.put_chunk(data)
+    }
+
+    fn device_table(&self) -> Vec<hyperbox_erofs::DeviceSlot> {
+        self.inner.device_table()
+    }
+}
