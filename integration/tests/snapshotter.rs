@@ -1982,17 +1982,9 @@ fn fidelity(v: ContainerdVersion) {
     use hyperbox_integration::images::oci;
     use std::os::unix::fs::PermissionsExt;
     let f = Fixture::start(v);
-    let busybox = TestBed::build(TestImage::Busybox).expect("busybox built");
     let work = f.snap.dir().join("fidelity");
     let tree = work.join("tree");
-    fs::create_dir_all(&tree).unwrap();
-    for digest in &busybox.layer_digests {
-        sh(&format!(
-            "tar -xzpf {} -C {} --numeric-owner",
-            busybox.blob_path(digest).display(),
-            tree.display()
-        ));
-    }
+    extract_busybox(&tree);
     let fid = tree.join("fid");
     sh(&format!(
         "set -e; mkdir -p {d}/dir/sub {d}/gone-dir {d}/opaque/old {d}/sticky; cd {d}; \
@@ -2122,11 +2114,10 @@ fn fidelity(v: ContainerdVersion) {
 }
 per_version!(fidelity_vs_overlayfs, fidelity);
 
-/// busybox's files (extracted under `work/busybox`) as the entries of one layer.
-fn busybox_entries(work: &Path) -> Vec<hyperbox_integration::images::layer::LayerEntry> {
+/// Extracts the busybox test image's layers into `tree`.
+fn extract_busybox(tree: &Path) {
     let busybox = TestBed::build(TestImage::Busybox).expect("busybox built");
-    let tree = work.join("busybox");
-    fs::create_dir_all(&tree).unwrap();
+    fs::create_dir_all(tree).unwrap();
     for digest in &busybox.layer_digests {
         sh(&format!(
             "tar -xzpf {} -C {} --numeric-owner",
@@ -2134,6 +2125,12 @@ fn busybox_entries(work: &Path) -> Vec<hyperbox_integration::images::layer::Laye
             tree.display()
         ));
     }
+}
+
+/// busybox's files (extracted under `work/busybox`) as the entries of one layer.
+fn busybox_entries(work: &Path) -> Vec<hyperbox_integration::images::layer::LayerEntry> {
+    let tree = work.join("busybox");
+    extract_busybox(&tree);
     hyperbox_integration::images::layer::scan_tree(&tree).expect("scan")
 }
 
