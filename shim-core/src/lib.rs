@@ -13,6 +13,7 @@ mod cgroup;
 mod console;
 mod engine;
 mod error;
+pub mod info;
 mod options;
 mod reaper;
 mod service;

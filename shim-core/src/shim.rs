@@ -29,9 +29,12 @@ static ENGINE: OnceLock<Arc<dyn Engine>> = OnceLock::new();
 /// Runs a shim binary: parses containerd's arguments, sets up logging, lets `prepare` build
 /// the engine while the process is still single-threaded (a fork-based engine forks its
 /// helper there), then serves containerd's start, delete or task-server action.
+/// `features` gives the OCI runtime features document `-info` reports (containerd 2.x asks
+/// for it), if the engine has one.
 pub fn run(
     runtime_id: &str,
     prepare: fn(&ShimContext) -> Result<Arc<dyn Engine>, EngineError>,
+    features: fn() -> Option<serde_json::Value>,
 ) -> ExitCode {
     // Before anything else: nothing this process is handed by accident reaches what it
     // starts (hooks, CRIU, loggers, the shim's own re-exec).
@@ -44,6 +47,9 @@ pub fn run(
             return ExitCode::FAILURE;
         }
     };
+    if flags.info {
+        return crate::info::print_info(runtime_id, features());
+    }
     if flags.version {
         println!("{runtime_id}: version {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;

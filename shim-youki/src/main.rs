@@ -8,5 +8,9 @@ fn main() -> std::process::ExitCode {
     if args.get(1).is_some_and(|a| a == "templates") {
         return hyperbox_shim_youki::templates(&args[2..]);
     }
-    hyperbox_shim_core::run("io.containerd.hyperbox.v1", hyperbox_shim_youki::prepare)
+    hyperbox_shim_core::run(
+        "io.containerd.hyperbox.v1",
+        hyperbox_shim_youki::prepare,
+        hyperbox_shim_youki::oci_features,
+    )
 }
