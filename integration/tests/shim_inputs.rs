@@ -576,3 +576,130 @@ fn names_sorted(log: &str) -> Vec<String> {
     v.sort();
     v
 }
+
+/// containerd's `RuntimeInfo` (`api/types/introspection.proto`), as `SHIM -info` prints it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuntimeInfo {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(message, optional, tag = "2")]
+    version: Option<RuntimeVersion>,
+    #[prost(message, optional, tag = "3")]
+    options: Option<prost_types::Any>,
+    #[prost(message, optional, tag = "4")]
+    features: Option<prost_types::Any>,
+    #[prost(map = "string, string", tag = "5")]
+    annotations: std::collections::HashMap<String, String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuntimeVersion {
+    #[prost(string, tag = "1")]
+    version: String,
+    #[prost(string, tag = "2")]
+    revision: String,
+}
+
+/// The fields of runc's `containerd.runc.v1.Options` this test sets.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuncOptions {
+    #[prost(string, tag = "6")]
+    binary_name: String,
+    #[prost(string, tag = "8")]
+    criu_path: String,
+}
+
+/// Runs `SHIM -info` with `stdin`; returns (exit status, stdout, stderr).
+fn shim_info(binary: &str, stdin: &[u8]) -> (std::process::ExitStatus, Vec<u8>, String) {
+    use std::io::Write;
+    let path = host::workspace_binary(binary).expect("the shim is built");
+    let mut child = std::process::Command::new(path)
+        .arg("-info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("shim starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write options");
+    let out = child.wait_with_output().expect("shim exits");
+    (
+        out.status,
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `-info`, which containerd 2.x runs to learn a runtime's name, version and OCI features
+/// (its CRI enables features from them): a `RuntimeInfo` protobuf on stdout with the
+/// runtime's name, the options echoed, and for the Linux shim the features document of what
+/// libcontainer honours (no systemd cgroups, no idmapped mounts in this build); options the
+/// shim would refuse at Create are refused (exit 1, the reason on stderr), as runc's shim
+/// refuses options it cannot read. (containerd 1.6 and 1.7's runc shims have no `-info`, so
+/// there is no side-by-side run here; containerd 2.1 is not in the harness yet.)
+#[test]
+fn info_reports_name_version_options_and_features() {
+    use prost::Message;
+    let runc_any = |o: RuncOptions| prost_types::Any {
+        type_url: "containerd.runc.v1.Options".into(),
+        value: o.encode_to_vec(),
+    };
+    for (binary, name, features) in [
+        ("containerd-shim-hyperbox-v1", OURS, true),
+        (
+            "containerd-shim-hyperbox-wasm-v1",
+            "io.containerd.hyperbox-wasm.v1",
+            false,
+        ),
+    ] {
+        let options = runc_any(RuncOptions {
+            binary_name: "runc".into(),
+            ..Default::default()
+        });
+        let (status, stdout, stderr) = shim_info(binary, &options.encode_to_vec());
+        assert!(status.success(), "{binary} -info: {status}: {stderr}");
+        let info = RuntimeInfo::decode(stdout.as_slice()).expect("a RuntimeInfo protobuf");
+        assert_eq!(info.name, name);
+        assert!(!info.version.expect("a version").version.is_empty());
+        assert_eq!(info.options.as_ref(), Some(&options), "options echoed");
+        match (features, info.features) {
+            (true, Some(any)) => {
+                assert_eq!(
+                    any.type_url,
+                    "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
+                );
+                let doc: serde_json::Value =
+                    serde_json::from_slice(&any.value).expect("features JSON");
+                assert_eq!(doc["ociVersionMin"], "1.0.0", "{doc}");
+                assert_eq!(doc["linux"]["cgroup"]["v2"], true, "{doc}");
+                assert_eq!(doc["linux"]["cgroup"]["systemd"], false, "{doc}");
+                assert_eq!(
+                    doc["linux"]["mountExtensions"]["idmap"]["enabled"], false,
+                    "{doc}"
+                );
+                let opts = doc["mountOptions"].as_array().expect("mountOptions");
+                assert!(opts.contains(&serde_json::json!("nosuid")), "{doc}");
+            }
+            (false, None) => {}
+            (want, got) => panic!("{binary}: features expected {want}, got {got:?}"),
+        }
+
+        let (status, stdout, stderr) = shim_info(binary, b"");
+        assert!(status.success(), "{binary} -info without options: {stderr}");
+        let info = RuntimeInfo::decode(stdout.as_slice()).expect("a RuntimeInfo protobuf");
+        assert!(info.options.is_none());
+
+        let refused = runc_any(RuncOptions {
+            criu_path: "/usr/sbin/criu".into(),
+            ..Default::default()
+        });
+        let (status, stdout, stderr) = shim_info(binary, &refused.encode_to_vec());
+        assert_eq!(status.code(), Some(1), "{binary}: {stderr}");
+        assert!(stdout.is_empty());
+        assert!(stderr.contains("criu_path"), "{stderr}");
+    }
+}
