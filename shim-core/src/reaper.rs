@@ -2,6 +2,8 @@
 //! processes, whichever process forked them, end up as its children; this reaps every child
 //! on SIGCHLD and reports `(pid, exit status)` in containerd's convention.
 
+use std::process::{Child, Command};
+use std::sync::RwLock;
 use std::time::SystemTime;
 
 use nix::errno::Errno;
@@ -28,6 +30,19 @@ pub fn exit_status(ws: WaitStatus) -> Option<(Pid, u32)> {
     }
 }
 
+/// Held for reading while std's `Command::spawn` runs, for writing while the reaper reaps.
+/// When `exec` fails in the child, std reaps that child itself with `waitpid` and panics if it
+/// is already gone ("wait() should either return Ok or panic"); a reaper pass between the
+/// child's exit and that `waitpid` would take it.
+static SPAWNING: RwLock<()> = RwLock::new(());
+
+/// `cmd.spawn()`, safe from the reaper: a child whose `exec` fails is left for std to reap,
+/// and the failure comes back as an error.
+pub(crate) fn spawn_command(cmd: &mut Command) -> std::io::Result<Child> {
+    let _guard = SPAWNING.read().unwrap_or_else(|p| p.into_inner());
+    cmd.spawn()
+}
+
 /// Starts reaping: every child that ends is sent on the returned channel.
 pub fn spawn() -> std::io::Result<mpsc::UnboundedReceiver<Reaped>> {
     let mut sigchld = signal(SignalKind::child())?;
@@ -35,7 +50,8 @@ pub fn spawn() -> std::io::Result<mpsc::UnboundedReceiver<Reaped>> {
     tokio::spawn(async move {
         loop {
             // Children that ended before the handler was installed are reaped on the first
-            // pass, which runs before the first signal.
+            // pass, which runs before the first signal. No spawn is in flight meanwhile.
+            let guard = SPAWNING.write().unwrap_or_else(|p| p.into_inner());
             loop {
                 match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
@@ -58,6 +74,7 @@ pub fn spawn() -> std::io::Result<mpsc::UnboundedReceiver<Reaped>> {
                     }
                 }
             }
+            drop(guard);
             if sigchld.recv().await.is_none() {
                 return;
             }
@@ -70,6 +87,32 @@ pub fn spawn() -> std::io::Result<mpsc::UnboundedReceiver<Reaped>> {
 mod tests {
     use super::*;
     use nix::sys::signal::Signal;
+
+    /// Failed `exec`s while the reaper runs: without the guard, the reaper takes some of the
+    /// failed children before std's own `waitpid`, and std panics.
+    #[test]
+    fn failed_execs_are_not_stolen_from_spawn() {
+        use std::os::unix::process::CommandExt;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _rx = rt.block_on(async { spawn() }).unwrap();
+        for _ in 0..300 {
+            let mut cmd = Command::new("/no/such/program");
+            // SAFETY: the closure does nothing; pre_exec makes std fork and exec itself, the
+            // path on which it reaps a child whose exec failed.
+            unsafe {
+                cmd.pre_exec(|| Ok(()));
+            }
+            let e = spawn_command(&mut cmd).expect_err("no such program");
+            assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+            // Another child that ends, so the reaper runs between the spawns.
+            let _ = spawn_command(&mut Command::new("/bin/true"));
+        }
+        rt.shutdown_background();
+    }
 
     #[test]
     fn exits_map_as_runc_shim_reports_them() {

@@ -389,8 +389,7 @@ fn start_logger(
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
+    let child = crate::reaper::spawn_command(&mut cmd)
         .map_err(|e| io_err("start the logging binary", e))?;
     // Reaped by the shim's reaper with every other child; nothing waits for it here.
     drop(child);
