@@ -683,6 +683,7 @@ fn info_reports_name_version_options_and_features() {
                 );
                 let opts = doc["mountOptions"].as_array().expect("mountOptions");
                 assert!(opts.contains(&serde_json::json!("nosuid")), "{doc}");
+                assert!(opts.contains(&serde_json::json!("rro")), "{doc}");
             }
             (false, None) => {}
             (want, got) => panic!("{binary}: features expected {want}, got {got:?}"),
@@ -703,3 +704,66 @@ fn info_reports_name_version_options_and_features() {
         assert!(stderr.contains("criu_path"), "{stderr}");
     }
 }
+
+/// Recursive mount attributes (`rro`, which containerd 2.x's CRI asks for when a runtime's
+/// features offer it): a bind of a directory holding a submount, with `rbind,rro`, is
+/// read-only all the way down, while `rbind,ro` leaves the submount writable (a plain
+/// read-only remount covers only the top). The same under runc's shim and ours.
+fn recursive_read_only_as_runc(v: ContainerdVersion) {
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    let outer = c.dir().join("rro-outer");
+    std::fs::create_dir_all(outer.join("sub")).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "rro-sub"])
+        .arg(outer.join("sub"))
+        .status()
+        .expect("mount runs");
+    assert!(mounted.success(), "tmpfs mounted");
+    /// Unmounts the submount whatever happens to the test.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let unmount = Unmount(outer.join("sub"));
+    let script = "touch /x/top 2>/dev/null && echo top=rw || echo top=ro; \
+                  touch /x/sub/inner 2>/dev/null && echo sub=rw || echo sub=ro";
+    let mut seen = Vec::new();
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        for (m, options) in ["rbind:ro", "rbind:rro"].into_iter().enumerate() {
+            let mount = format!("type=bind,src={},dst=/x,options={options}", outer.display());
+            let out = ctr_run(
+                c,
+                runtime,
+                &["--mount", &mount],
+                &[&image],
+                &format!("rro{n}{m}"),
+                &["sh", "-c", script],
+            );
+            assert!(
+                out.status.success(),
+                "{runtime} {options}: {}",
+                text(&out.stderr)
+            );
+            seen.push((runtime, options, text(&out.stdout).trim().to_string()));
+        }
+    }
+    drop(unmount);
+    let of = |rt: &str, o: &str| {
+        seen.iter()
+            .find(|(r, opt, _)| *r == rt && *opt == o)
+            .map(|(_, _, s)| s.clone())
+            .unwrap()
+    };
+    assert_eq!(of(RUNC, "rbind:ro"), "top=ro\nsub=rw", "{seen:?}");
+    assert_eq!(of(RUNC, "rbind:rro"), "top=ro\nsub=ro", "{seen:?}");
+    for o in ["rbind:ro", "rbind:rro"] {
+        assert_eq!(of(OURS, o), of(RUNC, o), "{o}: {seen:?}");
+    }
+}
+per_version!(recursive_read_only, recursive_read_only_as_runc);
