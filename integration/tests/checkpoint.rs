@@ -219,9 +219,12 @@ fn checkpoint_through_the_task_api(v: ContainerdVersion) {
     let before = counter_passes(c, "ck1", 2);
     let lease = "ck1-checkpoint";
     rt.block_on(client.create_lease(lease)).expect("lease");
+    // Restored below into a new container: dumped when no process has /tmp/n open.
+    let frozen = freeze_between_writes(c, "ck1");
     let stored = rt
         .block_on(client.checkpoint_task_leased("ck1", Some(&options), lease))
         .unwrap_or_else(|e| panic!("checkpoint with options: {e}\n{}", c.log_tail(30)));
+    thaw(&frozen);
     assert!(images.join("inventory.img").is_file(), "no CRIU inventory");
     assert!(images.join("pstree.img").is_file());
     assert!(
