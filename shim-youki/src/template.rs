@@ -165,40 +165,38 @@ impl Default for Settings {
 
 /// A duration setting: a number and a unit, `s`, `m`, `h` or `d` (`90s`, `5m`, `30d`), or `0`.
 pub fn parse_setting_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 90s, 5m, 12h or 30d"))?;
+    let bad = || format!("{text:?} is not a duration such as 90s, 5m, 12h or 30d");
+    let (n, unit) = number_and_unit(text).ok_or_else(bad)?;
     let unit = match unit {
         "" if n == 0 => 1,
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "{text:?} is not a duration such as 90s, 5m, 12h or 30d"
-            ))
-        }
+        _ => return Err(bad()),
     };
     Ok(Duration::from_secs(n.saturating_mul(unit)))
 }
 
-/// A size setting: bytes, or a number with `KiB`, `MiB`, `GiB` or `TiB`.
-pub fn parse_setting_size(text: &str) -> Result<u64, String> {
+/// A setting's leading number and the unit after it (`"5m"` → `(5, "m")`); `None` when it
+/// does not start with a number.
+fn number_and_unit(text: &str) -> Option<(u64, &str)> {
     let t = text.trim();
     let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 512MiB or 4GiB"))?;
+    Some((number.parse().ok()?, unit))
+}
+
+/// A size setting: bytes, or a number with `KiB`, `MiB`, `GiB` or `TiB`.
+pub fn parse_setting_size(text: &str) -> Result<u64, String> {
+    let bad = || format!("{text:?} is not a size such as 512MiB or 4GiB");
+    let (n, unit) = number_and_unit(text).ok_or_else(bad)?;
     let shift = match unit {
         "" => 0,
         "KiB" => 10,
         "MiB" => 20,
         "GiB" => 30,
         "TiB" => 40,
-        _ => return Err(format!("{text:?} is not a size such as 512MiB or 4GiB")),
+        _ => return Err(bad()),
     };
     n.checked_mul(1 << shift)
         .ok_or_else(|| format!("{text:?} is too large"))
