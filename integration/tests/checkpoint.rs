@@ -419,13 +419,20 @@ fn restore_continues_a_counter(v: ContainerdVersion) {
     );
     // Its own rootfs: the counter file is there, and moving.
     let now = counter_passes(c, id, seen);
-    let read = c
-        .ctr_stdout(&["tasks", "exec", "--exec-id", "rd", id, "cat", "/tmp/n"])
-        .unwrap_or_else(|e| panic!("exec in {id}: {e}"));
-    assert!(
-        read.trim().parse::<u64>().is_ok_and(|r| r >= now),
-        "{read:?}"
-    );
+    // `echo $i > /tmp/n` truncates before it writes: a read can land in between and see an
+    // empty file (seen once in CI), so an empty read is tried again.
+    let mut reads = Vec::new();
+    let read = (0..10)
+        .find_map(|i| {
+            let exec_id = format!("rd{i}");
+            let read = c
+                .ctr_stdout(&["tasks", "exec", "--exec-id", &exec_id, id, "cat", "/tmp/n"])
+                .unwrap_or_else(|e| panic!("exec in {id}: {e}"));
+            reads.push(read.clone());
+            read.trim().parse::<u64>().ok()
+        })
+        .unwrap_or_else(|| panic!("{id}: /tmp/n never held a number: {reads:?}"));
+    assert!(read >= now, "{id}: /tmp/n holds {read}, below {now}");
     // Its own cgroup: where containerd's spec puts the new container, paused and resumed
     // through it.
     let cgroup = host::cgroup_dir(pid, "memory").expect("the cgroup of the task");
