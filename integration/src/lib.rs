@@ -1,8 +1,8 @@
 //! The HyperBox test harness.
 //!
-//! Everything here drives real parts: a private containerd (1.6 from Debian 12 or 1.7 unpacked
-//! from Debian 13 by `scripts/setup-host`) with its own root, state, socket and generated
-//! config; a real OCI registry on loopback; offline images built reproducibly from Debian
+//! Everything here drives real parts: a private containerd (1.6 from Debian 12, 1.7 unpacked
+//! from Debian 13, or 2.1 built from source by `scripts/setup-host`) with its own root,
+//! state, socket and generated config; a real OCI registry on loopback; offline images built reproducibly from Debian
 //! packages; a small client for the containerd calls `ctr` cannot make; and a private Docker
 //! Engine driving a harness containerd.
 //!
@@ -27,8 +27,9 @@ pub mod wasm_image;
 pub mod workloads;
 
 /// Generates one test per containerd version: `per_version!(name, body_fn)` makes
-/// `name::v1_6` and `name::v1_7`, each calling `body_fn(version)`. A version left out by
-/// `HYPERBOX_CONTAINERD` is reported and skipped.
+/// `name::v1_6`, `name::v1_7` and `name::v2_1`, each calling `body_fn(version)`. A version
+/// left out by `HYPERBOX_CONTAINERD` is reported and skipped; `v2_1` is marked ignored
+/// (counted as skipped) when the build found no containerd 2.1 source to build it from.
 #[macro_export]
 macro_rules! per_version {
     ($name:ident, $body:path) => {
@@ -52,6 +53,17 @@ macro_rules! per_version {
             #[test]
             fn v1_7() {
                 run($crate::containerd::ContainerdVersion::V1_7)
+            }
+
+            #[test]
+            #[cfg_attr(
+                hyperbox_containerd2_unavailable,
+                ignore = "containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a \
+                          folder holding containerd-2.1.9-src.tar.xz (CI sets it; \
+                          scripts/setup-host builds containerd 2.1 from it)"
+            )]
+            fn v2_1() {
+                run($crate::containerd::ContainerdVersion::V2_1)
             }
         }
     };
