@@ -275,6 +275,66 @@ impl TestClient {
         Ok(resp.into_inner().descriptors)
     }
 
+    /// Gives container `id`'s record runtime options (`Container.runtime.options`), as
+    /// containerd's CRI does when it creates a container. containerd 2.x passes them to the
+    /// shim's Create when the task request carries no options of its own (its tasks service
+    /// refuses task options of any type but `containerd.runc.v1.Options`). containerd does
+    /// not let a container's runtime change, so the record is made again with the options:
+    /// deleted and created under a lease that keeps its snapshot meanwhile.
+    pub async fn set_runtime_options(&self, id: &str, options: Any) -> Result<(), ClientError> {
+        use containerd_client::services::v1::{
+            AddResourceRequest, CreateContainerRequest, DeleteContainerRequest,
+            GetContainerRequest, Resource,
+        };
+        let got = self
+            .raw()
+            .containers()
+            .get(self.request(GetContainerRequest { id: id.to_string() }))
+            .await
+            .map_err(call_err("get container", id))?;
+        let mut container = got
+            .into_inner()
+            .container
+            .ok_or_else(|| ClientError::Call {
+                call: "get container",
+                id: id.to_string(),
+                status: Box::new(Status::not_found("no container in the reply")),
+            })?;
+        let lease = format!("runtime-options-{id}");
+        self.create_lease(&lease).await?;
+        let kept = AddResourceRequest {
+            id: lease.clone(),
+            resource: Some(Resource {
+                id: container.snapshot_key.clone(),
+                r#type: format!("snapshots/{}", container.snapshotter),
+            }),
+        };
+        self.raw()
+            .leases()
+            .add_resource(self.request(kept))
+            .await
+            .map_err(call_err("keep the snapshot of", id))?;
+        self.raw()
+            .containers()
+            .delete(self.request(DeleteContainerRequest { id: id.to_string() }))
+            .await
+            .map_err(call_err("delete container", id))?;
+        container
+            .runtime
+            .get_or_insert_with(Default::default)
+            .options = Some(options);
+        container.created_at = None;
+        container.updated_at = None;
+        self.raw()
+            .containers()
+            .create(self.request(CreateContainerRequest {
+                container: Some(container),
+            }))
+            .await
+            .map_err(call_err("create container", id))?;
+        self.delete_lease(&lease).await
+    }
+
     /// Creates lease `lease`: what containerd writes under it is kept until it is deleted.
     pub async fn create_lease(&self, lease: &str) -> Result<(), ClientError> {
         let req = containerd_client::services::v1::CreateRequest {

@@ -232,12 +232,27 @@ fn checkpoint_through_the_task_api(v: ContainerdVersion) {
         "no CRIU log in the work path"
     );
     counter_passes(c, "ck1", before + 2);
-    // containerd stored its own directory, which names where the images went: a restore
-    // from containerd's copy restores them.
-    let record = stored
-        .into_iter()
-        .find(|d| d.media_type == CHECKPOINT_MEDIA_TYPE)
-        .expect("a checkpoint in the content store");
+    // containerd 1.x stored its own directory, which names where the images went: a restore
+    // from containerd's copy restores them. containerd 2.x commits nothing to its content
+    // store when the request names an image path (its tasks service returns no descriptors):
+    // the images are restored from where they were asked to go.
+    let (record, options) = if v.is_2x() {
+        assert!(
+            stored.is_empty(),
+            "containerd {v} stored a checkpoint given an image path: {stored:?}"
+        );
+        let options = to_any(&RuncOptions {
+            criu_image_path: images.to_string_lossy().into_owned(),
+            ..Default::default()
+        });
+        (None, Some(options))
+    } else {
+        let record = stored
+            .into_iter()
+            .find(|d| d.media_type == CHECKPOINT_MEDIA_TYPE)
+            .expect("a checkpoint in the content store");
+        (Some(record), None)
+    };
     c.ctr_run(&[
         "containers",
         "create",
@@ -253,10 +268,11 @@ fn checkpoint_through_the_task_api(v: ContainerdVersion) {
         container_id: "ck1-back".into(),
         stdout: format!("file://{}", out.display()),
         stderr: format!("file://{}", out.display()),
-        checkpoint: Some(record),
+        checkpoint: record,
+        options,
         ..Default::default()
     }))
-    .unwrap_or_else(|e| panic!("restore from containerd's copy: {e}\n{}", c.log_tail(40)));
+    .unwrap_or_else(|e| panic!("restore of ck1: {e}\n{}", c.log_tail(40)));
     rt.block_on(client.start("ck1-back", "")).expect("start");
     counter_passes(c, "ck1-back", before);
     remove(c, "ck1-back");

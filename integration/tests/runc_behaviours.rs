@@ -347,6 +347,7 @@ fn shim_cgroup_as_runc(v: ContainerdVersion) {
         (OURS, true, false),
     ];
     let mut seen = Vec::new();
+    let mut errors = Vec::new();
     for (n, (runtime, legacy, made)) in cases.into_iter().enumerate() {
         let id = format!("shimcg{n}");
         let cgroup = format!("/{}/shim-{n}", c.namespace());
@@ -381,15 +382,31 @@ fn shim_cgroup_as_runc(v: ContainerdVersion) {
             }
             Err(_) => Vec::new(),
         };
+        errors.push(created.as_ref().err().map(ToString::to_string));
         seen.push((created.is_ok(), placed));
         let _ = rt.block_on(client.kill(&id, 9, false));
         let _ = rt.block_on(client.delete_task(&id));
     }
     assert_eq!(seen[0], (true, vec![true, true]), "runc's view");
     assert_eq!(seen[1], seen[0], "hyperbox (runc.v1 options) vs runc");
-    assert_eq!(seen[2], seen[0], "hyperbox (legacy options) vs runc");
     // A cgroup that does not exist fails the create under both.
     assert_eq!(seen[3], (false, vec![]), "runc's view, no such cgroup");
+    if v.is_2x() {
+        // containerd 2.x no longer knows the legacy type, and refuses task options of any
+        // type but runc's before a shim is started (its Go client sends runc's to every
+        // runtime): the legacy cases never reach ours.
+        for n in [2, 4] {
+            assert!(
+                errors[n]
+                    .as_ref()
+                    .is_some_and(|e| e.contains("containerd.linux.runc.CreateOptions: not found")),
+                "containerd {v}, legacy options: {:?}",
+                errors[n]
+            );
+        }
+        return;
+    }
+    assert_eq!(seen[2], seen[0], "hyperbox (legacy options) vs runc");
     assert_eq!(seen[4], seen[3], "hyperbox vs runc, no such cgroup");
 }
 per_version!(shim_cgroup, shim_cgroup_as_runc);
