@@ -499,22 +499,34 @@ fn config_snippets_agree() {
     );
 }
 
-/// containerd itself reads config/containerd-runtime.toml: `containerd config dump` of a
-/// config importing it shows the CRI runtime `hyperbox` with our runtime_type. The harness's
-/// daemons run with CRI disabled, and containerd then leaves CRI's settings out of the dump,
-/// so the dumped config enables CRI (`config dump` starts no plugin).
+/// containerd itself reads config/containerd-runtime.toml (1.6, 1.7: config version 2) and
+/// config/containerd-runtime.v3.toml (2.x: version 3): `containerd config dump` of a config
+/// importing it shows the CRI runtime `hyperbox` with our runtime_type, in the plugin that
+/// version keeps CRI's runtimes in. The harness's daemons run with CRI disabled, and
+/// containerd then leaves CRI's settings out of the dump, so the dumped config enables CRI
+/// (`config dump` starts no plugin).
 fn containerd_reads_the_runtime_config(v: ContainerdVersion) {
     hyperbox_integration::containerd::check_installed(v).expect("containerd installed");
     let mut sandbox = Sandbox::create("config-dump").expect("sandbox");
     let dir = sandbox.dir().to_path_buf();
-    let snippet = config_file("containerd-runtime.toml")
+    let (file, config_version, cri_plugin) = if v.is_2x() {
+        (
+            "containerd-runtime.v3.toml",
+            3,
+            "io.containerd.cri.v1.runtime",
+        )
+    } else {
+        ("containerd-runtime.toml", 2, "io.containerd.grpc.v1.cri")
+    };
+    let snippet = config_file(file)
         .canonicalize()
-        .expect("config/containerd-runtime.toml");
+        .unwrap_or_else(|e| panic!("config/{file}: {e}"));
     let config = dir.join("config.toml");
     fs::write(
         &config,
         format!(
-            "version = 2\nroot = \"{}/root\"\nstate = \"{}/state\"\nimports = [\"{}\"]\n",
+            "version = {config_version}\nroot = \"{}/root\"\nstate = \"{}/state\"\n\
+             imports = [\"{}\"]\n",
             dir.display(),
             dir.display(),
             snippet.display()
@@ -539,7 +551,7 @@ fn containerd_reads_the_runtime_config(v: ContainerdVersion) {
         &dump,
         &[
             "plugins",
-            "io.containerd.grpc.v1.cri",
+            cri_plugin,
             "containerd",
             "runtimes",
             HYPERBOX_RUNTIME,
@@ -565,13 +577,7 @@ fn containerd_reads_the_runtime_config(v: ContainerdVersion) {
     );
     let wasm = toml_at(
         &dump,
-        &[
-            "plugins",
-            "io.containerd.grpc.v1.cri",
-            "containerd",
-            "runtimes",
-            WASM_NAME,
-        ],
+        &["plugins", cri_plugin, "containerd", "runtimes", WASM_NAME],
     )
     .and_then(toml::Value::as_table)
     .unwrap_or_else(|| panic!("no runtime {WASM_NAME} in the dump:\n{}", stdout(&out)));

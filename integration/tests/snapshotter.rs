@@ -1245,20 +1245,28 @@ fn config_file(name: &str) -> PathBuf {
         .unwrap_or_else(|e| panic!("config/{name}: {e}"))
 }
 
-/// containerd itself reads `config/containerd-snapshotter.toml`: `containerd config dump` of a
-/// config importing it shows the proxy snapshotter `hyperbox` at the address
+/// containerd itself reads `config/containerd-snapshotter.toml` (1.6, 1.7) and
+/// `config/containerd-snapshotter.v3.toml` (2.x, with the transfer service's unpack entries):
+/// `containerd config dump` of a config importing it shows the proxy snapshotter `hyperbox` at
+/// the address
 /// `config/snapshotter.toml` gives the snapshotter; and the systemd unit starts the
 /// snapshotter with that file before containerd.
 fn containerd_reads_the_plugin_snippet(v: ContainerdVersion) {
     hyperbox_integration::containerd::check_installed(v).expect("containerd installed");
     let mut sandbox = Sandbox::create("config-dump").expect("sandbox");
     let dir = sandbox.dir().to_path_buf();
-    let snippet = config_file("containerd-snapshotter.toml");
+    let (file, config_version) = if v.is_2x() {
+        ("containerd-snapshotter.v3.toml", 3)
+    } else {
+        ("containerd-snapshotter.toml", 2)
+    };
+    let snippet = config_file(file);
     let config = dir.join("config.toml");
     fs::write(
         &config,
         format!(
-            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\nimports = [\"{1}\"]\n",
+            "version = {config_version}\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+             imports = [\"{1}\"]\n",
             dir.display(),
             snippet.display()
         ),
@@ -1293,6 +1301,28 @@ fn containerd_reads_the_plugin_snippet(v: ContainerdVersion) {
     let address = ours.get("address").and_then(toml::Value::as_str);
     assert_eq!(address, Some("/run/hyperbox/snapshotter.sock"));
     assert_eq!(plugin.get("address").and_then(toml::Value::as_str), address);
+    if v.is_2x() {
+        // The transfer service unpacks into hyperbox, and still into overlayfs (the harness's
+        // 2.x daemons get the same entries; every pull test here goes through them).
+        let unpack = dump
+            .get("plugins")
+            .and_then(|p| p.get("io.containerd.transfer.v1.local"))
+            .and_then(|t| t.get("unpack_config"))
+            .and_then(toml::Value::as_array)
+            .unwrap_or_else(|| panic!("no unpack_config in the dump:\n{text}"));
+        let entries: Vec<(&str, &str)> = unpack
+            .iter()
+            .map(|e| {
+                let get = |k: &str| e.get(k).and_then(toml::Value::as_str).unwrap_or_default();
+                (get("snapshotter"), get("differ"))
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            [("overlayfs", "walking"), (PLUGIN, "walking")],
+            "{text}"
+        );
+    }
 
     let unit = fs::read_to_string(config_file("hyperbox-snapshotter.service")).unwrap();
     let directive = |key: &str| {
