@@ -129,26 +129,80 @@ fn init_logging(flags: &Flags, action: Option<ShimAction>) {
 /// The `containerd-shim` crate's view of this shim.
 struct CoreShim {
     id: String,
+    runtime_id: String,
     namespace: String,
     exit: Arc<ExitSignal>,
+}
+
+/// The annotations that put containers in one shim, as runc's shim reads them from the
+/// bundle's `config.json`: an explicit group first, then the CRI pod (every container of a
+/// pod carries its sandbox's id, the sandbox its own).
+const GROUP_ANNOTATIONS: [&str; 2] = [
+    "io.containerd.runc.v2.group",
+    "io.kubernetes.cri.sandbox-id",
+];
+
+/// The group of the container whose bundle is `bundle`: the first of [`GROUP_ANNOTATIONS`]
+/// its spec carries (non-empty), else its own id. A spec that cannot be read is an error, as
+/// under runc's shim: Create would fail on it anyway.
+fn group_of(bundle: &Path, id: &str) -> Result<String, String> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    #[derive(serde::Deserialize)]
+    struct Annotated {
+        #[serde(default)]
+        annotations: Option<std::collections::HashMap<String, String>>,
+    }
+    let spec: Annotated = serde_json::from_slice(&text)
+        .map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
+    let annotations = spec.annotations.unwrap_or_default();
+    Ok(GROUP_ANNOTATIONS
+        .iter()
+        .find_map(|key| annotations.get(*key).filter(|g| !g.is_empty()))
+        .cloned()
+        .unwrap_or_else(|| id.to_string()))
+}
+
+/// Whether a task server listens on `address` (`unix://PATH`).
+fn serving(address: &str) -> bool {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
 #[async_trait]
 impl Shim for CoreShim {
     type T = TaskService;
 
-    async fn new(_runtime_id: &str, flags: &Flags, _config: &mut Config) -> Self {
+    async fn new(runtime_id: &str, flags: &Flags, _config: &mut Config) -> Self {
         CoreShim {
             id: flags.id.clone(),
+            runtime_id: runtime_id.to_string(),
             namespace: flags.namespace.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        // One shim per container: grouping by the container id.
-        let grouping = opts.id.clone();
-        let address = spawn(opts, &grouping, Vec::new()).await?;
+        // One shim per group, as runc's shim: a pod's containers (or containers annotated with
+        // one group) share the shim of the first, which serves them all through one zygote.
+        // The group's socket is derived from containerd's address, the namespace and the
+        // group, and also this runtime's name, so that a container never lands in a shim of
+        // another runtime (runc's, or our wasm shim) that happens to share its group.
+        let bundle = std::env::current_dir()
+            .map_err(|e| containerd_shim::Error::Other(format!("no bundle directory: {e}")))?;
+        let group = group_of(&bundle, &opts.id).map_err(containerd_shim::Error::Other)?;
+        let key = format!("{}/{group}", self.runtime_id);
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &key);
+        // Nothing may be logged here: containerd reads the start action's stdout and stderr
+        // together as the address.
+        if group != opts.id && serving(&address) {
+            write_str_to_file("address", &address).await?;
+            return Ok(address);
+        }
+        // A shim started at the same moment for another container of the group may win the
+        // socket: ours then finds it served, writes its address and exits (the crate's
+        // create_server_with_retry), and the address returned is the group's either way.
+        let address = spawn(opts, &key, Vec::new()).await?;
         write_str_to_file("address", &address).await?;
         Ok(address)
     }
