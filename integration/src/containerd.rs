@@ -191,6 +191,8 @@ pub struct CriOptions {
     /// Runtime handlers: (handler name, runtime type such as `io.containerd.runc.v2`). The
     /// first is the default.
     pub runtimes: Vec<(String, String)>,
+    /// Shim binaries of handlers that name one (`runtime_path`): (handler name, binary).
+    pub runtime_paths: Vec<(String, PathBuf)>,
     /// Directory of the CNI plugin binaries (Debian: `/usr/lib/cni`).
     pub cni_bin_dir: PathBuf,
     /// The network's name and its `.conflist` JSON.
@@ -471,10 +473,14 @@ fn cri_toml(dir: &Path, cri: &CriOptions) -> String {
     ));
     for (name, runtime_type) in &cri.runtimes {
         s.push_str(&format!(
-            "[{plugin}.containerd.runtimes.{}]\n  runtime_type = {}\n\n",
+            "[{plugin}.containerd.runtimes.{}]\n  runtime_type = {}\n",
             toml_string(name),
             toml_string(runtime_type)
         ));
+        if let Some((_, path)) = cri.runtime_paths.iter().find(|(n, _)| n == name) {
+            s.push_str(&format!("  runtime_path = {}\n", q(path)));
+        }
+        s.push('\n');
     }
     s.push_str(&format!(
         "[{plugin}.cni]\n  bin_dir = {}\n  conf_dir = {}\n  max_conf_num = 1\n\n",
@@ -518,10 +524,14 @@ fn cri_toml_v3(dir: &Path, cri: &CriOptions) -> String {
     ));
     for (name, runtime_type) in &cri.runtimes {
         s.push_str(&format!(
-            "[{runtime}.containerd.runtimes.{}]\n  runtime_type = {}\n\n",
+            "[{runtime}.containerd.runtimes.{}]\n  runtime_type = {}\n",
             toml_string(name),
             toml_string(runtime_type)
         ));
+        if let Some((_, path)) = cri.runtime_paths.iter().find(|(n, _)| n == name) {
+            s.push_str(&format!("  runtime_path = {}\n", q(path)));
+        }
+        s.push('\n');
     }
     s.push_str(&format!(
         "[{runtime}.cni]\n  bin_dirs = [{}]\n  conf_dir = {}\n  max_conf_num = 1\n\n",

@@ -10,9 +10,9 @@
 //!   turns on IP forwarding host-wide) nor `ipMasq` (iptables masquerading); pods get no
 //!   default route. `portmap` serves `hostPort` (its iptables chains, recorded in the
 //!   sandbox when they did not exist before, are deleted at teardown with the bridge);
-//! - containerd 1.7 with the CRI plugin (`ContainerdBuilder::with_cri`): runtime handlers
-//!   `runc` (`io.containerd.runc.v2`) and `hyperbox` (`io.containerd.hyperbox.v1`, the
-//!   workspace's shim), `restrict_oom_score_adj = true` (root lacks CAP_SYS_RESOURCE here),
+//! - containerd 1.7 or 2.1 with the CRI plugin (`ContainerdBuilder::with_cri`): runtime
+//!   handlers `runc` (`io.containerd.runc.v2`), `hyperbox` (`io.containerd.hyperbox.v1`, the
+//!   workspace's shim) and `hyperbox-runc-type` (runc's type, our shim as `runtime_path`), `restrict_oom_score_adj = true` (root lacks CAP_SYS_RESOURCE here),
 //!   network namespaces under its state dir, `registry.k8s.io` and `gcr.io` mirrored to the
 //!   loopback registry with one `hosts.toml` each, CNI plugins from Debian's
 //!   `containernetworking-plugins` (`/usr/lib/cni`).
@@ -45,6 +45,11 @@ pub const HANDLERS: &[(&str, &str)] = &[
     ("runc", "io.containerd.runc.v2"),
     ("hyperbox", "io.containerd.hyperbox.v1"),
 ];
+/// A handler running our shim under runc's runtime type, the binary named by `runtime_path`:
+/// containerd 2.x's CRI asks only runtimes of type `io.containerd.runc.v2` for their features
+/// (`SHIM -info`), and only through them offers recursive read-only mounts and user
+/// namespaces (`config/containerd-runtime.v3.toml` shows both forms).
+pub const HYPERBOX_AS_RUNC: &str = "hyperbox-runc-type";
 /// The chains CNI's `portmap` plugin adds to the `nat` table.
 const PORTMAP_CHAINS: &[&str] = &[
     "CNI-HOSTPORT-DNAT",
@@ -210,12 +215,19 @@ pub struct CriBed {
     network: BridgeNetwork,
     pub registry: Registry,
     pub images: CriImages,
+    /// One bed at a time per process (its bridge is named after the process, and portmap's
+    /// chains are host-wide): held until everything above is gone.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Serialises the CRI beds of one test process.
+static ONE_BED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl CriBed {
     /// Builds (or finds) the stand-in images, starts the registry and pushes them, makes the
     /// bridge and starts containerd `version` with the CRI plugin.
     pub fn start(version: ContainerdVersion) -> Result<Self, CriError> {
+        let serial = ONE_BED.lock().unwrap_or_else(|e| e.into_inner());
         let images = cri_images::build(&BuildOptions::from_env()?)?;
         let registry = Registry::start()?;
         images.push(&registry.host())?;
@@ -226,6 +238,14 @@ impl CriBed {
             runtimes: HANDLERS
                 .iter()
                 .map(|(h, t)| ((*h).to_owned(), (*t).to_owned()))
+                .chain(std::iter::once((
+                    HYPERBOX_AS_RUNC.to_owned(),
+                    "io.containerd.runc.v2".to_owned(),
+                )))
+                .collect(),
+            runtime_paths: crate::host::workspace_binary("containerd-shim-hyperbox-v1")
+                .map(|path| (HYPERBOX_AS_RUNC.to_owned(), path))
+                .into_iter()
                 .collect(),
             cni_bin_dir: PathBuf::from(CNI_BIN_DIR),
             cni_conflist: (network.name.clone(), network.conflist.clone()),
@@ -241,6 +261,7 @@ impl CriBed {
             network,
             registry,
             images,
+            _serial: serial,
         })
     }
 

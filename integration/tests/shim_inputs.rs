@@ -639,8 +639,8 @@ fn shim_info(binary: &str, stdin: &[u8]) -> (std::process::ExitStatus, Vec<u8>, 
 /// runtime's name, the options echoed, and for the Linux shim the features document of what
 /// libcontainer honours (no systemd cgroups, no idmapped mounts in this build); options the
 /// shim would refuse at Create are refused (exit 1, the reason on stderr), as runc's shim
-/// refuses options it cannot read. (containerd 1.6 and 1.7's runc shims have no `-info`, so
-/// there is no side-by-side run here; containerd 2.1 is not in the harness yet.)
+/// refuses options it cannot read. (containerd 1.6 and 1.7's runc shims have no `-info`;
+/// `runtime_info_through_containerd_2_1` asks containerd 2.1 for runc's and ours.)
 #[test]
 fn info_reports_name_version_options_and_features() {
     use prost::Message;
@@ -703,6 +703,80 @@ fn info_reports_name_version_options_and_features() {
         assert!(stdout.is_empty());
         assert!(stderr.contains("criu_path"), "{stderr}");
     }
+}
+
+/// containerd's `RuntimeRequest` (`api/types/introspection.proto`): what `client.RuntimeInfo`
+/// sends in the introspection service's PluginInfo call.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuntimeRequest {
+    #[prost(string, tag = "1")]
+    runtime_path: String,
+    #[prost(message, optional, tag = "2")]
+    options: Option<prost_types::Any>,
+}
+
+/// containerd 2.x's `client.RuntimeInfo`: the introspection service's PluginInfo for plugin
+/// `io.containerd.runtime.v2`/`task` with a RuntimeRequest naming the runtime, which makes
+/// containerd run `SHIM -info` and hand back its RuntimeInfo. Asked of runc's shim and ours
+/// in one daemon: each names itself, and both offer the mount options containerd's CRI looks
+/// for (`rro`).
+#[test]
+#[cfg_attr(
+    hyperbox_containerd2_unavailable,
+    ignore = "containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder holding \
+              containerd-2.1.9-src.tar.xz (CI sets it)"
+)]
+fn runtime_info_through_containerd_2_1() {
+    use containerd_client::services::v1::PluginInfoRequest;
+    use prost::Message;
+    let v = ContainerdVersion::V2_1;
+    if !ContainerdVersion::selected().contains(&v) {
+        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        return;
+    }
+    let bed = TestBed::start(v).expect("test bed");
+    let c = &bed.containerd;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let client = rt.block_on(c.client()).expect("client");
+    let mut seen = Vec::new();
+    for name in [RUNC, OURS] {
+        let request = RuntimeRequest {
+            runtime_path: name.into(),
+            options: None,
+        };
+        let req = PluginInfoRequest {
+            r#type: "io.containerd.runtime.v2".into(),
+            id: "task".into(),
+            options: Some(prost_types::Any {
+                type_url: "containerd.types.RuntimeRequest".into(),
+                value: request.encode_to_vec(),
+            }),
+        };
+        let mut req = containerd_client::tonic::Request::new(req);
+        req.metadata_mut()
+            .insert("containerd-namespace", c.namespace().parse().unwrap());
+        let reply = rt
+            .block_on(client.raw().introspection().plugin_info(req))
+            .unwrap_or_else(|e| panic!("RuntimeInfo of {name}: {e}\n{}", c.log_tail(20)))
+            .into_inner();
+        let extra = reply.extra.expect("RuntimeInfo in the reply");
+        let info = RuntimeInfo::decode(extra.value.as_slice()).expect("a RuntimeInfo");
+        assert_eq!(info.name, name);
+        let features = info.features.expect("a features document");
+        let doc: serde_json::Value = serde_json::from_slice(&features.value).expect("JSON");
+        let opts = doc["mountOptions"].as_array().cloned().unwrap_or_default();
+        eprintln!(
+            "{name}: version {:?}, {} mount options, rro {}",
+            info.version.map(|v| v.version).unwrap_or_default(),
+            opts.len(),
+            opts.contains(&serde_json::json!("rro"))
+        );
+        seen.push(opts.contains(&serde_json::json!("rro")));
+    }
+    assert_eq!(seen, [true, true], "rro offered by [runc, ours]");
 }
 
 /// Recursive mount attributes (`rro`, which containerd 2.x's CRI asks for when a runtime's
