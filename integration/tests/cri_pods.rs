@@ -1,0 +1,471 @@
+//! Pods through containerd's CRI plugin (1.7 and 2.1), driven with `crictl` as the kubelet
+//! drives the CRI: one shim per pod, for runc's shim and ours side by side in one daemon.
+//!
+//! runc's shim groups a pod's containers itself: its `start` reads the pod's sandbox id from
+//! the bundle's `config.json` and, when that group's shim already listens, hands containerd
+//! its address instead of starting another. Ours does the same (`shim-core/src/shim.rs`), so
+//! a pod costs one shim and one zygote whatever its number of containers.
+//!
+//! Needs crictl (built with critest by `scripts/setup-host` from the cri-tools tarball in
+//! `HYPERBOX_THIRD_PARTY_SRC`); without it these tests are ignored (reported as skipped),
+//! except under CI (`CI=true`), where they must run.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::process::Output;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hyperbox_integration::containerd::ContainerdVersion;
+use hyperbox_integration::cri::{self, CriBed};
+
+const BUSYBOX: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
+/// Containers per pod, beside its sandbox.
+const CONTAINERS: usize = 3;
+
+fn crictl(bed: &CriBed, args: &[&str]) -> Output {
+    bed.crictl().args(args).output().expect("crictl runs")
+}
+
+/// `crictl ARGS`, which must succeed; its trimmed stdout.
+fn crictl_ok(bed: &CriBed, args: &[&str]) -> String {
+    let out = crictl(bed, args);
+    assert!(
+        out.status.success(),
+        "crictl {}: {}\ncontainerd log:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr),
+        bed.containerd.log_tail(30)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A shim process of this daemon: its pid, the pid of its parent, and its binary's name.
+#[derive(Debug, Clone)]
+struct ShimProcess {
+    pid: u32,
+    ppid: u32,
+    binary: String,
+}
+
+/// Every process started from a `containerd-shim-*` binary with `-address` this daemon's
+/// socket: the shims, and the zygotes ours fork (same binary, same arguments).
+fn shim_processes(bed: &CriBed) -> Vec<ShimProcess> {
+    let socket = bed.containerd.socket().to_string_lossy().into_owned();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let binary = Path::new(args.first()?).file_name()?.to_str()?.to_owned();
+            let ours = args
+                .windows(2)
+                .any(|w| w[0] == "-address" && w[1] == socket);
+            if !binary.starts_with("containerd-shim-") || !ours {
+                return None;
+            }
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(ShimProcess { pid, ppid, binary })
+        })
+        .collect()
+}
+
+/// Proportional set size of `pid` in KiB.
+fn pss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What one pod left running, seen from the host.
+#[derive(Debug)]
+struct PodView {
+    /// Shim processes: those whose parent is not a shim process too.
+    shims: Vec<ShimProcess>,
+    /// Processes a shim forked from itself (our zygote).
+    helpers: Vec<ShimProcess>,
+    /// PSS of all of them, KiB.
+    pss_kib: u64,
+}
+
+fn pod_view(bed: &CriBed) -> PodView {
+    let all = shim_processes(bed);
+    let (helpers, shims): (Vec<_>, Vec<_>) = all
+        .iter()
+        .cloned()
+        .partition(|p| all.iter().any(|q| q.pid == p.ppid));
+    let pss_kib = all.iter().map(|p| pss_kib(p.pid)).sum();
+    PodView {
+        shims,
+        helpers,
+        pss_kib,
+    }
+}
+
+/// Waits until `crictl ps` shows exactly `ids` running in `pod`.
+fn wait_running(bed: &CriBed, pod: &str, ids: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    loop {
+        let out = crictl_ok(bed, &["ps", "-q", "--pod", pod, "--state", "Running"]);
+        let mut running: Vec<&str> = out.lines().map(str::trim).collect();
+        running.sort_unstable();
+        if running == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod {pod}: running {running:?}, expected {want:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs a pod with `CONTAINERS` sleeping containers under `handler`, checks how many shims
+/// serve it, stops one container and checks the others run on, then removes the pod and
+/// checks its shim is gone. Returns the shims' (and helpers') PSS with the pod running, KiB.
+fn pod_on_one_shim(bed: &CriBed, handler: &str, dir: &Path) -> u64 {
+    let name = format!("pod-{handler}");
+    let pod_config = dir.join(format!("{name}.json"));
+    let logs = dir.join(format!("{name}-logs"));
+    fs::create_dir_all(&logs).unwrap();
+    let pod_json = serde_json::json!({
+        "metadata": {"name": name, "namespace": "hyperbox-test", "uid": format!("uid-{name}")},
+        "log_directory": logs,
+        "linux": {},
+    });
+    fs::write(&pod_config, pod_json.to_string()).unwrap();
+    let pod = crictl_ok(
+        bed,
+        &["runp", "--runtime", handler, pod_config.to_str().unwrap()],
+    );
+    let mut ids = Vec::new();
+    for n in 0..CONTAINERS {
+        let config = dir.join(format!("{name}-c{n}.json"));
+        let json = serde_json::json!({
+            "metadata": {"name": format!("c{n}")},
+            "image": {"image": BUSYBOX},
+            "command": ["sleep", "1000"],
+            "log_path": format!("c{n}.log"),
+            "linux": {},
+        });
+        fs::write(&config, json.to_string()).unwrap();
+        let id = crictl_ok(
+            bed,
+            &[
+                "create",
+                &pod,
+                config.to_str().unwrap(),
+                pod_config.to_str().unwrap(),
+            ],
+        );
+        crictl_ok(bed, &["start", &id]);
+        ids.push(id);
+    }
+    wait_running(bed, &pod, &ids);
+
+    let view = pod_view(bed);
+    let binary = format!(
+        "containerd-shim-{}",
+        if handler == "runc" {
+            "runc-v2"
+        } else {
+            "hyperbox-v1"
+        }
+    );
+    assert_eq!(
+        view.shims.len(),
+        1,
+        "{handler}: a pod of {CONTAINERS} containers should have one shim: {view:#?}"
+    );
+    assert_eq!(view.shims[0].binary, binary, "{view:#?}");
+    let helpers = if handler == "runc" { 0 } else { 1 };
+    assert_eq!(
+        view.helpers.len(),
+        helpers,
+        "{handler}: helper processes (our zygote) of the pod's shim: {view:#?}"
+    );
+    let shim = view.shims[0].pid;
+    eprintln!(
+        "{handler}: pod of {CONTAINERS} containers: {} shim ({}), {} helper, PSS {} KiB",
+        view.shims.len(),
+        shim,
+        view.helpers.len(),
+        view.pss_kib
+    );
+
+    // One container killed and removed: the others run on in the same shim.
+    let (gone, rest) = ids.split_first().unwrap();
+    crictl_ok(bed, &["stop", "--timeout", "0", gone]);
+    crictl_ok(bed, &["rm", gone]);
+    wait_running(bed, &pod, rest);
+    let after = pod_view(bed);
+    assert_eq!(
+        after.shims.iter().map(|p| p.pid).collect::<Vec<_>>(),
+        vec![shim],
+        "{handler}: the pod's shim after one container went: {after:#?}"
+    );
+
+    // The pod removed: its shim (and zygote) exit.
+    crictl_ok(bed, &["stopp", &pod]);
+    crictl_ok(bed, &["rmp", &pod]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !shim_processes(bed).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{handler}: shim processes left after the pod was removed: {:#?}",
+            shim_processes(bed)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    view.pss_kib
+}
+
+fn one_shim_per_pod(v: ContainerdVersion) {
+    if !ContainerdVersion::selected().contains(&v) {
+        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        return;
+    }
+    assert!(
+        cri::crictl_binary().is_file(),
+        "{} is missing: run scripts/setup-host with HYPERBOX_THIRD_PARTY_SRC naming the folder \
+         of {}",
+        cri::crictl_binary().display(),
+        cri::CRI_TOOLS_TARBALL
+    );
+    let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));
+    let dir = bed.containerd.dir().join("pods");
+    fs::create_dir_all(&dir).unwrap();
+    crictl_ok(&bed, &["pull", BUSYBOX]);
+    let mut pss = BTreeMap::new();
+    for (handler, _) in cri::HANDLERS {
+        pss.insert(*handler, pod_on_one_shim(&bed, handler, &dir));
+    }
+    let (runc, ours) = (pss["runc"], pss["hyperbox"]);
+    eprintln!(
+        "containerd {v}: shim-side PSS of a pod of {CONTAINERS} containers: runc.v2 {:.2} MiB, \
+         hyperbox {:.2} MiB, ratio {:.2}",
+        runc as f64 / 1024.0,
+        ours as f64 / 1024.0,
+        ours as f64 / runc.max(1) as f64
+    );
+    bed.teardown().expect("teardown leaves nothing behind");
+}
+
+#[test]
+#[cfg_attr(
+    hyperbox_critest_unavailable,
+    ignore = "crictl skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder holding \
+              cri-tools-v1.34.0-src.tar.xz (CI sets it; scripts/setup-host builds crictl from it)"
+)]
+fn one_shim_per_pod_on_containerd_1_7() {
+    one_shim_per_pod(ContainerdVersion::V1_7);
+}
+
+#[test]
+#[cfg_attr(
+    any(hyperbox_critest_unavailable, hyperbox_containerd2_unavailable),
+    ignore = "crictl or containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder \
+              holding cri-tools-v1.34.0-src.tar.xz and containerd-2.1.9-src.tar.xz (CI sets it)"
+)]
+fn one_shim_per_pod_on_containerd_2_1() {
+    one_shim_per_pod(ContainerdVersion::V2_1);
+}
+
+/// Counts up in `/tmp/n`, ten times a second.
+const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done";
+
+/// Writes a pod config named `name` and runs it under `handler`; returns (pod id, config).
+fn run_pod(bed: &CriBed, handler: &str, dir: &Path, name: &str) -> (String, String) {
+    let config = dir.join(format!("{name}.json"));
+    let logs = dir.join(format!("{name}-logs"));
+    fs::create_dir_all(&logs).unwrap();
+    let json = serde_json::json!({
+        "metadata": {"name": name, "namespace": "hyperbox-test", "uid": format!("uid-{name}")},
+        "log_directory": logs,
+        "linux": {},
+    });
+    fs::write(&config, json.to_string()).unwrap();
+    let config = config.to_string_lossy().into_owned();
+    let pod = crictl_ok(bed, &["runp", "--runtime", handler, &config]);
+    (pod, config)
+}
+
+/// Creates and starts container `name` from `image` in `pod`; returns its id.
+fn run_container(
+    bed: &CriBed,
+    dir: &Path,
+    pod: &str,
+    pod_config: &str,
+    name: &str,
+    image: &str,
+    command: &[&str],
+) -> String {
+    let config = dir.join(format!("{pod}-{name}.json"));
+    let mut json = serde_json::json!({
+        "metadata": {"name": name},
+        "image": {"image": image},
+        "log_path": format!("{name}.log"),
+        "linux": {},
+    });
+    if !command.is_empty() {
+        json["command"] = serde_json::json!(command);
+    }
+    fs::write(&config, json.to_string()).unwrap();
+    let id = crictl_ok(bed, &["create", pod, config.to_str().unwrap(), pod_config]);
+    crictl_ok(bed, &["start", &id]);
+    id
+}
+
+/// The counter in container `id`, read through `crictl exec` (an empty read, between the
+/// counter's truncate and write, is tried again).
+fn counter(bed: &CriBed, id: &str) -> Option<u64> {
+    (0..10).find_map(|_| {
+        let out = crictl(bed, &["exec", id, "cat", "/tmp/n"]);
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    })
+}
+
+/// Waits until the counter of `id` passes `above`; returns it.
+fn counter_passes(bed: &CriBed, id: &str, above: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(n) = counter(bed, id).filter(|n| *n > above) {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the counter of {id} does not pass {above} (at {:?})\n{}",
+            counter(bed, id),
+            bed.containerd.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `crictl checkpoint --export` (the kubelet's checkpoint API) of a running counter, under
+/// runc's shim and ours: the archive is written, the container runs on, and a container
+/// created in a new pod from the archive (containerd 2.1's CRI restores one when a
+/// container's image is a checkpoint archive) carries on counting from where it was.
+fn checkpoint_through_cri(v: ContainerdVersion) {
+    if !ContainerdVersion::selected().contains(&v) {
+        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        return;
+    }
+    let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));
+    let dir = bed.containerd.dir().join("checkpoints");
+    fs::create_dir_all(&dir).unwrap();
+    // The restore pulls the checkpoint's base image again, by digest, through containerd's
+    // Go client with its default resolver: not through the CRI's registry mirrors, so not
+    // under registry.k8s.io's name here (no network). The image is taken by the loopback
+    // registry's own name, which that resolver reaches (plain HTTP on loopback).
+    let busybox = format!("{}/e2e-test-images/busybox:1.29-2", bed.registry.host());
+    crictl_ok(&bed, &["pull", &busybox]);
+    for (handler, _) in cri::HANDLERS {
+        let (pod, pod_config) = run_pod(&bed, handler, &dir, &format!("ck-{handler}"));
+        let id = run_container(
+            &bed,
+            &dir,
+            &pod,
+            &pod_config,
+            "counter",
+            &busybox,
+            &["sh", "-c", COUNTER],
+        );
+        // Far enough that a counter started afresh would need seconds to get there.
+        let before = counter_passes(&bed, &id, 30);
+        let archive = dir.join(format!("{handler}.tar"));
+        let started = Instant::now();
+        crictl_ok(
+            &bed,
+            &["checkpoint", "--export", archive.to_str().unwrap(), &id],
+        );
+        let took = started.elapsed();
+        assert!(archive.is_file(), "{handler}: no archive at {archive:?}");
+        let listing = std::process::Command::new("tar")
+            .arg("-tf")
+            .arg(&archive)
+            .output()
+            .expect("tar");
+        let listing = String::from_utf8_lossy(&listing.stdout);
+        assert!(
+            listing.lines().any(|l| l.ends_with("inventory.img")),
+            "{handler}: no CRIU images in the archive:\n{listing}"
+        );
+        // Left running, as the kubelet's checkpoint is.
+        let now = counter_passes(&bed, &id, before);
+        eprintln!(
+            "{handler}: checkpoint of a running counter in {:.0} ms, {} KiB archive",
+            took.as_secs_f64() * 1000.0,
+            fs::metadata(&archive).map_or(0, |m| m.len() / 1024)
+        );
+
+        let (pod2, pod2_config) = run_pod(&bed, handler, &dir, &format!("ck-{handler}-restored"));
+        let restored = run_container(
+            &bed,
+            &dir,
+            &pod2,
+            &pod2_config,
+            "counter",
+            archive.to_str().unwrap(),
+            &[],
+        );
+        // Its first value already at or past the checkpoint's: restored, not started afresh.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let first = loop {
+            if let Some(n) = counter(&bed, &restored) {
+                break n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{handler}: no counter in {restored}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            first >= before && first <= now + 50,
+            "{handler}: restored at {first}; checkpointed at {before}, the original at {now}"
+        );
+        counter_passes(&bed, &restored, first);
+        let shims: Vec<String> = shim_processes(&bed).into_iter().map(|p| p.binary).collect();
+        let want = if *handler == "runc" {
+            "containerd-shim-runc-v2"
+        } else {
+            "containerd-shim-hyperbox-v1"
+        };
+        assert!(shims.iter().all(|s| s == want), "{handler}: {shims:?}");
+        for p in [&pod, &pod2] {
+            crictl_ok(&bed, &["stopp", p]);
+            crictl_ok(&bed, &["rmp", p]);
+        }
+    }
+    bed.teardown().expect("teardown leaves nothing behind");
+}
+
+#[test]
+#[cfg_attr(
+    any(hyperbox_critest_unavailable, hyperbox_containerd2_unavailable),
+    ignore = "crictl or containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder \
+              holding cri-tools-v1.34.0-src.tar.xz and containerd-2.1.9-src.tar.xz (CI sets it)"
+)]
+fn checkpoint_through_cri_on_containerd_2_1() {
+    checkpoint_through_cri(ContainerdVersion::V2_1);
+}
