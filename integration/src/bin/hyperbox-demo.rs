@@ -19,7 +19,7 @@ const HYPERBOX_RUNTIME: &str = "io.containerd.hyperbox.v1";
 #[derive(Parser)]
 #[command(about = "HyperBox demo on a private containerd")]
 struct Cli {
-    /// containerd version to run the demo on (1.6 or 1.7).
+    /// containerd version to run the demo on (1.6, 1.7, or 2.1 once built by setup-host).
     #[arg(long, default_value = "1.7")]
     containerd: ContainerdVersion,
 }
