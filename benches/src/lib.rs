@@ -5,6 +5,7 @@
 //! - [`engines`]: private containerd daemons (the integration harness's test beds) and the
 //!   `ctr` commands timed or measured;
 //! - [`memprobe`]: the runtime-side memory (PSS and RSS) of a container, from /proc;
+//! - [`pods`]: the runtime-side memory of Kubernetes pods through containerd's CRI;
 //! - [`task_stats`]: a running task's Stats asked of its shim (ttrpc, containerd bypassed) and
 //!   of containerd;
 //! - [`snapshots`]: hyperbox-snapshotter against overlayfs (pull, run, disk, chunk+hash);
@@ -21,6 +22,7 @@ pub mod conversion;
 pub mod engines;
 pub mod machine;
 pub mod memprobe;
+pub mod pods;
 pub mod report;
 pub mod runner;
 pub mod snapshots;

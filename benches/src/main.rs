@@ -51,6 +51,9 @@ enum Cmd {
     /// What converting one committed layer to EROFS costs the snapshotter: time and peak
     /// RSS, for the debian layer and sparse files.
     Conversion(hyperbox_benches::conversion::ConversionArgs),
+    /// Runtime-side memory of pods through containerd's CRI (crictl), runc.v2 against ours:
+    /// P pods of C containers per handler.
+    Pods(hyperbox_benches::pods::PodsArgs),
 }
 
 #[derive(Args)]
@@ -173,6 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Wasm(args) => hyperbox_benches::wasm::run(args, command_line()),
         Cmd::Templates(args) => hyperbox_benches::templates::run(args, command_line()),
         Cmd::Conversion(args) => hyperbox_benches::conversion::run(args, command_line()),
+        Cmd::Pods(args) => hyperbox_benches::pods::run(args, command_line()),
     }
 }
 
