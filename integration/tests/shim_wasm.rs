@@ -630,12 +630,25 @@ fn hex_of(digest: &str) -> &str {
 
 /// Issue 6, test 2 (and item b): OCI wasm images in runwasi's format, `architecture: wasm`
 /// with the guest as a raw layer, pulled from a registry by containerd 1.7 (which accepts
-/// them from 1.7.7 on; 1.6 refuses the platform) and run from its content store. The wasm
+/// them from 1.7.7 on; 1.6 refuses the platform) and 2.1, and run from its content store. The wasm
 /// layer is not part of the root filesystem: containerd unpacks only the image's tar layers
 /// (here one holding `/data/greeting.txt`; without one the snapshot is empty).
 #[test]
 fn oci_wasm_image_runs_from_the_content_store() {
-    let v = ContainerdVersion::V1_7;
+    oci_wasm_image_runs_from_the_content_store_on(ContainerdVersion::V1_7);
+}
+
+#[test]
+#[cfg_attr(
+    hyperbox_containerd2_unavailable,
+    ignore = "containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder holding \
+              containerd-2.1.9-src.tar.xz (CI sets it)"
+)]
+fn oci_wasm_image_runs_from_the_content_store_on_2_1() {
+    oci_wasm_image_runs_from_the_content_store_on(ContainerdVersion::V2_1);
+}
+
+fn oci_wasm_image_runs_from_the_content_store_on(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
         eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
         return;
@@ -762,7 +775,20 @@ fn oci_wasm_image_runs_from_the_content_store() {
 /// and a layer corrupted in containerd's content store after the pull.
 #[test]
 fn a_bad_oci_wasm_image_fails_create_clearly() {
-    let v = ContainerdVersion::V1_7;
+    a_bad_oci_wasm_image_fails_create_clearly_on(ContainerdVersion::V1_7);
+}
+
+#[test]
+#[cfg_attr(
+    hyperbox_containerd2_unavailable,
+    ignore = "containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder holding \
+              containerd-2.1.9-src.tar.xz (CI sets it)"
+)]
+fn a_bad_oci_wasm_image_fails_create_clearly_on_2_1() {
+    a_bad_oci_wasm_image_fails_create_clearly_on(ContainerdVersion::V2_1);
+}
+
+fn a_bad_oci_wasm_image_fails_create_clearly_on(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
         eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
         return;
