@@ -80,39 +80,15 @@ fn crictl(bed: &CriBed, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// (pid, ppid, PSS KiB, RSS KiB) of every process of a `containerd-shim-*` binary whose
-/// `-address` is `socket`.
+/// (pid, ppid, PSS KiB, RSS KiB) of every process of a shim binary of the daemon at
+/// `socket` (shims and their helpers).
 fn shim_processes(socket: &Path) -> Vec<(u32, u32, u64, u64)> {
-    let socket = socket.to_string_lossy();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let name = Path::new(args.first()?).file_name()?.to_str()?.to_owned();
-            let ours = args
-                .windows(2)
-                .any(|w| w[0] == "-address" && w[1] == socket);
-            if !name.starts_with("containerd-shim-") || !ours {
-                return None;
-            }
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let ppid = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            let smaps = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    cri::shim_processes(socket)
+        .into_iter()
+        .filter_map(|p| {
+            let smaps = fs::read_to_string(format!("/proc/{}/smaps_rollup", p.pid)).ok()?;
             let rollup = parse_smaps_rollup(&smaps)?;
-            Some((pid, ppid, rollup.pss_kib, rollup.rss_kib))
+            Some((p.pid, p.ppid, rollup.pss_kib, rollup.rss_kib))
         })
         .collect()
 }

@@ -33,6 +33,7 @@ use crate::images::cri::{self as cri_images, CriImages};
 use crate::images::{BuildOptions, ImageError};
 use crate::registry::{Registry, RegistryError};
 use crate::sandbox::{self, Sandbox, SandboxError};
+use crate::snapshotter::{SnapshotterDaemon, PLUGIN};
 
 /// The cri-tools version the harness builds and runs.
 pub const CRI_TOOLS_VERSION: &str = "1.34.0";
@@ -40,11 +41,16 @@ pub const CRI_TOOLS_VERSION: &str = "1.34.0";
 pub const CRI_TOOLS_TARBALL: &str = "cri-tools-v1.34.0-src.tar.xz";
 /// Where Debian's `containernetworking-plugins` installs the CNI plugins.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
-/// The runtime handlers the CRI daemon offers: (handler, runtime type).
+/// The runtime handlers critest and the pod tests compare: (handler, runtime type).
 pub const HANDLERS: &[(&str, &str)] = &[
     ("runc", "io.containerd.runc.v2"),
     ("hyperbox", "io.containerd.hyperbox.v1"),
 ];
+/// A handler of our runtime whose containers' root filesystems come from hyperbox-snapshotter
+/// (`snapshotter = "hyperbox"`), offered by [`CriBed::start_with_snapshotter`].
+pub const SNAPSHOTTER_HANDLER: &str = "hyperbox-erofs";
+/// The wasm shim's handler (`config/runtimeclass-wasm.yaml`), also offered by the bed.
+pub const WASM_HANDLER: (&str, &str) = ("hyperbox-wasm", "io.containerd.hyperbox-wasm.v1");
 /// A handler running our shim under runc's runtime type, the binary named by `runtime_path`:
 /// containerd 2.x's CRI asks only runtimes of type `io.containerd.runc.v2` for their features
 /// (`SHIM -info`), and only through them offers recursive read-only mounts and user
@@ -82,6 +88,8 @@ pub enum CriError {
     },
     #[error("no free 10.234.X.0/24 subnet for the CNI bridge")]
     NoSubnet,
+    #[error("hyperbox-snapshotter: {0}")]
+    Snapshotter(String),
     #[error("cannot read the JUnit report {path}: {reason}")]
     Junit { path: PathBuf, reason: String },
 }
@@ -210,8 +218,10 @@ fn ip(args: &[&str]) -> Result<String, CriError> {
 /// containerd serving the CRI, its registry of stand-in images and its CNI bridge.
 #[derive(Debug)]
 pub struct CriBed {
-    // Field order is drop order: pods and containerd, then the bridge, then the registry.
+    // Field order is drop order: pods and containerd, then the snapshotter, the bridge, the
+    // registry.
     pub containerd: Containerd,
+    pub snapshotter: Option<SnapshotterDaemon>,
     network: BridgeNetwork,
     pub registry: Registry,
     pub images: CriImages,
@@ -227,26 +237,62 @@ impl CriBed {
     /// Builds (or finds) the stand-in images, starts the registry and pushes them, makes the
     /// bridge and starts containerd `version` with the CRI plugin.
     pub fn start(version: ContainerdVersion) -> Result<Self, CriError> {
+        Self::start_inner(version, false)
+    }
+
+    /// As [`CriBed::start`], with hyperbox-snapshotter running as containerd's proxy
+    /// snapshotter `hyperbox` and the handler [`SNAPSHOTTER_HANDLER`] using it
+    /// (`snapshotter = "hyperbox"` in its runtime table).
+    pub fn start_with_snapshotter(version: ContainerdVersion) -> Result<Self, CriError> {
+        Self::start_inner(version, true)
+    }
+
+    fn start_inner(version: ContainerdVersion, with_snapshotter: bool) -> Result<Self, CriError> {
         let serial = ONE_BED.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshotter = if with_snapshotter {
+            Some(SnapshotterDaemon::start("").map_err(|e| CriError::Snapshotter(e.to_string()))?)
+        } else {
+            None
+        };
         let images = cri_images::build(&BuildOptions::from_env()?)?;
         let registry = Registry::start()?;
         images.push(&registry.host())?;
         let network = BridgeNetwork::create()?;
         let mirror = format!("http://{}", registry.host());
+        // containerd 2.x merges an imported file's tables into the config: there the
+        // `hyperbox` and `hyperbox-wasm` handlers come from config/containerd-runtime.v3.toml
+        // itself, as a user's node gets them. 1.6 and 1.7 would let the snippet's CRI table
+        // replace the generated one whole, so there they are generated with the same types.
+        let snippet = crate::host::config_file("containerd-runtime.v3.toml");
+        let ours = [HANDLERS[1], WASM_HANDLER];
+        let mut runtimes: Vec<(String, String)> = std::iter::once(HANDLERS[0])
+            .chain(ours.iter().copied().filter(|_| !version.is_2x()))
+            .map(|(h, t)| (h.to_owned(), t.to_owned()))
+            .chain(std::iter::once((
+                HYPERBOX_AS_RUNC.to_owned(),
+                "io.containerd.runc.v2".to_owned(),
+            )))
+            .collect();
+        let mut runtime_snapshotters = Vec::new();
+        if snapshotter.is_some() {
+            runtimes.push((SNAPSHOTTER_HANDLER.to_owned(), HANDLERS[1].1.to_owned()));
+            runtime_snapshotters.push((SNAPSHOTTER_HANDLER.to_owned(), PLUGIN.to_owned()));
+        }
+        // Our handlers let `io.hyperbox.*` annotations through, as config/'s snippets do.
+        let runtime_annotations = runtimes
+            .iter()
+            .filter(|(h, _)| h != HANDLERS[0].0)
+            .map(|(h, _)| (h.clone(), "io.hyperbox.*".to_owned()))
+            .collect();
         let options = CriOptions {
             sandbox_image: cri_images::PAUSE_IMAGE.to_owned(),
-            runtimes: HANDLERS
-                .iter()
-                .map(|(h, t)| ((*h).to_owned(), (*t).to_owned()))
-                .chain(std::iter::once((
-                    HYPERBOX_AS_RUNC.to_owned(),
-                    "io.containerd.runc.v2".to_owned(),
-                )))
-                .collect(),
+            runtimes,
             runtime_paths: crate::host::workspace_binary("containerd-shim-hyperbox-v1")
                 .map(|path| (HYPERBOX_AS_RUNC.to_owned(), path))
                 .into_iter()
                 .collect(),
+            runtime_snapshotters,
+            runtime_annotations,
             cni_bin_dir: PathBuf::from(CNI_BIN_DIR),
             cni_conflist: (network.name.clone(), network.conflist.clone()),
             mirrors: cri_images::REGISTRY_HOSTS
@@ -255,9 +301,17 @@ impl CriBed {
                 .collect(),
             restrict_oom_score_adj: true,
         };
-        let containerd = Containerd::builder(version).with_cri(options).start()?;
+        let mut builder = Containerd::builder(version).with_cri(options);
+        if version.is_2x() {
+            builder = builder.with_import(snippet);
+        }
+        if let Some(snap) = &snapshotter {
+            builder = builder.with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
+        }
+        let containerd = builder.start()?;
         Ok(Self {
             containerd,
+            snapshotter,
             network,
             registry,
             images,
@@ -314,6 +368,51 @@ impl Drop for CriBed {
     fn drop(&mut self) {
         self.remove_pods();
     }
+}
+
+/// A process started from a `containerd-shim-*` binary: its pid, its parent's, and the
+/// binary's file name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShimProcess {
+    pub pid: u32,
+    pub ppid: u32,
+    pub binary: String,
+}
+
+/// Every process started from a `containerd-shim-*` binary with `-address` the daemon socket
+/// `socket`: the shims, and the helpers they fork from themselves (our zygote: same binary,
+/// same arguments, a shim for its parent).
+pub fn shim_processes(socket: &Path) -> Vec<ShimProcess> {
+    let socket = socket.to_string_lossy();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let binary = Path::new(args.first()?).file_name()?.to_str()?.to_owned();
+            let ours = args
+                .windows(2)
+                .any(|w| w[0] == "-address" && w[1] == socket);
+            if !binary.starts_with("containerd-shim-") || !ours {
+                return None;
+            }
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(ShimProcess { pid, ppid, binary })
+        })
+        .collect()
 }
 
 /// The outcome of one spec.

@@ -103,12 +103,7 @@ pub fn docker_binary() -> PathBuf {
     docker_root().join("bin/docker")
 }
 
-/// A file of the repository's `config/` directory.
-pub fn config_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../config")
-        .join(name)
-}
+pub use crate::host::config_file;
 
 /// Builds a [`Docker`].
 #[derive(Debug, Clone)]

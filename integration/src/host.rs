@@ -46,6 +46,13 @@ pub fn fsck_erofs() -> PathBuf {
     prefix().join("erofs-utils-1.8/usr/bin/fsck.erofs")
 }
 
+/// A file of the repository's `config/` directory.
+pub fn config_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config")
+        .join(name)
+}
+
 /// The directory holding this workspace's built binaries (`target/<profile>`).
 ///
 /// `HYPERBOX_BIN_DIR` wins; otherwise it is derived from the running executable, which is

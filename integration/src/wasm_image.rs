@@ -103,6 +103,13 @@ impl WasmImageBuilder {
         self
     }
 
+    /// The configuration's `os` (`wasip1` by default): `linux` with an ordinary architecture
+    /// makes an image any Linux platform matcher takes, a `.wasm` file in its tar layers.
+    pub fn with_os(mut self, os: &str) -> Self {
+        self.os = os.to_owned();
+        self
+    }
+
     /// Writes the image as an OCI layout in `dir` (created; tagged [`LAYOUT_REF`]).
     pub fn write(&self, dir: &Path) -> Result<WasmImage, ImageError> {
         let io = |action: &'static str, path: &Path| {
