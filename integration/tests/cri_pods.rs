@@ -21,6 +21,39 @@ use hyperbox_integration::containerd::ContainerdVersion;
 use hyperbox_integration::cri::{self, CriBed, ShimProcess};
 use hyperbox_integration::wasm_image::WasmImageBuilder;
 
+/// `cri_versions!(body)` makes the tests `body::on_containerd_1_7` and
+/// `body::on_containerd_2_1`, each calling `body(version)`: ignored (counted as skipped) when
+/// the build found no cri-tools tarball (crictl), or for 2.1 no containerd 2.1 tarball; never
+/// under CI.
+macro_rules! cri_versions {
+    ($body:ident) => {
+        mod $body {
+            use hyperbox_integration::containerd::ContainerdVersion;
+
+            #[test]
+            #[cfg_attr(
+                hyperbox_critest_unavailable,
+                ignore = "crictl skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder \
+                          holding cri-tools-v1.34.0-src.tar.xz (CI sets it)"
+            )]
+            fn on_containerd_1_7() {
+                super::$body(ContainerdVersion::V1_7);
+            }
+
+            #[test]
+            #[cfg_attr(
+                any(hyperbox_critest_unavailable, hyperbox_containerd2_unavailable),
+                ignore = "crictl or containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not \
+                          name a folder holding cri-tools-v1.34.0-src.tar.xz and \
+                          containerd-2.1.9-src.tar.xz (CI sets it)"
+            )]
+            fn on_containerd_2_1() {
+                super::$body(ContainerdVersion::V2_1);
+            }
+        }
+    };
+}
+
 const BUSYBOX: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
 /// Containers per pod, beside its sandbox.
 const CONTAINERS: usize = 3;
@@ -204,25 +237,7 @@ fn one_shim_per_pod(v: ContainerdVersion) {
     bed.teardown().expect("teardown leaves nothing behind");
 }
 
-#[test]
-#[cfg_attr(
-    hyperbox_critest_unavailable,
-    ignore = "crictl skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder holding \
-              cri-tools-v1.34.0-src.tar.xz (CI sets it; scripts/setup-host builds crictl from it)"
-)]
-fn one_shim_per_pod_on_containerd_1_7() {
-    one_shim_per_pod(ContainerdVersion::V1_7);
-}
-
-#[test]
-#[cfg_attr(
-    any(hyperbox_critest_unavailable, hyperbox_containerd2_unavailable),
-    ignore = "crictl or containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder \
-              holding cri-tools-v1.34.0-src.tar.xz and containerd-2.1.9-src.tar.xz (CI sets it)"
-)]
-fn one_shim_per_pod_on_containerd_2_1() {
-    one_shim_per_pod(ContainerdVersion::V2_1);
-}
+cri_versions!(one_shim_per_pod);
 
 /// The Kubernetes namespace of the test pods.
 const POD_NAMESPACE: &str = "hyperbox-test";
@@ -520,25 +535,7 @@ fn go_arch() -> &'static str {
     }
 }
 
-#[test]
-#[cfg_attr(
-    hyperbox_critest_unavailable,
-    ignore = "crictl skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder holding \
-              cri-tools-v1.34.0-src.tar.xz (CI sets it; scripts/setup-host builds crictl from it)"
-)]
-fn wasm_and_native_in_one_pod_on_containerd_1_7() {
-    wasm_and_native_in_one_pod(ContainerdVersion::V1_7);
-}
-
-#[test]
-#[cfg_attr(
-    any(hyperbox_critest_unavailable, hyperbox_containerd2_unavailable),
-    ignore = "crictl or containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder \
-              holding cri-tools-v1.34.0-src.tar.xz and containerd-2.1.9-src.tar.xz (CI sets it)"
-)]
-fn wasm_and_native_in_one_pod_on_containerd_2_1() {
-    wasm_and_native_in_one_pod(ContainerdVersion::V2_1);
-}
+cri_versions!(wasm_and_native_in_one_pod);
 
 /// A RuntimeClass handler whose runtime table names hyperbox-snapshotter
 /// (`snapshotter = "hyperbox"`): an image pulled for that handler (the kubelet's
@@ -611,25 +608,7 @@ fn snapshotter_for_a_handler(v: ContainerdVersion) {
     bed.teardown().expect("teardown leaves nothing behind");
 }
 
-#[test]
-#[cfg_attr(
-    hyperbox_critest_unavailable,
-    ignore = "crictl skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder holding \
-              cri-tools-v1.34.0-src.tar.xz (CI sets it; scripts/setup-host builds crictl from it)"
-)]
-fn snapshotter_for_a_handler_on_containerd_1_7() {
-    snapshotter_for_a_handler(ContainerdVersion::V1_7);
-}
-
-#[test]
-#[cfg_attr(
-    any(hyperbox_critest_unavailable, hyperbox_containerd2_unavailable),
-    ignore = "crictl or containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder \
-              holding cri-tools-v1.34.0-src.tar.xz and containerd-2.1.9-src.tar.xz (CI sets it)"
-)]
-fn snapshotter_for_a_handler_on_containerd_2_1() {
-    snapshotter_for_a_handler(ContainerdVersion::V2_1);
-}
+cri_versions!(snapshotter_for_a_handler);
 
 /// Templates driven by Pod annotations through CRI, as `config/templates-pods.yaml` writes
 /// them: a pod annotated to capture its container `app` once `/ready` exists gives a
@@ -735,22 +714,4 @@ fn templates_from_pod_annotations(v: ContainerdVersion) {
     bed.teardown().expect("teardown leaves nothing behind");
 }
 
-#[test]
-#[cfg_attr(
-    hyperbox_critest_unavailable,
-    ignore = "crictl skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder holding \
-              cri-tools-v1.34.0-src.tar.xz (CI sets it; scripts/setup-host builds crictl from it)"
-)]
-fn templates_from_pod_annotations_on_containerd_1_7() {
-    templates_from_pod_annotations(ContainerdVersion::V1_7);
-}
-
-#[test]
-#[cfg_attr(
-    any(hyperbox_critest_unavailable, hyperbox_containerd2_unavailable),
-    ignore = "crictl or containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder \
-              holding cri-tools-v1.34.0-src.tar.xz and containerd-2.1.9-src.tar.xz (CI sets it)"
-)]
-fn templates_from_pod_annotations_on_containerd_2_1() {
-    templates_from_pod_annotations(ContainerdVersion::V2_1);
-}
+cri_versions!(templates_from_pod_annotations);
