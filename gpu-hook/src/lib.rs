@@ -9,8 +9,12 @@
 //! - [`request`]: `NVIDIA_VISIBLE_DEVICES` (which GPUs, or none, or not a GPU container at
 //!   all) and `NVIDIA_DRIVER_CAPABILITIES` (which parts of the driver);
 //! - [`require`]: `NVIDIA_REQUIRE_*` constraints (`cuda`, `driver`, `arch`, `brand`), checked
-//!   against what the node has.
+//!   against what the node has;
+//! - [`driver`]: what the kernel driver says of itself in `/proc` (version, GPUs, device
+//!   majors, MIG capability minors) and the device nodes that follows, the generator's first
+//!   input besides NVML.
 
+pub mod driver;
 pub mod request;
 pub mod require;
 pub mod version;
