@@ -12,8 +12,10 @@
 //!   against what the node has;
 //! - [`driver`]: what the kernel driver says of itself in `/proc` (version, GPUs, device
 //!   majors, MIG capability minors) and the device nodes that follows, the generator's first
-//!   input besides NVML.
+//!   input besides NVML;
+//! - [`cdi`]: the CDI spec (`nvidia.com/gpu`) for runtimes that read CDI, written atomically.
 
+pub mod cdi;
 pub mod driver;
 pub mod request;
 pub mod require;
