@@ -728,3 +728,96 @@ fn error_codes_as_runc(v: ContainerdVersion) {
     assert_eq!(answers[1], answers[0], "hyperbox's codes vs runc's");
 }
 per_version!(error_codes, error_codes_as_runc);
+
+/// Containers annotated `io.containerd.runc.v2.group` share one shim, under runc's shim and
+/// ours alike (`ctr run --annotation`, the form a client other than CRI uses): two
+/// containers of a group have one shim (ours with its one zygote), and killing one leaves
+/// the other running in it. A container of another runtime in the same group never joins
+/// ours: runc's shim for it is a shim of its own.
+fn group_annotation_as_runc(v: ContainerdVersion) {
+    use hyperbox_integration::cri::shim_processes;
+    let (bed, image) = bed(v);
+    let c = &bed.containerd;
+    let fp = Footprint::of(c.dir()).expect("footprint");
+    let group = "io.containerd.runc.v2.group=g1";
+    let shims_of = |binary: &str| {
+        let all = shim_processes(c.socket());
+        let shims: Vec<u32> = all
+            .iter()
+            .filter(|p| p.binary == binary && !all.iter().any(|q| q.pid == p.ppid))
+            .map(|p| p.pid)
+            .collect();
+        let helpers = all
+            .iter()
+            .filter(|p| p.binary == binary && all.iter().any(|q| q.pid == p.ppid))
+            .count();
+        (shims, helpers)
+    };
+    let mut seen = Vec::new();
+    for (runtime, binary) in [
+        (RUNC, "containerd-shim-runc-v2"),
+        (OURS, "containerd-shim-hyperbox-v1"),
+    ] {
+        let tag = if runtime == RUNC { "r" } else { "h" };
+        let (a, b) = (format!("grp-{tag}a"), format!("grp-{tag}b"));
+        for id in [&a, &b] {
+            detached(
+                c,
+                runtime,
+                &image,
+                id,
+                &["--annotation", group],
+                &["sleep", "1000"],
+            );
+        }
+        let (shims, helpers) = shims_of(binary);
+        remove(c, &a);
+        wait_status(c, &b, "RUNNING");
+        let (after, _) = shims_of(binary);
+        seen.push((runtime, shims.len(), helpers, after == shims));
+    }
+    // A runc container in group g1 while only ours serves g1: were the socket derived from
+    // the group alone (as runc's shim derives it), runc's shim would find ours there and
+    // hand it the container. It gets a runc shim of its own; ours is untouched.
+    remove(c, "grp-rb");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !shims_of("containerd-shim-runc-v2").0.is_empty() {
+        assert!(Instant::now() < deadline, "runc's group shim did not exit");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let ours_before = shims_of("containerd-shim-hyperbox-v1").0;
+    let pid = detached(
+        c,
+        RUNC,
+        &image,
+        "grp-rc",
+        &["--annotation", group],
+        &["sleep", "1000"],
+    );
+    let runc_shims = shims_of("containerd-shim-runc-v2").0;
+    let ours_after = shims_of("containerd-shim-hyperbox-v1").0;
+    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u32>()
+                .ok()
+        });
+    for id in ["grp-hb", "grp-rc"] {
+        remove(c, id);
+    }
+    drop(bed);
+    assert_eq!(fp.leftovers(), Vec::<String>::new());
+    assert_eq!(
+        seen,
+        [(RUNC, 1, 0, true), (OURS, 1, 1, true)],
+        "(runtime, shims, helpers, same shim after one container went)"
+    );
+    assert_eq!(ours_after, ours_before, "a runc container joined our shim");
+    assert_eq!(runc_shims.len(), 1, "{runc_shims:?}");
+    assert_eq!(parent, Some(runc_shims[0]), "grp-rc runs under runc's shim");
+}
+per_version!(group_annotation, group_annotation_as_runc);
