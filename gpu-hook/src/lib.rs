@@ -13,10 +13,13 @@
 //! - [`driver`]: what the kernel driver says of itself in `/proc` (version, GPUs, device
 //!   majors, MIG capability minors) and the device nodes that follows, the generator's first
 //!   input besides NVML;
-//! - [`cdi`]: the CDI spec (`nvidia.com/gpu`) for runtimes that read CDI, written atomically.
+//! - [`cdi`]: the CDI spec (`nvidia.com/gpu`) for runtimes that read CDI, written atomically;
+//! - [`ldcache`]: glibc's `ld.so.cache`, read as the loader reads it, to find the driver's
+//!   libraries under a driver root without running `ldconfig`.
 
 pub mod cdi;
 pub mod driver;
+pub mod ldcache;
 pub mod request;
 pub mod require;
 pub mod version;
