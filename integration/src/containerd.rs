@@ -562,7 +562,7 @@ fn cri_toml_v3(dir: &Path, cri: &CriOptions) -> String {
 }
 
 /// This machine's architecture as Go (and so OCI platforms) names it.
-fn go_arch() -> &'static str {
+pub fn go_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",

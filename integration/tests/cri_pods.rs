@@ -471,7 +471,7 @@ fn wasm_and_native_in_one_pod(v: ContainerdVersion) {
     crictl_ok(&bed, &["pull", BUSYBOX]);
     let guest = wat::parse_str(WASM_HELLO).expect("the guest assembles");
     let image = WasmImageBuilder::new()
-        .with_architecture(go_arch())
+        .with_architecture(hyperbox_integration::containerd::go_arch())
         .with_os("linux")
         .with_files(&[("/hello.wasm", &guest)])
         .expect("tar layer")
@@ -524,15 +524,6 @@ fn wasm_and_native_in_one_pod(v: ContainerdVersion) {
     crictl_ok(&bed, &["stopp", &pod]);
     crictl_ok(&bed, &["rmp", &pod]);
     bed.teardown().expect("teardown leaves nothing behind");
-}
-
-/// Go's (and OCI platforms') name of this machine's architecture.
-fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
 }
 
 cri_versions!(wasm_and_native_in_one_pod);
