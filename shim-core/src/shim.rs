@@ -322,3 +322,87 @@ mod fd_tests {
         assert!(cloexec());
     }
 }
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    fn bundle(name: &str, config: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("hb-group-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_group_comes_from_the_annotations_as_under_runc() {
+        let cases = [
+            (r#"{"ociVersion":"1.0.2"}"#, "own"),
+            (r#"{"annotations":null}"#, "own"),
+            (
+                r#"{"annotations":{"io.kubernetes.cri.sandbox-id":""}}"#,
+                "own",
+            ),
+            (
+                r#"{"annotations":{"io.kubernetes.cri.sandbox-id":"pod1"}}"#,
+                "pod1",
+            ),
+            (
+                r#"{"annotations":{"io.kubernetes.cri.sandbox-id":"pod1","io.containerd.runc.v2.group":"g"}}"#,
+                "g",
+            ),
+            (
+                r#"{"annotations":{"io.containerd.runc.v2.group":"","io.kubernetes.cri.sandbox-id":"pod1"}}"#,
+                "pod1",
+            ),
+        ];
+        for (n, (config, want)) in cases.into_iter().enumerate() {
+            let dir = bundle(&format!("c{n}"), config);
+            assert_eq!(group_of(&dir, "own").as_deref(), Ok(want), "{config}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_spec_that_cannot_be_read_fails_start_naming_it() {
+        let dir = bundle("bad", "{not json");
+        let err = group_of(&dir, "own").unwrap_err();
+        assert!(err.contains("config.json"), "{err}");
+        std::fs::remove_file(dir.join("config.json")).unwrap();
+        let err = group_of(&dir, "own").unwrap_err();
+        assert!(err.contains("cannot read"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_hostile_group_only_names_a_socket_under_containerds_shim_dir() {
+        // The group is hashed into the socket's name: whatever an annotation holds (path
+        // parts, a NUL, a megabyte), the address stays one file in containerd's directory,
+        // and the runtime's name keeps other runtimes' groups apart.
+        let long = "x".repeat(1 << 20);
+        for group in [
+            "../../etc/passwd",
+            "/run/containerd/s/abc",
+            "a\0b",
+            long.as_str(),
+        ] {
+            let ours = containerd_shim::socket_address(
+                "/run/containerd/containerd.sock.ttrpc",
+                "k8s.io",
+                &format!("io.containerd.hyperbox.v1/{group}"),
+            );
+            let name = ours.strip_prefix("unix:///run/containerd/s/").expect(&ours);
+            assert!(
+                name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{ours}"
+            );
+            let runcs = containerd_shim::socket_address(
+                "/run/containerd/containerd.sock.ttrpc",
+                "k8s.io",
+                group,
+            );
+            assert_ne!(ours, runcs);
+        }
+    }
+}
