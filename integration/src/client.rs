@@ -160,9 +160,14 @@ impl EventStream {
         let mut seen = Vec::new();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
+            // On a timeout, say what did arrive: which event went missing is the clue.
             let next = tokio::time::timeout_at(deadline, self.next())
                 .await
-                .map_err(|_| ClientError::Timeout(limit, format!("event {topic}")))??;
+                .map_err(|_| {
+                    let arrived: Vec<&str> =
+                        seen.iter().map(|e: &Event| e.topic.as_str()).collect();
+                    ClientError::Timeout(limit, format!("event {topic} (arrived: {arrived:?})"))
+                })??;
             let Some(event) = next else {
                 return Err(ClientError::StreamEnded(topic.to_string()));
             };
