@@ -1,20 +1,23 @@
 //! The CDI spec (`nvidia.com/gpu`) the generator writes for runtimes that read CDI
 //! (containerd's CRI with `enable_cdi`, Docker's `--device nvidia.com/gpu=0`, Podman).
 //!
-//! Devices by NVML index (GPUs ordered by PCI bus id, as NVML numbers them), by UUID, and
-//! `all`; the nodes every GPU container needs (`nvidiactl`, UVM) in the spec's common
-//! edits. The spec says the lowest `cdiVersion` whose rules it meets (device names starting
-//! with a digit need 0.5.0, host paths on device nodes 0.5.0, mount types 0.4.0), and is
-//! written atomically so a runtime never reads half of it.
+//! Devices by NVML index (GPUs ordered by PCI bus id, as NVML numbers them), by UUID, each
+//! MIG device as `GPU:MIG` and by its UUID, and `all`. The common edits carry what every GPU
+//! container needs: the control nodes (`nvidiactl`, UVM), the driver's files as read-only
+//! bind mounts, `NVIDIA_VISIBLE_DEVICES=void` (so that a legacy hook, or our shim, does not
+//! inject a second time) and `hyperbox-gpu-hook ldcache` as a `createContainer` hook, which
+//! writes the loader's cache for the mounted libraries. The spec says the lowest
+//! `cdiVersion` whose rules it meets (device names starting with a digit and device nodes
+//! with a host path need 0.5.0, mount types 0.4.0), and is written atomically so a runtime
+//! never reads half of it.
 
-use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::driver::{DeviceNode, DriverProc};
+use crate::cache::NodeCache;
+use crate::driver::DeviceNode;
 
 /// The kind of every device here.
 pub const KIND: &str = "nvidia.com/gpu";
@@ -39,18 +42,33 @@ pub struct CdiDeviceNode {
     pub major: u32,
     pub minor: u32,
     pub permissions: String,
+    /// The node on the host, where it is not `path` (a test's fake `/dev`).
+    #[serde(rename = "hostPath", skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
 }
 
-impl From<&DeviceNode> for CdiDeviceNode {
-    fn from(n: &DeviceNode) -> Self {
+impl CdiDeviceNode {
+    /// The edit for `n`, whose host node is under `dev_root` (`/` on a real node).
+    fn new(n: &DeviceNode, dev_root: &Path) -> Self {
+        let host = dev_root.join(n.path.trim_start_matches('/'));
         CdiDeviceNode {
             path: n.path.clone(),
             kind: "c".into(),
             major: n.major,
             minor: n.minor,
             permissions: "rw".into(),
+            host_path: (host != Path::new(&n.path)).then(|| host.display().to_string()),
         }
     }
+}
+
+/// A hook edit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CdiHook {
+    pub hook_name: String,
+    pub path: String,
+    pub args: Vec<String>,
 }
 
 /// A mount edit.
@@ -74,6 +92,8 @@ pub struct ContainerEdits {
     pub device_nodes: Vec<CdiDeviceNode>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<CdiMount>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<CdiHook>,
 }
 
 /// One named device.
@@ -102,47 +122,75 @@ pub fn valid_device_name(name: &str) -> bool {
 }
 
 impl CdiSpec {
-    /// The spec for the GPUs `driver` lists: per GPU a device by index and one by UUID,
-    /// and `all`; the control nodes as common edits.
-    pub fn for_driver(driver: &DriverProc) -> Result<Self, CdiError> {
-        let mut devices = Vec::new();
-        let mut all_nodes = Vec::new();
-        for (index, gpu) in driver.gpus.iter().enumerate() {
-            let node = CdiDeviceNode::from(&DriverProc::gpu_node(gpu));
-            all_nodes.push(node.clone());
-            for name in [index.to_string(), gpu.uuid.clone()] {
-                devices.push(CdiDevice {
-                    name,
-                    container_edits: ContainerEdits {
-                        device_nodes: vec![node.clone()],
-                        ..Default::default()
-                    },
-                });
-            }
-        }
-        devices.push(CdiDevice {
-            name: "all".into(),
+    /// The spec for the node `cache` describes; device nodes on the host under `dev_root`,
+    /// the hook at `hook` reading `cache_path`.
+    pub fn for_node(
+        cache: &NodeCache,
+        dev_root: &Path,
+        hook: &Path,
+        cache_path: &Path,
+    ) -> Result<Self, CdiError> {
+        let node = |n: &DeviceNode| CdiDeviceNode::new(n, dev_root);
+        let device = |name: String, nodes: Vec<CdiDeviceNode>| CdiDevice {
+            name,
             container_edits: ContainerEdits {
-                device_nodes: all_nodes,
+                device_nodes: nodes,
                 ..Default::default()
             },
-        });
+        };
+        let mut devices = Vec::new();
+        let mut all_nodes = Vec::new();
+        for gpu in &cache.gpus {
+            let gpu_node = node(&gpu.node);
+            all_nodes.push(gpu_node.clone());
+            devices.push(device(gpu.index.to_string(), vec![gpu_node.clone()]));
+            devices.push(device(gpu.uuid.clone(), vec![gpu_node.clone()]));
+            for mig in &gpu.mig {
+                let mut nodes = vec![gpu_node.clone()];
+                nodes.extend(mig.nodes.iter().map(node));
+                devices.push(device(
+                    format!("{}:{}", gpu.index, mig.index),
+                    nodes.clone(),
+                ));
+                devices.push(device(mig.uuid.clone(), nodes));
+            }
+        }
+        devices.push(device("all".into(), all_nodes));
         for d in &devices {
             if !valid_device_name(&d.name) {
                 return Err(CdiError::BadName(d.name.clone()));
             }
         }
+        let mounts = cache
+            .files
+            .iter()
+            .map(|f| CdiMount {
+                host_path: f.host_path.display().to_string(),
+                container_path: f.container_path.display().to_string(),
+                options: ["ro", "nosuid", "nodev", "rbind", "rprivate"]
+                    .map(String::from)
+                    .to_vec(),
+                kind: None,
+            })
+            .collect();
         let mut spec = CdiSpec {
             cdi_version: String::new(),
             kind: KIND.into(),
             devices,
             container_edits: ContainerEdits {
-                device_nodes: driver
-                    .control_nodes()
-                    .iter()
-                    .map(CdiDeviceNode::from)
-                    .collect(),
-                ..Default::default()
+                env: vec![format!("{}=void", crate::request::VISIBLE_DEVICES)],
+                device_nodes: cache.control_nodes.iter().map(node).collect(),
+                mounts,
+                hooks: vec![CdiHook {
+                    hook_name: "createContainer".into(),
+                    path: hook.display().to_string(),
+                    args: vec![
+                        "hyperbox-gpu-hook".into(),
+                        "--cache".into(),
+                        cache_path.display().to_string(),
+                        "ldcache".into(),
+                    ],
+                }],
             },
         };
         spec.cdi_version = spec.minimum_version().into();
@@ -157,16 +205,20 @@ impl CdiSpec {
             .map(|d| &d.container_edits)
             .chain(std::iter::once(&self.container_edits));
         let mut needs_040 = false;
+        let mut needs_050 = false;
         for e in edits {
             if e.mounts.iter().any(|m| m.kind.is_some()) {
                 needs_040 = true;
+            }
+            if e.device_nodes.iter().any(|n| n.host_path.is_some()) {
+                needs_050 = true;
             }
         }
         let digit_first = self
             .devices
             .iter()
             .any(|d| d.name.starts_with(|c: char| !c.is_ascii_alphabetic()));
-        if digit_first {
+        if digit_first || needs_050 {
             "0.5.0"
         } else if needs_040 {
             "0.4.0"
@@ -184,106 +236,102 @@ impl CdiSpec {
         };
         let mut text = serde_json::to_vec_pretty(self)?;
         text.push(b'\n');
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let tmp = dir.join(format!(".{}.tmp", name.unwrap_or_default()));
-        // Whatever is at the temporary name (a leftover, or a link planted there) is removed,
-        // not followed, and the file is made afresh.
-        match fs::remove_file(&tmp) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
-            _ => {}
-        }
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(&text).map_err(err)?;
-        f.set_permissions(fs::Permissions::from_mode(0o644))
-            .map_err(err)?;
-        f.sync_all().map_err(err)?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(err)?;
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        crate::atomic::write(path, &text, 0o644).map_err(err)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::GpuInfo;
+    use crate::plan::tests::two_gpus;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
-    fn driver(gpus: usize, uvm: bool) -> DriverProc {
-        let mut majors = std::collections::BTreeMap::new();
-        if uvm {
-            majors.insert("nvidia-uvm".to_owned(), 237);
-        }
-        DriverProc {
-            version: "550.54.15".parse().unwrap(),
-            gpus: (0..gpus)
-                .map(|i| GpuInfo {
-                    model: "Tesla T4".into(),
-                    uuid: format!("GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd"),
-                    bus_id: format!("00000000:{:02x}:00.0", 0x3b + i),
-                    minor: i as u32,
-                    excluded: false,
-                })
-                .collect(),
-            char_majors: majors,
-            mig_minors: Vec::new(),
-        }
+    fn spec(cache: &NodeCache) -> CdiSpec {
+        CdiSpec::for_node(
+            cache,
+            Path::new("/"),
+            Path::new("/usr/local/bin/hyperbox-gpu-hook"),
+            Path::new("/run/hyperbox/gpu/cache.json"),
+        )
+        .unwrap()
     }
 
     #[test]
-    fn two_gpus_give_index_uuid_and_all_devices() {
-        let spec = CdiSpec::for_driver(&driver(2, true)).unwrap();
-        let json = serde_json::to_value(&spec).unwrap();
-        let expected = serde_json::json!({
-            "cdiVersion": "0.5.0",
-            "kind": "nvidia.com/gpu",
-            "devices": [
-                {"name": "0", "containerEdits": {"deviceNodes": [
-                    {"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0, "permissions": "rw"}]}},
-                {"name": "GPU-00000000-aaaa-bbbb-cccc-dddddddddddd", "containerEdits": {"deviceNodes": [
-                    {"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0, "permissions": "rw"}]}},
-                {"name": "1", "containerEdits": {"deviceNodes": [
-                    {"path": "/dev/nvidia1", "type": "c", "major": 195, "minor": 1, "permissions": "rw"}]}},
-                {"name": "GPU-00000001-aaaa-bbbb-cccc-dddddddddddd", "containerEdits": {"deviceNodes": [
-                    {"path": "/dev/nvidia1", "type": "c", "major": 195, "minor": 1, "permissions": "rw"}]}},
-                {"name": "all", "containerEdits": {"deviceNodes": [
-                    {"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0, "permissions": "rw"},
-                    {"path": "/dev/nvidia1", "type": "c", "major": 195, "minor": 1, "permissions": "rw"}]}}
-            ],
-            "containerEdits": {"deviceNodes": [
-                {"path": "/dev/nvidiactl", "type": "c", "major": 195, "minor": 255, "permissions": "rw"},
-                {"path": "/dev/nvidia-uvm", "type": "c", "major": 237, "minor": 0, "permissions": "rw"},
-                {"path": "/dev/nvidia-uvm-tools", "type": "c", "major": 237, "minor": 1, "permissions": "rw"}
-            ]}
-        });
-        assert_eq!(json, expected);
+    fn devices_by_index_uuid_mig_and_all() {
+        let json = serde_json::to_value(spec(&two_gpus())).unwrap();
+        let names: Vec<&str> = json["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "0",
+                "GPU-01111111-2222-3333-4444-555555555555",
+                "1",
+                "GPU-11111111-2222-3333-4444-555555555555",
+                "1:0",
+                "MIG-0aaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+                "1:1",
+                "MIG-1aaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+                "all"
+            ]
+        );
+        assert_eq!(
+            json["devices"][6]["containerEdits"]["deviceNodes"],
+            serde_json::json!([
+                {"path": "/dev/nvidia1", "type": "c", "major": 195, "minor": 1, "permissions": "rw"},
+                {"path": "/dev/nvidia-caps/nvidia-cap20", "type": "c", "major": 236, "minor": 20, "permissions": "rw"},
+                {"path": "/dev/nvidia-caps/nvidia-cap21", "type": "c", "major": 236, "minor": 21, "permissions": "rw"}
+            ])
+        );
+        let common = &json["containerEdits"];
+        assert_eq!(
+            common["env"],
+            serde_json::json!(["NVIDIA_VISIBLE_DEVICES=void"])
+        );
+        assert_eq!(common["deviceNodes"][0]["path"], "/dev/nvidiactl");
+        assert_eq!(common["mounts"].as_array().unwrap().len(), 5);
+        assert_eq!(
+            common["mounts"][0],
+            serde_json::json!({"hostPath": "/drv/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15",
+                "containerPath": "/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15",
+                "options": ["ro", "nosuid", "nodev", "rbind", "rprivate"]})
+        );
+        assert_eq!(
+            common["hooks"],
+            serde_json::json!([{"hookName": "createContainer",
+                "path": "/usr/local/bin/hyperbox-gpu-hook",
+                "args": ["hyperbox-gpu-hook", "--cache", "/run/hyperbox/gpu/cache.json", "ldcache"]}])
+        );
     }
 
     #[test]
     fn the_version_is_the_lowest_the_content_allows() {
         // No GPU: only `all`, a name starting with a letter, no mount types: 0.3.0.
-        let mut spec = CdiSpec::for_driver(&driver(0, false)).unwrap();
-        assert_eq!(spec.cdi_version, "0.3.0");
-        spec.container_edits.mounts.push(CdiMount {
-            host_path: "/usr/lib/libcuda.so.1".into(),
-            container_path: "/usr/lib/libcuda.so.1".into(),
-            options: vec!["ro".into(), "nosuid".into(), "nodev".into(), "bind".into()],
-            kind: Some("bind".into()),
-        });
-        assert_eq!(spec.minimum_version(), "0.4.0");
+        let mut cache = two_gpus();
+        cache.gpus.clear();
+        let mut s = spec(&cache);
+        assert_eq!(s.cdi_version, "0.3.0");
+        s.container_edits.mounts[0].kind = Some("bind".into());
+        assert_eq!(s.minimum_version(), "0.4.0");
+        // A fake /dev: host paths on the nodes.
+        let fake = CdiSpec::for_node(
+            &cache,
+            Path::new("/tmp/fake"),
+            Path::new("/h"),
+            Path::new("/c"),
+        )
+        .unwrap();
+        assert_eq!(fake.cdi_version, "0.5.0");
         assert_eq!(
-            CdiSpec::for_driver(&driver(1, false)).unwrap().cdi_version,
-            "0.5.0"
+            fake.container_edits.device_nodes[0].host_path.as_deref(),
+            Some("/tmp/fake/dev/nvidiactl")
         );
+        assert_eq!(spec(&two_gpus()).cdi_version, "0.5.0");
     }
 
     #[test]
@@ -294,10 +342,10 @@ mod tests {
         for bad in ["", "-0", "a/b", "a b", "../x", "é"] {
             assert!(!valid_device_name(bad), "{bad}");
         }
-        let mut d = driver(1, false);
-        d.gpus[0].uuid = "GPU-../x".into();
+        let mut cache = two_gpus();
+        cache.gpus[0].uuid = "GPU-../x".into();
         assert!(matches!(
-            CdiSpec::for_driver(&d),
+            CdiSpec::for_node(&cache, Path::new("/"), Path::new("/h"), Path::new("/c")),
             Err(CdiError::BadName(n)) if n == "GPU-../x"
         ));
     }
@@ -309,7 +357,7 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("nvidia.json");
         fs::write(&path, "stale").unwrap();
-        let spec = CdiSpec::for_driver(&driver(1, true)).unwrap();
+        let spec = spec(&two_gpus());
         spec.write_atomically(&path).unwrap();
         let back: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         assert_eq!(back, serde_json::to_value(&spec).unwrap());

@@ -116,7 +116,8 @@ pub fn parse_mig_minors(text: &str) -> Vec<(String, u32)> {
 }
 
 /// A character device node a container may need.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeviceNode {
     /// Where it lives, on the host and in the container (`/dev/nvidia0`).
     pub path: String,
@@ -227,10 +228,15 @@ impl DriverProc {
 
     /// `/dev/nvidia<minor>` of `gpu`.
     pub fn gpu_node(gpu: &GpuInfo) -> DeviceNode {
+        Self::gpu_node_for(gpu.minor)
+    }
+
+    /// `/dev/nvidia<minor>`.
+    pub fn gpu_node_for(minor: u32) -> DeviceNode {
         DeviceNode {
-            path: format!("/dev/nvidia{}", gpu.minor),
+            path: format!("/dev/nvidia{minor}"),
             major: NVIDIA_MAJOR,
-            minor: gpu.minor,
+            minor,
         }
     }
 

@@ -17,9 +17,15 @@
 //! - [`ldcache`]: glibc's `ld.so.cache`, read as the loader reads it, to find the driver's
 //!   libraries under a driver root without running `ldconfig`.
 
+pub mod atomic;
+pub mod cache;
 pub mod cdi;
+pub mod discover;
 pub mod driver;
+pub mod hook;
+pub mod inject;
 pub mod ldcache;
+pub mod plan;
 pub mod request;
 pub mod require;
 pub mod version;
