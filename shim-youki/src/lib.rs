@@ -11,6 +11,7 @@ mod engine;
 mod exec_security;
 mod executor;
 mod features;
+mod gpu;
 mod image;
 mod rootfs;
 pub mod template;

@@ -175,6 +175,32 @@ fn libcontainer_propagation(name: &str) -> Option<&'static str> {
     }
 }
 
+/// Edits the bundle's `config.json` with `edit` and replaces the file whole (a temporary file,
+/// given the original's mode, renamed over it), before libcontainer reads it.
+pub fn rewrite_config(
+    bundle: &Path,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<(), String> {
+    let path = bundle.join("config.json");
+    let mut config: serde_json::Value = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    edit(&mut config);
+    let tmp = bundle.join(".config.json.hyperbox");
+    let bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| {
+            let mode = std::fs::metadata(&path)?.permissions();
+            std::fs::set_permissions(&tmp, mode)?;
+            std::fs::rename(&tmp, &path)
+        })
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("cannot rewrite {}: {e}", path.display())
+        })
+}
+
 /// What the rootfs checks need from a bundle's `config.json`.
 #[derive(Debug, Clone, Default)]
 pub struct SpecPaths {
@@ -230,24 +256,9 @@ impl SpecPaths {
         else {
             return Ok(());
         };
-        let path = bundle.join("config.json");
-        let mut config: serde_json::Value = std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        config["linux"]["rootfsPropagation"] = known.into();
-        let tmp = bundle.join(".config.json.hyperbox");
-        let bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| {
-                let mode = std::fs::metadata(&path)?.permissions();
-                std::fs::set_permissions(&tmp, mode)?;
-                std::fs::rename(&tmp, &path)
-            })
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                format!("cannot rewrite {}: {e}", path.display())
-            })?;
+        rewrite_config(bundle, |config| {
+            config["linux"]["rootfsPropagation"] = known.into();
+        })?;
         self.root_propagation = Some(known.to_string());
         Ok(())
     }

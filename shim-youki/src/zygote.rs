@@ -466,6 +466,7 @@ fn create(
     }
     spec.normalize_root_propagation(bundle)
         .map_err(EngineError::Failed)?;
+    crate::gpu::prepare(id, bundle)?;
     let b = builder(root, id, stdio, fds)?;
     let target = bundle.join("rootfs");
     rootfs::mount_all(mounts, &target).map_err(EngineError::Failed)?;

@@ -1,0 +1,162 @@
+//! NVIDIA GPUs for containers that ask for them (`NVIDIA_VISIBLE_DEVICES`), with no other
+//! setup: at Create, the shim reads the node's GPU cache (written by `hyperbox-gpu-cdi`),
+//! works out the container's devices with the same code the hook uses, and puts into the
+//! bundle's `config.json`, before libcontainer reads it:
+//! - the device nodes in `linux.devices` (libcontainer creates them) and an allow rule for
+//!   each in `linux.resources.devices`, so the device cgroup lets exactly those through, by
+//!   the runtime's own means: nothing edits cgroups behind its back, so a `systemctl
+//!   daemon-reload` cannot take them away;
+//! - `hyperbox-gpu-hook` (beside the shim's binary) as a `createContainer` hook, which mounts
+//!   the driver's files and writes the loader's cache inside the container.
+//!
+//! A container that does not ask for GPUs (`NVIDIA_VISIBLE_DEVICES` unset, empty or `void`)
+//! is left exactly as it was. One that asks on a node without a driver fails at Create,
+//! naming what is missing.
+
+use std::path::{Path, PathBuf};
+
+use hyperbox_gpu::cache::{NodeCache, DEFAULT_PATH, PATH_ENV};
+use hyperbox_gpu::plan;
+use hyperbox_gpu::request::{Environment, GpuRequest, VISIBLE_DEVICES};
+use hyperbox_shim_core::EngineError;
+use serde_json::{json, Value};
+
+/// The hook's file name, looked for beside the shim's binary.
+pub const HOOK: &str = "hyperbox-gpu-hook";
+
+/// The cache the shim reads: `HYPERBOX_GPU_CACHE` (containerd's environment) or the default.
+fn cache_path() -> PathBuf {
+    std::env::var_os(PATH_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+fn hook_path() -> Result<PathBuf, EngineError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| EngineError::Failed(format!("cannot find the shim's own binary: {e}")))?;
+    Ok(exe.with_file_name(HOOK))
+}
+
+/// The process environment of a parsed `config.json`.
+fn process_env(config: &Value) -> Vec<String> {
+    config
+        .pointer("/process/env")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Adds the GPUs container `id` asks for to the spec in `bundle`; does nothing for a
+/// container that asks for none.
+pub fn prepare(id: &str, bundle: &Path) -> Result<(), EngineError> {
+    let path = bundle.join("config.json");
+    let config: Value = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| EngineError::InvalidSpec(format!("cannot read {}: {e}", path.display())))?;
+    let env = Environment::from_entries(process_env(&config));
+    let asked = env.get(VISIBLE_DEVICES).unwrap_or_default().to_string();
+    let request = GpuRequest::from_env(&env)
+        .map_err(|e| EngineError::InvalidSpec(format!("container {id}: {e}")))?;
+    let Some(request) = request else {
+        return Ok(());
+    };
+    let cache_path = cache_path();
+    let cache = NodeCache::read(&cache_path).map_err(|e| {
+        EngineError::InvalidSpec(format!(
+            "container {id} asks for GPUs ({VISIBLE_DEVICES}={asked:?}): {e}"
+        ))
+    })?;
+    let injection = plan::plan(&cache, &request)
+        .and_then(|i| plan::check_requirements(&cache, &i, &env).map(|()| i))
+        .map_err(|e| EngineError::InvalidSpec(format!("container {id}: {e}")))?;
+    let hook = hook_path()?;
+    if !hook.is_file() {
+        return Err(EngineError::Failed(format!(
+            "container {id} asks for GPUs, but {} is missing (install it beside the shim)",
+            hook.display()
+        )));
+    }
+    let nodes = injection.nodes.clone();
+    crate::rootfs::rewrite_config(bundle, |config| {
+        let linux = &mut config["linux"];
+        let mut have: Vec<String> = linux["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["path"].as_str().map(str::to_string))
+            .collect();
+        for n in &nodes {
+            if have.contains(&n.path) {
+                continue;
+            }
+            have.push(n.path.clone());
+            push(
+                &mut linux["devices"],
+                json!({"path": n.path, "type": "c", "major": n.major, "minor": n.minor,
+                       "fileMode": 0o666, "uid": 0, "gid": 0}),
+            );
+            push(
+                &mut linux["resources"]["devices"],
+                json!({"allow": true, "type": "c", "major": n.major, "minor": n.minor,
+                       "access": "rwm"}),
+            );
+        }
+        push(
+            &mut config["hooks"]["createContainer"],
+            json!({"path": hook.display().to_string(),
+                   "args": [HOOK, "--cache", cache_path.display().to_string()]}),
+        );
+    })
+    .map_err(EngineError::Failed)?;
+    tracing::info!(
+        id,
+        devices = injection.nodes.len(),
+        files = injection.files.len(),
+        "GPUs added to the spec"
+    );
+    Ok(())
+}
+
+/// Appends `item` to the array at `slot`, making the array when there is none.
+fn push(slot: &mut Value, item: Value) {
+    if !slot.is_array() {
+        *slot = Value::Array(Vec::new());
+    }
+    if let Value::Array(a) = slot {
+        a.push(item);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_container_without_gpus_is_left_alone() {
+        let dir = std::env::temp_dir().join(format!("hb-gpu-prepare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for env in [
+            json!([]),
+            json!(["NVIDIA_VISIBLE_DEVICES=void"]),
+            json!(["NVIDIA_VISIBLE_DEVICES="]),
+        ] {
+            let text = json!({"process": {"env": env}, "root": {"path": "rootfs"}}).to_string();
+            std::fs::write(dir.join("config.json"), &text).unwrap();
+            prepare("c", &dir).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(dir.join("config.json")).unwrap(),
+                text
+            );
+        }
+        let text = json!({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=bogus"]}}).to_string();
+        std::fs::write(dir.join("config.json"), &text).unwrap();
+        assert!(matches!(
+            prepare("c", &dir),
+            Err(EngineError::InvalidSpec(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
