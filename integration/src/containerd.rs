@@ -693,6 +693,9 @@ impl Containerd {
             // node's template settings there (none unless a test writes them).
             .env("HYPERBOX_TEMPLATE_ROOT", self.template_root())
             .env("HYPERBOX_TEMPLATE_CONFIG", self.template_settings())
+            // The shims read the GPU cache a test's generator writes there (none otherwise:
+            // a GPU request then fails as on a node without a driver).
+            .env("HYPERBOX_GPU_CACHE", self.gpu_cache())
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(log)
@@ -786,6 +789,12 @@ impl Containerd {
     /// Where this daemon's shims keep templates (`HYPERBOX_TEMPLATE_ROOT`): in the sandbox.
     pub fn template_root(&self) -> PathBuf {
         self.sandbox.dir().join("templates")
+    }
+
+    /// Where this daemon's shims read the node's GPU cache (`HYPERBOX_GPU_CACHE`): in the
+    /// sandbox, written by a test's `hyperbox-gpu-cdi generate --cache`.
+    pub fn gpu_cache(&self) -> PathBuf {
+        self.sandbox.dir().join("gpu/cache.json")
     }
 
     /// Where this daemon's shims read the node's template settings

@@ -15,6 +15,7 @@ pub mod client;
 pub mod containerd;
 pub mod cri;
 pub mod docker;
+pub mod gpu;
 pub mod host;
 pub mod images;
 pub mod pty;
