@@ -206,6 +206,10 @@ pub struct CriOptions {
     pub mirrors: Vec<(String, String)>,
     /// `restrict_oom_score_adj` (needed where root lacks CAP_SYS_RESOURCE).
     pub restrict_oom_score_adj: bool,
+    /// CDI spec directories: when not empty, CDI is turned on (`enable_cdi`, off by default
+    /// in 1.7) and reads only these (`cdi_spec_dirs`; 2.x would otherwise read the host's
+    /// `/etc/cdi` and `/var/run/cdi`).
+    pub cdi_spec_dirs: Vec<PathBuf>,
 }
 
 /// Builds a [`Containerd`].
@@ -471,15 +475,33 @@ fn write_cri_files(dir: &Path, cri: &CriOptions) -> Result<(), ContainerdError> 
     Ok(())
 }
 
+/// `enable_cdi` and `cdi_spec_dirs` lines of a CRI table, when the options name spec
+/// directories.
+fn cdi_toml(cri: &CriOptions) -> String {
+    if cri.cdi_spec_dirs.is_empty() {
+        return String::new();
+    }
+    let dirs: Vec<String> = cri
+        .cdi_spec_dirs
+        .iter()
+        .map(|d| toml_string(&d.to_string_lossy()))
+        .collect();
+    format!(
+        "  enable_cdi = true\n  cdi_spec_dirs = [{}]\n",
+        dirs.join(", ")
+    )
+}
+
 /// The `[plugins."io.containerd.grpc.v1.cri"]` section.
 fn cri_toml(dir: &Path, cri: &CriOptions) -> String {
     let q = |p: &Path| toml_string(&p.to_string_lossy());
     let plugin = "plugins.\"io.containerd.grpc.v1.cri\"";
     let mut s = format!(
         "[{plugin}]\n  sandbox_image = {}\n  restrict_oom_score_adj = {}\n  \
-         netns_mounts_under_state_dir = true\n  enable_selinux = false\n\n",
+         netns_mounts_under_state_dir = true\n  enable_selinux = false\n{}\n",
         toml_string(&cri.sandbox_image),
-        cri.restrict_oom_score_adj
+        cri.restrict_oom_score_adj,
+        cdi_toml(cri)
     );
     s.push_str(&format!(
         "[{plugin}.containerd]\n  snapshotter = \"overlayfs\"\n"
@@ -548,8 +570,9 @@ fn cri_toml_v3(dir: &Path, cri: &CriOptions) -> String {
     );
     s.push_str(&format!(
         "[{runtime}]\n  restrict_oom_score_adj = {}\n  netns_mounts_under_state_dir = true\n  \
-         enable_selinux = false\n\n",
-        cri.restrict_oom_score_adj
+         enable_selinux = false\n{}\n",
+        cri.restrict_oom_score_adj,
+        cdi_toml(cri)
     ));
     s.push_str(&format!("[{runtime}.containerd]\n"));
     s.push_str(&runtimes_toml(runtime, cri));

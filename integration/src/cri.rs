@@ -237,17 +237,28 @@ impl CriBed {
     /// Builds (or finds) the stand-in images, starts the registry and pushes them, makes the
     /// bridge and starts containerd `version` with the CRI plugin.
     pub fn start(version: ContainerdVersion) -> Result<Self, CriError> {
-        Self::start_inner(version, false)
+        Self::start_inner(version, false, Vec::new())
+    }
+
+    /// As [`CriBed::start`], with the CRI's CDI support on (`enable_cdi`), reading specs from
+    /// `spec_dir` only (`cdi_spec_dirs`): containers get the devices their `cdi.k8s.io/*`
+    /// annotations name.
+    pub fn start_with_cdi(version: ContainerdVersion, spec_dir: &Path) -> Result<Self, CriError> {
+        Self::start_inner(version, false, vec![spec_dir.to_path_buf()])
     }
 
     /// As [`CriBed::start`], with hyperbox-snapshotter running as containerd's proxy
     /// snapshotter `hyperbox` and the handler [`SNAPSHOTTER_HANDLER`] using it
     /// (`snapshotter = "hyperbox"` in its runtime table).
     pub fn start_with_snapshotter(version: ContainerdVersion) -> Result<Self, CriError> {
-        Self::start_inner(version, true)
+        Self::start_inner(version, true, Vec::new())
     }
 
-    fn start_inner(version: ContainerdVersion, with_snapshotter: bool) -> Result<Self, CriError> {
+    fn start_inner(
+        version: ContainerdVersion,
+        with_snapshotter: bool,
+        cdi_spec_dirs: Vec<PathBuf>,
+    ) -> Result<Self, CriError> {
         let serial = ONE_BED.lock().unwrap_or_else(|e| e.into_inner());
         let snapshotter = if with_snapshotter {
             Some(SnapshotterDaemon::start("").map_err(|e| CriError::Snapshotter(e.to_string()))?)
@@ -300,6 +311,7 @@ impl CriBed {
                 .map(|h| ((*h).to_owned(), mirror.clone()))
                 .collect(),
             restrict_oom_score_adj: true,
+            cdi_spec_dirs,
         };
         let mut builder = Containerd::builder(version).with_cri(options);
         if version.is_2x() {
@@ -339,6 +351,25 @@ impl CriBed {
             .arg("--timeout")
             .arg("60s");
         cmd
+    }
+
+    /// `crictl ARGS`, run to completion.
+    pub fn crictl_output(&self, args: &[&str]) -> std::process::Output {
+        self.crictl().args(args).output().expect("crictl runs")
+    }
+
+    /// `crictl ARGS`, which must succeed: its trimmed stdout. A failure panics with crictl's
+    /// stderr and the daemon's log tail (for tests).
+    pub fn crictl_ok(&self, args: &[&str]) -> String {
+        let out = self.crictl_output(args);
+        assert!(
+            out.status.success(),
+            "crictl {}: {}\ncontainerd log:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.containerd.log_tail(40)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// Stops and removes every pod through the CRI (so CNI releases its addresses, veths and
@@ -695,6 +726,38 @@ fn shims_of(socket: &str) -> Vec<(String, String)> {
         found.push((binary, id));
     }
     found
+}
+
+/// `cri_versions!(body)` makes the tests `body::on_containerd_1_7` and
+/// `body::on_containerd_2_1`, each calling `body(version)`: ignored (counted as skipped) when
+/// the build found no cri-tools tarball (crictl), or for 2.1 no containerd 2.1 tarball; never
+/// under CI.
+#[macro_export]
+macro_rules! cri_versions {
+    ($body:ident) => {
+        mod $body {
+            #[test]
+            #[cfg_attr(
+                hyperbox_critest_unavailable,
+                ignore = "crictl skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder \
+                          holding cri-tools-v1.34.0-src.tar.xz (CI sets it)"
+            )]
+            fn on_containerd_1_7() {
+                super::$body($crate::containerd::ContainerdVersion::V1_7);
+            }
+
+            #[test]
+            #[cfg_attr(
+                any(hyperbox_critest_unavailable, hyperbox_containerd2_unavailable),
+                ignore = "crictl or containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not \
+                          name a folder holding cri-tools-v1.34.0-src.tar.xz and \
+                          containerd-2.1.9-src.tar.xz (CI sets it)"
+            )]
+            fn on_containerd_2_1() {
+                super::$body($crate::containerd::ContainerdVersion::V2_1);
+            }
+        }
+    };
 }
 
 #[cfg(test)]

@@ -13,67 +13,17 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::containerd::ContainerdVersion;
 use hyperbox_integration::cri::{self, CriBed, ShimProcess};
+use hyperbox_integration::cri_versions;
 use hyperbox_integration::wasm_image::WasmImageBuilder;
-
-/// `cri_versions!(body)` makes the tests `body::on_containerd_1_7` and
-/// `body::on_containerd_2_1`, each calling `body(version)`: ignored (counted as skipped) when
-/// the build found no cri-tools tarball (crictl), or for 2.1 no containerd 2.1 tarball; never
-/// under CI.
-macro_rules! cri_versions {
-    ($body:ident) => {
-        mod $body {
-            use hyperbox_integration::containerd::ContainerdVersion;
-
-            #[test]
-            #[cfg_attr(
-                hyperbox_critest_unavailable,
-                ignore = "crictl skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder \
-                          holding cri-tools-v1.34.0-src.tar.xz (CI sets it)"
-            )]
-            fn on_containerd_1_7() {
-                super::$body(ContainerdVersion::V1_7);
-            }
-
-            #[test]
-            #[cfg_attr(
-                any(hyperbox_critest_unavailable, hyperbox_containerd2_unavailable),
-                ignore = "crictl or containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not \
-                          name a folder holding cri-tools-v1.34.0-src.tar.xz and \
-                          containerd-2.1.9-src.tar.xz (CI sets it)"
-            )]
-            fn on_containerd_2_1() {
-                super::$body(ContainerdVersion::V2_1);
-            }
-        }
-    };
-}
 
 const BUSYBOX: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
 /// Containers per pod, beside its sandbox.
 const CONTAINERS: usize = 3;
-
-fn crictl(bed: &CriBed, args: &[&str]) -> Output {
-    bed.crictl().args(args).output().expect("crictl runs")
-}
-
-/// `crictl ARGS`, which must succeed; its trimmed stdout.
-fn crictl_ok(bed: &CriBed, args: &[&str]) -> String {
-    let out = crictl(bed, args);
-    assert!(
-        out.status.success(),
-        "crictl {}: {}\ncontainerd log:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr),
-        bed.containerd.log_tail(30)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// Every process of a shim binary of this daemon (shims and our zygotes).
 fn shim_processes(bed: &CriBed) -> Vec<ShimProcess> {
@@ -121,7 +71,7 @@ fn wait_running(bed: &CriBed, pod: &str, ids: &[String]) {
     let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
     want.sort_unstable();
     loop {
-        let out = crictl_ok(bed, &["ps", "-q", "--pod", pod, "--state", "Running"]);
+        let out = bed.crictl_ok(&["ps", "-q", "--pod", pod, "--state", "Running"]);
         let mut running: Vec<&str> = out.lines().map(str::trim).collect();
         running.sort_unstable();
         if running == want {
@@ -181,8 +131,8 @@ fn pod_on_one_shim(bed: &CriBed, handler: &str, dir: &Path) -> u64 {
 
     // One container killed and removed: the others run on in the same shim.
     let (gone, rest) = ids.split_first().unwrap();
-    crictl_ok(bed, &["stop", "--timeout", "0", gone]);
-    crictl_ok(bed, &["rm", gone]);
+    bed.crictl_ok(&["stop", "--timeout", "0", gone]);
+    bed.crictl_ok(&["rm", gone]);
     wait_running(bed, &pod, rest);
     let after = pod_view(bed);
     assert_eq!(
@@ -192,8 +142,8 @@ fn pod_on_one_shim(bed: &CriBed, handler: &str, dir: &Path) -> u64 {
     );
 
     // The pod removed: its shim (and zygote) exit.
-    crictl_ok(bed, &["stopp", &pod]);
-    crictl_ok(bed, &["rmp", &pod]);
+    bed.crictl_ok(&["stopp", &pod]);
+    bed.crictl_ok(&["rmp", &pod]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !shim_processes(bed).is_empty() {
         assert!(
@@ -221,7 +171,7 @@ fn one_shim_per_pod(v: ContainerdVersion) {
     let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));
     let dir = bed.containerd.dir().join("pods");
     fs::create_dir_all(&dir).unwrap();
-    crictl_ok(&bed, &["pull", BUSYBOX]);
+    bed.crictl_ok(&["pull", BUSYBOX]);
     let mut pss = BTreeMap::new();
     for (handler, _) in cri::HANDLERS {
         pss.insert(*handler, pod_on_one_shim(&bed, handler, &dir));
@@ -270,7 +220,7 @@ fn run_pod_annotated(
     });
     fs::write(&config, json.to_string()).unwrap();
     let config = config.to_string_lossy().into_owned();
-    let pod = crictl_ok(bed, &["runp", "--runtime", handler, &config]);
+    let pod = bed.crictl_ok(&["runp", "--runtime", handler, &config]);
     (pod, config)
 }
 
@@ -295,8 +245,8 @@ fn run_container(
         json["command"] = serde_json::json!(command);
     }
     fs::write(&config, json.to_string()).unwrap();
-    let id = crictl_ok(bed, &["create", pod, config.to_str().unwrap(), pod_config]);
-    crictl_ok(bed, &["start", &id]);
+    let id = bed.crictl_ok(&["create", pod, config.to_str().unwrap(), pod_config]);
+    bed.crictl_ok(&["start", &id]);
     id
 }
 
@@ -304,7 +254,7 @@ fn run_container(
 /// counter's truncate and write, is tried again).
 fn counter(bed: &CriBed, id: &str) -> Option<u64> {
     (0..10).find_map(|_| {
-        let out = crictl(bed, &["exec", id, "cat", "/tmp/n"]);
+        let out = bed.crictl_output(&["exec", id, "cat", "/tmp/n"]);
         String::from_utf8_lossy(&out.stdout).trim().parse().ok()
     })
 }
@@ -343,7 +293,7 @@ fn checkpoint_through_cri(v: ContainerdVersion) {
     // under registry.k8s.io's name here (no network). The image is taken by the loopback
     // registry's own name, which that resolver reaches (plain HTTP on loopback).
     let busybox = format!("{}/e2e-test-images/busybox:1.29-2", bed.registry.host());
-    crictl_ok(&bed, &["pull", &busybox]);
+    bed.crictl_ok(&["pull", &busybox]);
     for (handler, _) in cri::HANDLERS {
         let (pod, pod_config) = run_pod(&bed, handler, &dir, &format!("ck-{handler}"));
         let id = run_container(
@@ -359,10 +309,7 @@ fn checkpoint_through_cri(v: ContainerdVersion) {
         let before = counter_passes(&bed, &id, 30);
         let archive = dir.join(format!("{handler}.tar"));
         let started = Instant::now();
-        crictl_ok(
-            &bed,
-            &["checkpoint", "--export", archive.to_str().unwrap(), &id],
-        );
+        bed.crictl_ok(&["checkpoint", "--export", archive.to_str().unwrap(), &id]);
         let took = started.elapsed();
         assert!(archive.is_file(), "{handler}: no archive at {archive:?}");
         let listing = std::process::Command::new("tar")
@@ -418,8 +365,8 @@ fn checkpoint_through_cri(v: ContainerdVersion) {
         };
         assert!(shims.iter().all(|s| s == want), "{handler}: {shims:?}");
         for p in [&pod, &pod2] {
-            crictl_ok(&bed, &["stopp", p]);
-            crictl_ok(&bed, &["rmp", p]);
+            bed.crictl_ok(&["stopp", p]);
+            bed.crictl_ok(&["rmp", p]);
         }
     }
     bed.teardown().expect("teardown leaves nothing behind");
@@ -468,7 +415,7 @@ fn wasm_and_native_in_one_pod(v: ContainerdVersion) {
     let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));
     let dir = bed.containerd.dir().join("mixed");
     fs::create_dir_all(&dir).unwrap();
-    crictl_ok(&bed, &["pull", BUSYBOX]);
+    bed.crictl_ok(&["pull", BUSYBOX]);
     let guest = wat::parse_str(WASM_HELLO).expect("the guest assembles");
     let image = WasmImageBuilder::new()
         .with_architecture(hyperbox_integration::containerd::go_arch())
@@ -481,7 +428,7 @@ fn wasm_and_native_in_one_pod(v: ContainerdVersion) {
     let reference = image
         .push(&bed.registry.host(), "hyperbox/wasm-hello:1")
         .expect("pushed");
-    crictl_ok(&bed, &["pull", &reference]);
+    bed.crictl_ok(&["pull", &reference]);
 
     let (handler, _) = cri::WASM_HANDLER;
     let (pod, pod_config) = run_pod(&bed, handler, &dir, "mixed");
@@ -498,7 +445,7 @@ fn wasm_and_native_in_one_pod(v: ContainerdVersion) {
     wait_running(&bed, &pod, &[native.clone(), wasm.clone()]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let logs = crictl(&bed, &["logs", &wasm]);
+        let logs = bed.crictl_output(&["logs", &wasm]);
         if String::from_utf8_lossy(&logs.stdout).contains("hello from a wasm guest") {
             break;
         }
@@ -512,7 +459,7 @@ fn wasm_and_native_in_one_pod(v: ContainerdVersion) {
     }
     // The native one is a real Linux process tree: busybox answers an exec.
     assert_eq!(
-        crictl_ok(&bed, &["exec", &native, "echo", "native"]),
+        bed.crictl_ok(&["exec", &native, "echo", "native"]),
         "native"
     );
     let view = pod_view(&bed);
@@ -521,8 +468,8 @@ fn wasm_and_native_in_one_pod(v: ContainerdVersion) {
         view.shims[0].binary, "containerd-shim-hyperbox-wasm-v1",
         "{view:#?}"
     );
-    crictl_ok(&bed, &["stopp", &pod]);
-    crictl_ok(&bed, &["rmp", &pod]);
+    bed.crictl_ok(&["stopp", &pod]);
+    bed.crictl_ok(&["rmp", &pod]);
     bed.teardown().expect("teardown leaves nothing behind");
 }
 
@@ -551,10 +498,7 @@ fn snapshotter_for_a_handler(v: ContainerdVersion) {
         "linux": {},
     });
     fs::write(&config, json.to_string()).unwrap();
-    crictl_ok(
-        &bed,
-        &["pull", "--pod-config", config.to_str().unwrap(), BUSYBOX],
-    );
+    bed.crictl_ok(&["pull", "--pod-config", config.to_str().unwrap(), BUSYBOX]);
     let (pod, pod_config) = run_pod(&bed, handler, &dir, "erofs");
     let id = run_container(
         &bed,
@@ -566,7 +510,7 @@ fn snapshotter_for_a_handler(v: ContainerdVersion) {
         &["sleep", "1000"],
     );
     wait_running(&bed, &pod, std::slice::from_ref(&id));
-    assert_eq!(crictl_ok(&bed, &["exec", &id, "echo", "up"]), "up");
+    assert_eq!(bed.crictl_ok(&["exec", &id, "echo", "up"]), "up");
     let info = bed
         .containerd
         .ctr_stdout(&["containers", "info", &id])
@@ -594,8 +538,8 @@ fn snapshotter_for_a_handler(v: ContainerdVersion) {
         );
         thread::sleep(Duration::from_millis(200));
     }
-    crictl_ok(&bed, &["stopp", &pod]);
-    crictl_ok(&bed, &["rmp", &pod]);
+    bed.crictl_ok(&["stopp", &pod]);
+    bed.crictl_ok(&["rmp", &pod]);
     bed.teardown().expect("teardown leaves nothing behind");
 }
 
@@ -614,7 +558,7 @@ fn templates_from_pod_annotations(v: ContainerdVersion) {
     let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));
     let dir = bed.containerd.dir().join("templates");
     fs::create_dir_all(&dir).unwrap();
-    crictl_ok(&bed, &["pull", BUSYBOX]);
+    bed.crictl_ok(&["pull", BUSYBOX]);
     let (handler, _) = cri::HANDLERS[1];
     let counter_ready =
         "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; [ $i = 30 ] && touch /ready; sleep 0.1; done";
@@ -699,8 +643,8 @@ fn templates_from_pod_annotations(v: ContainerdVersion) {
     );
     counter_passes(&bed, &copy, first);
     for pod in [&capture_pod, &copy_pod] {
-        crictl_ok(&bed, &["stopp", pod]);
-        crictl_ok(&bed, &["rmp", pod]);
+        bed.crictl_ok(&["stopp", pod]);
+        bed.crictl_ok(&["rmp", pod]);
     }
     bed.teardown().expect("teardown leaves nothing behind");
 }
