@@ -53,12 +53,16 @@ pub enum Mode {
 pub struct Args {
     pub cache: PathBuf,
     pub mode: Mode,
+    /// The devices, as `NVIDIA_VISIBLE_DEVICES` would name them, chosen by whoever put the
+    /// hook in the spec (the shim: from `cdi.k8s.io/*` annotations or the variable); unset,
+    /// the container's variable decides.
+    pub visible_devices: Option<String>,
 }
 
 /// Errors of the hook; each says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    #[error("usage: hyperbox-gpu-hook [--cache FILE] [ldcache]: {0}")]
+    #[error("usage: hyperbox-gpu-hook [--cache FILE] [--visible-devices LIST] [ldcache]: {0}")]
     Usage(String),
     #[error("cannot read the OCI state on stdin: {0}")]
     State(String),
@@ -82,6 +86,7 @@ impl Args {
         let mut out = Args {
             cache: PathBuf::from(crate::cache::DEFAULT_PATH),
             mode: Mode::Environment,
+            visible_devices: None,
         };
         let mut args = args.into_iter();
         while let Some(a) = args.next() {
@@ -91,6 +96,12 @@ impl Args {
                         .next()
                         .ok_or_else(|| HookError::Usage("--cache needs a file".into()))?;
                     out.cache = PathBuf::from(v);
+                }
+                "--visible-devices" => {
+                    let v = args
+                        .next()
+                        .ok_or_else(|| HookError::Usage("--visible-devices needs a list".into()))?;
+                    out.visible_devices = Some(v);
                 }
                 "ldcache" => out.mode = Mode::LdCache,
                 other => return Err(HookError::Usage(format!("unknown argument {other:?}"))),
@@ -197,13 +208,16 @@ pub fn run(args: &Args, stdin: impl Read) -> Result<Report, HookError> {
     }
     match args.mode {
         Mode::Environment => {
-            let env = Environment::from_entries(
-                config
-                    .process
-                    .as_ref()
-                    .map(|p| p.env.as_slice())
-                    .unwrap_or_default(),
-            );
+            let mut entries: Vec<String> = config
+                .process
+                .as_ref()
+                .map(|p| p.env.clone())
+                .unwrap_or_default();
+            if let Some(v) = &args.visible_devices {
+                // Last definition wins, as in the process's environment.
+                entries.push(format!("{}={v}", crate::request::VISIBLE_DEVICES));
+            }
+            let env = Environment::from_entries(entries);
             let Some(request) = GpuRequest::from_env(&env)? else {
                 return Ok(Report::default());
             };
@@ -311,6 +325,9 @@ mod tests {
         assert!(Args::parse(["--cache".into()]).is_err());
         assert!(Args::parse(["--cache".into(), "rel".into()]).is_err());
         assert!(Args::parse(["--evil".into()]).is_err());
+        let a = Args::parse(["--visible-devices".into(), "1:0".into()]).unwrap();
+        assert_eq!(a.visible_devices.as_deref(), Some("1:0"));
+        assert!(Args::parse(["--visible-devices".into()]).is_err());
     }
 
     #[test]

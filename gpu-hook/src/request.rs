@@ -19,6 +19,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+/// The annotation prefix under which the kubelet and users name CDI devices
+/// (`cdi.k8s.io/KEY: nvidia.com/gpu=0,nvidia.com/gpu=1`).
+pub const CDI_ANNOTATION_PREFIX: &str = "cdi.k8s.io/";
+/// The CDI kind of NVIDIA GPUs.
+pub const CDI_KIND: &str = "nvidia.com/gpu";
+
 /// The variable naming the GPUs.
 pub const VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
 /// The variable naming the driver's capabilities.
@@ -41,6 +47,11 @@ pub enum RequestError {
          video, graphics, display, compat32, ngx or all"
     )]
     UnknownCapability(String),
+    #[error(
+        "annotation {key}: {name:?} is not an {CDI_KIND} device: expected an index (0), a UUID \
+         (GPU-...), a MIG device (0:1 or MIG-...) or all"
+    )]
+    UnknownCdiDevice { key: String, name: String },
 }
 
 /// A container's environment as the OCI spec lists it (`KEY=VALUE`); a later entry for a
@@ -137,6 +148,19 @@ impl DeviceSelector {
     }
 }
 
+impl fmt::Display for DeviceSelector {
+    /// The entry as `NVIDIA_VISIBLE_DEVICES` takes it back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSelector::Index(i) => write!(f, "{i}"),
+            DeviceSelector::Mig { gpu, device } => write!(f, "{gpu}:{device}"),
+            DeviceSelector::Uuid(s) | DeviceSelector::PciBusId(s) | DeviceSelector::MigUuid(s) => {
+                f.write_str(s)
+            }
+        }
+    }
+}
+
 /// The rest of `entry` after `prefix` (matched in any case), lowercased.
 fn prefixed(entry: &str, prefix: &str) -> Option<String> {
     let head = entry.get(..prefix.len())?;
@@ -183,6 +207,57 @@ pub enum Devices {
 }
 
 impl Devices {
+    /// The value of `NVIDIA_VISIBLE_DEVICES` that asks for exactly these devices.
+    pub fn env_value(&self) -> String {
+        match self {
+            Devices::Void => "void".into(),
+            Devices::None => "none".into(),
+            Devices::All => "all".into(),
+            Devices::Listed(l) => l
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+
+    /// The `nvidia.com/gpu` devices that `cdi.k8s.io/*` annotations name (CDI's qualified
+    /// names, `nvidia.com/gpu=0`, comma-separated), in annotation-key order; `None` when
+    /// they name none (other kinds are left to whoever serves them).
+    pub fn from_cdi_annotations(
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Option<Self>, RequestError> {
+        let mut listed: Vec<DeviceSelector> = Vec::new();
+        let mut any = false;
+        for (key, value) in annotations.range(CDI_ANNOTATION_PREFIX.to_string()..) {
+            if !key.starts_with(CDI_ANNOTATION_PREFIX) {
+                break;
+            }
+            for qualified in value.split(',').map(str::trim) {
+                let Some((kind, name)) = qualified.split_once('=') else {
+                    continue;
+                };
+                if kind != CDI_KIND {
+                    continue;
+                }
+                any = true;
+                if name == "all" {
+                    return Ok(Some(Devices::All));
+                }
+                let selector = DeviceSelector::parse(name)
+                    .filter(|s| !matches!(s, DeviceSelector::PciBusId(_)))
+                    .ok_or_else(|| RequestError::UnknownCdiDevice {
+                        key: key.clone(),
+                        name: name.to_owned(),
+                    })?;
+                if !listed.contains(&selector) {
+                    listed.push(selector);
+                }
+            }
+        }
+        Ok(any.then_some(Devices::Listed(listed)))
+    }
+
     /// `NVIDIA_VISIBLE_DEVICES` of `env` (see the module's documentation).
     pub fn from_env(env: &Environment) -> Result<Self, RequestError> {
         let value = env.get(VISIBLE_DEVICES);
@@ -311,6 +386,35 @@ pub struct GpuRequest {
 }
 
 impl GpuRequest {
+    /// What a container's spec asks for: `cdi.k8s.io/*` annotations naming `nvidia.com/gpu`
+    /// devices first, then `NVIDIA_VISIBLE_DEVICES` when `env_allowed` (a node may refuse the
+    /// variable from unprivileged containers). A container whose variable says `void` is not
+    /// a GPU container whatever its annotations: this is what a CDI spec's edits set once a
+    /// runtime has applied them, so nothing is injected twice.
+    pub fn from_spec(
+        env: &Environment,
+        annotations: &BTreeMap<String, String>,
+        env_allowed: bool,
+    ) -> Result<Option<Self>, RequestError> {
+        let void = env
+            .get(VISIBLE_DEVICES)
+            .is_some_and(|v| v.split(',').any(|e| e.trim() == "void"));
+        if void {
+            return Ok(None);
+        }
+        if let Some(devices) = Devices::from_cdi_annotations(annotations)? {
+            return Ok(Some(GpuRequest {
+                devices,
+                capabilities: capabilities_from_env(env)?,
+            }));
+        }
+        if env_allowed {
+            Self::from_env(env)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Reads both variables; `Ok(None)` for a container that is not a GPU container
     /// (`void`), whose capabilities are then not read either (as the toolkit does).
     pub fn from_env(env: &Environment) -> Result<Option<Self>, RequestError> {
@@ -331,6 +435,72 @@ mod tests {
 
     fn env(entries: &[&str]) -> Environment {
         Environment::from_entries(entries)
+    }
+
+    fn annotations(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn cdi_annotations_come_first() {
+        let a = annotations(&[
+            ("cdi.k8s.io/gpu", "nvidia.com/gpu=1,nvidia.com/gpu=MIG-AbC"),
+            ("cdi.k8s.io/nic", "vendor.com/nic=eth1"),
+            ("io.other", "nvidia.com/gpu=all"),
+        ]);
+        let env = env(&["NVIDIA_VISIBLE_DEVICES=0"]);
+        let r = GpuRequest::from_spec(&env, &a, true).unwrap().unwrap();
+        assert_eq!(
+            r.devices,
+            Devices::Listed(vec![
+                DeviceSelector::Index(1),
+                DeviceSelector::MigUuid("MIG-abc".into())
+            ])
+        );
+        assert_eq!(r.devices.env_value(), "1,MIG-abc");
+        let all = annotations(&[("cdi.k8s.io/x", "nvidia.com/gpu=all")]);
+        assert_eq!(
+            GpuRequest::from_spec(&env, &all, false)
+                .unwrap()
+                .unwrap()
+                .devices,
+            Devices::All
+        );
+        // Only other kinds: the variable decides, if the node accepts it.
+        let nic = annotations(&[("cdi.k8s.io/nic", "vendor.com/nic=eth1")]);
+        assert_eq!(
+            GpuRequest::from_spec(&env, &nic, true)
+                .unwrap()
+                .unwrap()
+                .devices
+                .env_value(),
+            "0"
+        );
+        assert_eq!(GpuRequest::from_spec(&env, &nic, false).unwrap(), None);
+        // void (a CDI spec's edit, already applied): nothing.
+        let applied = Environment::from_entries(["NVIDIA_VISIBLE_DEVICES=void"]);
+        assert_eq!(GpuRequest::from_spec(&applied, &a, true).unwrap(), None);
+        let bad = annotations(&[("cdi.k8s.io/gpu", "nvidia.com/gpu=../x")]);
+        assert!(matches!(
+            GpuRequest::from_spec(&env, &bad, true),
+            Err(RequestError::UnknownCdiDevice { .. })
+        ));
+    }
+
+    #[test]
+    fn env_values_round_trip() {
+        for value in [
+            "all",
+            "none",
+            "void",
+            "0,GPU-ab-cd,0000abcd:3b:00.0,1:2,MIG-ef",
+        ] {
+            let d = Devices::from_env(&env(&[&format!("NVIDIA_VISIBLE_DEVICES={value}")])).unwrap();
+            assert_eq!(d.env_value(), value);
+        }
     }
 
     fn devices(entries: &[&str]) -> Result<Devices, RequestError> {

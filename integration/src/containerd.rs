@@ -719,6 +719,7 @@ impl Containerd {
             // The shims read the GPU cache a test's generator writes there (none otherwise:
             // a GPU request then fails as on a node without a driver).
             .env("HYPERBOX_GPU_CACHE", self.gpu_cache())
+            .env("HYPERBOX_GPU_CONFIG", self.gpu_settings())
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(log)
@@ -818,6 +819,12 @@ impl Containerd {
     /// sandbox, written by a test's `hyperbox-gpu-cdi generate --cache`.
     pub fn gpu_cache(&self) -> PathBuf {
         self.sandbox.dir().join("gpu/cache.json")
+    }
+
+    /// Where this daemon's shims read the node's GPU settings (`HYPERBOX_GPU_CONFIG`): in
+    /// the sandbox (none unless a test writes them: the defaults).
+    pub fn gpu_settings(&self) -> PathBuf {
+        self.sandbox.dir().join("gpu.toml")
     }
 
     /// Where this daemon's shims read the node's template settings

@@ -546,6 +546,53 @@ fn every_request_form_through_our_shim() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(reason), "{env:?}: {err}");
     }
+    // cdi.k8s.io annotations come first: they name GPU 1, the variable GPU 0.
+    let annotated = |id: &str, extra: &[&str], env: &[&str]| {
+        let mut cmd = c.ctr();
+        cmd.args(["run", "--rm", "--runtime", RUNTIME, "--fifo-dir"])
+            .arg(c.dir().join("fifo"))
+            .args(extra);
+        for e in env {
+            cmd.args(["--env", e]);
+        }
+        cmd.args([&image, id, "sh", "-c", PROBE])
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr runs")
+    };
+    let out = annotated(
+        "annotated",
+        &["--annotation", "cdi.k8s.io/gpu=nvidia.com/gpu=1"],
+        &["NVIDIA_VISIBLE_DEVICES=0"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(nodes_of(&o), with(&["/dev/nvidia1"]), "{o}");
+    // A node that refuses the variable from unprivileged containers: the variable alone gets
+    // nothing (the container runs without GPUs); an annotation, or a privileged container,
+    // still gets them.
+    fs::write(c.gpu_settings(), "accept_env_when_unprivileged = false\n").unwrap();
+    let out = annotated("unprivileged", &[], &["NVIDIA_VISIBLE_DEVICES=0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert!(nodes_of(&o).is_empty() && !o.contains("cuda"), "{o}");
+    let out = annotated(
+        "unprivileged-annotated",
+        &["--annotation", "cdi.k8s.io/gpu=nvidia.com/gpu=0"],
+        &[],
+    );
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(nodes_of(&o), with(&["/dev/nvidia0"]), "{o}");
+    let out = annotated(
+        "privileged",
+        &["--privileged", "--privileged-without-host-devices"],
+        &["NVIDIA_VISIBLE_DEVICES=0"],
+    );
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(nodes_of(&o).contains(&"/dev/nvidia0".to_string()), "{o}");
+    fs::remove_file(c.gpu_settings()).unwrap();
+
     // Without the cache (a node without a driver): a GPU request fails naming it; void runs.
     fs::rename(&node.cache, node.cache.with_extension("away")).unwrap();
     let out = run_gpu(c, &image, "nodriver", &["NVIDIA_VISIBLE_DEVICES=0"], "true");
