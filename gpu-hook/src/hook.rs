@@ -136,6 +136,17 @@ struct Mount {
     destination: PathBuf,
 }
 
+#[derive(Debug, Deserialize)]
+struct LinuxDevice {
+    path: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Linux {
+    #[serde(default)]
+    devices: Vec<LinuxDevice>,
+}
+
 /// The parts of `config.json` the hook reads.
 #[derive(Debug, Deserialize)]
 struct Config {
@@ -144,6 +155,8 @@ struct Config {
     process: Option<Process>,
     #[serde(default)]
     mounts: Vec<Mount>,
+    #[serde(default)]
+    linux: Option<Linux>,
     #[serde(default)]
     #[allow(dead_code)]
     annotations: BTreeMap<String, String>,
@@ -240,6 +253,30 @@ pub fn run(args: &Args, stdin: impl Read) -> Result<Report, HookError> {
         }
         Mode::LdCache => {
             let cache = NodeCache::read(&args.cache)?;
+            // NVIDIA_REQUIRE_* hold in CDI mode too (the toolkit's CDI mode skips them),
+            // against the GPUs whose nodes the runtime put in the spec.
+            let env = Environment::from_entries(
+                config
+                    .process
+                    .as_ref()
+                    .map(|p| p.env.as_slice())
+                    .unwrap_or_default(),
+            );
+            let given: Vec<&str> = config
+                .linux
+                .as_ref()
+                .map(|l| l.devices.iter().map(|d| d.path.as_str()).collect())
+                .unwrap_or_default();
+            let injection = plan::Injection {
+                nodes: Vec::new(),
+                files: Vec::new(),
+                gpus: cache
+                    .gpus
+                    .iter()
+                    .filter(|g| given.contains(&g.node.path.as_str()))
+                    .collect(),
+            };
+            plan::check_requirements(&cache, &injection, &env)?;
             let mounted: Vec<&DriverFile> = cache
                 .files
                 .iter()

@@ -470,6 +470,28 @@ fn runc_gets_gpus_through_cdi(v: ContainerdVersion) {
     );
     seen.check(seen.has_line("probe: done"), "the probe did not finish");
 
+    // NVIDIA_REQUIRE_* hold in CDI mode too: the spec's hook refuses a container whose
+    // requirement the node does not meet, naming it, and the container does not start.
+    let config = dir.join("requires.json");
+    let json = serde_json::json!({
+        "metadata": {"name": "requires"},
+        "image": {"image": image},
+        "command": ["true"],
+        "envs": [{"key": "NVIDIA_REQUIRE_CUDA", "value": "cuda>=13.0"}],
+        "annotations": {CDI_ANNOTATION: "nvidia.com/gpu=0"},
+        "log_path": "requires.log",
+        "linux": {},
+    });
+    fs::write(&config, json.to_string()).unwrap();
+    let id = bed.crictl_ok(&["create", p.0, config.to_str().unwrap(), p.1]);
+    let out = bed.crictl_output(&["start", &id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cuda>=13.0"),
+        "containerd {v}: a container requiring CUDA 13 on a 12.4 node: {}\n{err}",
+        out.status
+    );
+
     // NVML: the generator's init, and no other.
     let inits = nvml_inits(&driver);
     assert_eq!(inits.len(), 1, "NVML loaded on a start path: {inits:?}");
