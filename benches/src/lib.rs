@@ -11,6 +11,8 @@
 //! - [`snapshots`]: hyperbox-snapshotter against overlayfs (pull, run, disk, chunk+hash);
 //! - [`conversion`]: what converting one layer to EROFS costs the snapshotter (time, peak RSS);
 //! - [`wasm`]: the wasm shim against runc.v2 (warm and cold `ctr run --rm`, memory, kill);
+//! - [`gpu`]: what giving a container NVIDIA GPUs costs (the hook, `ctr run --rm` with and
+//!   without GPUs, NVML off the start path, the generator), against a fake driver;
 //! - [`templates`]: starting from a template of the youki shim against starting cold, and
 //!   checkpoint/restore through it against runc.v2's shim;
 //! - [`machine`] and [`report`]: what each report says about where it was measured, and how
@@ -20,6 +22,7 @@
 
 pub mod conversion;
 pub mod engines;
+pub mod gpu;
 pub mod machine;
 pub mod memprobe;
 pub mod pods;

@@ -54,6 +54,10 @@ enum Cmd {
     /// Runtime-side memory of pods through containerd's CRI (crictl), runc.v2 against ours:
     /// P pods of C containers per handler.
     Pods(hyperbox_benches::pods::PodsArgs),
+    /// NVIDIA GPUs against a fake driver: the hook's time per container, what GPUs add to
+    /// `ctr run --rm` through our shim (against the same without GPUs and runc.v2), NVML
+    /// off the start path, and the generator's time.
+    Gpu(hyperbox_benches::gpu::GpuArgs),
 }
 
 #[derive(Args)]
@@ -177,6 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Templates(args) => hyperbox_benches::templates::run(args, command_line()),
         Cmd::Conversion(args) => hyperbox_benches::conversion::run(args, command_line()),
         Cmd::Pods(args) => hyperbox_benches::pods::run(args, command_line()),
+        Cmd::Gpu(args) => hyperbox_benches::gpu::run(args, command_line()),
     }
 }
 

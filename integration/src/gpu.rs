@@ -698,7 +698,70 @@ fn ldconfig_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("ldconfig"))
 }
 
+/// The generator's binary name.
+pub const GENERATOR: &str = "hyperbox-gpu-cdi";
+/// The hook's binary name.
+pub const HOOK: &str = "hyperbox-gpu-hook";
+
+/// A command's exit status and output, for assertion messages.
+pub fn describe_output(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A workspace binary the GPU tests need (the generator, the static hook, the shim), or a
+/// panic saying how to build it.
+pub fn built_binary(name: &str) -> PathBuf {
+    host::workspace_binary(name).unwrap_or_else(|| {
+        panic!(
+            "{name} is not built: cargo build --workspace --bins; scripts/build-gpu-hook \
+             $HYPERBOX_BIN_DIR"
+        )
+    })
+}
+
 impl FakeDriver {
+    /// `hyperbox-gpu-cdi MODE` (`generate` or `refresh`) for this driver, built into
+    /// `bin_dir`: the spec to `spec`, the cache to `cache`, and the hook beside it named in
+    /// the spec.
+    pub fn generator_command(
+        &self,
+        bin_dir: &Path,
+        mode: &str,
+        spec: &Path,
+        cache: &Path,
+    ) -> Command {
+        let mut cmd = Command::new(bin_dir.join(GENERATOR));
+        cmd.arg(mode)
+            .arg("--driver-root")
+            .arg(self.driver_root())
+            .arg("--proc-root")
+            .arg(self.proc_root())
+            .arg("--dev-root")
+            .arg(self.dev_root())
+            .arg("--output")
+            .arg(spec)
+            .arg("--cache")
+            .arg(cache)
+            .arg("--hook-path")
+            .arg(bin_dir.join(HOOK));
+        cmd
+    }
+
+    /// The `init …` lines of the fake NVML's log: one per `nvmlInit` since the build.
+    pub fn nvml_inits(&self) -> Vec<String> {
+        fs::read_to_string(self.nvml_log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("init "))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Builds the fake driver of `spec` under `dir` (created if needed, and empty), with
     /// `fake_nvml` (the built `libhyperbox_fake_nvml.so`, see [`FakeDriver::fake_nvml_path`])
     /// as its NVML. Needs root: device nodes are made with mknod and `ldconfig -r` chroots.

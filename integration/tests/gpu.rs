@@ -26,7 +26,9 @@ use std::sync::Arc;
 
 use hyperbox_gpu::cache::NodeCache;
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
-use hyperbox_integration::gpu::{mig_ci_minor, mig_gi_minor, FakeDriver, FakeDriverSpec};
+use hyperbox_integration::gpu::{
+    built_binary, describe_output, mig_ci_minor, mig_gi_minor, FakeDriver, FakeDriverSpec, HOOK,
+};
 use hyperbox_integration::host;
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
@@ -34,21 +36,14 @@ use hyperbox_integration::sandbox::Sandbox;
 use hyperbox_integration::testbed::TestBed;
 
 const RUNTIME: &str = "io.containerd.hyperbox.v1";
-const HOOK: &str = "hyperbox-gpu-hook";
 
-fn binary(name: &str) -> PathBuf {
-    host::workspace_binary(name).unwrap_or_else(|| {
-        panic!("{name} is not built: cargo build --workspace --bins; scripts/build-gpu-hook DIR")
-    })
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// `hyperbox-gpu-cdi MODE` for `driver`, run to completion.
+fn generate(driver: &FakeDriver, spec: &Path, cache: &Path, mode: &str) -> Output {
+    let bin_dir = host::workspace_bin_dir().expect("the workspace's binaries");
+    driver
+        .generator_command(&bin_dir, mode, spec, cache)
+        .output()
+        .expect("hyperbox-gpu-cdi runs")
 }
 
 /// A fake driver in `dir/driver`, its spec and cache generated into `dir`.
@@ -56,25 +51,6 @@ struct Node {
     driver: FakeDriver,
     spec: PathBuf,
     cache: PathBuf,
-}
-
-fn generate(driver: &FakeDriver, spec: &Path, cache: &Path, mode: &str) -> Output {
-    Command::new(binary("hyperbox-gpu-cdi"))
-        .arg(mode)
-        .arg("--driver-root")
-        .arg(driver.driver_root())
-        .arg("--proc-root")
-        .arg(driver.proc_root())
-        .arg("--dev-root")
-        .arg(driver.dev_root())
-        .arg("--output")
-        .arg(spec)
-        .arg("--cache")
-        .arg(cache)
-        .arg("--hook-path")
-        .arg(binary(HOOK))
-        .output()
-        .expect("hyperbox-gpu-cdi runs")
 }
 
 fn node_in(dir: &Path, cache: PathBuf) -> Node {
@@ -88,21 +64,12 @@ fn node_in(dir: &Path, cache: PathBuf) -> Node {
     .expect("fake driver");
     let spec = dir.join("cdi/hyperbox-nvidia.json");
     let out = generate(&driver, &spec, &cache, "generate");
-    assert!(out.status.success(), "generate: {}", text(&out));
+    assert!(out.status.success(), "generate: {}", describe_output(&out));
     Node {
         driver,
         spec,
         cache,
     }
-}
-
-fn nvml_inits(driver: &FakeDriver) -> Vec<String> {
-    fs::read_to_string(driver.nvml_log())
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("init "))
-        .map(str::to_string)
-        .collect()
 }
 
 /// The generator reads the fake driver through NVML, `/proc` and the driver root, and its
@@ -160,7 +127,7 @@ fn generator_describes_the_driver() {
     let root = fs::canonicalize(node.driver.driver_root()).unwrap();
     assert!(cache.files.iter().all(|f| f.host_path.starts_with(&root)));
     // One NVML initialisation: the generator's.
-    let inits = nvml_inits(&node.driver);
+    let inits = node.driver.nvml_inits();
     assert_eq!(inits.len(), 1, "{inits:?}");
     assert!(inits[0].contains("hyperbox-gpu-cdi"), "{inits:?}");
     // The cache is root's alone.
@@ -193,7 +160,7 @@ fn generator_describes_the_driver() {
     assert!(
         out.status.success(),
         "spec fails CDI's schema: {}",
-        text(&out)
+        describe_output(&out)
     );
     // The check can fail: a spec without its kind does not validate.
     let mut broken: serde_json::Value =
@@ -212,7 +179,7 @@ fn generator_describes_the_driver() {
     let normalised = written
         .replace(&driver_dir.display().to_string(), "@DRIVER@")
         .replace(&node.driver.dir.display().to_string(), "@DRIVER@")
-        .replace(&binary(HOOK).display().to_string(), "@HOOK@")
+        .replace(&built_binary(HOOK).display().to_string(), "@HOOK@")
         .replace(&node.cache.display().to_string(), "@CACHE@");
     let golden_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/gpu-cdi-spec.json");
     if std::env::var_os("HYPERBOX_UPDATE_GOLDEN").is_some() {
@@ -235,26 +202,26 @@ fn no_driver_no_spec_and_refresh_removes_stale_ones() {
     let dir = sandbox.dir();
     let node = node_in(dir, dir.join("cache.json"));
     let out = generate(&node.driver, &node.spec, &node.cache, "refresh");
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("unchanged"),
         "{}",
-        text(&out)
+        describe_output(&out)
     );
     // The driver goes away.
     fs::remove_file(node.driver.proc_root().join("driver/nvidia/version")).unwrap();
     let other_spec = dir.join("other/spec.json");
     let other_cache = dir.join("other/cache.json");
     let out = generate(&node.driver, &other_spec, &other_cache, "generate");
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", describe_output(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no NVIDIA driver loaded"),
         "{}",
-        text(&out)
+        describe_output(&out)
     );
     assert!(!other_spec.exists() && !other_cache.exists());
     let out = generate(&node.driver, &node.spec, &node.cache, "refresh");
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
     assert!(
         !node.spec.exists() && !node.cache.exists(),
         "stale spec or cache left"
@@ -267,7 +234,7 @@ fn no_driver_no_spec_and_refresh_removes_stale_ones() {
 fn hook_has_no_dynamic_section() {
     let out = Command::new("readelf")
         .args(["-d", "-l"])
-        .arg(binary(HOOK))
+        .arg(built_binary(HOOK))
         .output()
         .expect("readelf runs");
     let t = String::from_utf8_lossy(&out.stdout);
@@ -279,7 +246,7 @@ fn hook_has_no_dynamic_section() {
     // readelf can see a dynamic section: the shim has one.
     let out = Command::new("readelf")
         .arg("-d")
-        .arg(binary("containerd-shim-hyperbox-v1"))
+        .arg(built_binary("containerd-shim-hyperbox-v1"))
         .output()
         .expect("readelf runs");
     assert!(String::from_utf8_lossy(&out.stdout).contains("NEEDED"));
@@ -338,7 +305,12 @@ fn one_gpu(v: ContainerdVersion) {
     let image = bed.image(TestImage::Debian).expect("debian image");
     let node = node_in(&c.dir().join("gpu-node"), c.gpu_cache());
     let out = run_gpu(c, &image, "gpu0", &["NVIDIA_VISIBLE_DEVICES=0"], PROBE);
-    assert!(out.status.success(), "{}\n{}", text(&out), c.log_tail(30));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe_output(&out),
+        c.log_tail(30)
+    );
     let o = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(
         nodes_of(&o),
@@ -406,14 +378,14 @@ fn one_gpu(v: ContainerdVersion) {
         String::from_utf8_lossy(&out.stdout).trim(),
         "1",
         "{}",
-        text(&out)
+        describe_output(&out)
     );
     // NVML was loaded once, by the generator, never on a container's start path.
     assert_eq!(
-        nvml_inits(&node.driver).len(),
+        node.driver.nvml_inits().len(),
         1,
         "{:?}",
-        nvml_inits(&node.driver)
+        node.driver.nvml_inits()
     );
 }
 per_version!(one_gpu_through_our_shim, one_gpu);
@@ -455,7 +427,7 @@ fn every_request_form_through_our_shim() {
         assert!(
             out.status.success(),
             "{env}: {}\n{}",
-            text(&out),
+            describe_output(&out),
             c.log_tail(20)
         );
         let o = String::from_utf8_lossy(&out.stdout);
@@ -468,7 +440,7 @@ fn every_request_form_through_our_shim() {
     // void, or no variable at all: nothing, and the container is untouched.
     for env in [vec!["NVIDIA_VISIBLE_DEVICES=void"], vec![]] {
         let out = run_gpu(c, &image, "void", &env, PROBE);
-        assert!(out.status.success(), "{env:?}: {}", text(&out));
+        assert!(out.status.success(), "{env:?}: {}", describe_output(&out));
         let o = String::from_utf8_lossy(&out.stdout);
         assert!(
             nodes_of(&o).is_empty() && !o.contains("nvidia") && !o.contains("cuda"),
@@ -487,7 +459,7 @@ fn every_request_form_through_our_shim() {
         PROBE,
     );
     let o = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
     assert!(
         nodes_of(&o).contains(&"/dev/nvidia-modeset".to_string()),
         "{o}"
@@ -565,7 +537,7 @@ fn every_request_form_through_our_shim() {
         &["--annotation", "cdi.k8s.io/gpu=nvidia.com/gpu=1"],
         &["NVIDIA_VISIBLE_DEVICES=0"],
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
     let o = String::from_utf8_lossy(&out.stdout);
     assert_eq!(nodes_of(&o), with(&["/dev/nvidia1"]), "{o}");
     // A node that refuses the variable from unprivileged containers: the variable alone gets
@@ -573,7 +545,7 @@ fn every_request_form_through_our_shim() {
     // still gets them.
     fs::write(c.gpu_settings(), "accept_env_when_unprivileged = false\n").unwrap();
     let out = annotated("unprivileged", &[], &["NVIDIA_VISIBLE_DEVICES=0"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
     let o = String::from_utf8_lossy(&out.stdout);
     assert!(nodes_of(&o).is_empty() && !o.contains("cuda"), "{o}");
     let out = annotated(
@@ -589,7 +561,7 @@ fn every_request_form_through_our_shim() {
         &["NVIDIA_VISIBLE_DEVICES=0"],
     );
     let o = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
     assert!(nodes_of(&o).contains(&"/dev/nvidia0".to_string()), "{o}");
     fs::remove_file(c.gpu_settings()).unwrap();
 
@@ -606,9 +578,9 @@ fn every_request_form_through_our_shim() {
         &["NVIDIA_VISIBLE_DEVICES=void"],
         "true",
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
     assert_eq!(
-        nvml_inits(&node.driver).len(),
+        node.driver.nvml_inits().len(),
         1,
         "NVML loaded on a start path"
     );
@@ -654,7 +626,7 @@ fn run_hook(
     );
     let mut cmd = Command::new("unshare");
     cmd.args(["-m", "--propagation", "private", "sh", "-c", &script])
-        .arg(binary(HOOK))
+        .arg(built_binary(HOOK))
         .arg(cache)
         .arg(watch)
         .arg(&state_file)
@@ -686,13 +658,13 @@ fn hook_refuses_planted_links() {
     let ok = dir.join("ok");
     let b = bundle(&ok, &["NVIDIA_VISIBLE_DEVICES=0"]);
     let out = run_hook(&b, &node.cache, &[], &[], &ok);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
     assert!(
         mounted(&out)
             .iter()
             .any(|m| m.ends_with("/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15")),
         "{}",
-        text(&out)
+        describe_output(&out)
     );
     assert!(b
         .join("rootfs/dev/nvidia0")
@@ -757,7 +729,11 @@ fn hook_refuses_planted_links() {
         let b = bundle(&d, &["NVIDIA_VISIBLE_DEVICES=0"]);
         plant(&b.join("rootfs"));
         let out = run_hook(&b, &node.cache, &[], &[], &dir.join("outside"));
-        assert!(!out.status.success(), "{what}: accepted\n{}", text(&out));
+        assert!(
+            !out.status.success(),
+            "{what}: accepted\n{}",
+            describe_output(&out)
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("symbolic link"), "{what}: {err}");
         assert!(
@@ -822,7 +798,11 @@ fn hook_survives_a_swap_race() {
     let (mut ok, mut refused) = (0, 0);
     for _ in 0..40 {
         let out = run_hook(&b, &node.cache, &[], &[], &outside);
-        assert!(mounted(&out).is_empty(), "mounted outside: {}", text(&out));
+        assert!(
+            mounted(&out).is_empty(),
+            "mounted outside: {}",
+            describe_output(&out)
+        );
         if out.status.success() {
             ok += 1;
         } else {
@@ -869,7 +849,7 @@ fn hook_ignores_ld_preload() {
         .arg(&src)
         .output()
         .expect("gcc runs");
-    assert!(cc.status.success(), "{}", text(&cc));
+    assert!(cc.status.success(), "{}", describe_output(&cc));
     let evil_s = evil.display().to_string();
     // The preload works on a dynamic program.
     Command::new("true")
@@ -896,7 +876,7 @@ fn hook_ignores_ld_preload() {
         ],
         &dir.join("nowhere"),
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
     assert!(!marker.exists(), "the image's LD_PRELOAD ran in the hook");
 }
 
@@ -907,7 +887,7 @@ fn hook_refuses_bad_input() {
     let sandbox = Sandbox::create("gpu-bad").expect("sandbox");
     let dir = sandbox.dir();
     let node = node_in(dir, dir.join("cache.json"));
-    let hook = binary(HOOK);
+    let hook = built_binary(HOOK);
     let feed = |stdin: &str, args: &[&str]| {
         let mut child = Command::new(&hook)
             .args(args)
@@ -940,7 +920,7 @@ fn hook_refuses_bad_input() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("usage"),
         "{}",
-        text(&out)
+        describe_output(&out)
     );
 
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
@@ -971,7 +951,11 @@ fn hook_refuses_bad_input() {
         let b = bundle(&d, &[]);
         fs::write(b.join("config.json"), config.to_string()).unwrap();
         let out = run_hook(&b, &node.cache, &[], &[], &d);
-        assert!(!out.status.success(), "{what}: accepted\n{}", text(&out));
+        assert!(
+            !out.status.success(),
+            "{what}: accepted\n{}",
+            describe_output(&out)
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(reason), "{what}: {err}");
         assert!(mounted(&out).is_empty(), "{what}: {:?}", mounted(&out));

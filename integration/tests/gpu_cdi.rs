@@ -18,15 +18,16 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::containerd::ContainerdVersion;
 use hyperbox_integration::cri::{self, CriBed};
 use hyperbox_integration::cri_versions;
-use hyperbox_integration::gpu::{FakeDriver, FakeDriverSpec, LIB64_DIR};
+use hyperbox_integration::gpu::{
+    built_binary, describe_output, FakeDriver, FakeDriverSpec, GENERATOR, HOOK, LIB64_DIR,
+};
 use hyperbox_integration::host;
 use hyperbox_integration::images::{self, BuildOptions, TestImage};
 use hyperbox_integration::sandbox::Sandbox;
@@ -55,24 +56,6 @@ if [ -e /dev/nvidia0 ]; then echo "open nvidia0: $(cat /dev/nvidia0 2>&1 | head 
 if mknod /tmp/n1 c 195 1; then echo "open 195:1: $(cat /tmp/n1 2>&1 | head -1)"; fi
 echo "probe: done"
 "#;
-
-fn binary(name: &str) -> PathBuf {
-    host::workspace_binary(name).unwrap_or_else(|| {
-        panic!(
-            "{name} is not built: cargo build --workspace --bins; scripts/build-gpu-hook \
-             $HYPERBOX_BIN_DIR"
-        )
-    })
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Runs a pod under [`HANDLER`]; returns (pod id, config path).
 fn run_pod(bed: &CriBed, dir: &Path, name: &str) -> (String, String) {
@@ -168,15 +151,6 @@ fn mounts(out: &str) -> Vec<(String, String)> {
             let f: Vec<&str> = l.split_whitespace().collect();
             Some((f.get(4)?.to_string(), f.get(5)?.to_string()))
         })
-        .collect()
-}
-
-fn nvml_inits(driver: &FakeDriver) -> Vec<String> {
-    fs::read_to_string(driver.nvml_log())
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("init "))
-        .map(str::to_owned)
         .collect()
 }
 
@@ -297,8 +271,8 @@ fn runc_gets_gpus_through_cdi(v: ContainerdVersion) {
         cri::CRI_TOOLS_TARBALL
     );
     let started = Instant::now();
-    let hook = binary("hyperbox-gpu-hook");
-    let generator = binary("hyperbox-gpu-cdi");
+    built_binary(HOOK);
+    built_binary(GENERATOR);
     let nvml = FakeDriver::fake_nvml_path().expect(
         "the fake NVML is built (cargo build --workspace, or cargo build -p hyperbox-fake-nvml)",
     );
@@ -318,27 +292,16 @@ fn runc_gets_gpus_through_cdi(v: ContainerdVersion) {
     let cdi_dir = dir.join("cdi");
     let spec_path = cdi_dir.join("hyperbox-nvidia.json");
     let cache = dir.join("node/gpu-cache.json");
-    let out = Command::new(&generator)
-        .arg("generate")
-        .arg("--driver-root")
-        .arg(driver.driver_root())
-        .arg("--proc-root")
-        .arg(driver.proc_root())
-        .arg("--dev-root")
-        .arg(driver.dev_root())
-        .arg("--output")
-        .arg(&spec_path)
-        .arg("--cache")
-        .arg(&cache)
-        .arg("--hook-path")
-        .arg(&hook)
+    let bin_dir = host::workspace_bin_dir().expect("the workspace's binaries");
+    let out = driver
+        .generator_command(&bin_dir, "generate", &spec_path, &cache)
         .output()
         .expect("hyperbox-gpu-cdi runs");
-    assert!(out.status.success(), "generate: {}", text(&out));
+    assert!(out.status.success(), "generate: {}", describe_output(&out));
     assert!(
         spec_path.is_file() && cache.is_file(),
         "generate: {}",
-        text(&out)
+        describe_output(&out)
     );
     let spec: serde_json::Value =
         serde_json::from_slice(&fs::read(&spec_path).unwrap()).expect("the spec is JSON");
@@ -493,7 +456,7 @@ fn runc_gets_gpus_through_cdi(v: ContainerdVersion) {
     );
 
     // NVML: the generator's init, and no other.
-    let inits = nvml_inits(&driver);
+    let inits = driver.nvml_inits();
     assert_eq!(inits.len(), 1, "NVML loaded on a start path: {inits:?}");
     assert!(inits[0].contains("hyperbox-gpu-cdi"), "{inits:?}");
 

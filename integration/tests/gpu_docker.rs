@@ -32,8 +32,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -41,7 +40,9 @@ use containerd_client::events::ContainerCreate;
 use hyperbox_integration::client::{EventStream, TestClient};
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::docker::{config_file, Docker, HYPERBOX_RUNTIME};
-use hyperbox_integration::gpu::{FakeDriver, FakeDriverSpec, LIB64_DIR};
+use hyperbox_integration::gpu::{
+    built_binary, describe_output, FakeDriver, FakeDriverSpec, GENERATOR, HOOK, LIB64_DIR,
+};
 use hyperbox_integration::host;
 use hyperbox_integration::images::TestImage;
 
@@ -79,24 +80,6 @@ const GPU0_NODES: [&str; 4] = [
     "/dev/nvidia0",
     "/dev/nvidiactl",
 ];
-
-fn binary(name: &str) -> PathBuf {
-    host::workspace_binary(name).unwrap_or_else(|| {
-        panic!(
-            "{name} is not built: cargo build --workspace --bins; scripts/build-gpu-hook \
-             $HYPERBOX_BIN_DIR"
-        )
-    })
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// dockerd on a containerd, the debian image loaded, and a client of containerd's events in
 /// dockerd's namespace. Field order is drop order: dockerd goes before its containerd.
@@ -145,7 +128,10 @@ impl Bed {
             bed: self,
         };
         eprintln!("{name}:\n{}", seen.out);
-        seen.check(out.status.success(), &format!("docker run: {}", text(&out)));
+        seen.check(
+            out.status.success(),
+            &format!("docker run: {}", describe_output(&out)),
+        );
         let id = id.trim();
         seen.check(
             id.len() == 64,
@@ -361,15 +347,6 @@ impl Seen<'_> {
     }
 }
 
-fn nvml_inits(driver: &FakeDriver) -> Vec<String> {
-    fs::read_to_string(driver.nvml_log())
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("init "))
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Docker with CDI on, runc and our runtime: exactly the GPUs `--device nvidia.com/gpu=…`
 /// names, read-only driver files mounted once, a loader cache that finds them, the device
 /// cgroup; nothing without `--device`; NVML never loaded by a container's start.
@@ -380,8 +357,8 @@ fn docker_gets_gpus_through_cdi() {
         return;
     }
     let started = Instant::now();
-    let hook = binary("hyperbox-gpu-hook");
-    let generator = binary("hyperbox-gpu-cdi");
+    built_binary(HOOK);
+    built_binary(GENERATOR);
     let nvml = FakeDriver::fake_nvml_path().expect(
         "the fake NVML is built (cargo build --workspace, or cargo build -p hyperbox-fake-nvml)",
     );
@@ -403,27 +380,16 @@ fn docker_gets_gpus_through_cdi() {
     let cdi_dir = node.join("cdi");
     let spec_path = cdi_dir.join("hyperbox-nvidia.json");
     let cache = containerd.gpu_cache();
-    let out = Command::new(&generator)
-        .arg("generate")
-        .arg("--driver-root")
-        .arg(driver.driver_root())
-        .arg("--proc-root")
-        .arg(driver.proc_root())
-        .arg("--dev-root")
-        .arg(driver.dev_root())
-        .arg("--output")
-        .arg(&spec_path)
-        .arg("--cache")
-        .arg(&cache)
-        .arg("--hook-path")
-        .arg(&hook)
+    let bin_dir = host::workspace_bin_dir().expect("the workspace's binaries");
+    let out = driver
+        .generator_command(&bin_dir, "generate", &spec_path, &cache)
         .output()
         .expect("hyperbox-gpu-cdi runs");
-    assert!(out.status.success(), "generate: {}", text(&out));
+    assert!(out.status.success(), "generate: {}", describe_output(&out));
     assert!(
         spec_path.is_file() && cache.is_file(),
         "generate: {}",
-        text(&out)
+        describe_output(&out)
     );
     let spec: serde_json::Value =
         serde_json::from_slice(&fs::read(&spec_path).unwrap()).expect("the spec is JSON");
@@ -576,7 +542,7 @@ fn docker_gets_gpus_through_cdi() {
     }
 
     // NVML: the generator's init, and no other.
-    let inits = nvml_inits(&driver);
+    let inits = driver.nvml_inits();
     assert_eq!(inits.len(), 1, "NVML loaded on a start path: {inits:?}");
     assert!(inits[0].contains("hyperbox-gpu-cdi"), "{inits:?}");
 
