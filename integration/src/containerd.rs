@@ -769,6 +769,11 @@ impl Containerd {
         &self.namespace
     }
 
+    /// The configuration file the daemon was started with.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
     /// The gRPC socket.
     pub fn socket(&self) -> &Path {
         &self.socket
