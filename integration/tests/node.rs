@@ -1,8 +1,9 @@
-//! `hyperbox-node doctor` on real daemons: a bare containerd (no CRI runtimes of ours, no
+//! `hyperbox-node` on real daemons. `doctor`: a bare containerd (no CRI runtimes of ours, no
 //! snapshotter) is told what to add; a CRI node with our runtimes and hyperbox-snapshotter
 //! is found complete; the snapshotter stopped is named missing. The kernel, cgroups, CRIU and
 //! userfaultfd checks run against this host (the unit tests cover their failures with a
-//! fake host).
+//! fake host). `configure-containerd` and `unconfigure-containerd` on a copy of each
+//! version's real configuration.
 
 use std::process::{Command, Output};
 
@@ -10,6 +11,7 @@ use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::cri::CriBed;
 use hyperbox_integration::cri_versions;
 use hyperbox_integration::gpu::{built_binary, describe_output};
+use hyperbox_integration::per_version;
 use hyperbox_integration::testbed::TestBed;
 use nix::sys::signal::Signal;
 
@@ -100,3 +102,103 @@ fn cri_node_complete(v: ContainerdVersion) {
     bed.teardown().expect("teardown");
 }
 cri_versions!(cri_node_complete);
+
+/// `configure-containerd` on a copy of a real daemon's configuration: `--dry-run` changes
+/// nothing; the edit makes `containerd config dump` show our runtimes and snapshotter, keeps
+/// every line of the user's file and is idempotent; `unconfigure-containerd` puts the file
+/// back byte for byte and removes the drop-in.
+fn configure_and_unconfigure(v: ContainerdVersion) {
+    let bed = TestBed::start(v).expect("test bed");
+    let c = &bed.containerd;
+    let dir = c.dir().join("node-config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    // The daemon's own file with its CRI plugin on, as on a Kubernetes node (a dump shows no
+    // CRI settings for a disabled plugin; the dump starts nothing).
+    let original: Vec<u8> = std::fs::read_to_string(c.config_path())
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("disabled_plugins"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .into_bytes();
+    std::fs::write(&config, &original).unwrap();
+    let node = |args: &[&str]| {
+        Command::new(built_binary("hyperbox-node"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .arg("--containerd")
+            .arg(v.containerd())
+            .arg("--drop-in-dir")
+            .arg(dir.join("conf.d"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .output()
+            .expect("hyperbox-node runs")
+    };
+    let dump = || {
+        let out = Command::new(v.containerd())
+            .arg("--config")
+            .arg(&config)
+            .args(["config", "dump"])
+            .output()
+            .expect("containerd config dump");
+        assert!(out.status.success(), "{}", describe_output(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!dump().contains("io.containerd.hyperbox.v1"));
+
+    let out = node(&["configure-containerd", "--dry-run"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("+") && shown.contains("hyperbox"), "{shown}");
+    assert_eq!(
+        std::fs::read(&config).unwrap(),
+        original,
+        "--dry-run changed the file"
+    );
+    assert!(!dir.join("state").exists() && !dir.join("conf.d").exists());
+
+    let out = node(&["configure-containerd"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    let edited = std::fs::read_to_string(&config).unwrap();
+    for line in String::from_utf8_lossy(&original).lines() {
+        assert!(edited.contains(line), "{line:?} lost:\n{edited}");
+    }
+    let d = dump();
+    for want in [
+        "io.containerd.hyperbox.v1",
+        "io.containerd.hyperbox-wasm.v1",
+        "/run/hyperbox/snapshotter.sock",
+    ] {
+        assert!(
+            d.contains(want),
+            "containerd {v}: {want} not in the dump:\n{d}"
+        );
+    }
+    assert_eq!(dir.join("conf.d/hyperbox.toml").exists(), v.is_2x());
+    let out = node(&["configure-containerd"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        edited,
+        "not idempotent"
+    );
+
+    let out = node(&["unconfigure-containerd"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(
+        std::fs::read(&config).unwrap(),
+        original,
+        "not restored byte for byte"
+    );
+    assert!(!dir.join("conf.d/hyperbox.toml").exists());
+    assert!(!dump().contains("io.containerd.hyperbox.v1"));
+    let out = node(&["unconfigure-containerd"]);
+    assert!(
+        !out.status.success(),
+        "a second undo found something to undo"
+    );
+}
+per_version!(configure_containerd, configure_and_unconfigure);

@@ -1,13 +1,20 @@
 //! `hyperbox-node`: HyperBox on a host. `doctor` tells what the host lacks, one line each
-//! with its fix (see `doctor.rs`). Installing and uninstalling come with the node-install
-//! work; until then `config/` and the README say what to put where.
+//! with its fix (see `doctor.rs`); `configure-containerd` adds HyperBox's runtimes and
+//! snapshotter to containerd's configuration without clobbering it, and
+//! `unconfigure-containerd` puts the file back byte for byte (see `containerd_config.rs`).
+//! Placing the binaries and units and restarting containerd are not done by this command
+//! yet: `config/` and the README say what goes where.
 
+mod containerd_config;
 mod doctor;
 mod host;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -22,77 +29,260 @@ enum Command {
     /// What this host lacks for HyperBox: kernel EROFS, cgroups, CRIU, containerd and what is
     /// registered with it, userfaultfd, the GPU driver's cache and CDI spec. Exits 1 when
     /// something is missing.
-    Doctor {
-        /// containerd's socket.
-        #[arg(long, default_value = "/run/containerd/containerd.sock")]
-        address: PathBuf,
-        /// containerd's configuration file (default: containerd's own default).
+    Doctor(DoctorArgs),
+    /// Adds HyperBox's CRI runtimes and the proxy snapshotter to containerd's configuration
+    /// (in place for 1.6/1.7, as an imported drop-in for 2.x), keeping everything of the
+    /// user's; the original is saved for `unconfigure-containerd`. containerd must then be
+    /// restarted.
+    ConfigureContainerd {
+        #[command(flatten)]
+        target: ConfigTarget,
+        /// Print the change and change nothing.
         #[arg(long)]
-        config: Option<PathBuf>,
-        /// The containerd binary.
-        #[arg(long, default_value = "containerd")]
-        containerd: String,
-        /// The ctr binary.
-        #[arg(long, default_value = "ctr")]
-        ctr: String,
-        /// The PATH containerd gives its shims (default: this process's).
-        #[arg(long)]
-        path: Option<String>,
-        /// The GPU cache hyperbox-gpu-cdi writes.
-        #[arg(long, default_value = hyperbox_gpu::cache::DEFAULT_PATH)]
-        gpu_cache: PathBuf,
-        /// The CDI spec hyperbox-gpu-cdi writes.
-        #[arg(long, default_value = "/var/run/cdi/hyperbox-nvidia.json")]
-        cdi_spec: PathBuf,
-        /// The findings as JSON.
-        #[arg(long)]
-        json: bool,
+        dry_run: bool,
     },
+    /// Puts containerd's configuration back exactly as `configure-containerd` found it and
+    /// removes the drop-in.
+    UnconfigureContainerd {
+        #[command(flatten)]
+        target: ConfigTarget,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DoctorArgs {
+    /// containerd's socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    address: PathBuf,
+    /// containerd's configuration file (default: containerd's own default).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The containerd binary.
+    #[arg(long, default_value = "containerd")]
+    containerd: String,
+    /// The ctr binary.
+    #[arg(long, default_value = "ctr")]
+    ctr: String,
+    /// The PATH containerd gives its shims (default: this process's).
+    #[arg(long)]
+    path: Option<String>,
+    /// The GPU cache hyperbox-gpu-cdi writes.
+    #[arg(long, default_value = hyperbox_gpu::cache::DEFAULT_PATH)]
+    gpu_cache: PathBuf,
+    /// The CDI spec hyperbox-gpu-cdi writes.
+    #[arg(long, default_value = "/var/run/cdi/hyperbox-nvidia.json")]
+    cdi_spec: PathBuf,
+    /// The findings as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigTarget {
+    /// containerd's configuration file.
+    #[arg(long, default_value = "/etc/containerd/config.toml")]
+    config: PathBuf,
+    /// The containerd binary (its version picks the config version).
+    #[arg(long, default_value = "containerd")]
+    containerd: String,
+    /// Where 2.x's drop-in goes.
+    #[arg(long, default_value = "/etc/containerd/conf.d")]
+    drop_in_dir: PathBuf,
+    /// Where the original configuration is kept (root-only).
+    #[arg(long, default_value = "/var/lib/hyperbox/node")]
+    state_dir: PathBuf,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Doctor {
-            address,
-            config,
-            containerd,
-            ctr,
-            path,
-            gpu_cache,
-            cdi_spec,
-            json,
-        } => {
-            let host = host::RealHost {
-                path: path.unwrap_or_else(|| std::env::var("PATH").unwrap_or_default()),
-            };
-            let opts = doctor::Options {
-                address,
-                config,
-                containerd,
-                ctr,
-                gpu_cache,
-                cdi_spec,
-            };
-            let findings = doctor::run(&host, &opts);
-            if json {
-                match serde_json::to_string_pretty(&findings) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("hyperbox-node: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                for f in &findings {
-                    println!("{f}");
-                }
+    let result = match cli.command {
+        Command::ConfigureContainerd { target, dry_run } => configure(&target, dry_run),
+        Command::UnconfigureContainerd { target } => unconfigure(&target),
+        Command::Doctor(args) => return doctor_main(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hyperbox-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What `configure-containerd` saved: enough to put everything back.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Saved {
+    config: PathBuf,
+    /// The file's text before the first configure; `None` when there was no file.
+    original: Option<String>,
+    drop_in: Option<PathBuf>,
+}
+
+const SAVED: &str = "containerd-config.json";
+
+fn containerd_version(bin: &str) -> anyhow::Result<(u64, u64)> {
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("cannot run {bin} --version"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u64> = text
+        .split_whitespace()
+        .map(|w| w.trim_start_matches('v'))
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .map(|w| {
+            w.split(|c: char| !c.is_ascii_digit())
+                .take(2)
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    match v.as_slice() {
+        [major, minor] => Ok((*major, *minor)),
+        _ => anyhow::bail!("{bin} --version says no version: {text:?}"),
+    }
+}
+
+fn configure(t: &ConfigTarget, dry_run: bool) -> anyhow::Result<()> {
+    let (major, minor) = containerd_version(&t.containerd)?;
+    let current = match std::fs::read_to_string(&t.config) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", t.config.display())),
+    };
+    let before = current.clone().unwrap_or_default();
+    let plan = containerd_config::plan(&t.config, &before, major, minor, &t.drop_in_dir)?;
+    for key in &plan.kept {
+        eprintln!(
+            "hyperbox-node: {key} is already set in {}: left as it is",
+            t.config.display()
+        );
+    }
+    if dry_run {
+        println!("--- {} (containerd {major}.{minor})", t.config.display());
+        print!("{}", containerd_config::diff(&before, &plan.config));
+        if let Some((path, text)) = &plan.drop_in {
+            println!("--- {} (new)", path.display());
+            print!("{}", containerd_config::diff("", text));
+        }
+        return Ok(());
+    }
+    let saved_path = t.state_dir.join(SAVED);
+    if !saved_path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&t.state_dir)
+            .with_context(|| format!("cannot create {}", t.state_dir.display()))?;
+        let saved = Saved {
+            config: t.config.clone(),
+            original: current,
+            drop_in: plan.drop_in.as_ref().map(|(p, _)| p.clone()),
+        };
+        hyperbox_gpu::atomic::write(&saved_path, &serde_json::to_vec_pretty(&saved)?, 0o600)
+            .with_context(|| format!("cannot save the original to {}", saved_path.display()))?;
+    }
+    if let Some((path, text)) = &plan.drop_in {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        hyperbox_gpu::atomic::write(path, text.as_bytes(), 0o644)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if plan.config != before {
+        let mode = std::fs::metadata(&t.config)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0o644);
+        if let Some(dir) = t.config.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        hyperbox_gpu::atomic::write(&t.config, plan.config.as_bytes(), mode)
+            .with_context(|| format!("cannot write {}", t.config.display()))?;
+    }
+    eprintln!(
+        "hyperbox-node: containerd {major}.{minor}'s configuration has HyperBox's runtimes and snapshotter; restart containerd to apply"
+    );
+    Ok(())
+}
+
+fn unconfigure(t: &ConfigTarget) -> anyhow::Result<()> {
+    let saved_path = t.state_dir.join(SAVED);
+    let saved: Saved = match std::fs::read(&saved_path) {
+        Ok(data) => serde_json::from_slice(&data)
+            .with_context(|| format!("{} is not ours", saved_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::bail!("nothing to undo: {} does not exist", saved_path.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", saved_path.display())),
+    };
+    match &saved.original {
+        Some(text) => hyperbox_gpu::atomic::write(&saved.config, text.as_bytes(), 0o644)
+            .with_context(|| format!("cannot restore {}", saved.config.display()))?,
+        None => match std::fs::remove_file(&saved.config) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", saved.config.display()))
             }
-            if doctor::any_missing(&findings) {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
+            _ => {}
+        },
+    }
+    if let Some(drop_in) = &saved.drop_in {
+        match std::fs::remove_file(drop_in) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", drop_in.display()))
+            }
+            _ => {}
+        }
+    }
+    std::fs::remove_file(&saved_path)
+        .with_context(|| format!("cannot remove {}", saved_path.display()))?;
+    eprintln!(
+        "hyperbox-node: {} is as it was; restart containerd to apply",
+        saved.config.display()
+    );
+    Ok(())
+}
+
+fn doctor_main(args: DoctorArgs) -> ExitCode {
+    let DoctorArgs {
+        address,
+        config,
+        containerd,
+        ctr,
+        path,
+        gpu_cache,
+        cdi_spec,
+        json,
+    } = args;
+    let host = host::RealHost {
+        path: path.unwrap_or_else(|| std::env::var("PATH").unwrap_or_default()),
+    };
+    let opts = doctor::Options {
+        address,
+        config,
+        containerd,
+        ctr,
+        gpu_cache,
+        cdi_spec,
+    };
+    let findings = doctor::run(&host, &opts);
+    if json {
+        match serde_json::to_string_pretty(&findings) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("hyperbox-node: {e}");
+                return ExitCode::FAILURE;
             }
         }
+    } else {
+        for f in &findings {
+            println!("{f}");
+        }
+    }
+    if doctor::any_missing(&findings) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
