@@ -353,6 +353,33 @@ impl CriBed {
         cmd
     }
 
+    /// Writes a pod config named `name` in Kubernetes namespace `namespace` into `dir`,
+    /// annotated with `annotations`, and runs it under `handler` (`crictl runp`): returns (pod
+    /// id, config path). Panics with crictl's output on failure (for tests).
+    pub fn run_pod(
+        &self,
+        handler: &str,
+        dir: &Path,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+    ) -> (String, String) {
+        let config = dir.join(format!("{name}.json"));
+        let logs = dir.join(format!("{name}-logs"));
+        fs::create_dir_all(&logs).expect("pod log directory");
+        let annotations: BTreeMap<&str, &str> = annotations.iter().copied().collect();
+        let json = serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}")},
+            "log_directory": logs,
+            "annotations": annotations,
+            "linux": {},
+        });
+        fs::write(&config, json.to_string()).expect("pod config");
+        let config = config.to_string_lossy().into_owned();
+        let pod = self.crictl_ok(&["runp", "--runtime", handler, &config]);
+        (pod, config)
+    }
+
     /// `crictl ARGS`, run to completion.
     pub fn crictl_output(&self, args: &[&str]) -> std::process::Output {
         self.crictl().args(args).output().expect("crictl runs")

@@ -752,6 +752,22 @@ impl FakeDriver {
         cmd
     }
 
+    /// `hyperbox-gpu-cdi generate` for this driver with the workspace's generator and hook:
+    /// the spec to `spec`, the cache to `cache`. Panics with the generator's output when it
+    /// fails or leaves either file out (for tests).
+    pub fn generate(&self, spec: &Path, cache: &Path) {
+        let bin_dir = host::workspace_bin_dir().expect("the workspace's binaries");
+        let out = self
+            .generator_command(&bin_dir, "generate", spec, cache)
+            .output()
+            .expect("hyperbox-gpu-cdi runs");
+        assert!(
+            out.status.success() && spec.is_file() && cache.is_file(),
+            "hyperbox-gpu-cdi generate: {}",
+            describe_output(&out)
+        );
+    }
+
     /// The `init …` lines of the fake NVML's log: one per `nvmlInit` since the build.
     pub fn nvml_inits(&self) -> Vec<String> {
         fs::read_to_string(self.nvml_log())

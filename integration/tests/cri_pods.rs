@@ -195,33 +195,9 @@ const POD_NAMESPACE: &str = "hyperbox-test";
 /// Counts up in `/tmp/n`, ten times a second.
 const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done";
 
-/// Writes a pod config named `name` and runs it under `handler`; returns (pod id, config).
+/// Runs pod `name` under `handler` in [`POD_NAMESPACE`]; returns (pod id, config).
 fn run_pod(bed: &CriBed, handler: &str, dir: &Path, name: &str) -> (String, String) {
-    run_pod_annotated(bed, handler, dir, name, &[])
-}
-
-/// As [`run_pod`], the pod annotated with `annotations`.
-fn run_pod_annotated(
-    bed: &CriBed,
-    handler: &str,
-    dir: &Path,
-    name: &str,
-    annotations: &[(&str, &str)],
-) -> (String, String) {
-    let config = dir.join(format!("{name}.json"));
-    let logs = dir.join(format!("{name}-logs"));
-    fs::create_dir_all(&logs).unwrap();
-    let annotations: BTreeMap<&str, &str> = annotations.iter().copied().collect();
-    let json = serde_json::json!({
-        "metadata": {"name": name, "namespace": POD_NAMESPACE, "uid": format!("uid-{name}")},
-        "log_directory": logs,
-        "annotations": annotations,
-        "linux": {},
-    });
-    fs::write(&config, json.to_string()).unwrap();
-    let config = config.to_string_lossy().into_owned();
-    let pod = bed.crictl_ok(&["runp", "--runtime", handler, &config]);
-    (pod, config)
+    bed.run_pod(handler, dir, POD_NAMESPACE, name, &[])
 }
 
 /// Creates and starts container `name` from `image` in `pod`; returns its id.
@@ -563,10 +539,10 @@ fn templates_from_pod_annotations(v: ContainerdVersion) {
     let counter_ready =
         "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; [ $i = 30 ] && touch /ready; sleep 0.1; done";
     let command = ["sh", "-c", counter_ready];
-    let (capture_pod, capture_config) = run_pod_annotated(
-        &bed,
+    let (capture_pod, capture_config) = bed.run_pod(
         handler,
         &dir,
+        POD_NAMESPACE,
         "capture",
         &[
             ("io.hyperbox.template.capture", "counter"),
@@ -610,10 +586,10 @@ fn templates_from_pod_annotations(v: ContainerdVersion) {
     // The captured container runs on.
     let captured = counter_passes(&bed, &app, 30);
 
-    let (copy_pod, copy_config) = run_pod_annotated(
-        &bed,
+    let (copy_pod, copy_config) = bed.run_pod(
         handler,
         &dir,
+        POD_NAMESPACE,
         "copy",
         &[
             ("io.hyperbox.restore-from", "counter"),

@@ -26,9 +26,8 @@ use hyperbox_integration::containerd::ContainerdVersion;
 use hyperbox_integration::cri::{self, CriBed};
 use hyperbox_integration::cri_versions;
 use hyperbox_integration::gpu::{
-    built_binary, describe_output, FakeDriver, FakeDriverSpec, GENERATOR, HOOK, LIB64_DIR,
+    built_binary, FakeDriver, FakeDriverSpec, GENERATOR, HOOK, LIB64_DIR,
 };
-use hyperbox_integration::host;
 use hyperbox_integration::images::{self, BuildOptions, TestImage};
 use hyperbox_integration::sandbox::Sandbox;
 
@@ -56,22 +55,6 @@ if [ -e /dev/nvidia0 ]; then echo "open nvidia0: $(cat /dev/nvidia0 2>&1 | head 
 if mknod /tmp/n1 c 195 1; then echo "open 195:1: $(cat /tmp/n1 2>&1 | head -1)"; fi
 echo "probe: done"
 "#;
-
-/// Runs a pod under [`HANDLER`]; returns (pod id, config path).
-fn run_pod(bed: &CriBed, dir: &Path, name: &str) -> (String, String) {
-    let config = dir.join(format!("{name}.json"));
-    let logs = dir.join(format!("{name}-logs"));
-    fs::create_dir_all(&logs).unwrap();
-    let json = serde_json::json!({
-        "metadata": {"name": name, "namespace": POD_NAMESPACE, "uid": format!("uid-{name}")},
-        "log_directory": logs,
-        "linux": {},
-    });
-    fs::write(&config, json.to_string()).unwrap();
-    let config = config.to_string_lossy().into_owned();
-    let pod = bed.crictl_ok(&["runp", "--runtime", HANDLER, &config]);
-    (pod, config)
-}
 
 /// Creates and starts container `name` running [`PROBE`] in `image`, annotated with
 /// `annotations`; returns its id.
@@ -292,17 +275,7 @@ fn runc_gets_gpus_through_cdi(v: ContainerdVersion) {
     let cdi_dir = dir.join("cdi");
     let spec_path = cdi_dir.join("hyperbox-nvidia.json");
     let cache = dir.join("node/gpu-cache.json");
-    let bin_dir = host::workspace_bin_dir().expect("the workspace's binaries");
-    let out = driver
-        .generator_command(&bin_dir, "generate", &spec_path, &cache)
-        .output()
-        .expect("hyperbox-gpu-cdi runs");
-    assert!(out.status.success(), "generate: {}", describe_output(&out));
-    assert!(
-        spec_path.is_file() && cache.is_file(),
-        "generate: {}",
-        describe_output(&out)
-    );
+    driver.generate(&spec_path, &cache);
     let spec: serde_json::Value =
         serde_json::from_slice(&fs::read(&spec_path).unwrap()).expect("the spec is JSON");
     assert_eq!(spec["kind"], "nvidia.com/gpu");
@@ -320,7 +293,7 @@ fn runc_gets_gpus_through_cdi(v: ContainerdVersion) {
     let image = bed.registry.reference(repo_tag);
     bed.crictl_ok(&["pull", &image]);
 
-    let (pod, pod_config) = run_pod(&bed, &dir, "gpu-pod");
+    let (pod, pod_config) = bed.run_pod(HANDLER, &dir, POD_NAMESPACE, "gpu-pod", &[]);
     let p = (pod.as_str(), pod_config.as_str());
     let gpu0 = start_probe(
         &bed,
