@@ -16,7 +16,9 @@
 //! - runtime options `io_uid`/`io_gid` give a user-namespaced container's root its pipes,
 //!   so that it can reopen its stdout;
 //! - a container with a terminal is restored with a terminal, its output reaching the new
-//!   task's.
+//!   task's;
+//! - a process whose environment has no `PATH` (`ctr run --rootfs`, no image) runs a program
+//!   named by its path, and a bare name is not found.
 //!
 //! The shim binary must be built first (`cargo build --workspace --bins`).
 
@@ -804,3 +806,51 @@ fn restore_with_terminal_as_runc(v: ContainerdVersion) {
     );
 }
 per_version!(restore_with_terminal, restore_with_terminal_as_runc);
+
+/// `ctr run --rootfs` of a directory (no image, so no image environment): a program named by
+/// its path runs without `PATH`, a bare name is refused, under runc's shim and ours alike
+/// (libcontainer refused any process without `PATH`; `hyperbox-node verify` runs this way).
+fn no_path_in_environment_as_runc(v: ContainerdVersion) {
+    let (bed, _image) = bed(v);
+    let c = &bed.containerd;
+    let rootfs = c.dir().join("no-path-rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    let busybox = hyperbox_integration::images::rootfs::find_busybox().expect("busybox-static");
+    std::fs::copy(&busybox, rootfs.join("bin/busybox")).unwrap();
+    let mut seen = Vec::new();
+    for (n, runtime) in RUNTIMES.into_iter().enumerate() {
+        let run = |id: &str, argv: &[&str]| {
+            let root = rootfs.to_str().unwrap();
+            let mut args = vec!["run", "--rm", "--runtime", runtime, "--rootfs", root, id];
+            args.extend_from_slice(argv);
+            let out = c
+                .ctr()
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()
+                .expect("ctr runs");
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            )
+        };
+        let env = run(&format!("nopath{n}"), &["/bin/busybox", "env"]);
+        assert!(
+            !env.1.lines().any(|l| l.starts_with("PATH=")),
+            "{runtime}: the process has PATH: {env:?}"
+        );
+        let by_path = run(&format!("bypath{n}"), &["/bin/busybox", "echo", "hi"]);
+        let bare = run(&format!("bare{n}"), &["busybox", "echo", "hi"]);
+        seen.push((env.0, by_path, bare.0));
+    }
+    assert_eq!(
+        seen[0],
+        (true, (true, "hi".to_string()), false),
+        "runc's shim"
+    );
+    assert_eq!(
+        seen[1], seen[0],
+        "hyperbox vs runc: (env runs, /bin/busybox echo, bare name)"
+    );
+}
+per_version!(no_path_in_environment, no_path_in_environment_as_runc);

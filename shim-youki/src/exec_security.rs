@@ -146,7 +146,7 @@ impl Executor for ExecSecurity {
     }
 
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
-        self.inner.validate(spec)
+        crate::executor::validate_as_runc(self.inner.as_ref(), spec)
     }
 
     fn setup_envs(&self, envs: HashMap<String, String>) -> Result<(), ExecutorSetEnvsError> {

@@ -53,10 +53,58 @@ impl Executor for BoxedExecutor {
     }
 
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
-        self.0.validate(spec)
+        validate_as_runc(self.0.as_ref(), spec)
     }
 
     fn setup_envs(&self, envs: HashMap<String, String>) -> Result<(), ExecutorSetEnvsError> {
         self.0.setup_envs(envs)
+    }
+}
+
+/// `inner.validate(spec)`, except that a process without `PATH` in its environment is
+/// validated as runc runs it: a program named with a `/` is run as it is, and a bare name is
+/// looked up in an empty `PATH` (so not found). libcontainer's own executor refuses any
+/// process without `PATH` ("PATH environment variable is not set"), where runc runs
+/// `/hello` from a `ctr run --rootfs` with no image environment. Only the validation sees
+/// the empty `PATH`; the process gets the environment its spec gives.
+pub(crate) fn validate_as_runc(
+    inner: &dyn Executor,
+    spec: &Spec,
+) -> Result<(), ExecutorValidationError> {
+    let env = spec.process().as_ref().and_then(|p| p.env().as_ref());
+    if env.is_some_and(|e| e.iter().any(|v| v.starts_with("PATH="))) {
+        return inner.validate(spec);
+    }
+    let mut spec = spec.clone();
+    if let Some(process) = spec.process_mut() {
+        let mut env = process.env().clone().unwrap_or_default();
+        env.push("PATH=".to_string());
+        process.set_env(Some(env));
+    }
+    inner.validate(&spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libcontainer::oci_spec::runtime::{ProcessBuilder, SpecBuilder};
+
+    fn spec(args: &[&str], env: &[&str]) -> Spec {
+        let process = ProcessBuilder::default()
+            .args(args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .env(env.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .build()
+            .unwrap();
+        SpecBuilder::default().process(process).build().unwrap()
+    }
+
+    #[test]
+    fn a_path_with_a_slash_needs_no_path_variable() {
+        let inner = libcontainer::workload::default::get_executor();
+        // /bin/sh exists on every development and CI host.
+        validate_as_runc(inner.as_ref(), &spec(&["/bin/sh"], &[])).unwrap();
+        let e = validate_as_runc(inner.as_ref(), &spec(&["sh"], &[])).unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+        validate_as_runc(inner.as_ref(), &spec(&["sh"], &["PATH=/bin"])).unwrap();
     }
 }
