@@ -51,10 +51,12 @@ impl Host for RealHost {
             return None;
         }
         Some(
-            match st.f_type {
-                libc::CGROUP2_SUPER_MAGIC => "cgroup2",
-                libc::TMPFS_MAGIC => "tmpfs",
-                libc::CGROUP_SUPER_MAGIC => "cgroup",
+            // The field's type differs between C libraries (glibc: i64, musl: u64).
+            #[allow(clippy::unnecessary_cast)]
+            match st.f_type as i64 {
+                x if x == libc::CGROUP2_SUPER_MAGIC as i64 => "cgroup2",
+                x if x == libc::TMPFS_MAGIC as i64 => "tmpfs",
+                x if x == libc::CGROUP_SUPER_MAGIC as i64 => "cgroup",
                 _ => "other",
             }
             .to_string(),
