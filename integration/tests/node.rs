@@ -3,7 +3,8 @@
 //! is found complete; the snapshotter stopped is named missing. The kernel, cgroups, CRIU and
 //! userfaultfd checks run against this host (the unit tests cover their failures with a
 //! fake host). `configure-containerd` and `unconfigure-containerd` on a copy of each
-//! version's real configuration.
+//! version's real configuration. `install` into a private root and back, `install --dry-run`
+//! against this host's real paths, and `verify` on a CRI node of each version.
 
 use std::process::{Command, Output};
 
@@ -202,3 +203,297 @@ fn configure_and_unconfigure(v: ContainerdVersion) {
     );
 }
 per_version!(configure_containerd, configure_and_unconfigure);
+
+/// The unpacked release of this build that `scripts/test` makes (`HYPERBOX_RELEASE_DIR`):
+/// its `hyperbox-node` is the static one a release ships. `None` (the test says skipped)
+/// outside `scripts/test`; CI runs through it, where a missing release fails.
+fn release_dir() -> Option<std::path::PathBuf> {
+    match std::env::var_os("HYPERBOX_RELEASE_DIR") {
+        Some(d) => Some(d.into()),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("HYPERBOX_RELEASE_DIR is not set: scripts/test makes the release")
+        }
+        None => {
+            eprintln!("no HYPERBOX_RELEASE_DIR (scripts/release --profile dev makes one): skipped");
+            None
+        }
+    }
+}
+
+/// Every file under the places `install` writes on a host, with its size, mode and
+/// modification time: what must not change under `--dry-run`.
+fn host_state() -> Vec<(std::path::PathBuf, u64, u32, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    for dir in [
+        "/usr/local/bin",
+        "/usr/local/sbin",
+        "/etc/containerd",
+        "/etc/hyperbox",
+        "/etc/systemd/system",
+        "/etc/udev/rules.d",
+        "/var/lib/hyperbox/node",
+    ] {
+        let mut stack = vec![std::path::PathBuf::from(dir)];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Ok(m) = e.path().symlink_metadata() else {
+                    continue;
+                };
+                if m.is_dir() {
+                    stack.push(e.path());
+                }
+                out.push((
+                    e.path(),
+                    m.size(),
+                    m.mode(),
+                    m.mtime_nsec() + m.mtime() * 1_000_000_000,
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `install --dry-run` with every default (this host's real /usr/local/bin, /etc/containerd,
+/// systemd's and udev's directories): it says what it would do, and nothing on the host
+/// changes.
+#[test]
+fn install_dry_run_changes_nothing_on_this_host() {
+    let Some(release) = release_dir() else {
+        return;
+    };
+    let v = ContainerdVersion::selected()[0];
+    let before = host_state();
+    let out = Command::new(release.join("bin/hyperbox-node"))
+        .args(["install", "--dry-run", "--containerd"])
+        .arg(v.containerd())
+        .output()
+        .expect("hyperbox-node runs");
+    assert!(out.status.success(), "{}", describe_output(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "/usr/local/bin/containerd-shim-hyperbox-v1: ",
+        "/etc/systemd/system/hyperbox-snapshotter.service: ",
+        "/etc/hyperbox/snapshotter.toml: ",
+        "--- /etc/containerd/config.toml",
+    ] {
+        assert!(shown.contains(want), "{want:?} not shown:\n{shown}");
+    }
+    assert_eq!(before, host_state(), "--dry-run changed the host");
+}
+
+/// `install --restart none` into a private root (this host has no systemd): the files, the
+/// configuration edit, a foreign file replaced and saved, a configuration file of the user's
+/// kept, the record root-only; a second install changes nothing; `uninstall` puts back the
+/// foreign file and the configuration byte for byte, removes ours, and keeps one the user
+/// changed since.
+fn install_and_uninstall_in_a_private_root(v: ContainerdVersion) {
+    let Some(release) = release_dir() else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let bed = TestBed::start(v).expect("test bed");
+    let root = bed.containerd.dir().join("node-root");
+    let p = |rel: &str| root.join(rel);
+    for d in [
+        "bin",
+        "sbin",
+        "etc/containerd",
+        "etc/hyperbox",
+        "units",
+        "udev",
+    ] {
+        std::fs::create_dir_all(p(d)).unwrap();
+    }
+    let config = p("etc/containerd/config.toml");
+    let original = b"# the user's own\nversion = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.8\" # pinned\n".to_vec();
+    let original = if v.is_2x() {
+        b"# the user's own\nversion = 3\n\n[plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = 'registry.k8s.io/pause:3.8' # pinned\n".to_vec()
+    } else {
+        original
+    };
+    std::fs::write(&config, &original).unwrap();
+    // Someone else's hyperbox-gpu-cdi, and the user's own snapshotter settings.
+    std::fs::write(p("bin/hyperbox-gpu-cdi"), b"#!/bin/sh\necho theirs\n").unwrap();
+    std::fs::write(p("etc/hyperbox/snapshotter.toml"), b"# mine\n").unwrap();
+    let node = |args: &[&str]| {
+        let mut cmd = Command::new(release.join("bin/hyperbox-node"));
+        cmd.args(args)
+            .arg("--config")
+            .arg(&config)
+            .arg("--containerd")
+            .arg(v.containerd())
+            .arg("--drop-in-dir")
+            .arg(p("etc/containerd/conf.d"))
+            .arg("--state-dir")
+            .arg(p("state"))
+            .args(["--restart", "none"]);
+        if args[0] == "install" {
+            cmd.arg("--from")
+                .arg(&release)
+                .arg("--bin-dir")
+                .arg(p("bin"))
+                .arg("--sbin-dir")
+                .arg(p("sbin"))
+                .arg("--etc-dir")
+                .arg(p("etc/hyperbox"))
+                .arg("--unit-dir")
+                .arg(p("units"))
+                .arg("--udev-dir")
+                .arg(p("udev"));
+        }
+        cmd.output().expect("hyperbox-node runs")
+    };
+
+    let out = node(&["install"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("hyperbox-node verify"), "{said}");
+    for b in [
+        "containerd-shim-hyperbox-v1",
+        "containerd-shim-hyperbox-wasm-v1",
+        "hyperbox-snapshotter",
+        "hyperbox-gpu-hook",
+        "hyperbox-gpu-cdi",
+        "hyperbox-node",
+    ] {
+        assert_eq!(
+            std::fs::read(p("bin").join(b)).unwrap(),
+            std::fs::read(release.join("bin").join(b)).unwrap(),
+            "{b}"
+        );
+    }
+    let unit = std::fs::read_to_string(p("units/hyperbox-snapshotter.service")).unwrap();
+    assert!(
+        unit.contains(&format!(
+            "ExecStart={}",
+            p("bin/hyperbox-snapshotter").display()
+        )),
+        "the unit runs the installed binary:\n{unit}"
+    );
+    assert_eq!(
+        std::fs::read(p("etc/hyperbox/snapshotter.toml")).unwrap(),
+        b"# mine\n"
+    );
+    assert!(p("etc/hyperbox/gpu.toml").is_file());
+    let edited = std::fs::read_to_string(&config).unwrap();
+    assert!(edited.starts_with("# the user's own\n"), "{edited}");
+    assert_eq!(
+        p("etc/containerd/conf.d/hyperbox.toml").is_file(),
+        v.is_2x()
+    );
+    let record = p("state/installed.json");
+    let mode = std::fs::metadata(&record).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "installed.json is {mode:o}");
+    assert_eq!(
+        std::fs::metadata(p("state")).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+
+    let recorded = std::fs::read(&record).unwrap();
+    let out = node(&["install"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(
+        std::fs::read(&record).unwrap(),
+        recorded,
+        "the second install changed the record"
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("(New)"),
+        "{}",
+        describe_output(&out)
+    );
+
+    // The user changes the installed gpu.toml: uninstall keeps it.
+    std::fs::write(
+        p("etc/hyperbox/gpu.toml"),
+        b"accept_env_when_unprivileged = false\n",
+    )
+    .unwrap();
+    let out = node(&["uninstall"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(
+        std::fs::read(&config).unwrap(),
+        original,
+        "not restored byte for byte"
+    );
+    assert!(!p("etc/containerd/conf.d/hyperbox.toml").exists());
+    assert_eq!(
+        std::fs::read(p("bin/hyperbox-gpu-cdi")).unwrap(),
+        b"#!/bin/sh\necho theirs\n",
+        "the foreign file is put back"
+    );
+    for gone in [
+        "bin/containerd-shim-hyperbox-v1",
+        "bin/hyperbox-node",
+        "units/hyperbox-snapshotter.service",
+        "udev/99-hyperbox-gpu.rules",
+        "state/installed.json",
+    ] {
+        assert!(!p(gone).exists(), "{gone} is left");
+    }
+    assert_eq!(
+        std::fs::read(p("etc/hyperbox/snapshotter.toml")).unwrap(),
+        b"# mine\n"
+    );
+    assert!(
+        p("etc/hyperbox/gpu.toml").is_file(),
+        "a file changed since install is kept"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("kept"),
+        "{}",
+        describe_output(&out)
+    );
+    let out = node(&["uninstall"]);
+    assert!(
+        !out.status.success(),
+        "a second uninstall found something to undo"
+    );
+    bed.teardown().expect("teardown");
+}
+per_version!(install_uninstall, install_and_uninstall_in_a_private_root);
+
+/// `hyperbox-node verify` (what install ends with) on a CRI node with our runtimes and
+/// snapshotter: a native container through each runtime, a wasm one, a snapshot; with the
+/// snapshotter killed it fails and says which part.
+fn verify_on_a_node(v: ContainerdVersion) {
+    let Some(release) = release_dir() else {
+        return;
+    };
+    let mut bed = CriBed::start_with_snapshotter(v).expect("CRI bed with the snapshotter");
+    let verify = || {
+        Command::new(release.join("bin/hyperbox-node"))
+            .arg("verify")
+            .arg("--address")
+            .arg(bed.containerd.socket())
+            .arg("--ctr")
+            .arg(v.ctr())
+            .args(["--timeout-s", "10"])
+            .output()
+            .expect("hyperbox-node runs")
+    };
+    let out = verify();
+    assert!(out.status.success(), "{}", describe_output(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(said.matches("verified:").count(), 4, "{said}");
+    bed.snapshotter
+        .as_mut()
+        .expect("the snapshotter")
+        .stop(Signal::SIGKILL);
+    let out = verify();
+    assert!(!out.status.success(), "{}", describe_output(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("hyperbox snapshotter"),
+        "{}",
+        describe_output(&out)
+    );
+    bed.teardown().expect("teardown");
+}
+cri_versions!(verify_on_a_node);

@@ -1,18 +1,19 @@
 //! `hyperbox-node`: HyperBox on a host. `doctor` tells what the host lacks, one line each
 //! with its fix (see `doctor.rs`); `configure-containerd` adds HyperBox's runtimes and
 //! snapshotter to containerd's configuration without clobbering it, and
-//! `unconfigure-containerd` puts the file back byte for byte (see `containerd_config.rs`).
-//! Placing the binaries and units and restarting containerd are not done by this command
-//! yet: `config/` and the README say what goes where.
+//! `unconfigure-containerd` puts the file back byte for byte (see `containerd_config.rs`);
+//! `install` puts a release's payload on the host, configures and restarts containerd and
+//! verifies, `uninstall` undoes it, `verify` runs the checks alone (see `install.rs`).
 
 mod containerd_config;
 mod doctor;
 mod host;
+mod install;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -47,6 +48,21 @@ enum Command {
         #[command(flatten)]
         target: ConfigTarget,
     },
+    /// Installs a release's payload: binaries, units, CRIU where missing, containerd's
+    /// configuration; restarts containerd and verifies. Idempotent.
+    Install {
+        #[command(flatten)]
+        args: install::InstallArgs,
+        /// Print what would change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Undoes `install`: containerd's configuration back byte for byte, our files and units
+    /// removed, what they replaced put back.
+    Uninstall(install::UninstallArgs),
+    /// Runs a container through each HyperBox runtime and a snapshot through the
+    /// snapshotter, through containerd.
+    Verify(install::VerifyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -96,8 +112,15 @@ struct ConfigTarget {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::ConfigureContainerd { target, dry_run } => configure(&target, dry_run),
+        Command::ConfigureContainerd { target, dry_run } => configure(&target, dry_run).map(drop),
         Command::UnconfigureContainerd { target } => unconfigure(&target),
+        Command::Install { args, dry_run } => install::install(&args, dry_run).map(|()| {
+            if args.stay {
+                wait_for_termination();
+            }
+        }),
+        Command::Uninstall(args) => install::uninstall(&args),
+        Command::Verify(args) => install::verify(&args),
         Command::Doctor(args) => return doctor_main(args),
     };
     match result {
@@ -119,6 +142,21 @@ struct Saved {
 }
 
 const SAVED: &str = "containerd-config.json";
+
+/// Blocks until SIGTERM or SIGINT.
+fn wait_for_termination() {
+    eprintln!("hyperbox-node: installed; staying until SIGTERM");
+    // SAFETY: plain signal-set calls on a local set; no handlers are installed.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+    }
+}
 
 fn containerd_version(bin: &str) -> anyhow::Result<(u64, u64)> {
     let out = std::process::Command::new(bin)
@@ -143,7 +181,8 @@ fn containerd_version(bin: &str) -> anyhow::Result<(u64, u64)> {
     }
 }
 
-fn configure(t: &ConfigTarget, dry_run: bool) -> anyhow::Result<()> {
+/// Adds HyperBox to containerd's configuration; whether a file changed.
+fn configure(t: &ConfigTarget, dry_run: bool) -> anyhow::Result<bool> {
     let (major, minor) = containerd_version(&t.containerd)?;
     let current = match std::fs::read_to_string(&t.config) {
         Ok(text) => Some(text),
@@ -165,15 +204,22 @@ fn configure(t: &ConfigTarget, dry_run: bool) -> anyhow::Result<()> {
             println!("--- {} (new)", path.display());
             print!("{}", containerd_config::diff("", text));
         }
-        return Ok(());
+        return Ok(false);
+    }
+    let drop_in_changed = plan
+        .drop_in
+        .as_ref()
+        .is_some_and(|(path, text)| std::fs::read_to_string(path).ok().as_deref() != Some(text));
+    let config_changed = plan.config != before;
+    if !drop_in_changed && !config_changed {
+        eprintln!(
+            "hyperbox-node: containerd {major}.{minor}'s configuration already has HyperBox's runtimes and snapshotter"
+        );
+        return Ok(false);
     }
     let saved_path = t.state_dir.join(SAVED);
     if !saved_path.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&t.state_dir)
-            .with_context(|| format!("cannot create {}", t.state_dir.display()))?;
+        install::make_state_dir(&t.state_dir)?;
         let saved = Saved {
             config: t.config.clone(),
             original: current,
@@ -182,7 +228,7 @@ fn configure(t: &ConfigTarget, dry_run: bool) -> anyhow::Result<()> {
         hyperbox_gpu::atomic::write(&saved_path, &serde_json::to_vec_pretty(&saved)?, 0o600)
             .with_context(|| format!("cannot save the original to {}", saved_path.display()))?;
     }
-    if let Some((path, text)) = &plan.drop_in {
+    if let Some((path, text)) = plan.drop_in.as_ref().filter(|_| drop_in_changed) {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -190,7 +236,7 @@ fn configure(t: &ConfigTarget, dry_run: bool) -> anyhow::Result<()> {
         hyperbox_gpu::atomic::write(path, text.as_bytes(), 0o644)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    if plan.config != before {
+    if config_changed {
         let mode = std::fs::metadata(&t.config)
             .map(|m| m.permissions().mode() & 0o7777)
             .unwrap_or(0o644);
@@ -204,7 +250,7 @@ fn configure(t: &ConfigTarget, dry_run: bool) -> anyhow::Result<()> {
     eprintln!(
         "hyperbox-node: containerd {major}.{minor}'s configuration has HyperBox's runtimes and snapshotter; restart containerd to apply"
     );
-    Ok(())
+    Ok(true)
 }
 
 fn unconfigure(t: &ConfigTarget) -> anyhow::Result<()> {
