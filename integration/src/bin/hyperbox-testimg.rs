@@ -43,12 +43,39 @@ enum Cmd {
         #[arg(value_name = "NAME", required = true)]
         names: Vec<String>,
     },
+    /// Debootstrap a Debian 12 minbase tree with more packages into DIR (which must not
+    /// exist), using the harness's package cache and mirror: the VM scripts' root filesystems.
+    Rootfs {
+        /// Packages to add (`--include`).
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+        /// The tree to create.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Build a release's installer image (`scripts/release`): PAYLOAD under `/payload`, run as
+    /// `hyperbox-node install --enter-host`; written as an oci-archive.
+    Installer {
+        /// The release's payload directory (bin/, config/, deploy/).
+        #[arg(long)]
+        payload: PathBuf,
+        /// The oci-archive to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The image's name.
+        #[arg(long, default_value = "docker.io/hyperbox/hyperbox-node:latest")]
+        reference: String,
+    },
     /// Build (or find) the stand-ins for the images of Kubernetes' CRI suite (critest) and
     /// print `REFERENCE DIGEST` per name; with --registry, push each there as REPO:TAG.
     Critest {
         /// The registry, `127.0.0.1:PORT`.
         #[arg(long)]
         registry: Option<String>,
+        /// Also write each image as an oci-archive (what `ctr images import` reads) in DIR,
+        /// printed as a third column.
+        #[arg(long, value_name = "DIR")]
+        export: Option<PathBuf>,
     },
 }
 
@@ -101,7 +128,39 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::Critest { registry } => {
+        Cmd::Rootfs { include, dir } => {
+            // The recipe's fields are 'static: this process makes one tree and exits.
+            let include: &'static [&'static str] =
+                Vec::leak(include.into_iter().map(|p| &*String::leak(p)).collect());
+            let recipe = images::rootfs::DebootstrapRecipe {
+                suite: "bookworm",
+                variant: "minbase",
+                arch: "amd64",
+                include,
+            };
+            let deb_cache = opts.cache_root.join("debootstrap/bookworm-amd64");
+            std::fs::create_dir_all(&deb_cache)
+                .with_context(|| format!("cannot create {}", deb_cache.display()))?;
+            let mirror = images::rootfs::debian_mirror(recipe.suite)?;
+            let log = dir.with_extension("log");
+            images::rootfs::debootstrap(&recipe, &dir, &deb_cache, &mirror, &log).with_context(
+                || format!("debootstrap into {} (log {})", dir.display(), log.display()),
+            )?;
+            println!("{}", dir.display());
+        }
+        Cmd::Installer {
+            payload,
+            out,
+            reference,
+        } => {
+            let written =
+                images::installer::build(&payload, &out, &reference, opts.source_date_epoch)
+                    .with_context(|| {
+                        format!("building the installer image of {}", payload.display())
+                    })?;
+            println!("{reference} {} {}", written.manifest.digest, out.display());
+        }
+        Cmd::Critest { registry, export } => {
             let started = Instant::now();
             let built = images::cri::build(&opts).context("building the critest images")?;
             tracing::info!(
@@ -116,8 +175,23 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("pushing the critest images to {registry}"))?;
             }
             for image in &built.images {
+                let archive = match &export {
+                    Some(dir) => {
+                        std::fs::create_dir_all(dir)
+                            .with_context(|| format!("cannot create {}", dir.display()))?;
+                        let file = dir.join(format!("{}.tar", image.dir.replace('/', "_")));
+                        images::oci::write_archive(
+                            &built.layout(image),
+                            &file,
+                            opts.source_date_epoch,
+                        )
+                        .with_context(|| format!("writing {}", file.display()))?;
+                        format!(" {}", file.display())
+                    }
+                    None => String::new(),
+                };
                 for reference in &image.references {
-                    println!("{reference} {}", image.manifest_digest);
+                    println!("{reference} {}{archive}", image.manifest_digest);
                 }
             }
         }

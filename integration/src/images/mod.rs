@@ -28,6 +28,7 @@
 //! `KEY.lock` (flock), so concurrent builders wait for each other.
 
 pub mod cri;
+pub mod installer;
 pub mod layer;
 pub mod oci;
 pub mod rootfs;
