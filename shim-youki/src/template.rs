@@ -326,6 +326,13 @@ struct Overlay {
 }
 
 fn overlay_of(mounts: &[RootfsMount]) -> Result<Overlay, String> {
+    if mounts.is_empty() {
+        return Err("templates need the rootfs as the snapshotter's mounts, given to the \
+                    runtime to mount (as containerd's clients and CRI give them); this \
+                    container's engine mounted the rootfs itself (as Docker does, with its \
+                    own storage or the containerd image store)"
+            .to_string());
+    }
     let [m] = mounts else {
         return Err(format!(
             "templates need a rootfs of one overlay mount (the overlayfs or hyperbox \
@@ -1249,7 +1256,7 @@ mod tests {
         let e = overlay_of(&overlay(&["lowerdir=/a:/b"])).unwrap_err();
         assert!(e.contains("writable overlay"), "{e}");
         let e = overlay_of(&[]).unwrap_err();
-        assert!(e.contains("0 mounts"), "{e}");
+        assert!(e.contains("mounted the rootfs itself"), "{e}");
     }
 
     fn set_opaque(dir: &Path) {
