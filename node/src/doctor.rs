@@ -378,7 +378,7 @@ fn containerd(host: &dyn Host, opts: &Options, out: &mut Vec<Finding>) {
                 "shim binary",
                 Status::Missing,
                 format!("{binary} is not on containerd's PATH: --runtime {runtime} fails"),
-                format!("install {binary} into /usr/local/bin"),
+                format!("hyperbox-node install (or put {binary} into /usr/local/bin)"),
             )),
         }
     }
@@ -412,7 +412,7 @@ fn containerd(host: &dyn Host, opts: &Options, out: &mut Vec<Finding>) {
                 "CRI runtime",
                 Status::Warn,
                 format!("no CRI runtime has runtime_type {runtime}: Kubernetes pods cannot ask for it (ctr, nerdctl and Docker still can)"),
-                "import config/containerd-runtime.toml (1.6/1.7) or config/containerd-runtime.v3.toml (2.x) and restart containerd",
+                "hyperbox-node install (or: hyperbox-node configure-containerd, then restart containerd)",
             ));
         }
     }
@@ -421,7 +421,7 @@ fn containerd(host: &dyn Host, opts: &Options, out: &mut Vec<Finding>) {
             "snapshotter",
             Status::Warn,
             "no proxy snapshotter \"hyperbox\" in containerd's configuration",
-            "import config/containerd-snapshotter.toml (or .v3.toml for 2.x), start hyperbox-snapshotter (config/hyperbox-snapshotter.service), restart containerd",
+            "hyperbox-node install (or: hyperbox-node configure-containerd, start hyperbox-snapshotter (config/hyperbox-snapshotter.service), restart containerd)",
         ));
         return;
     };
