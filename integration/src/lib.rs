@@ -24,6 +24,7 @@ pub mod sandbox;
 pub mod snapshotter;
 pub mod spec;
 pub mod testbed;
+pub mod vm;
 pub mod wasm_image;
 pub mod workloads;
 

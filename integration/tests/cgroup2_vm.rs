@@ -8,11 +8,10 @@
 //! Needs root and qemu (`scripts/setup-host` installs `qemu-system-x86`); the kernel is
 //! downloaded once through apt into `HYPERBOX_CACHE/vm`. See `integration/VM.md`.
 
-use std::path::Path;
 use std::process::Command;
 
 use hyperbox_integration::containerd::ContainerdVersion;
-use hyperbox_integration::host;
+use hyperbox_integration::{host, vm};
 
 #[test]
 fn shims_on_pure_cgroup_v2() {
@@ -20,35 +19,10 @@ fn shims_on_pure_cgroup_v2() {
         eprintln!("the VM runs containerd 1.7, not selected by HYPERBOX_CONTAINERD: skipped");
         return;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/vm-cgroup2");
     let bin_dir = host::workspace_bin_dir().expect("the workspace's target directory");
-    let out = Command::new(&script)
-        // 1.5 minutes on an idle development machine (emulated CPU), up to 4 on a busy one.
-        .args(["--timeout", "420"])
-        .env("HYPERBOX_BIN_DIR", &bin_dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}{stderr}");
-    let checks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("CHECK ")).collect();
-    let failed: Vec<&str> = checks
-        .iter()
-        .copied()
-        .filter(|l| l.split_whitespace().nth(2) != Some("PASS"))
-        .collect();
-    assert!(
-        stdout.lines().any(|l| l == "DONE"),
-        "the VM did not finish ({}): see the console lines above",
-        out.status
-    );
-    assert!(!checks.is_empty(), "no CHECK lines from the VM");
-    assert!(
-        failed.is_empty(),
-        "{} of {} checks failed on pure cgroup v2:\n{}",
-        failed.len(),
-        checks.len(),
-        failed.join("\n")
-    );
-    assert!(out.status.success(), "scripts/vm-cgroup2: {}", out.status);
+    let mut cmd = Command::new(vm::script("vm-cgroup2"));
+    // 1.5 minutes on an idle development machine (emulated CPU), up to 4 on a busy one.
+    cmd.args(["--timeout", "420"])
+        .env("HYPERBOX_BIN_DIR", &bin_dir);
+    vm::assert_checks_pass(cmd, "pure cgroup v2");
 }
