@@ -497,3 +497,68 @@ fn verify_on_a_node(v: ContainerdVersion) {
     bed.teardown().expect("teardown");
 }
 cri_versions!(verify_on_a_node);
+
+/// An install that fails part way (a directory where a binary goes) says which file, leaves
+/// containerd's configuration alone, and `uninstall` removes what it had written and puts
+/// back the file it had replaced.
+#[test]
+fn an_interrupted_install_is_undone() {
+    let Some(release) = release_dir() else {
+        return;
+    };
+    let v = ContainerdVersion::selected()[0];
+    let root = std::env::temp_dir().join(format!("hb-node-interrupted-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let p = |rel: &str| root.join(rel);
+    std::fs::create_dir_all(p("etc/containerd")).unwrap();
+    std::fs::create_dir_all(p("bin/hyperbox-node")).unwrap();
+    std::fs::write(p("bin/containerd-shim-hyperbox-v1"), b"theirs").unwrap();
+    let config = p("etc/containerd/config.toml");
+    std::fs::write(&config, b"version = 2\n").unwrap();
+    let node = |args: &[&str]| {
+        let mut cmd = Command::new(release.join("bin/hyperbox-node"));
+        cmd.args(args)
+            .arg("--config")
+            .arg(&config)
+            .arg("--containerd")
+            .arg(v.containerd())
+            .arg("--drop-in-dir")
+            .arg(p("etc/containerd/conf.d"))
+            .arg("--state-dir")
+            .arg(p("state"))
+            .args(["--restart", "none"]);
+        if args[0] == "install" {
+            for (flag, dir) in [
+                ("--bin-dir", "bin"),
+                ("--sbin-dir", "sbin"),
+                ("--etc-dir", "etc/hyperbox"),
+                ("--unit-dir", "units"),
+                ("--udev-dir", "udev"),
+            ] {
+                cmd.arg(flag).arg(p(dir));
+            }
+            cmd.arg("--from").arg(&release);
+        }
+        cmd.output().expect("hyperbox-node runs")
+    };
+    let out = node(&["install"]);
+    assert!(!out.status.success(), "{}", describe_output(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("bin/hyperbox-node"), "{said}");
+    assert_eq!(std::fs::read(&config).unwrap(), b"version = 2\n");
+    assert!(
+        p("bin/containerd-shim-hyperbox-wasm-v1").is_file(),
+        "written before the failure"
+    );
+
+    let out = node(&["uninstall"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(
+        std::fs::read(p("bin/containerd-shim-hyperbox-v1")).unwrap(),
+        b"theirs"
+    );
+    assert!(!p("bin/containerd-shim-hyperbox-wasm-v1").exists());
+    assert!(p("bin/hyperbox-node").is_dir(), "not ours: left alone");
+    assert_eq!(std::fs::read(&config).unwrap(), b"version = 2\n");
+    std::fs::remove_dir_all(&root).unwrap();
+}
