@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::docker::{config_file, Docker, HYPERBOX_RUNTIME};
 use hyperbox_integration::images::{self, BuildOptions, TestImage};
-use hyperbox_integration::registry::Registry;
 use hyperbox_integration::per_version;
+use hyperbox_integration::registry::Registry;
 use hyperbox_integration::snapshotter::{SnapshotterDaemon, PLUGIN};
 
 struct Bed {
@@ -57,7 +57,14 @@ fn snapshots(b: &Bed) -> Vec<String> {
     let out = b
         .containerd
         .ctr()
-        .args(["-n", b.docker.namespace(), "snapshots", "--snapshotter", PLUGIN, "ls"])
+        .args([
+            "-n",
+            b.docker.namespace(),
+            "snapshots",
+            "--snapshotter",
+            PLUGIN,
+            "ls",
+        ])
         .output()
         .expect("ctr snapshots ls");
     String::from_utf8_lossy(&out.stdout)
@@ -69,10 +76,19 @@ fn snapshots(b: &Bed) -> Vec<String> {
 
 fn pull_build_run(v: ContainerdVersion) {
     let b = bed(v);
-    let info = docker(&b, &["info", "--format", "{{.Driver}} {{json .DriverStatus}}"]);
+    let info = docker(
+        &b,
+        &["info", "--format", "{{.Driver}} {{json .DriverStatus}}"],
+    );
     assert!(info.starts_with(PLUGIN), "docker info: {info}");
-    let image = b.docker.load_image(TestImage::Busybox).expect("docker load");
-    assert!(!snapshots(&b).is_empty(), "no layer in the hyperbox snapshotter");
+    let image = b
+        .docker
+        .load_image(TestImage::Busybox)
+        .expect("docker load");
+    assert!(
+        !snapshots(&b).is_empty(),
+        "no layer in the hyperbox snapshotter"
+    );
 
     for runtime in [None, Some(HYPERBOX_RUNTIME)] {
         let mut args = vec!["run", "--rm", "--network", "none"];
@@ -108,18 +124,33 @@ fn pull_build_run(v: ContainerdVersion) {
         String::from_utf8_lossy(&out.stderr),
         b.docker.log_tail(30)
     );
-    assert!(snapshots(&b).len() > before, "the build left no layer of ours");
+    assert!(
+        snapshots(&b).len() > before,
+        "the build left no layer of ours"
+    );
     for runtime in ["runc", HYPERBOX_RUNTIME] {
         let out = docker(
             &b,
-            &["run", "--rm", "--network", "none", "--runtime", runtime, "hyperbox/built:1"],
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--runtime",
+                runtime,
+                "hyperbox/built:1",
+            ],
         );
         assert_eq!(out, "built-on-hyperbox", "{runtime}");
     }
     // The layers were converted into EROFS images of the snapshotter's store.
     let deadline = Instant::now() + Duration::from_secs(60);
     while b.snapshotter.image_ids().is_empty() {
-        assert!(Instant::now() < deadline, "no layer converted\n{}", b.snapshotter.log());
+        assert!(
+            Instant::now() < deadline,
+            "no layer converted\n{}",
+            b.snapshotter.log()
+        );
         thread::sleep(Duration::from_millis(100));
     }
 }
@@ -189,8 +220,14 @@ fn template_under_docker(v: ContainerdVersion) {
     let pid = docker(&b, &["inspect", "--format", "{{.State.Pid}}", &id]);
     let n = counter(&pid);
     thread::sleep(Duration::from_millis(500));
-    assert!(counter(&pid) > n, "the container stopped counting after the refusal");
-    assert_eq!(docker(&b, &["inspect", "--format", "{{.State.Status}}", &id]), "running");
+    assert!(
+        counter(&pid) > n,
+        "the container stopped counting after the refusal"
+    );
+    assert_eq!(
+        docker(&b, &["inspect", "--format", "{{.State.Status}}", &id]),
+        "running"
+    );
     docker(&b, &["rm", "-f", &id]);
 }
 per_version!(template, template_under_docker);

@@ -327,11 +327,13 @@ struct Overlay {
 
 fn overlay_of(mounts: &[RootfsMount]) -> Result<Overlay, String> {
     if mounts.is_empty() {
-        return Err("templates need the rootfs as the snapshotter's mounts, given to the \
+        return Err(
+            "templates need the rootfs as the snapshotter's mounts, given to the \
                     runtime to mount (as containerd's clients and CRI give them); this \
                     container's engine mounted the rootfs itself (as Docker does, with its \
                     own storage or the containerd image store)"
-            .to_string());
+                .to_string(),
+        );
     }
     let [m] = mounts else {
         return Err(format!(
