@@ -289,6 +289,42 @@ fn install_dry_run_changes_nothing_on_this_host() {
     assert_eq!(before, host_state(), "--dry-run changed the host");
 }
 
+/// `hyperbox-node ARGS` (`install` or `uninstall`) of `release` on a host whose every path
+/// is under `root` (containerd's configuration at `etc/containerd/config.toml`), with
+/// `--restart none`: this host has no systemd.
+fn node_in_root(
+    release: &std::path::Path,
+    root: &std::path::Path,
+    v: ContainerdVersion,
+    args: &[&str],
+) -> Output {
+    let p = |rel: &str| root.join(rel);
+    let mut cmd = Command::new(release.join("bin/hyperbox-node"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(p("etc/containerd/config.toml"))
+        .arg("--containerd")
+        .arg(v.containerd())
+        .arg("--drop-in-dir")
+        .arg(p("etc/containerd/conf.d"))
+        .arg("--state-dir")
+        .arg(p("state"))
+        .args(["--restart", "none"]);
+    if args[0] == "install" {
+        for (flag, dir) in [
+            ("--bin-dir", "bin"),
+            ("--sbin-dir", "sbin"),
+            ("--etc-dir", "etc/hyperbox"),
+            ("--unit-dir", "units"),
+            ("--udev-dir", "udev"),
+        ] {
+            cmd.arg(flag).arg(p(dir));
+        }
+        cmd.arg("--from").arg(release);
+    }
+    cmd.output().expect("hyperbox-node runs")
+}
+
 /// `install --restart none` into a private root (this host has no systemd): the files, the
 /// configuration edit, a foreign file replaced and saved, a configuration file of the user's
 /// kept, the record root-only; a second install changes nothing; `uninstall` puts back the
@@ -323,34 +359,7 @@ fn install_and_uninstall_in_a_private_root(v: ContainerdVersion) {
     // Someone else's hyperbox-gpu-cdi, and the user's own snapshotter settings.
     std::fs::write(p("bin/hyperbox-gpu-cdi"), b"#!/bin/sh\necho theirs\n").unwrap();
     std::fs::write(p("etc/hyperbox/snapshotter.toml"), b"# mine\n").unwrap();
-    let node = |args: &[&str]| {
-        let mut cmd = Command::new(release.join("bin/hyperbox-node"));
-        cmd.args(args)
-            .arg("--config")
-            .arg(&config)
-            .arg("--containerd")
-            .arg(v.containerd())
-            .arg("--drop-in-dir")
-            .arg(p("etc/containerd/conf.d"))
-            .arg("--state-dir")
-            .arg(p("state"))
-            .args(["--restart", "none"]);
-        if args[0] == "install" {
-            cmd.arg("--from")
-                .arg(&release)
-                .arg("--bin-dir")
-                .arg(p("bin"))
-                .arg("--sbin-dir")
-                .arg(p("sbin"))
-                .arg("--etc-dir")
-                .arg(p("etc/hyperbox"))
-                .arg("--unit-dir")
-                .arg(p("units"))
-                .arg("--udev-dir")
-                .arg(p("udev"));
-        }
-        cmd.output().expect("hyperbox-node runs")
-    };
+    let node = |args: &[&str]| node_in_root(&release, &root, v, args);
 
     let out = node(&["install"]);
     assert!(out.status.success(), "{}", describe_output(&out));
@@ -517,32 +526,7 @@ fn an_interrupted_install_is_undone() {
     std::fs::write(p("bin/containerd-shim-hyperbox-v1"), b"theirs").unwrap();
     let config = p("etc/containerd/config.toml");
     std::fs::write(&config, b"version = 2\n").unwrap();
-    let node = |args: &[&str]| {
-        let mut cmd = Command::new(release.join("bin/hyperbox-node"));
-        cmd.args(args)
-            .arg("--config")
-            .arg(&config)
-            .arg("--containerd")
-            .arg(v.containerd())
-            .arg("--drop-in-dir")
-            .arg(p("etc/containerd/conf.d"))
-            .arg("--state-dir")
-            .arg(p("state"))
-            .args(["--restart", "none"]);
-        if args[0] == "install" {
-            for (flag, dir) in [
-                ("--bin-dir", "bin"),
-                ("--sbin-dir", "sbin"),
-                ("--etc-dir", "etc/hyperbox"),
-                ("--unit-dir", "units"),
-                ("--udev-dir", "udev"),
-            ] {
-                cmd.arg(flag).arg(p(dir));
-            }
-            cmd.arg("--from").arg(&release);
-        }
-        cmd.output().expect("hyperbox-node runs")
-    };
+    let node = |args: &[&str]| node_in_root(&release, &root, v, args);
     let out = node(&["install"]);
     assert!(!out.status.success(), "{}", describe_output(&out));
     let said = String::from_utf8_lossy(&out.stderr);
