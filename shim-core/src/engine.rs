@@ -45,8 +45,19 @@ pub struct CreateSpec {
 pub enum RestoreFrom {
     /// A checkpoint's images.
     Checkpoint(RestoreSpec),
-    /// The template of this name in the container's namespace (see `template`).
-    Template(String),
+    /// A template (see `template`).
+    Template(TemplateRestore),
+}
+
+/// A template to restore a new container from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRestore {
+    /// As `io.hyperbox.restore-from` names it: `NAME` or `POD_NAMESPACE/NAME`.
+    pub name: String,
+    /// Where to pull it from when this node does not have it.
+    pub pull: Option<String>,
+    /// Its memory comes in lazily, each page on first touch.
+    pub lazy: bool,
 }
 
 /// A checkpoint to restore a new container from.
@@ -59,6 +70,9 @@ pub struct RestoreSpec {
     /// How long CRIU may take; `None` for as long as it takes.
     #[serde(default)]
     pub timeout: Option<Duration>,
+    /// Memory comes in lazily, each page on first touch (a template's restore may ask).
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 /// What a checkpoint is to take: runc's `CheckpointOptions`, decoded, and where it goes.

@@ -24,7 +24,7 @@ pub mod template;
 pub use cgroup::ContainerCgroup;
 pub use engine::{
     CheckpointSpec, CreateSpec, Engine, ExecSpec, ProcessStdio, RestoreFrom, RestoreSpec,
-    RootfsMount, ShimAction, ShimContext, Spawned,
+    RootfsMount, ShimAction, ShimContext, Spawned, TemplateRestore,
 };
 pub use error::{EngineError, ShimError};
 pub use options::{

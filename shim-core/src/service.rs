@@ -49,6 +49,7 @@ use crate::cgroup::ContainerCgroup;
 use crate::console::Console;
 use crate::engine::{
     CheckpointSpec, CreateSpec, Engine, ExecSpec, RestoreFrom, RestoreSpec, RootfsMount, Spawned,
+    TemplateRestore,
 };
 use crate::error::{EngineError, ShimError};
 use crate::options::{CheckpointOptions, RuntimeOptions};
@@ -546,6 +547,7 @@ impl Inner {
             image_dir,
             work_dir: options.criu_work_path.clone(),
             timeout: None,
+            lazy: false,
         });
         // A template to restore from, or to capture, is asked for in the spec's annotations.
         let plan = TemplatePlan::read(Path::new(&req.bundle)).inspect_err(|e| {
@@ -554,7 +556,11 @@ impl Inner {
         let restore = match (checkpoint, plan.restore_from) {
             (None, None) => None,
             (Some(c), None) => Some(RestoreFrom::Checkpoint(c)),
-            (None, Some(name)) => Some(RestoreFrom::Template(name)),
+            (None, Some(name)) => Some(RestoreFrom::Template(TemplateRestore {
+                name,
+                pull: plan.pull,
+                lazy: plan.lazy,
+            })),
             (Some(_), Some(name)) => {
                 return Err(ShimError::InvalidArgument(format!(
                     "cannot restore container {id} both from a checkpoint and from template \

@@ -28,6 +28,12 @@ pub const READY_DELAY: &str = "io.hyperbox.template.ready-delay";
 pub const TIMEOUT: &str = "io.hyperbox.template.timeout";
 /// Restore this container from the template of this name.
 pub const RESTORE_FROM: &str = "io.hyperbox.restore-from";
+/// Where to pull the template `io.hyperbox.restore-from` names when this node does not have
+/// it (an OCI reference, from a registry the node's template settings list in `pull_from`).
+pub const PULL: &str = "io.hyperbox.template.pull";
+/// `true`: restore the template's memory lazily, each page on first touch (CRIU's lazy pages
+/// over userfaultfd), so the container is ready before all of it is loaded.
+pub const LAZY: &str = "io.hyperbox.restore-lazy";
 /// The pod namespace containerd's CRI writes into every container's spec, from the pod's
 /// metadata (after any annotation a pod may pass through): under Kubernetes, a template's
 /// owner.
@@ -66,6 +72,10 @@ pub struct CapturePlan {
 pub struct TemplatePlan {
     pub capture: Option<CapturePlan>,
     pub restore_from: Option<String>,
+    /// Where to pull `restore_from` from when it is missing.
+    pub pull: Option<String>,
+    /// Restore memory lazily.
+    pub lazy: bool,
 }
 
 /// What an engine needs to capture a template.
@@ -187,6 +197,34 @@ impl TemplatePlan {
             }
             None => None,
         };
+        let pull = match (get(PULL), &restore_from) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(invalid(format!(
+                    "annotation {PULL} needs {RESTORE_FROM}=NAME"
+                )))
+            }
+            (Some(_), Some(name)) if name.contains('/') => {
+                return Err(invalid(format!(
+                    "{PULL}: a template is pulled into the container's own templates, and \
+                     {RESTORE_FROM}={name} names another owner's"
+                )))
+            }
+            (Some(reference), Some(_)) => {
+                check_pull_reference(reference).map_err(|e| invalid(format!("{PULL}: {e}")))?;
+                Some(reference.to_string())
+            }
+        };
+        let lazy = match get(LAZY) {
+            None | Some("false") => false,
+            Some("true") if restore_from.is_some() => true,
+            Some("true") => {
+                return Err(invalid(format!(
+                    "annotation {LAZY} needs {RESTORE_FROM}=NAME"
+                )))
+            }
+            Some(other) => return Err(invalid(format!("{LAZY}={other:?}: give true or false"))),
+        };
         let capture = match get(CAPTURE) {
             None => {
                 if let Some(k) = [READY_FILE, READY_DELAY, TIMEOUT]
@@ -232,6 +270,8 @@ impl TemplatePlan {
         Ok(TemplatePlan {
             capture,
             restore_from,
+            pull,
+            lazy,
         })
     }
 
@@ -253,6 +293,18 @@ impl TemplatePlan {
             .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
         Self::from_annotations(&spec.annotations.unwrap_or_default())
     }
+}
+
+/// An image reference as a pull takes it: at most 512 printable ASCII characters without
+/// spaces, a registry host and a repository.
+pub fn check_pull_reference(reference: &str) -> Result<(), String> {
+    let printable = reference.bytes().all(|b| b.is_ascii_graphic());
+    if reference.is_empty() || reference.len() > 512 || !printable || !reference.contains('/') {
+        return Err(format!(
+            "{reference:?} is not an image reference such as registry.example:5000/templates/py:v1"
+        ));
+    }
+    Ok(())
 }
 
 fn check_ready_file(path: &str) -> Result<PathBuf, EngineError> {
@@ -380,6 +432,14 @@ mod tests {
         );
         let p = plan(&[(RESTORE_FROM, "py")]).unwrap();
         assert_eq!(p.restore_from.as_deref(), Some("py"));
+        let p = plan(&[
+            (RESTORE_FROM, "py"),
+            (PULL, "r.example:5000/t/py:1"),
+            (LAZY, "true"),
+        ])
+        .unwrap();
+        assert_eq!(p.pull.as_deref(), Some("r.example:5000/t/py:1"));
+        assert!(p.lazy);
         let shared = plan(&[(RESTORE_FROM, "team-a/py")]).unwrap();
         assert_eq!(shared.restore_from.as_deref(), Some("team-a/py"));
         // In a pod: never the sandbox; only the container named, when one is.
@@ -414,6 +474,20 @@ mod tests {
             (vec![(RESTORE_FROM, "a/../b")], "template name"),
             (vec![(RESTORE_FROM, "A/b")], "pod namespace"),
             (vec![(RESTORE_FROM, "-a/b")], "pod namespace"),
+            (
+                vec![(PULL, "r.example/t:1")],
+                "needs io.hyperbox.restore-from",
+            ),
+            (
+                vec![(RESTORE_FROM, "a/b"), (PULL, "r.example/t:1")],
+                "another owner's",
+            ),
+            (
+                vec![(RESTORE_FROM, "b"), (PULL, "r t")],
+                "not an image reference",
+            ),
+            (vec![(RESTORE_FROM, "b"), (LAZY, "yes")], "true or false"),
+            (vec![(LAZY, "true")], "needs io.hyperbox.restore-from"),
             (
                 vec![(READY_FILE, "/a")],
                 "needs io.hyperbox.template.capture",

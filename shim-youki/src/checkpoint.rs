@@ -580,6 +580,7 @@ pub fn restore(
         image_dir,
         work_dir: from.work_dir.clone(),
         timeout: from.timeout,
+        lazy: from.lazy,
     };
     let images = open_dir(&from.image_dir, false)?;
     if state_dir.exists() {
@@ -647,9 +648,18 @@ pub fn restore(
         None::<&str>,
     )
     .map_err(|e| failed(format!("cannot bind {} for CRIU: {e}", rootfs.display())))?;
-    let restored = run_restore(
-        id, &criu, &oci, &meta, &images, &work, &criu_root, &fresh, stdio, &mut undo,
-    );
+    // Lazily: the daemon that serves the memory listens in the work directory before CRIU
+    // restores, and CRIU's restore leaves the pages to it.
+    let restored = if from.lazy {
+        criu.start_lazy_pages(&from.image_dir, &work_path)
+    } else {
+        Ok(())
+    }
+    .and_then(|()| {
+        run_restore(
+            id, &criu, &oci, &meta, &images, &work, &criu_root, &fresh, stdio, from.lazy, &mut undo,
+        )
+    });
     drop(fresh);
     let _ = umount2(&criu_root, MntFlags::MNT_DETACH);
     let _ = fs::remove_dir(&criu_root);
@@ -691,9 +701,11 @@ fn run_restore(
     criu_root: &Path,
     fresh: &[(String, FreshTmpfs)],
     stdio: RestoreStdio,
+    lazy: bool,
     undo: &mut Undo<'_>,
 ) -> Result<Result<i32, criu::Refused>, EngineError> {
     let mut opts = rpc::Criu_opts::new();
+    opts.set_lazy_pages(lazy);
     opts.set_images_dir_fd(images.as_raw_fd());
     opts.set_work_dir_fd(work.as_raw_fd());
     opts.set_log_file(RESTORE_LOG.into());

@@ -4,17 +4,25 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::process::ExitCode;
 
+use crate::distribution;
 use crate::template::{self, Listed, Store};
 
 const USAGE: &str = "\
 usage: containerd-shim-hyperbox-v1 templates list [-n NAMESPACE [-p POD_NAMESPACE] | -A]
        containerd-shim-hyperbox-v1 templates inspect [-n NAMESPACE] [-p POD_NAMESPACE] NAME
        containerd-shim-hyperbox-v1 templates remove [-n NAMESPACE] [-p POD_NAMESPACE] NAME...
+       containerd-shim-hyperbox-v1 templates push [-n NAMESPACE] [-p POD_NAMESPACE] NAME REF
+       containerd-shim-hyperbox-v1 templates pull [-n NAMESPACE] [-p POD_NAMESPACE] REF [NAME]
+           push and pull take --plain-http (else HTTPS, but for loopback registries) and
+           --auth-file FILE (a Docker config.json; default $DOCKER_CONFIG/config.json, else
+           ~/.docker/config.json, else the template settings' auth_file)
 
 Templates are captured from containers annotated io.hyperbox.template.capture=NAME and
 restored into containers annotated io.hyperbox.restore-from=NAME. NAMESPACE is the
 containerd namespace (default: $CONTAINERD_NAMESPACE, else \"default\"); -A lists all.
-Under Kubernetes each pod namespace has templates of its own (POD_NAMESPACE, in containerd
+A pushed template is an OCI artifact (application/vnd.hyperbox.template.v1); a pull
+checks every part's digest and that this node can restore it (CRIU, shim, kernel, CPU),
+and keeps it as the puller's. Under Kubernetes each pod namespace has templates of its own (POD_NAMESPACE, in containerd
 namespace k8s.io); a listing of a namespace shows its pod namespaces' too, as NS/POD_NS.
 The store is HYPERBOX_TEMPLATE_ROOT, else /var/lib/hyperbox/templates, root's only.";
 
@@ -24,6 +32,8 @@ struct Args {
     owner: Option<String>,
     all: bool,
     names: Vec<String>,
+    plain_http: bool,
+    auth_file: Option<std::path::PathBuf>,
 }
 
 fn parse(args: &[OsString]) -> Result<Args, String> {
@@ -35,6 +45,8 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
         owner: None,
         all: false,
         names: Vec::new(),
+        plain_http: false,
+        auth_file: None,
     };
     while let Some(w) = words.next() {
         match w.as_str() {
@@ -45,12 +57,34 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
                 parsed.owner = Some(words.next().ok_or(format!("{w} needs a value"))?)
             }
             "-A" | "--all-namespaces" => parsed.all = true,
+            "--plain-http" => parsed.plain_http = true,
+            "--auth-file" => {
+                parsed.auth_file = Some(words.next().ok_or(format!("{w} needs a value"))?.into())
+            }
             "-h" | "--help" => return Err(String::new()),
             flag if flag.starts_with('-') => return Err(format!("unknown option {flag}")),
             name => parsed.names.push(name.to_string()),
         }
     }
     Ok(parsed)
+}
+
+/// How push and pull reach the registry: the options, else the node's template settings.
+fn access(args: &Args) -> Result<distribution::Access, String> {
+    let settings = template::Settings::load().map_err(|e| e.to_string())?;
+    let mut access = distribution::Access::of_node(&settings);
+    if args.plain_http {
+        access.plain_http = vec!["*".to_string()];
+    }
+    let docker = std::env::var_os("DOCKER_CONFIG")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".docker")))
+        .map(|d| d.join("config.json"))
+        .filter(|f| f.is_file());
+    if let Some(file) = args.auth_file.clone().or(docker) {
+        access.auth_file = Some(file);
+    }
+    Ok(access)
 }
 
 fn human(bytes: u64) -> String {
@@ -219,6 +253,37 @@ fn run(args: &Args) -> Result<(), String> {
             } else {
                 Err(format!("no template {} in {scope}", missing.join(", ")))
             }
+        }
+        "push" => {
+            let [name, reference] = args.names.as_slice() else {
+                return Err("push takes NAME and REF".into());
+            };
+            let s = store(&namespace, owner)?;
+            let pushed = distribution::push(&s, name, reference, &access(args)?)?;
+            say(format!(
+                "pushed template {name} to {}@{} ({})",
+                pushed.reference,
+                pushed.digest,
+                human(pushed.bytes)
+            ));
+            Ok(())
+        }
+        "pull" => {
+            let (reference, name) = match args.names.as_slice() {
+                [r] => (r, None),
+                [r, n] => (r, Some(n.as_str())),
+                _ => return Err("pull takes REF and, if it is to be another, NAME".into()),
+            };
+            let s = store(&namespace, owner)?;
+            let pulled = distribution::pull(&s, reference, name, &access(args)?, None, false)?;
+            say(format!(
+                "pulled template {} from {reference}@{} into {scope}: {} ({})",
+                pulled.name,
+                pulled.digest,
+                pulled.path.display(),
+                human(pulled.bytes)
+            ));
+            Ok(())
         }
         other => Err(format!("unknown templates command {other:?}\n{USAGE}")),
     }

@@ -37,6 +37,9 @@ pub struct Criu {
     timeout: Option<Duration>,
 }
 
+/// The lazy-pages daemon's log, in the restore's work directory.
+pub const LAZY_PAGES_LOG: &str = "lazy-pages.log";
+
 /// What to install when CRIU is missing or does not work.
 const INSTALL_HINT: &str = "checkpoint and restore need CRIU 4.2 or later on the PATH of \
      containerd (Debian 12's criu 3.17 fails on recent kernels, and 4.1 cannot dump TCP sockets \
@@ -77,6 +80,126 @@ impl Criu {
             .get_or_init(|| ask_version(&self.binary))
             .clone()
             .map_err(EngineError::Failed)
+    }
+
+    fn cpuinfo(&self, action: &str, dir: &Path) -> Result<(), String> {
+        let out = Command::new(&self.binary)
+            .args(["cpuinfo", action, "--cpu-cap=fpu,cpu", "-D"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.binary.display()))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let said = String::from_utf8_lossy(&out.stderr);
+        Err(format!(
+            "criu cpuinfo {action}: {}",
+            said.lines()
+                .filter(|l| l.contains("Error") || l.contains("cpu"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    }
+
+    /// Records this node's CPU features in `dir` (`cpuinfo.img`), for [`Criu::cpuinfo_check`]
+    /// on another node.
+    pub fn cpuinfo_dump(&self, dir: &Path) -> Result<(), String> {
+        self.cpuinfo("dump", dir)
+    }
+
+    /// CRIU's check that this node's CPU has the features recorded in `dir`: the FPU's and
+    /// every CPU feature (`--cpu-cap=fpu,cpu`), which a restored process may be using.
+    pub fn cpuinfo_check(&self, dir: &Path) -> Result<(), String> {
+        if !dir.join("cpuinfo.img").is_file() {
+            return Err(
+                "the template's images do not record the CPU it was captured on \
+                        (cpuinfo.img)"
+                    .to_string(),
+            );
+        }
+        self.cpuinfo("check", dir).map_err(|e| {
+            format!("this node's CPU lacks features of the CPU it was captured on ({e})")
+        })
+    }
+
+    /// Starts CRIU's lazy-pages daemon for a restore from `images` whose work directory is
+    /// `work` (where the daemon listens, `lazy-pages.socket`, and the restore connects), and
+    /// returns once it listens. The daemon serves the restored processes' page faults from the
+    /// images, pushes the pages nobody touched in the background, and exits when all are in.
+    /// It is started in a session of its own and left to the shim (a subreaper) to reap: it
+    /// outlives neither its pages nor needs the zygote, and a shim killed meanwhile does not
+    /// take it (and with it the restored processes' memory) along. Its log is
+    /// `work/lazy-pages.log`.
+    pub fn start_lazy_pages(&self, images: &Path, work: &Path) -> Result<(), EngineError> {
+        use std::ffi::CString;
+        let c = |s: &std::ffi::OsStr| {
+            CString::new(s.as_encoded_bytes())
+                .map_err(|e| EngineError::Failed(format!("a path with a NUL byte: {e}")))
+        };
+        let argv: Vec<CString> = vec![
+            c(self.binary.as_os_str())?,
+            c("lazy-pages".as_ref())?,
+            c("-D".as_ref())?,
+            c(images.as_os_str())?,
+            c("-W".as_ref())?,
+            c(work.as_os_str())?,
+            c("-o".as_ref())?,
+            c(LAZY_PAGES_LOG.as_ref())?,
+            c("-v4".as_ref())?,
+            c("--status-fd".as_ref())?,
+            c("3".as_ref())?,
+        ];
+        let _ = std::fs::remove_file(work.join("lazy-pages.socket"));
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| EngineError::Failed(format!("cannot make a pipe: {e}")))?;
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| EngineError::Failed(format!("cannot open /dev/null: {e}")))?;
+        // SAFETY: the zygote is single-threaded; the children only dup, fork and exec.
+        match unsafe { nix::unistd::fork() } {
+            Err(e) => return Err(EngineError::Failed(format!("cannot fork: {e}"))),
+            // SAFETY: in the child of a single-threaded process: setsid, fork, dup2, execv and
+            // _exit only, on descriptors and strings made before the fork.
+            Ok(nix::unistd::ForkResult::Child) => unsafe {
+                libc::setsid();
+                if libc::fork() != 0 {
+                    libc::_exit(0);
+                }
+                libc::dup2(write.as_raw_fd(), 3);
+                for fd in 0..3 {
+                    libc::dup2(null.as_raw_fd(), fd);
+                }
+                let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+                ptrs.push(std::ptr::null());
+                libc::execv(ptrs[0], ptrs.as_ptr());
+                libc::_exit(127);
+            },
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                drop(write);
+                let _ = nix::sys::wait::waitpid(child, None);
+            }
+        }
+        // One byte once it listens; end of file if it failed.
+        let limit = Instant::now() + Duration::from_secs(10);
+        let ready = readable_before(&read, limit)
+            .map_err(|e| EngineError::Failed(format!("lazy-pages daemon: {e}")))?;
+        let mut byte = [0u8; 1];
+        let got = ready
+            && nix::unistd::read(read.as_raw_fd(), &mut byte)
+                .map(|n| n == 1)
+                .unwrap_or(false);
+        if !got {
+            let log = work.join(LAZY_PAGES_LOG);
+            return Err(EngineError::Failed(format!(
+                "CRIU's lazy-pages daemon did not start: {}; its log: {}",
+                log_errors(&log, 3).join("; "),
+                log.display()
+            )));
+        }
+        Ok(())
     }
 
     /// This CRIU, its requests stopped after `timeout` (when given): CRIU is sent SIGTERM,

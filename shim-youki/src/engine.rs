@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 use crate::console::ConsoleSocket;
 use crate::executor::{ExecutorFactory, NativeExecutors};
 use crate::image::{containerd_address, ImageRef, Images};
+use crate::template;
 use crate::wire::{self, Reply, Request, StdioMask};
 use crate::zygote;
 
@@ -137,6 +138,60 @@ impl YoukiEngine {
         }
     }
 
+    /// Pulls template `name` from `reference` into the container's owner's templates, unless
+    /// it is there: a restore's pull on first use (`io.hyperbox.template.pull`), from a
+    /// registry the node's template settings list in `pull_from` only, and only for a
+    /// container whose image containerd names (the template's must be it).
+    async fn pull_template(
+        &self,
+        spec: &CreateSpec,
+        name: &str,
+        reference: &str,
+        image: Option<&ImageRef>,
+    ) -> Result<(), EngineError> {
+        let store = template::Store::for_bundle(&self.namespace, &spec.bundle)?;
+        if store.path(name).exists() {
+            return Ok(());
+        }
+        let settings = template::Settings::load()?;
+        if !settings
+            .pull_from
+            .iter()
+            .any(|prefix| !prefix.is_empty() && reference.starts_with(prefix.as_str()))
+        {
+            return Err(EngineError::InvalidSpec(format!(
+                "template {name} is not on this node, and {reference} is not a source the node \
+                 pulls templates from: an administrator lists those in pull_from of {}",
+                template::Settings::path().display()
+            )));
+        }
+        let Some(image) = image.cloned() else {
+            return Err(EngineError::Unsupported(format!(
+                "cannot pull template {name} for container {}: containerd did not say its \
+                 image, which a pulled template is matched to",
+                spec.id
+            )));
+        };
+        let access = crate::distribution::Access::of_node(&settings);
+        let (name, reference) = (name.to_string(), reference.to_string());
+        let started = std::time::Instant::now();
+        let pulled = tokio::task::spawn_blocking(move || {
+            crate::distribution::pull(&store, &reference, Some(&name), &access, Some(&image), true)
+        })
+        .await
+        .map_err(|e| EngineError::Failed(format!("template pull: {e}")))?
+        .map_err(EngineError::Unsupported)?;
+        tracing::info!(
+            id = spec.id,
+            template = pulled.name,
+            digest = pulled.digest,
+            bytes = pulled.bytes,
+            "template pulled in {:?}",
+            started.elapsed()
+        );
+        Ok(())
+    }
+
     async fn call_done(&self, req: Request) -> Result<(), EngineError> {
         match self.call(req, Vec::new()).await? {
             Reply::Done => Ok(()),
@@ -164,7 +219,14 @@ impl Engine for YoukiEngine {
             )));
         }
         let image = match &spec.restore {
-            Some(RestoreFrom::Template(_)) => self.image_of(&spec.id).await,
+            Some(RestoreFrom::Template(t)) => {
+                let image = self.image_of(&spec.id).await;
+                if let Some(reference) = &t.pull {
+                    self.pull_template(spec, &t.name, reference, image.as_ref())
+                        .await?;
+                }
+                image
+            }
             _ => None,
         };
         let console = console_socket(&stdio)?;

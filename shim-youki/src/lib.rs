@@ -7,6 +7,7 @@ mod checkpoint;
 mod cli;
 mod console;
 mod criu;
+mod distribution;
 mod engine;
 mod exec_security;
 mod executor;

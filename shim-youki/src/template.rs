@@ -42,8 +42,8 @@ use crate::template_security::Security;
 /// Where templates are kept unless `HYPERBOX_TEMPLATE_ROOT` names another directory.
 pub const DEFAULT_ROOT: &str = "/var/lib/hyperbox/templates";
 const RECORD: &str = "template.json";
-const IMAGES: &str = "images";
-const ROOTFS: &str = "rootfs";
+pub(crate) const IMAGES: &str = "images";
+pub(crate) const ROOTFS: &str = "rootfs";
 /// The shim's version, which a restore must match (the images' metadata is its own).
 pub const SHIM_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// CRI's annotation naming a container's image; recorded and matched where present.
@@ -83,6 +83,30 @@ pub struct Record {
     /// shim, which is not restored.
     #[serde(default)]
     pub security: Option<Box<Security>>,
+    /// The kernel it was captured under (`/proc/sys/kernel/osrelease`), which a restore must
+    /// run; `None` in an older shim's record.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// The machine it was captured on (`x86_64`).
+    #[serde(default)]
+    pub arch: Option<String>,
+    /// Where a pulled template came from; `None` for one captured on this node.
+    #[serde(default)]
+    pub source: Option<Source>,
+}
+
+/// Where a template pulled from a registry came from (`templates pull`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    /// The reference it was pulled by.
+    pub reference: String,
+    /// The digest of its manifest, which names the digest of each of its parts.
+    pub digest: String,
+    /// The container, namespace and owner it was captured from, on the node that captured it.
+    pub container: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// One entry of a listing: a template, or a capture of that name that failed.
@@ -148,6 +172,15 @@ pub struct Settings {
     /// them); zero keeps them.
     #[serde(with = "setting_duration")]
     pub expire_unused: Duration,
+    /// Registries a restore may pull a missing template from on first use
+    /// (`io.hyperbox.template.pull`), as reference prefixes (`registry.example:5000/templates/`).
+    /// A pulled template's CRIU images are restored by root: only an administrator's choice
+    /// of source. Empty (the default): no pull on first use.
+    pub pull_from: Vec<String>,
+    /// Registry hosts (`HOST:PORT`) reached over plain HTTP; loopback hosts always are.
+    pub plain_http: Vec<String>,
+    /// A Docker-style `config.json` whose `auths` give registries' credentials.
+    pub auth_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -159,6 +192,9 @@ impl Default for Settings {
             max_rootfs_changes: 4 << 30,
             owner_quota: 50 << 30,
             expire_unused: Duration::from_secs(30 * 86_400),
+            pull_from: Vec::new(),
+            plain_http: Vec::new(),
+            auth_file: None,
         }
     }
 }
@@ -658,6 +694,91 @@ impl Store {
         owners
     }
 
+    /// This owner's directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whose templates these are, for messages.
+    pub(crate) fn describe(&self) -> String {
+        self.scope()
+    }
+
+    /// A shared hold on template `name`, which must exist (a push reads it meanwhile).
+    pub(crate) fn hold(&self, name: &str) -> Result<Hold, EngineError> {
+        check_name(name).map_err(EngineError::InvalidSpec)?;
+        Hold::take(&self.path(name), libc::LOCK_SH, "hold").map_err(|e| match e {
+            EngineError::NotFound(_) => self.missing(name),
+            e => e,
+        })
+    }
+
+    fn missing(&self, name: &str) -> EngineError {
+        EngineError::NotFound(format!(
+            "template {name} does not exist in {}: capture it first (annotation \
+             io.hyperbox.template.capture={name}); `containerd-shim-hyperbox-v1 templates \
+             list {}` lists the templates",
+            self.scope(),
+            self.cli_options()
+        ))
+    }
+
+    /// Template `name`'s record.
+    pub(crate) fn record(&self, name: &str) -> Result<Record, EngineError> {
+        let path = self.path(name);
+        if !path.is_dir() {
+            return Err(self.missing(name));
+        }
+        let file = path.join(RECORD);
+        fs::read(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                EngineError::InvalidSpec(format!(
+                    "template {name} is damaged: cannot read {}: {e}; remove it with \
+                     `containerd-shim-hyperbox-v1 templates remove {} {name}`",
+                    file.display(),
+                    self.cli_options()
+                ))
+            })
+    }
+
+    /// Keeps the pulled template staged in `tmp` (its `images/` and `rootfs/`) as
+    /// `record.name` with `record`, if the owner's templates stay within `quota`; returns its
+    /// size. One of that name that appeared meanwhile is kept instead.
+    pub(crate) fn keep_pulled(
+        &self,
+        tmp: &Path,
+        record: &Record,
+        quota: u64,
+    ) -> Result<u64, EngineError> {
+        let file = tmp.join(RECORD);
+        fs::write(&file, serde_json::to_vec_pretty(record).unwrap_or_default())
+            .map_err(|e| failed(format!("cannot write {}: {e}", file.display())))?;
+        let used = disk_usage(&self.dir);
+        if used > quota {
+            return Err(EngineError::Unsupported(format!(
+                "cannot keep template {}: the templates of {} would take {used} bytes, more \
+                 than the template settings' owner_quota ({quota} bytes, {})",
+                record.name,
+                self.scope(),
+                Settings::path().display()
+            )));
+        }
+        sync_tree(tmp).map_err(|e| failed(format!("cannot sync {}: {e}", tmp.display())))?;
+        let path = self.path(&record.name);
+        match fs::rename(tmp, &path) {
+            Ok(()) => Ok(disk_usage(&path)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTEMPTY)) => {
+                Ok(disk_usage(&path))
+            }
+            Err(e) => Err(failed(format!(
+                "cannot keep template {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
     /// Whose templates these are, for messages.
     fn scope(&self) -> String {
         match &self.owner {
@@ -693,7 +814,7 @@ impl Store {
     }
 
     /// Creates the store's directories, the root readable by root only.
-    fn ensure(&self) -> Result<(), EngineError> {
+    pub(crate) fn ensure(&self) -> Result<(), EngineError> {
         let root = self.root.as_path();
         for dir in [root, &self.dir] {
             fs::DirBuilder::new()
@@ -713,6 +834,8 @@ impl Store {
             let pid = name
                 .strip_prefix(".capture-")
                 .or_else(|| name.strip_prefix(".remove-"))
+                .or_else(|| name.strip_prefix(".push-"))
+                .or_else(|| name.strip_prefix(".pull-"))
                 .and_then(|rest| rest.rsplit('-').next())
                 .and_then(|pid| pid.parse::<u32>().ok());
             if pid.is_some_and(|pid| !pid_alive(pid)) {
@@ -893,7 +1016,12 @@ impl Store {
             image_digest: image.map(|i| i.digest.clone()),
             owner: self.owner.clone(),
             security: Some(Box::new(Security::of(&checkpoint::load_spec(bundle)?))),
+            kernel: Some(crate::distribution::kernel()),
+            arch: Some(std::env::consts::ARCH.to_string()),
+            source: None,
         };
+        // What another node's CRIU checks before it takes this template (`templates pull`).
+        criu.cpuinfo_dump(&tmp.join(IMAGES)).map_err(failed)?;
         let file = tmp.join(RECORD);
         fs::write(
             &file,
@@ -927,34 +1055,32 @@ impl Store {
         bundle: &Path,
         image: Option<&ImageRef>,
     ) -> Result<Record, EngineError> {
-        let path = self.path(name);
-        if !path.is_dir() {
-            return Err(EngineError::NotFound(format!(
-                "template {name} does not exist in {}: capture it first (annotation \
-                 io.hyperbox.template.capture={name}); `containerd-shim-hyperbox-v1 templates \
-                 list {}` lists the templates",
-                self.scope(),
-                self.cli_options()
-            )));
-        }
-        let file = path.join(RECORD);
-        let record: Record = fs::read(&file)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            .map_err(|e| {
-                EngineError::InvalidSpec(format!(
-                    "template {name} is damaged: cannot read {}: {e}; remove it with \
-                     `containerd-shim-hyperbox-v1 templates remove {} {name}`",
-                    file.display(),
-                    self.cli_options()
-                ))
-            })?;
+        let record = self.record(name)?;
         let criu = Criu::get()?.version()?;
         if record.criu_version != criu || record.shim_version != SHIM_VERSION {
             return Err(EngineError::Unsupported(format!(
                 "template {name} was captured with CRIU {} and containerd-shim-hyperbox-v1 {}; \
                  this host has CRIU {criu} and shim {SHIM_VERSION}: capture it again",
                 record.criu_version, record.shim_version
+            )));
+        }
+        // The kernel and machine too (a record of an older shim does not say them).
+        if record.kernel.is_some() {
+            let differ = crate::distribution::differences(&record, &criu);
+            if !differ.is_empty() {
+                return Err(EngineError::Unsupported(format!(
+                    "cannot restore from template {name}: {}; capture it again",
+                    differ.join("; ")
+                )));
+            }
+        }
+        // A pulled template is matched to its image by digest alone: the snapshots of its
+        // layers are another node's.
+        if record.source.is_some() && image.is_none() {
+            return Err(EngineError::InvalidSpec(format!(
+                "template {name} was pulled from {}: it is matched to its image by digest, \
+                 and containerd did not say this container's image",
+                record.source.as_ref().map_or("", |s| s.reference.as_str())
             )));
         }
         if let (Some(theirs), Some(ours)) = (&record.image_digest, image) {
@@ -971,7 +1097,7 @@ impl Store {
         let overlay = overlay_of(mounts).map_err(|e| {
             EngineError::Unsupported(format!("cannot restore from template {name}: {e}"))
         })?;
-        if overlay.layers != record.layers {
+        if record.source.is_none() && overlay.layers != record.layers {
             return Err(EngineError::InvalidSpec(format!(
                 "template {name} was captured from another image: its layers are {:?}, this \
                  container's are {:?}",
@@ -1012,6 +1138,7 @@ impl Store {
     /// of its overlay (nothing is copied, whatever their size), where its images are, and a
     /// shared hold on the template to keep until the rootfs is mounted. The bundle records
     /// the layer, for a capture of the restored container.
+    #[allow(clippy::too_many_arguments)]
     pub fn prepare_restore(
         &self,
         name: &str,
@@ -1019,6 +1146,7 @@ impl Store {
         bundle: &Path,
         mounts: &[RootfsMount],
         image: Option<&ImageRef>,
+        lazy: bool,
     ) -> Result<PreparedRestore, EngineError> {
         let path = self.path(name);
         let settings = Settings::load()?;
@@ -1050,6 +1178,7 @@ impl Store {
                 image_dir: path.join(IMAGES),
                 work_dir: Some(bundle.join("criu-work")),
                 timeout: Some(settings.restore_timeout),
+                lazy,
             },
             mounts,
             hold,

@@ -554,9 +554,9 @@ fn restore_container(
     // in between (a removal refuses a template an overlay uses).
     let (from, mounts, _hold) = match from {
         RestoreFrom::Checkpoint(spec) => (spec.clone(), mounts.to_vec(), None),
-        RestoreFrom::Template(reference) => {
-            let (store, name) = template::resolve(namespace, bundle, reference)?;
-            let prepared = store.prepare_restore(&name, id, bundle, mounts, image)?;
+        RestoreFrom::Template(t) => {
+            let (store, name) = template::resolve(namespace, bundle, &t.name)?;
+            let prepared = store.prepare_restore(&name, id, bundle, mounts, image, t.lazy)?;
             (prepared.spec, prepared.mounts, Some(prepared.hold))
         }
     };
