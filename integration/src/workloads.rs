@@ -36,6 +36,47 @@ open("/ready", "w").close()
 server.serve_forever()
 "#;
 
+/// A service holding `mib` MiB of touched heap (a bytearray filled with random bytes, one
+/// MiB at a time), on 127.0.0.1:8000 like [`PY_SERVICE`], ready when `/ready` exists. `GET /`
+/// answers at once: `heap started=T sha=S` (S: the heap's SHA-256 computed once it was
+/// filled); `GET /sum` computes the SHA-256 of the whole heap again and answers `sum now=N
+/// sha=S`, so N equal to S proves every page holds what it held at start.
+pub fn py_heap_service(mib: usize) -> String {
+    format!(
+        r#"
+import hashlib, http.server, os, time
+started = time.time()
+heap = bytearray({mib} << 20)
+for i in range({mib}):
+    heap[i << 20:(i + 1) << 20] = os.urandom(1 << 20)
+sha = hashlib.sha256(heap).hexdigest()
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/sum":
+            body = "sum now=%s sha=%s\n" % (hashlib.sha256(heap).hexdigest(), sha)
+        else:
+            body = "heap started=%.6f sha=%s\n" % (started, sha)
+        body = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.HTTPServer(("127.0.0.1", 8000), Handler)
+open("/ready", "w").close()
+server.serve_forever()
+"#
+    )
+}
+
+/// [`PY_SERVICE_GET`] for `GET /sum` of [`py_heap_service`].
+pub const PY_HEAP_SUM: &str =
+    "exec 3<>/dev/tcp/127.0.0.1/8000 && printf 'GET /sum HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3";
+
 /// The port [`PY_SERVICE`] listens on, on the container's loopback.
 pub const PY_SERVICE_PORT: u16 = 8000;
 
