@@ -650,8 +650,11 @@ pub fn restore(
     .map_err(|e| failed(format!("cannot bind {} for CRIU: {e}", rootfs.display())))?;
     // Lazily: the daemon that serves the memory listens in the work directory before CRIU
     // restores, and CRIU's restore leaves the pages to it.
+    // A restore that fails leaves no daemon waiting for it.
+    let mut daemon = None;
     let restored = if from.lazy {
         criu.start_lazy_pages(&from.image_dir, &work_path)
+            .map(|pid| daemon = Some(pid))
     } else {
         Ok(())
     }
@@ -660,6 +663,9 @@ pub fn restore(
             id, &criu, &oci, &meta, &images, &work, &criu_root, &fresh, stdio, from.lazy, &mut undo,
         )
     });
+    if let (Some(pid), Err(_) | Ok(Err(_))) = (daemon, &restored) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
     drop(fresh);
     let _ = umount2(&criu_root, MntFlags::MNT_DETACH);
     let _ = fs::remove_dir(&criu_root);

@@ -131,7 +131,7 @@ impl Criu {
     /// outlives neither its pages nor needs the zygote, and a shim killed meanwhile does not
     /// take it (and with it the restored processes' memory) along. Its log is
     /// `work/lazy-pages.log`.
-    pub fn start_lazy_pages(&self, images: &Path, work: &Path) -> Result<(), EngineError> {
+    pub fn start_lazy_pages(&self, images: &Path, work: &Path) -> Result<Pid, EngineError> {
         use std::ffi::CString;
         let c = |s: &std::ffi::OsStr| {
             CString::new(s.as_encoded_bytes())
@@ -168,6 +168,10 @@ impl Criu {
                 if libc::fork() != 0 {
                     libc::_exit(0);
                 }
+                // Its pid first (the zygote stops it if the restore fails), then CRIU's
+                // status byte once it listens.
+                let pid = libc::getpid().to_ne_bytes();
+                libc::write(write.as_raw_fd(), pid.as_ptr().cast(), pid.len());
                 libc::dup2(write.as_raw_fd(), 3);
                 for fd in 0..3 {
                     libc::dup2(null.as_raw_fd(), fd);
@@ -182,16 +186,23 @@ impl Criu {
                 let _ = nix::sys::wait::waitpid(child, None);
             }
         }
-        // One byte once it listens; end of file if it failed.
+        // Its pid, then one byte once it listens; end of file if it failed.
         let limit = Instant::now() + Duration::from_secs(10);
-        let ready = readable_before(&read, limit)
-            .map_err(|e| EngineError::Failed(format!("lazy-pages daemon: {e}")))?;
-        let mut byte = [0u8; 1];
-        let got = ready
-            && nix::unistd::read(read.as_raw_fd(), &mut byte)
-                .map(|n| n == 1)
-                .unwrap_or(false);
-        if !got {
+        let mut got = [0u8; 5];
+        let mut have = 0;
+        while have < got.len() {
+            let ready = readable_before(&read, limit)
+                .map_err(|e| EngineError::Failed(format!("lazy-pages daemon: {e}")))?;
+            match ready.then(|| nix::unistd::read(read.as_raw_fd(), &mut got[have..])) {
+                Some(Ok(n)) if n > 0 => have += n,
+                _ => break,
+            }
+        }
+        let pid = Pid::from_raw(i32::from_ne_bytes([got[0], got[1], got[2], got[3]]));
+        if have < got.len() {
+            if have >= 4 {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
             let log = work.join(LAZY_PAGES_LOG);
             return Err(EngineError::Failed(format!(
                 "CRIU's lazy-pages daemon did not start: {}; its log: {}",
@@ -199,7 +210,7 @@ impl Criu {
                 log.display()
             )));
         }
-        Ok(())
+        Ok(pid)
     }
 
     /// This CRIU, its requests stopped after `timeout` (when given): CRIU is sent SIGTERM,
