@@ -1172,6 +1172,14 @@ mod tests {
                     b.append_data(&mut h, "up/etc/owned", &b"x"[..]).unwrap();
                 }),
             ),
+            (
+                "outside",
+                Box::new(|b| {
+                    let mut h = entry(tar::EntryType::Link, 0);
+                    b.append_link(&mut h, "passwd", "../../../../etc/passwd")
+                        .unwrap();
+                }),
+            ),
         ];
         for (i, (says, build)) in cases.into_iter().enumerate() {
             let tar = hostile(&dir, build);
