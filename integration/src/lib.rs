@@ -23,6 +23,7 @@ pub mod registry;
 pub mod sandbox;
 pub mod snapshotter;
 pub mod spec;
+pub mod templates;
 pub mod testbed;
 pub mod vm;
 pub mod wasm_image;

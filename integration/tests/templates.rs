@@ -13,10 +13,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
-use hyperbox_integration::host;
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::Footprint;
+use hyperbox_integration::templates::{cli as templates, store, wait_template};
 use hyperbox_integration::testbed::TestBed;
 use hyperbox_integration::workloads::{
     connect_in_network, get_in_network, network_with_loopback, remove_network, PY_SERVICE,
@@ -24,7 +24,6 @@ use hyperbox_integration::workloads::{
 };
 
 const OURS: &str = "io.containerd.hyperbox.v1";
-const SHIM: &str = "containerd-shim-hyperbox-v1";
 const CAPTURE: &str = "io.hyperbox.template.capture";
 const READY_FILE: &str = "io.hyperbox.template.ready-file";
 const READY_DELAY: &str = "io.hyperbox.template.ready-delay";
@@ -158,43 +157,6 @@ fn remove(c: &Containerd, id: &str) {
     wait_status(c, id, "STOPPED");
     c.ctr_run(&["tasks", "rm", id]).expect("task rm");
     c.ctr_run(&["containers", "rm", id]).expect("container rm");
-}
-
-/// `containerd-shim-hyperbox-v1 templates ARGS` for this daemon's namespace and store.
-fn templates(c: &Containerd, args: &[&str]) -> Output {
-    let shim = host::workspace_binary(SHIM).expect("the shim is built");
-    Command::new(shim)
-        .arg("templates")
-        .args(args)
-        .args(["-n", c.namespace()])
-        .env("HYPERBOX_TEMPLATE_ROOT", c.template_root())
-        .env("HYPERBOX_TEMPLATE_CONFIG", c.template_settings())
-        .stdin(Stdio::null())
-        .output()
-        .expect("templates command")
-}
-
-fn store(c: &Containerd) -> PathBuf {
-    c.template_root().join(c.namespace())
-}
-
-/// Waits until template `name` is kept; fails at once with the reason a capture failed.
-fn wait_template(c: &Containerd, name: &str, limit: Duration) -> PathBuf {
-    let dir = store(c).join(name);
-    let error = store(c).join(format!(".{name}.error"));
-    let deadline = Instant::now() + limit;
-    while !dir.join("template.json").is_file() {
-        if let Ok(reason) = fs::read_to_string(&error) {
-            panic!("capture of {name} failed: {reason}\n{}", c.log_tail(30));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no template {name}\n{}",
-            c.log_tail(40)
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    dir
 }
 
 /// Waits until the capture of `name` is recorded as failed; returns why.

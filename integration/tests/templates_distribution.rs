@@ -15,16 +15,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
-use hyperbox_integration::host;
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
+use hyperbox_integration::templates::{cli as templates, store, wait_template};
 use hyperbox_integration::testbed::TestBed;
 use hyperbox_integration::workloads::{
     network_with_loopback, py_heap_service, PY_HEAP_SUM, PY_SERVICE_GET,
 };
 
 const OURS: &str = "io.containerd.hyperbox.v1";
-const SHIM: &str = "containerd-shim-hyperbox-v1";
 const CAPTURE: &str = "io.hyperbox.template.capture";
 const READY_FILE: &str = "io.hyperbox.template.ready-file";
 const RESTORE_FROM: &str = "io.hyperbox.restore-from";
@@ -141,21 +140,6 @@ fn remove(c: &Containerd, id: &str) {
     let _ = c.ctr_run(&["containers", "rm", id]);
 }
 
-fn templates(c: &Containerd, args: &[&str]) -> Output {
-    let shim = host::workspace_binary(SHIM).expect("the shim is built");
-    Command::new(shim)
-        .arg("templates")
-        .args(args)
-        .args(["-n", c.namespace()])
-        .env("HYPERBOX_TEMPLATE_ROOT", c.template_root())
-        .env("HYPERBOX_TEMPLATE_CONFIG", c.template_settings())
-        .env("HOME", c.dir())
-        .env("PATH", c.path_env())
-        .stdin(Stdio::null())
-        .output()
-        .expect("templates command")
-}
-
 fn templates_ok(c: &Containerd, args: &[&str]) -> String {
     let out = templates(c, args);
     assert!(
@@ -172,10 +156,6 @@ fn templates_err(c: &Containerd, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn store(c: &Containerd) -> PathBuf {
-    c.template_root().join(c.namespace())
-}
-
 /// Nothing staged is left in `c`'s store, and no template `name`.
 fn nothing_left(c: &Containerd, name: &str) {
     let left: Vec<String> = fs::read_dir(store(c))
@@ -186,24 +166,6 @@ fn nothing_left(c: &Containerd, name: &str) {
         .filter(|n| n.starts_with(".pull-") || n == name)
         .collect();
     assert!(left.is_empty(), "left in the store: {left:?}");
-}
-
-fn wait_template(c: &Containerd, name: &str) -> PathBuf {
-    let dir = store(c).join(name);
-    let error = store(c).join(format!(".{name}.error"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !dir.join("template.json").is_file() {
-        if let Ok(reason) = fs::read_to_string(&error) {
-            panic!("capture of {name} failed: {reason}\n{}", c.log_tail(30));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no template {name}\n{}",
-            c.log_tail(40)
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    dir
 }
 
 /// The file of blob `digest` in the registry's storage.
@@ -231,7 +193,7 @@ fn across_nodes(v: ContainerdVersion) {
         &[(CAPTURE, "heap"), (READY_FILE, "/ready")],
         &cmd,
     );
-    let kept = wait_template(a, "heap");
+    let kept = wait_template(a, "heap", Duration::from_secs(120));
     assert!(
         kept.join("images/cpuinfo.img").is_file(),
         "the CPU is recorded"

@@ -1,0 +1,56 @@
+//! The template store of a test daemon's shims, for tests: `containerd-shim-hyperbox-v1
+//! templates ...` run against it, where its templates are, and waiting for a capture.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::containerd::Containerd;
+use crate::host;
+
+/// The shim whose `templates` subcommand manages the store.
+const SHIM: &str = "containerd-shim-hyperbox-v1";
+
+/// `containerd-shim-hyperbox-v1 templates ARGS -n NAMESPACE` for this daemon's namespace and
+/// store, with its template settings and its `PATH` (where CRIU is), `HOME` in its sandbox
+/// (no user's registry credentials).
+pub fn cli(c: &Containerd, args: &[&str]) -> Output {
+    let shim = host::workspace_binary(SHIM).expect("the shim is built");
+    Command::new(shim)
+        .arg("templates")
+        .args(args)
+        .args(["-n", c.namespace()])
+        .env("HYPERBOX_TEMPLATE_ROOT", c.template_root())
+        .env("HYPERBOX_TEMPLATE_CONFIG", c.template_settings())
+        .env("PATH", c.path_env())
+        .env("HOME", c.dir())
+        .stdin(Stdio::null())
+        .output()
+        .expect("templates command")
+}
+
+/// This daemon's namespace's templates.
+pub fn store(c: &Containerd) -> PathBuf {
+    c.template_root().join(c.namespace())
+}
+
+/// Waits until template `name` is kept; fails at once with the reason a capture failed.
+pub fn wait_template(c: &Containerd, name: &str, limit: Duration) -> PathBuf {
+    let dir = store(c).join(name);
+    let error = store(c).join(format!(".{name}.error"));
+    let deadline = Instant::now() + limit;
+    while !dir.join("template.json").is_file() {
+        if let Ok(reason) = fs::read_to_string(&error) {
+            panic!("capture of {name} failed: {reason}\n{}", c.log_tail(30));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no template {name}\n{}",
+            c.log_tail(40)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    dir
+}
