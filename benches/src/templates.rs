@@ -289,6 +289,28 @@ fn table(times: Vec<VariantTimes>, rounds: usize, warmup: usize) -> Table {
     }
 }
 
+/// The table of variants `names` run as `commands`, each with its samples, timed `until`.
+fn named_table(
+    names: &[&str],
+    commands: &[String],
+    samples: Vec<Vec<f64>>,
+    until: &str,
+    rounds: usize,
+    warmup: usize,
+) -> Table {
+    let times = names
+        .iter()
+        .zip(commands)
+        .zip(samples)
+        .map(|((name, command), s)| VariantTimes {
+            name: name.to_string(),
+            command: format!("{command} ({until})"),
+            samples_ms: s,
+        })
+        .collect();
+    table(times, rounds, warmup)
+}
+
 fn median_of(t: &Table, name: &str) -> f64 {
     t.timings
         .variants
@@ -1125,18 +1147,9 @@ impl Bench {
                 )
             })
             .collect();
+        let names: Vec<&str> = variants.iter().map(|v| v.name).collect();
         let times = |samples: Vec<Vec<f64>>, until: &str| {
-            let times = variants
-                .iter()
-                .zip(&commands)
-                .zip(samples)
-                .map(|((v, command), s)| VariantTimes {
-                    name: v.name.to_string(),
-                    command: format!("{command} ({until})"),
-                    samples_ms: s,
-                })
-                .collect();
-            table(times, rounds, warmup)
+            named_table(&names, &commands, samples, until, rounds, warmup)
         };
         let ready = times(samples, "until a GET in its netns answers");
         let ctr_returned = times(returned, "until ctr returned");
@@ -1296,18 +1309,9 @@ impl Bench {
                 )
             })
             .collect();
+        let names: Vec<&str> = HEAP_VARIANTS.iter().map(|v| v.name).collect();
         let times = |samples: Vec<Vec<f64>>, until: &str| {
-            let times = HEAP_VARIANTS
-                .iter()
-                .zip(&commands)
-                .zip(samples)
-                .map(|((v, command), s)| VariantTimes {
-                    name: v.name.to_string(),
-                    command: format!("{command} ({until})"),
-                    samples_ms: s,
-                })
-                .collect();
-            table(times, rounds, warmup)
+            named_table(&names, &commands, samples, until, rounds, warmup)
         };
         let ready = times(ready, "until a GET in its netns answers");
         let all_pages_in = times(
