@@ -2,7 +2,7 @@
 //! templates ...` run against it, where its templates are, and waiting for a capture.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -12,6 +12,8 @@ use crate::host;
 
 /// The shim whose `templates` subcommand manages the store.
 const SHIM: &str = "containerd-shim-hyperbox-v1";
+/// Its runtime.
+const OURS: &str = "io.containerd.hyperbox.v1";
 
 /// `containerd-shim-hyperbox-v1 templates ARGS -n NAMESPACE` for this daemon's namespace and
 /// store, with its template settings and its `PATH` (where CRIU is), `HOME` in its sandbox
@@ -53,4 +55,53 @@ pub fn wait_template(c: &Containerd, name: &str, limit: Duration) -> PathBuf {
         thread::sleep(Duration::from_millis(50));
     }
     dir
+}
+
+/// `ctr run -d --null-io --runtime io.containerd.hyperbox.v1` of `cmd` in `image` as `id`,
+/// in network namespace `netns` when given, with `annotations`.
+pub fn run(
+    c: &Containerd,
+    image: &str,
+    id: &str,
+    netns: Option<&Path>,
+    annotations: &[(&str, &str)],
+    cmd: &[&str],
+) -> Output {
+    let pairs: Vec<String> = annotations
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let with_ns = netns.map(|n| format!("network:{}", n.display()));
+    let mut args = vec!["run", "-d", "--null-io", "--runtime", OURS];
+    if let Some(ns) = &with_ns {
+        args.extend(["--with-ns", ns.as_str()]);
+    }
+    for p in &pairs {
+        args.extend(["--annotation", p.as_str()]);
+    }
+    args.extend([image, id]);
+    args.extend_from_slice(cmd);
+    c.ctr()
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ctr run")
+}
+
+/// [`run`], which must succeed.
+pub fn run_ok(
+    c: &Containerd,
+    image: &str,
+    id: &str,
+    netns: Option<&Path>,
+    annotations: &[(&str, &str)],
+    cmd: &[&str],
+) {
+    let out = run(c, image, id, netns, annotations, cmd);
+    assert!(
+        out.status.success(),
+        "ctr run {id}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.log_tail(30)
+    );
 }

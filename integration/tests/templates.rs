@@ -16,7 +16,9 @@ use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::Footprint;
-use hyperbox_integration::templates::{cli as templates, store, wait_template};
+use hyperbox_integration::templates::{
+    cli as templates, run as run_in, run_ok as run_ok_in, store, wait_template,
+};
 use hyperbox_integration::testbed::TestBed;
 use hyperbox_integration::workloads::{
     connect_in_network, get_in_network, network_with_loopback, remove_network, PY_SERVICE,
@@ -38,52 +40,6 @@ const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1;
 
 fn network(c: &Containerd, name: &str) -> PathBuf {
     network_with_loopback(&c.dir().join(format!("netns-{name}"))).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn run_in(
-    c: &Containerd,
-    image: &str,
-    id: &str,
-    netns: Option<&Path>,
-    annotations: &[(&str, &str)],
-    cmd: &[&str],
-) -> Output {
-    let pairs: Vec<String> = annotations
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    let with_ns = netns.map(|n| format!("network:{}", n.display()));
-    let mut args = vec!["run", "-d", "--null-io", "--runtime", OURS];
-    if let Some(ns) = &with_ns {
-        args.extend(["--with-ns", ns.as_str()]);
-    }
-    for p in &pairs {
-        args.extend(["--annotation", p.as_str()]);
-    }
-    args.extend([image, id]);
-    args.extend_from_slice(cmd);
-    c.ctr()
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("ctr run")
-}
-
-fn run_ok_in(
-    c: &Containerd,
-    image: &str,
-    id: &str,
-    netns: Option<&Path>,
-    annotations: &[(&str, &str)],
-    cmd: &[&str],
-) {
-    let out = run_in(c, image, id, netns, annotations, cmd);
-    assert!(
-        out.status.success(),
-        "ctr run {id}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.log_tail(30)
-    );
 }
 
 fn task(c: &Containerd, id: &str) -> Option<(u32, String)> {

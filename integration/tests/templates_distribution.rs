@@ -17,13 +17,12 @@ use std::time::{Duration, Instant};
 use hyperbox_integration::containerd::{Containerd, ContainerdVersion};
 use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
-use hyperbox_integration::templates::{cli as templates, store, wait_template};
+use hyperbox_integration::templates::{self, cli, store, wait_template};
 use hyperbox_integration::testbed::TestBed;
 use hyperbox_integration::workloads::{
     network_with_loopback, py_heap_service, PY_HEAP_SUM, PY_SERVICE_GET,
 };
 
-const OURS: &str = "io.containerd.hyperbox.v1";
 const CAPTURE: &str = "io.hyperbox.template.capture";
 const READY_FILE: &str = "io.hyperbox.template.ready-file";
 const RESTORE_FROM: &str = "io.hyperbox.restore-from";
@@ -32,6 +31,7 @@ const LAZY: &str = "io.hyperbox.restore-lazy";
 /// The heap the service holds, in MiB: enough for lazy pages to matter, small enough for CI.
 const HEAP_MIB: usize = 96;
 
+/// Runs `cmd` through ours as `id`, in a network namespace of its own (loopback up).
 fn run(
     c: &Containerd,
     image: &str,
@@ -41,40 +41,13 @@ fn run(
 ) -> Output {
     let net = network_with_loopback(&c.dir().join(format!("netns-{id}")))
         .unwrap_or_else(|e| panic!("{e}"));
-    let with_ns = format!("network:{}", net.display());
-    let mut args = vec![
-        "run",
-        "-d",
-        "--null-io",
-        "--runtime",
-        OURS,
-        "--with-ns",
-        &with_ns,
-    ];
-    let pairs: Vec<String> = annotations
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    for p in &pairs {
-        args.extend(["--annotation", p.as_str()]);
-    }
-    args.extend([image, id]);
-    args.extend_from_slice(cmd);
-    c.ctr()
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("ctr run")
+    templates::run(c, image, id, Some(&net), annotations, cmd)
 }
 
 fn run_ok(c: &Containerd, image: &str, id: &str, annotations: &[(&str, &str)], cmd: &[&str]) {
-    let out = run(c, image, id, annotations, cmd);
-    assert!(
-        out.status.success(),
-        "ctr run {id}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.log_tail(30)
-    );
+    let net = network_with_loopback(&c.dir().join(format!("netns-{id}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    templates::run_ok(c, image, id, Some(&net), annotations, cmd)
 }
 
 /// A request from inside container `id`: the last line of the answer, if it starts so.
@@ -141,7 +114,7 @@ fn remove(c: &Containerd, id: &str) {
 }
 
 fn templates_ok(c: &Containerd, args: &[&str]) -> String {
-    let out = templates(c, args);
+    let out = cli(c, args);
     assert!(
         out.status.success(),
         "templates {args:?}: {}",
@@ -151,7 +124,7 @@ fn templates_ok(c: &Containerd, args: &[&str]) -> String {
 }
 
 fn templates_err(c: &Containerd, args: &[&str]) -> String {
-    let out = templates(c, args);
+    let out = cli(c, args);
     assert!(!out.status.success(), "templates {args:?} succeeded");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
