@@ -5,16 +5,21 @@
 //! - [`write_image`]: an EROFS image from a directory tree (the layer's upper dir).
 //! - [`ChunkStore`]: the chunk store: packs, index, reference counts, GC, verify.
 //! - [`commit_layer`]: both of the above, crash-safe, for one layer.
+//! - [`write_merged_image`]: one image of a stack of layer images, flattened as overlayfs
+//!   shows them, its file data still the layers' chunks (metadata only).
 //! - [`mount_image`]: the kernel mount (file-backed, or through loop devices).
 
 pub mod format;
 mod layer;
+mod merge;
 mod mount;
+mod reader;
 mod redb_file;
 mod store;
 mod writer;
 
 pub use layer::{commit_layer, LayerError, LayerReport};
+pub use merge::write_merged_image;
 pub use mount::{device_options, mount_image, MountError, MountMode, MountedImage};
 pub use redb_file::open_or_create_redb;
 pub use store::{

@@ -74,6 +74,12 @@ pub enum ImageError {
     /// The walk ran past [`ImageOptions::with_deadline`].
     #[error("conversion ran past its time limit of {limit:?} (at {path})")]
     TimedOut { path: PathBuf, limit: Duration },
+    /// An image read back (to merge it) is not one this crate writes, or is damaged.
+    #[error("{path} is not a readable image: {what}")]
+    Corrupt { path: PathBuf, what: &'static str },
+    /// Images to merge were written with different chunk sizes or device tables.
+    #[error("{path} cannot be merged with the layers below it: {what}")]
+    Mismatch { path: PathBuf, what: &'static str },
     /// Storing a chunk of a file failed.
     #[error("failed to store a chunk of {path}: {source}")]
     Store {
@@ -139,10 +145,10 @@ pub const DEFAULT_MAX_INODES: u64 = 2_000_000;
 pub struct ImageOptions {
     inline_max: u64,
     uuid: [u8; 16],
-    max_depth: u32,
-    max_image_bytes: u64,
-    max_inodes: u64,
-    time_limit: Option<Duration>,
+    pub(crate) max_depth: u32,
+    pub(crate) max_image_bytes: u64,
+    pub(crate) max_inodes: u64,
+    pub(crate) time_limit: Option<Duration>,
 }
 
 impl Default for ImageOptions {
@@ -224,10 +230,10 @@ pub struct ImageStats {
 }
 
 /// An entry's xattrs: full names and values, sorted by name.
-type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+pub(crate) type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 #[derive(Debug)]
-enum Body {
+pub(crate) enum Body {
     Dir {
         entries: Vec<(Vec<u8>, usize)>,
         parent: usize,
@@ -247,17 +253,17 @@ enum Body {
 }
 
 #[derive(Debug)]
-struct Node {
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: i64,
-    mtime_nsec: u32,
-    rdev: u64,
-    size: u64,
-    nlink: u32,
-    xattrs: Xattrs,
-    body: Body,
+pub(crate) struct Node {
+    pub(crate) mode: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) mtime: i64,
+    pub(crate) mtime_nsec: u32,
+    pub(crate) rdev: u64,
+    pub(crate) size: u64,
+    pub(crate) nlink: u32,
+    pub(crate) xattrs: Xattrs,
+    pub(crate) body: Body,
 }
 
 impl Node {
@@ -291,18 +297,18 @@ impl Node {
 
 /// Size of one spill record of a stored chunk: chunk number (8), device id (2), pad (2),
 /// block address (4).
-const SPILL_CHUNK_RECORD: usize = 16;
+pub(crate) const SPILL_CHUNK_RECORD: usize = 16;
 
 /// An unnamed temporary file beside the image: file data and chunk addresses gathered
 /// during the walk, read back while the image is written.
-struct Spill {
+pub(crate) struct Spill {
     w: BufWriter<File>,
-    len: u64,
+    pub(crate) len: u64,
     path: PathBuf,
 }
 
 impl Spill {
-    fn create(dir: &Path) -> Result<Self, ImageError> {
+    pub(crate) fn create(dir: &Path) -> Result<Self, ImageError> {
         let dir = if dir.as_os_str().is_empty() {
             Path::new(".")
         } else {
@@ -323,7 +329,7 @@ impl Spill {
         })
     }
 
-    fn append(&mut self, data: &[u8]) -> Result<u64, ImageError> {
+    pub(crate) fn append(&mut self, data: &[u8]) -> Result<u64, ImageError> {
         let at = self.len;
         self.w
             .write_all(data)
@@ -333,7 +339,7 @@ impl Spill {
     }
 
     /// Everything appended, flushed, for positioned reads.
-    fn finish(self) -> Result<SpillReader, ImageError> {
+    pub(crate) fn finish(self) -> Result<SpillReader, ImageError> {
         let path = self.path;
         let file = self
             .w
@@ -343,7 +349,7 @@ impl Spill {
     }
 }
 
-struct SpillReader {
+pub(crate) struct SpillReader {
     file: File,
     path: PathBuf,
 }
@@ -961,7 +967,7 @@ fn dir_data(
 
 /// Lays the nodes out and streams the image into `out`; returns its size.
 #[allow(clippy::too_many_arguments)]
-fn write_layout(
+pub(crate) fn write_layout(
     nodes: &mut [Node],
     devices: &[DeviceSlot],
     options: &ImageOptions,
