@@ -78,6 +78,10 @@ pub struct Config {
     pub max_image_bytes: u64,
     /// Longest one conversion may take, in seconds (default 600).
     pub conversion_timeout_s: u64,
+    /// Give each image's top layer one merged EROFS image presenting all the image's
+    /// layers flattened (default `true`): a container's root is then one EROFS mount under
+    /// its upper dir whatever the image's depth. `false` keeps an overlay of every layer.
+    pub merge_layers: bool,
 }
 
 impl Default for Config {
@@ -93,6 +97,7 @@ impl Default for Config {
             max_inodes: hyperbox_erofs::DEFAULT_MAX_INODES,
             max_image_bytes: hyperbox_erofs::DEFAULT_MAX_IMAGE_BYTES,
             conversion_timeout_s: 600,
+            merge_layers: true,
         }
     }
 }

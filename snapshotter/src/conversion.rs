@@ -38,13 +38,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Weak};
 use std::time::Instant;
 
-use hyperbox_erofs::{commit_layer, mount_image, ImageOptions};
+use hyperbox_erofs::{commit_layer, mount_image, write_merged_image, ImageOptions};
 use nix::mount::{umount2, MntFlags};
 use tracing::{error, info, warn};
 
 use crate::layer::LayerStorage;
 use crate::service::{remove_tree, Inner, Job, SnapshotterError};
-use crate::store::{self, ConversionReport, SnapshotKind, SnapshotRecord, SnapshotTable};
+use crate::store::{
+    self, ConversionReport, MergeReport, SnapshotKind, SnapshotRecord, SnapshotTable,
+};
 
 /// A layer whose conversion was begun this many times without ending (the snapshotter
 /// died during each try) is set aside instead of being tried again.
@@ -94,6 +96,12 @@ pub(crate) fn spawn_worker(inner: Weak<Inner>, jobs: mpsc::Receiver<Job>) -> io:
                         inner.wait_for_unpacks(&mut stale_unpacks);
                         if let Err(e) = inner.convert(id) {
                             error!(id, "conversion to erofs: {e}");
+                        }
+                    }
+                    Job::Merge(id) => {
+                        inner.wait_for_unpacks(&mut stale_unpacks);
+                        if let Err(e) = inner.merge(id) {
+                            error!(id, "merged erofs image: {e}");
                         }
                     }
                     Job::Gc => match inner.chunks.gc() {
@@ -308,6 +316,7 @@ impl Inner {
     /// Undoes whatever an interrupted or abandoned conversion of layer `id` left: its
     /// mount, its chunk-store layer (after the unmount), its image and mount point.
     pub(crate) fn drop_erofs_layer(&self, id: u64) -> Result<()> {
+        self.drop_merged(id)?;
         let mount = self.layout.erofs_dir(id);
         unmount_if_mounted(&mount)?;
         if self.chunks.remove_layer(&id.to_string())? {
@@ -348,15 +357,19 @@ impl Inner {
             let Ok(rest) = m.strip_prefix(&snapshots) else {
                 continue;
             };
-            if rest.file_name().is_none_or(|n| n != "erofs") {
+            let Some(name) = rest.file_name().filter(|n| *n == "erofs" || *n == "merged") else {
                 continue;
-            }
+            };
             let id = rest
                 .parent()
                 .and_then(|p| p.to_str())
                 .and_then(|p| p.parse::<u64>().ok());
-            if let Some(id) = id.filter(|id| !converted.contains_key(id)) {
-                info!(id, mount = %m.display(), "unmounting the erofs mount of an unconverted or removed layer");
+            let Some(id) = id else { continue };
+            let owned = converted
+                .get(&id)
+                .is_some_and(|r| name == "erofs" || r.storage.merged_ns().is_some());
+            if !owned {
+                info!(id, mount = %m.display(), "unmounting the erofs mount of an unconverted, unmerged or removed layer");
                 unmount_if_mounted(m)?;
             }
         }
@@ -377,6 +390,9 @@ impl Inner {
             if rec.kind == SnapshotKind::Committed && !rec.storage.is_erofs() {
                 // Leftover image or mount point of an interrupted conversion.
                 self.drop_erofs_layer(rec.id)?;
+            } else if rec.storage.is_erofs() && rec.storage.merged_ns().is_none() {
+                // Leftover of an interrupted merge.
+                self.drop_merged(rec.id)?;
             }
         }
         let mounted =
@@ -396,6 +412,205 @@ impl Inner {
             self.mount_layer(*id)?;
             info!(id, "re-mounted converted layer");
         }
+        for (id, rec) in &converted {
+            let target = self.layout.merged_dir(*id);
+            if rec.storage.merged_ns().is_none() || mounted.contains(&target) {
+                continue;
+            }
+            self.mount_merged(*id)?;
+            info!(id, "re-mounted merged image");
+        }
+        Ok(())
+    }
+
+    fn mount_merged(&self, id: u64) -> Result<()> {
+        let target = self.layout.merged_dir(id);
+        match fs::DirBuilder::new().mode(0o755).create(&target) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(io_err("cannot create mount point", &target)(e))
+            }
+            _ => {}
+        }
+        mount_image(
+            &self.layout.merged_image_path(id),
+            &self.chunks.pack_paths(),
+            &target,
+            self.options.mount_mode,
+        )
+        .map_err(|source| SnapshotterError::Mount { id, source })?
+        .keep_mounted();
+        Ok(())
+    }
+
+    /// Unmounts and deletes layer `id`'s merged image, if it has one (or a piece of one).
+    pub(crate) fn drop_merged(&self, id: u64) -> Result<()> {
+        let mount = self.layout.merged_dir(id);
+        unmount_if_mounted(&mount)?;
+        let image = self.layout.merged_image_path(id);
+        let mut tmp = image.clone().into_os_string();
+        tmp.push(".tmp");
+        for f in [image, PathBuf::from(tmp)] {
+            match fs::remove_file(&f) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err("cannot remove", &f)(e))
+                }
+                _ => {}
+            }
+        }
+        match fs::remove_dir(&mount) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(io_err("cannot remove", &mount)(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Queues a merge of every converted layer that is an image's top (no committed
+    /// child), has parents, and has no merged image yet (`merge_layers = true`).
+    pub(crate) fn queue_pending_merges(&self) -> Result<()> {
+        if !self.options.merge {
+            return Ok(());
+        }
+        let all = self.store.read()?.all()?;
+        for (key, rec) in &all {
+            if self.wants_merge(key, rec, &all) {
+                self.queue(Job::Merge(rec.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether committed layer `rec` (under `key`) should get a merged image: converted,
+    /// with a parent, none yet, not set aside, and no committed child (a layer below an
+    /// image's top is read through the top's merged image).
+    fn wants_merge(
+        &self,
+        key: &str,
+        rec: &SnapshotRecord,
+        all: &[(String, SnapshotRecord)],
+    ) -> bool {
+        self.options.merge
+            && rec.kind == SnapshotKind::Committed
+            && rec.storage.is_erofs()
+            && rec.storage.merged_ns().is_none()
+            && !rec.parent.is_empty()
+            && !rec
+                .conversion
+                .as_ref()
+                .is_some_and(|c| c.merge_set_aside.is_some())
+            && !all
+                .iter()
+                .any(|(_, r)| r.kind == SnapshotKind::Committed && r.parent == key)
+    }
+
+    /// Writes, mounts and switches on the merged image of layer `id` if it
+    /// [wants one](Self::wants_merge) and every layer below it is converted. A failure sets
+    /// the merge aside (the layer stays served as an overlay of its layers' mounts).
+    pub(crate) fn merge(&self, id: u64) -> Result<()> {
+        let _guard = self.convert_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (key, rec, inputs, layers) = {
+            let txn = self.store.read()?;
+            let all = txn.all()?;
+            let Some((key, rec)) = all.iter().find(|(_, r)| r.id == id).cloned() else {
+                return Ok(());
+            };
+            if !self.wants_merge(&key, &rec, &all) {
+                return Ok(());
+            }
+            let ancestors = txn.ancestors(&rec.parent)?;
+            if ancestors.iter().any(|(_, s)| !s.is_erofs()) {
+                return Ok(()); // a layer below is still plain (pending or set aside)
+            }
+            // The nearest merged image below, and the layers' own images above it.
+            let mut inputs = vec![self.layout.image_path(id)];
+            for (pid, storage) in &ancestors {
+                if storage.merged_ns().is_some() {
+                    inputs.push(self.layout.merged_image_path(*pid));
+                    break;
+                }
+                inputs.push(self.layout.image_path(*pid));
+            }
+            inputs.reverse();
+            (key, rec, inputs, ancestors.len() as u32 + 1)
+        };
+        let started = Instant::now();
+        match self.merge_once(&key, id, &inputs, layers, started) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Err(undo) = self.drop_merged(id) {
+                    warn!(id, "cannot undo the failed merge: {undo}");
+                }
+                error!(key, id, reason = %e, "merged erofs image failed: the layer is served as an overlay of its layers' images");
+                self.update_conversion(&key, rec.id, |rec| {
+                    rec.conversion
+                        .get_or_insert_with(Default::default)
+                        .merge_set_aside = Some(e.to_string());
+                })?;
+                Ok(())
+            }
+        }
+    }
+
+    fn merge_once(
+        &self,
+        key: &str,
+        id: u64,
+        inputs: &[PathBuf],
+        layers: u32,
+        started: Instant,
+    ) -> Result<()> {
+        self.drop_merged(id)?;
+        let image = self.layout.merged_image_path(id);
+        let mut tmp = image.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let limits = self.options.limits;
+        let options = ImageOptions::default()
+            .with_max_depth(limits.max_depth)
+            .with_max_inodes(limits.max_inodes)
+            .with_max_image_bytes(limits.max_image_bytes)
+            .with_time_limit(limits.timeout);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(io_err("cannot create", &tmp))?;
+        let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+        let stats = write_merged_image(&refs, &file, &tmp, &options)
+            .map_err(|source| SnapshotterError::Merge { id, source })?;
+        file.sync_all().map_err(io_err("cannot sync", &tmp))?;
+        drop(file);
+        fs::rename(&tmp, &image).map_err(io_err("cannot rename into place", &image))?;
+        let dir = self.layout.snapshot_dir(id);
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("cannot sync", &dir))?;
+        self.mount_merged(id)?;
+        let report = MergeReport {
+            millis: started.elapsed().as_millis() as u64,
+            layers,
+            inputs: inputs.len() as u32,
+            image_bytes: stats.image_bytes,
+            inodes: stats.inodes,
+        };
+        let switched = self.update_conversion(key, id, |rec| {
+            if let LayerStorage::Erofs { merged_ns, .. } = &mut rec.storage {
+                *merged_ns = Some(store::now_ns());
+            }
+            rec.conversion.get_or_insert_with(Default::default).merge = Some(report.clone());
+        })?;
+        if !switched {
+            self.drop_merged(id)?;
+            return Ok(());
+        }
+        info!(
+            key,
+            id,
+            ?report,
+            "merged erofs image of the layer and all below it"
+        );
         Ok(())
     }
 
@@ -483,7 +698,14 @@ impl Inner {
         reset_peak_rss();
         let started = Instant::now();
         match self.convert_once(&key, id, started) {
-            Ok(()) => self.release_plain_dirs(),
+            Ok(()) => {
+                // An image's top layer gets its merged image next (queued, so that a
+                // layer converted right after, its child, can make it unneeded).
+                if self.options.merge {
+                    self.queue(Job::Merge(id));
+                }
+                self.release_plain_dirs()
+            }
             Err(e) => {
                 if let Err(undo) = self.drop_erofs_layer(id) {
                     warn!(id, "cannot undo the failed conversion: {undo}");
@@ -519,6 +741,7 @@ impl Inner {
             rec.storage = LayerStorage::Erofs {
                 converted_ns: store::now_ns(),
                 first_stored_bytes: report.chunks.new_bytes,
+                merged_ns: None,
             };
             rec.conversion.get_or_insert_with(Default::default).report = Some(cost.clone());
         })?;

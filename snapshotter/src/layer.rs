@@ -38,6 +38,12 @@ pub enum LayerStorage {
         converted_ns: u64,
         /// Bytes of the chunks this layer stored first (its share of the packs).
         first_stored_bytes: u64,
+        /// When the layer's merged image (`snapshots/ID/merged.erofs`, mounted at
+        /// `snapshots/ID/merged`: this layer and all below it flattened into one EROFS
+        /// tree) was switched on. Snapshots made on this layer since then have it as their
+        /// only lower dir, whatever the image's depth.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        merged_ns: Option<u64>,
     },
 }
 
@@ -58,6 +64,14 @@ impl LayerStorage {
     /// Whether the layer is served from its EROFS image.
     pub fn is_erofs(&self) -> bool {
         matches!(self, LayerStorage::Erofs { .. })
+    }
+
+    /// When the layer's merged image was switched on, if it has one.
+    pub fn merged_ns(&self) -> Option<u64> {
+        match self {
+            LayerStorage::Erofs { merged_ns, .. } => *merged_ns,
+            LayerStorage::Directory => None,
+        }
     }
 }
 
@@ -116,6 +130,16 @@ impl Layout {
     /// The EROFS image of committed layer `id`.
     pub fn image_path(&self, id: u64) -> PathBuf {
         self.snapshot_dir(id).join("layer.erofs")
+    }
+
+    /// The merged image of committed layer `id`: the layer and all below it, flattened.
+    pub fn merged_image_path(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join("merged.erofs")
+    }
+
+    /// Where the merged image of layer `id` is mounted.
+    pub fn merged_dir(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join("merged")
     }
 
     /// The host-wide chunk store.
@@ -202,7 +226,8 @@ fn bind(source: &Path, read_only: bool) -> Mount {
 /// `parents` (nearest first):
 ///
 /// - active, no parent: a read-write bind mount of its `fs`;
-/// - active with parents: overlayfs, `upperdir` its `fs`, `lowerdir` the parents' dirs;
+/// - active with parents: overlayfs, `upperdir` its `fs`, `lowerdir` the parents' dirs, or
+///   the nearest parent's merged image alone once it has one (for snapshots made since);
 /// - view, no parent: a read-only bind mount of its (empty) `fs`;
 /// - view of one layer: a read-only bind mount of that layer;
 /// - view of several: overlayfs with only `lowerdir`, which the kernel mounts read-only.
@@ -214,10 +239,15 @@ pub fn mounts(
     parents: &[(u64, LayerStorage)],
     overlay: OverlayOptions,
 ) -> Vec<Mount> {
-    let lowers: Vec<PathBuf> = parents
-        .iter()
-        .map(|(pid, storage)| storage.lower_dir(layout, *pid, created_ns))
-        .collect();
+    let lowers: Vec<PathBuf> = match parents.first() {
+        Some((pid, storage)) if storage.merged_ns().is_some_and(|t| created_ns >= t) => {
+            vec![layout.merged_dir(*pid)]
+        }
+        _ => parents
+            .iter()
+            .map(|(pid, storage)| storage.lower_dir(layout, *pid, created_ns))
+            .collect(),
+    };
     match (kind, lowers.as_slice()) {
         (SnapshotKind::Active, []) => vec![bind(&layout.fs_dir(id), false)],
         (SnapshotKind::View | SnapshotKind::Committed, []) => {
@@ -334,6 +364,7 @@ mod tests {
         let erofs = LayerStorage::Erofs {
             converted_ns: 100,
             first_stored_bytes: 0,
+            merged_ns: None,
         };
         let parents = [(3, erofs), (1, LayerStorage::Directory)];
         let m = mounts(
@@ -370,5 +401,61 @@ mod tests {
             Default::default(),
         );
         assert_eq!(m[0].source, "/r/snapshots/3/erofs");
+    }
+
+    #[test]
+    fn a_merged_parent_is_the_only_lower_dir_of_snapshots_made_since() {
+        let merged = LayerStorage::Erofs {
+            converted_ns: 100,
+            first_stored_bytes: 0,
+            merged_ns: Some(300),
+        };
+        let erofs = LayerStorage::Erofs {
+            converted_ns: 100,
+            first_stored_bytes: 0,
+            merged_ns: None,
+        };
+        let parents = [(5, merged), (3, erofs.clone()), (1, erofs)];
+        let m = mounts(
+            &layout(),
+            9,
+            SnapshotKind::Active,
+            400,
+            &parents,
+            Default::default(),
+        );
+        assert_eq!(
+            m[0].options,
+            [
+                "workdir=/r/snapshots/9/work",
+                "upperdir=/r/snapshots/9/fs",
+                "lowerdir=/r/snapshots/5/merged",
+            ]
+        );
+        let v = mounts(
+            &layout(),
+            9,
+            SnapshotKind::View,
+            400,
+            &parents,
+            Default::default(),
+        );
+        assert_eq!(
+            (v[0].r#type.as_str(), v[0].source.as_str()),
+            ("bind", "/r/snapshots/5/merged")
+        );
+        // Made before the merged image: the layers' own mounts, as its earlier mounts name.
+        let m = mounts(
+            &layout(),
+            9,
+            SnapshotKind::View,
+            200,
+            &parents,
+            Default::default(),
+        );
+        assert_eq!(
+            m[0].options,
+            ["lowerdir=/r/snapshots/5/erofs:/r/snapshots/3/erofs:/r/snapshots/1/erofs"]
+        );
     }
 }

@@ -257,6 +257,7 @@ fn run() -> anyhow::Result<()> {
         convert: config.convert,
         mount_mode: config.erofs_mount_mode()?,
         limits: config.conversion_limits(),
+        merge: config.merge_layers,
     };
     let snapshotter = HyperboxSnapshotter::open(&config.root, options)
         .with_context(|| format!("cannot open snapshotter root {}", config.root.display()))?;

@@ -76,6 +76,11 @@ pub enum SnapshotterError {
         id: u64,
         source: hyperbox_erofs::LayerError,
     },
+    #[error("merged image of layer {id}: {source}")]
+    Merge {
+        id: u64,
+        source: hyperbox_erofs::ImageError,
+    },
     #[error("erofs layer {id}: {source}")]
     Mount {
         id: u64,
@@ -106,6 +111,7 @@ impl SnapshotterError {
             | E::Task(_)
             | E::Chunks(_)
             | E::Layer { .. }
+            | E::Merge { .. }
             | E::Mount { .. } => tonic::Code::Internal,
         }
     }
@@ -128,12 +134,16 @@ pub struct LayerOptions {
     pub mount_mode: MountMode,
     /// What one layer's conversion may cost; a layer over a limit is set aside.
     pub limits: ConversionLimits,
+    /// Give each image's top layer one merged EROFS image of all its layers (config
+    /// `merge_layers`).
+    pub merge: bool,
 }
 
 impl Default for LayerOptions {
     fn default() -> Self {
         LayerOptions {
             convert: true,
+            merge: true,
             mount_mode: MountMode::Auto,
             limits: ConversionLimits::default(),
         }
@@ -176,6 +186,8 @@ pub struct HyperboxSnapshotter {
 pub(crate) enum Job {
     /// Convert committed layer `id` to an EROFS image.
     Convert(u64),
+    /// Write the merged image of committed layer `id`, if it is an image's top layer.
+    Merge(u64),
     /// Reclaim pack space nothing references any more.
     Gc,
 }
@@ -221,6 +233,7 @@ impl HyperboxSnapshotter {
         crate::conversion::spawn_worker(Arc::downgrade(&inner), rx)
             .map_err(io_err("cannot start the conversion worker for", root))?;
         inner.queue_pending_conversions()?;
+        inner.queue_pending_merges()?;
         inner.queue(Job::Gc);
         Ok(HyperboxSnapshotter { inner })
     }
@@ -258,6 +271,10 @@ pub const STORAGE_LABEL: &str = "containerd.io/snapshot/hyperbox.storage";
 /// set aside (`set aside: REASON`).
 pub const CONVERSION_LABEL: &str = "containerd.io/snapshot/hyperbox.conversion";
 
+/// Computed label of a committed layer's merged image: what it cost, or why there is none
+/// (`set aside: REASON`).
+pub const MERGED_LABEL: &str = "containerd.io/snapshot/hyperbox.merged";
+
 /// Prefix of the labels the snapshotter computes; clients' labels under it are dropped.
 const COMPUTED_LABELS: &str = "containerd.io/snapshot/hyperbox.";
 
@@ -285,6 +302,21 @@ fn labels_of(rec: &SnapshotRecord) -> BTreeMap<String, String> {
                     r.inodes,
                     r.chunks,
                     r.new_chunks
+                ),
+            );
+        }
+        if let Some(reason) = &c.merge_set_aside {
+            labels.insert(MERGED_LABEL.to_string(), format!("set aside: {reason}"));
+        } else if let (Some(m), Some(_)) = (&c.merge, rec.storage.merged_ns()) {
+            labels.insert(
+                MERGED_LABEL.to_string(),
+                format!(
+                    "{} layers in one image, took {} ms, image {:.1} MiB, {} inodes, from {} images",
+                    m.layers,
+                    m.millis,
+                    m.image_bytes as f64 / f64::from(1 << 20),
+                    m.inodes,
+                    m.inputs
                 ),
             );
         }
@@ -540,6 +572,10 @@ impl Inner {
                 warn!(key, id = rec.id, "cannot release the erofs layer: {e}");
             }
             self.queue(Job::Gc);
+            // Its parent may now be an image's top layer without a merged image.
+            if let Err(e) = self.queue_pending_merges() {
+                warn!(key, "cannot queue merges: {e}");
+            }
         } else if let Err(e) = self.release_plain_dirs() {
             // A view or active snapshot gone may free plain dirs of converted layers.
             warn!(key, "cannot release plain layer directories: {e}");
@@ -618,11 +654,14 @@ impl Inner {
                 // older mounts still need it.
                 let image = self.layout.image_path(rec.id);
                 let meta = fs::metadata(&image).map_err(io_err("cannot measure", &image))?;
-                let image_bytes = i64::try_from(meta.blocks() * 512).unwrap_or(i64::MAX);
+                // The merged image, if any, is this layer's too.
+                let merged = fs::metadata(self.layout.merged_image_path(rec.id))
+                    .map_or(0, |m| m.blocks() * 512);
+                let image_bytes = i64::try_from(meta.blocks() * 512 + merged).unwrap_or(i64::MAX);
                 let chunk_bytes = i64::try_from(*first_stored_bytes).unwrap_or(i64::MAX);
                 Ok(Usage {
                     size: image_bytes + chunk_bytes + plain.size,
-                    inodes: 1 + plain.inodes,
+                    inodes: 1 + i64::from(merged > 0) + plain.inodes,
                 })
             }
         }
@@ -653,6 +692,7 @@ impl Inner {
         info!(?gc, "cleanup: chunk store garbage collected");
         // Layers whose conversion failed (e.g. a full disk) are tried again.
         self.queue_pending_conversions()?;
+        self.queue_pending_merges()?;
         Ok(())
     }
 }

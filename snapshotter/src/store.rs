@@ -117,6 +117,31 @@ pub struct Conversion {
     /// What the conversion that succeeded cost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<ConversionReport>,
+    /// What the layer's merged image (this layer and all below it in one EROFS tree)
+    /// cost, once written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeReport>,
+    /// Why no merged image is made for this layer (it is served as an overlay of its
+    /// layers' own images instead); not tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_set_aside: Option<String>,
+}
+
+/// The cost of one merged image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeReport {
+    /// Wall-clock time of the image, its mount and the switch.
+    pub millis: u64,
+    /// Layers the image flattens (this one and every one below it).
+    pub layers: u32,
+    /// Images read to write it: the layers' own, or the nearest merged one below and the
+    /// layers above it.
+    pub inputs: u32,
+    /// Size of the merged image file.
+    pub image_bytes: u64,
+    /// Inodes in the merged tree.
+    pub inodes: u64,
 }
 
 /// The cost of one conversion.
