@@ -23,6 +23,7 @@
 pub mod conversion;
 pub mod engines;
 pub mod gpu;
+pub mod layers;
 pub mod machine;
 pub mod memprobe;
 pub mod pods;

@@ -48,6 +48,9 @@ enum Cmd {
     /// cold through runc.v2 and ours and restored from a template through ours; and
     /// `ctr containers checkpoint`/`restore --live` through ours against runc.v2.
     Templates(hyperbox_benches::templates::TemplatesArgs),
+    /// Images of many layers through overlayfs, hyperbox with merged images and hyperbox
+    /// without: import+unpack, `ctr run --rm`, and find+stat of the whole root.
+    Layers(hyperbox_benches::layers::LayersArgs),
     /// What converting one committed layer to EROFS costs the snapshotter: time and peak
     /// RSS, for the debian layer and sparse files.
     Conversion(hyperbox_benches::conversion::ConversionArgs),
@@ -180,6 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Wasm(args) => hyperbox_benches::wasm::run(args, command_line()),
         Cmd::Templates(args) => hyperbox_benches::templates::run(args, command_line()),
         Cmd::Conversion(args) => hyperbox_benches::conversion::run(args, command_line()),
+        Cmd::Layers(args) => hyperbox_benches::layers::run(args, command_line()),
         Cmd::Pods(args) => hyperbox_benches::pods::run(args, command_line()),
         Cmd::Gpu(args) => hyperbox_benches::gpu::run(args, command_line()),
     }

@@ -143,7 +143,8 @@ impl SnapshotterReport {
     }
 }
 
-fn render_timings(t: &Timings) -> String {
+/// A table of timings: one line per variant, its ratio last.
+pub fn render_timings(t: &Timings) -> String {
     let width = t.variants.iter().map(|v| v.name.len()).max().unwrap_or(0);
     let mut s = format!(
         "{:<width$}  {:>4}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>7}\n",

@@ -24,6 +24,8 @@ pub const BINARY: &str = "hyperbox-snapshotter";
 pub const PLUGIN: &str = "hyperbox";
 /// The label the snapshotter reports on a layer served from its EROFS image.
 pub const STORAGE_LABEL: &str = "containerd.io/snapshot/hyperbox.storage";
+/// The computed label of a layer's merged image (what it cost, or `set aside: REASON`).
+pub const MERGED_LABEL: &str = "containerd.io/snapshot/hyperbox.merged";
 /// Label the snapshotter computes for a committed layer's conversion: its cost, or
 /// `set aside: REASON`.
 pub const CONVERSION_LABEL: &str = "containerd.io/snapshot/hyperbox.conversion";

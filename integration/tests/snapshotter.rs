@@ -38,7 +38,9 @@ use hyperbox_integration::containerd::{Containerd, ContainerdError, ContainerdVe
 use hyperbox_integration::images::{self, TestImage};
 use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::{Footprint, Sandbox};
-use hyperbox_integration::snapshotter::{SnapshotterDaemon, BINARY, PLUGIN, STORAGE_LABEL};
+use hyperbox_integration::snapshotter::{
+    SnapshotterDaemon, BINARY, MERGED_LABEL, PLUGIN, STORAGE_LABEL,
+};
 use hyperbox_integration::testbed::TestBed;
 use nix::sys::signal::Signal;
 
@@ -47,6 +49,8 @@ use nix::sys::signal::Signal;
 struct Fixture {
     bed: TestBed,
     snap: SnapshotterDaemon,
+    /// Whether image top layers get merged images (`merge_layers`, on unless turned off).
+    merges: bool,
 }
 
 impl Fixture {
@@ -60,7 +64,9 @@ impl Fixture {
         let snap = SnapshotterDaemon::start(extra_config).expect("snapshotter started");
         let builder = Containerd::builder(v).with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
         let bed = TestBed::with_builder(builder).expect("test bed");
-        Fixture { bed, snap }
+        let merges = !extra_config.contains("merge_layers = false")
+            && !extra_config.contains("convert = false");
+        Fixture { bed, snap, merges }
     }
 
     /// Waits until every committed snapshot is served from its EROFS image (the storage
@@ -73,12 +79,22 @@ impl Fixture {
                 .iter()
                 .filter(|i| i.labels.get(STORAGE_LABEL).map(String::as_str) != Some("erofs"))
                 .count();
-            if pending == 0 {
+            // Then an image's top layer (a committed layer with a parent and no committed
+            // child) gets its merged image.
+            let unmerged = committed
+                .iter()
+                .filter(|i| {
+                    !i.parent.is_empty()
+                        && !committed.iter().any(|c| c.parent == i.name)
+                        && !i.labels.contains_key(MERGED_LABEL)
+                })
+                .count();
+            if pending == 0 && (unmerged == 0 || !self.merges) {
                 return committed;
             }
             assert!(
                 Instant::now() < deadline,
-                "{pending} layers never converted:\n{}",
+                "{pending} layers never converted, {unmerged} never merged:\n{}",
                 self.snap.log()
             );
             thread::sleep(Duration::from_millis(100));
@@ -124,9 +140,19 @@ impl Fixture {
         let packs: Vec<PathBuf> = (0..4)
             .map(|n| self.snap.root().join("erofs").join(format!("p{n}")))
             .collect();
-        for id in &ids {
-            let dir = self.snap.root().join("snapshots").join(id);
-            let point = dir.join("erofs").display().to_string();
+        // Each layer's image, and each merged image (an image's top layer's).
+        let snapshots = self.snap.root().join("snapshots");
+        let merged: Vec<&String> = ids
+            .iter()
+            .filter(|id| snapshots.join(id).join("merged.erofs").is_file())
+            .collect();
+        let images = ids
+            .iter()
+            .map(|id| (id, "layer.erofs", "erofs"))
+            .chain(merged.iter().map(|id| (*id, "merged.erofs", "merged")));
+        for (id, image, mount) in images {
+            let dir = snapshots.join(id);
+            let point = dir.join(mount).display().to_string();
             let n = mounts.iter().filter(|(p, _)| *p == point).count();
             assert_eq!(n, 1, "mounts of {point}: {mounts:?}");
             assert!(!dir.join("fs").exists(), "plain dir of layer {id} kept");
@@ -146,7 +172,7 @@ impl Fixture {
             }
             // erofs-utils is the reference reader: what it extracts must be what the kernel
             // mount shows (which the fidelity test holds against overlayfs).
-            let extracted = self.snap.dir().join(format!("extract-{id}"));
+            let extracted = self.snap.dir().join(format!("extract-{id}-{mount}"));
             let _ = fs::remove_dir_all(&extracted);
             if extract {
                 fsck.arg("--xattrs")
@@ -154,13 +180,10 @@ impl Fixture {
             } else {
                 fsck.arg("--extract");
             }
-            let out = fsck
-                .arg(dir.join("layer.erofs"))
-                .output()
-                .expect("fsck.erofs runs");
+            let out = fsck.arg(dir.join(image)).output().expect("fsck.erofs runs");
             assert!(
                 out.status.success(),
-                "fsck.erofs of layer {id}: {}{}",
+                "fsck.erofs of {image} of layer {id}: {}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -168,7 +191,7 @@ impl Fixture {
                 continue;
             }
             let mut theirs = tree_facts(&extracted);
-            let mut ours = tree_facts(&dir.join("erofs"));
+            let mut ours = tree_facts(&dir.join(mount));
             // Two things erofs-utils 1.8.6 does not restore, accounted for exactly: it sets
             // xattrs before the owner, and the kernel drops `security.capability` on chown
             // (the fidelity test checks it through the mount); and it leaves a chunked file's
@@ -199,14 +222,14 @@ impl Fixture {
             let diffs = differences(&ours, &theirs, "mount", "fsck.erofs --extract");
             assert!(
                 diffs.is_empty(),
-                "layer {id}: {} differences:\n{}",
+                "{image} of layer {id}: {} differences:\n{}",
                 diffs.len(),
                 diffs[..diffs.len().min(20)].join("\n")
             );
-            eprintln!("layer {id}: {n} entries extracted by fsck.erofs equal the mount");
+            eprintln!("{image} of layer {id}: {n} entries extracted by fsck.erofs equal the mount");
             fs::remove_dir_all(&extracted).expect("extraction removed");
         }
-        assert_eq!(mounts.len(), ids.len(), "{mounts:?}");
+        assert_eq!(mounts.len(), ids.len() + merged.len(), "{mounts:?}");
     }
 
     /// Waits until containerd reaches the (restarted) snapshotter again: its gRPC client
@@ -2026,39 +2049,12 @@ fn differences(
 fn fidelity(v: ContainerdVersion) {
     use hyperbox_integration::images::layer::{self, LayerEntry};
     use hyperbox_integration::images::oci;
-    use std::os::unix::fs::PermissionsExt;
     let f = Fixture::start(v);
     let work = f.snap.dir().join("fidelity");
     let tree = work.join("tree");
     extract_busybox(&tree);
     let fid = tree.join("fid");
-    sh(&format!(
-        "set -e; mkdir -p {d}/dir/sub {d}/gone-dir {d}/opaque/old {d}/sticky; cd {d}; \
-         head -c 3000000 /dev/urandom > big; : > empty; echo small > small; \
-         echo keep > opaque/old/file; echo bye > gone-file; echo bye > gone-dir/x; \
-         truncate -s 8M sparse && printf data | dd of=sparse bs=1 seek=5000000 conv=notrunc 2>/dev/null; \
-         ln big big-link; ln small dir/sub/small-link; ln -s small rel-link; \
-         ln -s /etc/passwd abs-link; ln -s {long} long-link; ln -s missing dangling; \
-         mknod chr c 1 3; mknod blk b 7 200; mkfifo fifo; \
-         echo s > suid && chmod 4755 suid; echo g > sgid && chmod 2755 sgid; chmod 1777 sticky; \
-         chown 1234:5678 small; chown 65534:65534 dir/sub; chmod 0640 small; \
-         touch -h -d '2001-02-03 04:05:06.123456789' rel-link big; \
-         touch -d '1999-12-31 23:59:59' dir",
-        d = fid.display(),
-        long = "t".repeat(300),
-    ));
-    xattr::set(
-        fid.join("suid"),
-        "security.capability",
-        &[
-            0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        ],
-    )
-    .expect("security.capability");
-    xattr::set(fid.join("small"), "user.note", b"hello").expect("user xattr");
-    xattr::set(fid.join("dir"), "user.dir", &[0u8, 1, 2, 255]).expect("user xattr");
-    xattr::set(fid.join("big"), "trusted.x", b"t").expect("trusted xattr");
-    fs::set_permissions(&fid, fs::Permissions::from_mode(0o755)).unwrap();
+    fill_fidelity_tree(&fid);
 
     let layout = work.join("layout");
     let archive = work.join("fidelity.tar");
@@ -2094,16 +2090,84 @@ fn fidelity(v: ContainerdVersion) {
     f.wait_converted(&direct);
     f.check_converted_layers(2);
 
-    // The runtime makes mount points (/proc, /dev, /sys, /run) when it starts a container,
-    // touching their parents' mtimes in the container's own upper dir: those directory times
-    // are the start time, not the image's, and are left out.
+    let trees = container_roots(&f, reference, "fid");
+    let (ours, theirs) = (&trees[0], &trees[1]);
+    let fid_entries = ours.keys().filter(|p| p.starts_with("fid")).count();
+    assert_eq!(fid_entries, 21, "entries under /fid");
+    for p in ["fid/gone-file", "fid/gone-dir", "fid/opaque/old"] {
+        assert!(!ours.contains_key(Path::new(p)), "{p} not deleted");
+    }
+    assert_eq!(ours[Path::new("fid/chr")].kind, "char");
+    assert!(ours[Path::new("fid/suid")]
+        .xattrs
+        .iter()
+        .any(|(n, _)| n == "security.capability"));
+    let diffs = differences(ours, theirs, "hyperbox", "overlayfs");
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+    eprintln!(
+        "fidelity: {} entries identical ({fid_entries} under /fid)",
+        ours.len()
+    );
+    drop(direct);
+    teardown_leaves_nothing(f);
+}
+per_version!(fidelity_vs_overlayfs, fidelity);
+
+/// Every kind of entry, under `fid` (created).
+fn fill_fidelity_tree(fid: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    sh(&format!(
+        "set -e; mkdir -p {d}/dir/sub {d}/gone-dir {d}/opaque/old {d}/sticky; cd {d}; \
+         head -c 3000000 /dev/urandom > big; : > empty; echo small > small; \
+         echo keep > opaque/old/file; echo bye > gone-file; echo bye > gone-dir/x; \
+         truncate -s 8M sparse && printf data | dd of=sparse bs=1 seek=5000000 conv=notrunc 2>/dev/null; \
+         ln big big-link; ln small dir/sub/small-link; ln -s small rel-link; \
+         ln -s /etc/passwd abs-link; ln -s {long} long-link; ln -s missing dangling; \
+         mknod chr c 1 3; mknod blk b 7 200; mkfifo fifo; \
+         echo s > suid && chmod 4755 suid; echo g > sgid && chmod 2755 sgid; chmod 1777 sticky; \
+         chown 1234:5678 small; chown 65534:65534 dir/sub; chmod 0640 small; \
+         touch -h -d '2001-02-03 04:05:06.123456789' rel-link big; \
+         touch -d '1999-12-31 23:59:59' dir",
+        d = fid.display(),
+        long = "t".repeat(300),
+    ));
+    xattr::set(
+        fid.join("suid"),
+        "security.capability",
+        &[
+            0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ],
+    )
+    .expect("security.capability");
+    xattr::set(fid.join("small"), "user.note", b"hello").expect("user xattr");
+    xattr::set(fid.join("dir"), "user.dir", &[0u8, 1, 2, 255]).expect("user xattr");
+    xattr::set(fid.join("big"), "trusted.x", b"t").expect("trusted xattr");
+    fs::set_permissions(fid, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The whole root of a container of `reference` run through hyperbox and through overlayfs
+/// (named `ID-SNAPSHOTTER`, left running), as the fidelity tests compare it.
+///
+/// The runtime makes mount points (/proc, /dev, /sys, /run) when it starts a container,
+/// touching their parents' mtimes in the container's own upper dir: those directory times
+/// are the start time, not the image's, and are left out.
+fn container_roots(
+    f: &Fixture,
+    reference: &str,
+    id: &str,
+) -> Vec<std::collections::BTreeMap<PathBuf, EntryFacts>> {
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
     let mut trees = Vec::new();
     for snapshotter in [PLUGIN, "overlayfs"] {
-        let id = format!("fid-{snapshotter}");
+        let id = format!("{id}-{snapshotter}");
         f.c()
             .ctr_run(&[
                 "run",
@@ -2133,32 +2197,184 @@ fn fidelity(v: ContainerdVersion) {
         }
         trees.push(facts);
     }
-    let (ours, theirs) = (&trees[0], &trees[1]);
-    let fid_entries = ours.keys().filter(|p| p.starts_with("fid")).count();
-    assert_eq!(fid_entries, 21, "entries under /fid");
-    for p in ["fid/gone-file", "fid/gone-dir", "fid/opaque/old"] {
-        assert!(!ours.contains_key(Path::new(p)), "{p} not deleted");
+    trees
+}
+
+/// The `lowerdir` option of the overlay mounted as the root of container `id`.
+fn rootfs_lowers(id: &str) -> Vec<String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|l| l.contains(" overlay ") && l.contains(&format!("/{id}/rootfs")))
+        .unwrap_or_else(|| panic!("no overlay root of {id}:\n{mountinfo}"));
+    line.split_once("lowerdir=")
+        .and_then(|(_, rest)| rest.split(',').next())
+        .expect("lowerdir option")
+        .split(':')
+        .map(str::to_string)
+        .collect()
+}
+
+/// Layer `i` (from 1) of the deep test images: changes, deletes, re-creates, and hides
+/// through an opaque directory; the last layer (`i == last`) also deletes a hard-linked file
+/// and replaces one with a symlink.
+fn deep_layer(i: usize, last: usize) -> Vec<hyperbox_integration::images::layer::LayerEntry> {
+    use hyperbox_integration::images::layer::LayerEntry;
+    let mut e = vec![
+        LayerEntry::dir("fid", 0o755),
+        LayerEntry::file("fid/changed", 0o644, format!("layer {i}").into_bytes())
+            .with_mtime(1_000_000 + i as u64),
+        LayerEntry::file(format!("fid/own-{i:03}"), 0o600, vec![b'x'; 3000 + i])
+            .with_owner(i as u64, 7),
+    ];
+    if i > 1 {
+        e.push(LayerEntry::whiteout(Path::new(&format!(
+            "fid/own-{:03}",
+            i - 1
+        ))));
     }
-    assert_eq!(ours[Path::new("fid/chr")].kind, "char");
-    assert!(ours[Path::new("fid/suid")]
-        .xattrs
-        .iter()
-        .any(|(n, _)| n == "security.capability"));
+    if i % 7 == 0 {
+        e.push(LayerEntry::dir("fid/opaque", 0o700).with_owner(1, 2));
+        e.push(LayerEntry::file(
+            "fid/opaque/.wh..wh..opq",
+            0o644,
+            Vec::new(),
+        ));
+    }
+    if i == 1 {
+        // Named, so that its time is the image's and not the unpack's.
+        e.push(LayerEntry::dir("fid/opaque", 0o755));
+    }
+    if i % 7 == 0 || i == 1 {
+        e.push(LayerEntry::file(
+            format!("fid/opaque/in-{i}"),
+            0o644,
+            b"boxed".to_vec(),
+        ));
+    }
+    if i % 5 == 0 {
+        e.push(LayerEntry::whiteout(Path::new("fid/dir")));
+        e.push(LayerEntry::dir("fid/dir", 0o751).with_xattr("user.layer", format!("{i}")));
+        e.push(LayerEntry::file(
+            "fid/dir/again",
+            0o644,
+            b"re-created".to_vec(),
+        ));
+    }
+    if i == last {
+        e.push(LayerEntry::whiteout(Path::new("fid/big")));
+        e.push(LayerEntry::symlink("fid/small", "big-link"));
+    }
+    e
+}
+
+/// A container of `reference` through hyperbox and through overlayfs (`ID-SNAPSHOTTER`): the
+/// roots are equal entry by entry; returns hyperbox's rootfs `lowerdir`s and the entries.
+fn compare_roots(f: &Fixture, reference: &str, id: &str) -> (Vec<String>, usize) {
+    let trees = container_roots(f, reference, id);
+    let lowers = rootfs_lowers(&format!("{id}-{PLUGIN}"));
+    let (ours, theirs) = (&trees[0], &trees[1]);
     let diffs = differences(ours, theirs, "hyperbox", "overlayfs");
     assert!(
         diffs.is_empty(),
-        "{} differences:\n{}",
+        "{id}: {} differences:\n{}",
         diffs.len(),
         diffs.join("\n")
     );
-    eprintln!(
-        "fidelity: {} entries identical ({fid_entries} under /fid)",
-        ours.len()
+    (lowers, ours.len())
+}
+
+/// Merged images: images of 10, 40 and 120 layers (busybox and every kind of entry, then
+/// layers that change, delete, re-create and hide through opaque directories) imported through
+/// hyperbox and through overlayfs. Each top layer gets one merged image; a container's root
+/// through hyperbox is an overlay of that one EROFS mount and its upper dir, and equals the
+/// root through overlayfs (over all the layers) entry by entry. An image whose top layer is
+/// below another image's (imported after it) gets its merged image once a container is made
+/// on it.
+fn fidelity_deep(v: ContainerdVersion) {
+    use hyperbox_integration::images::layer;
+    let f = Fixture::start(v);
+    let work = f.snap.dir().join("deep-fidelity");
+    let tree = work.join("tree");
+    extract_busybox(&tree);
+    fill_fidelity_tree(&tree.join("fid"));
+    let direct = f.direct();
+    let import = |name: &str, depth: usize, last: usize| {
+        let history: Vec<String> = (0..depth).map(|i| format!("layer {i}")).collect();
+        let history: Vec<&str> = history.iter().map(String::as_str).collect();
+        import_image_through(&f, &work, name, &history, &[PLUGIN, "overlayfs"], |w| {
+            let mut base = layer::scan_tree(&tree).expect("scan");
+            w.add_layer(&mut base).expect("base layer");
+            for i in 1..depth {
+                w.add_layer(&mut deep_layer(i, last)).expect("layer");
+            }
+        })
+    };
+    for depth in [10usize, 40, 120] {
+        let name = format!("layers-{depth}");
+        let reference = import(&name, depth, depth - 1);
+        f.wait_converted(&direct);
+        let (lowers, n) = compare_roots(&f, &reference, &name);
+        assert_eq!(lowers.len(), 1, "{depth} layers: {lowers:?}");
+        assert!(lowers[0].ends_with("/merged"), "{depth} layers: {lowers:?}");
+        let labels = direct.list(&["kind==committed"]).expect("list");
+        let merged: Vec<&String> = labels
+            .iter()
+            .filter_map(|i| i.labels.get(MERGED_LABEL))
+            .collect();
+        eprintln!("{depth} layers: {n} entries identical; merged: {merged:?}");
+    }
+    // Six layers, all shared with the 10-layer image: its top has a child already.
+    let reference = import("layers-6", 6, usize::MAX);
+    let (lowers, _) = compare_roots(&f, &reference, "six-a");
+    assert_eq!(
+        lowers.len(),
+        6,
+        "the first container reads the layers: {lowers:?}"
     );
+    // The container's snapshot names its parent, the six-layer image's top.
+    let out = f
+        .c()
+        .ctr_run(&[
+            "snapshots",
+            "--snapshotter",
+            PLUGIN,
+            "info",
+            &format!("six-a-{PLUGIN}"),
+        ])
+        .expect("snapshot info");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info json");
+    let top = info["Parent"].as_str().expect("a parent").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !direct
+        .list(&["kind==committed"])
+        .expect("list")
+        .iter()
+        .any(|i| i.name.ends_with(&format!("/{top}")) && i.labels.contains_key(MERGED_LABEL))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no merged image made on use of {top}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (lowers, _) = compare_roots(&f, &reference, "six-b");
+    assert_eq!(lowers.len(), 1, "{lowers:?}");
+    assert!(lowers[0].ends_with("/merged"), "{lowers:?}");
+
+    // Every layer converted once (the images share their first layers); each layer image
+    // and merged image fsck.erofs-clean and equal to its mount.
+    let committed = direct.list(&["kind==committed"]).expect("list");
+    let tops = committed
+        .iter()
+        .filter(|i| !committed.iter().any(|c| c.parent == i.name))
+        .count();
+    assert_eq!(tops, 3);
+    f.check_converted_layers(committed.len());
     drop(direct);
     teardown_leaves_nothing(f);
 }
-per_version!(fidelity_vs_overlayfs, fidelity);
+per_version!(merged_fidelity, fidelity_deep);
 
 /// Extracts the busybox test image's layers into `tree`.
 fn extract_busybox(tree: &Path) {
@@ -2189,6 +2405,18 @@ fn import_image(
     history: &[&str],
     layers: impl FnOnce(&mut hyperbox_integration::images::oci::LayoutWriter),
 ) -> String {
+    import_image_through(f, work, name, history, &[PLUGIN], layers)
+}
+
+/// [`import_image`] through each of `snapshotters`.
+fn import_image_through(
+    f: &Fixture,
+    work: &Path,
+    name: &str,
+    history: &[&str],
+    snapshotters: &[&str],
+    layers: impl FnOnce(&mut hyperbox_integration::images::oci::LayoutWriter),
+) -> String {
     use hyperbox_integration::images::oci;
     let layout = work.join(format!("{name}.layout"));
     let archive = work.join(format!("{name}.tar"));
@@ -2203,15 +2431,17 @@ fn import_image(
     let reference = format!("docker.io/hyperbox/{name}:latest");
     writer.finish(&run, "latest", &reference).expect("finish");
     oci::write_archive(&layout, &archive, epoch).expect("archive");
-    f.c()
-        .ctr_run(&[
-            "images",
-            "import",
-            "--snapshotter",
-            PLUGIN,
-            &archive.to_string_lossy(),
-        ])
-        .expect("import");
+    for snapshotter in snapshotters {
+        f.c()
+            .ctr_run(&[
+                "images",
+                "import",
+                "--snapshotter",
+                snapshotter,
+                &archive.to_string_lossy(),
+            ])
+            .unwrap_or_else(|e| panic!("import {name} through {snapshotter}: {e}"));
+    }
     reference
 }
 

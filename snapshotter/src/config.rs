@@ -82,6 +82,9 @@ pub struct Config {
     /// layers flattened (default `true`): a container's root is then one EROFS mount under
     /// its upper dir whatever the image's depth. `false` keeps an overlay of every layer.
     pub merge_layers: bool,
+    /// Layers converted at once (default 2). Each conversion takes a core while it runs,
+    /// and at most four write to the chunk store at a time (one per pack file).
+    pub conversion_workers: u32,
 }
 
 impl Default for Config {
@@ -98,6 +101,7 @@ impl Default for Config {
             max_image_bytes: hyperbox_erofs::DEFAULT_MAX_IMAGE_BYTES,
             conversion_timeout_s: 600,
             merge_layers: true,
+            conversion_workers: 2,
         }
     }
 }
@@ -165,6 +169,7 @@ impl Config {
             ("max_inodes", self.max_inodes),
             ("max_image_bytes", self.max_image_bytes),
             ("conversion_timeout_s", self.conversion_timeout_s),
+            ("conversion_workers", u64::from(self.conversion_workers)),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(option));

@@ -76,6 +76,11 @@ fn peak_rss_bytes() -> u64 {
 /// a crashed client must not stop conversions for good.
 const UNPACK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long no unpack must run before a merge starts: between two layers of one image the
+/// unpacker has committed one and not yet prepared the next, and the layer just committed
+/// is not the image's top.
+const MERGE_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 type Result<T, E = SnapshotterError> = std::result::Result<T, E>;
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotterError {
@@ -83,38 +88,63 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Snapshot
     move |source| SnapshotterError::Io { what, path, source }
 }
 
-/// Starts the worker that runs [`Job`]s; it ends when the snapshotter is dropped.
-pub(crate) fn spawn_worker(inner: Weak<Inner>, jobs: mpsc::Receiver<Job>) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("erofs-convert".to_string())
-        .spawn(move || {
-            let mut stale_unpacks = BTreeSet::new();
-            while let Ok(job) = jobs.recv() {
-                let Some(inner) = inner.upgrade() else { break };
-                match job {
-                    Job::Convert(id) => {
-                        inner.wait_for_unpacks(&mut stale_unpacks);
-                        if let Err(e) = inner.convert(id) {
-                            error!(id, "conversion to erofs: {e}");
+/// Starts `workers` threads (at least one) that run [`Job`]s from one queue; they end when
+/// the snapshotter is dropped. Different layers convert in parallel (the chunk store gives
+/// each writer a pack of its own); one layer is worked on by one thread at a time
+/// ([`crate::service::LayerLocks`]).
+pub(crate) fn spawn_workers(
+    inner: Weak<Inner>,
+    jobs: mpsc::Receiver<Job>,
+    workers: usize,
+) -> io::Result<()> {
+    let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs));
+    for n in 0..workers.max(1) {
+        let inner = inner.clone();
+        let jobs = jobs.clone();
+        std::thread::Builder::new()
+            .name(format!("erofs-convert-{n}"))
+            .spawn(move || {
+                let mut stale_unpacks = BTreeSet::new();
+                loop {
+                    let job = {
+                        let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
+                        rx.recv()
+                    };
+                    let Ok(job) = job else { break };
+                    let Some(inner) = inner.upgrade() else { break };
+                    match job {
+                        Job::Convert(id) => {
+                            inner.wait_for_unpacks(&mut stale_unpacks);
+                            if let Err(e) = inner.convert(id) {
+                                error!(id, "conversion to erofs: {e}");
+                            }
                         }
+                        Job::Merge { id, on_use } => {
+                            // An unpack commits a layer and only then prepares the next:
+                            // one quiet moment is not the end of an image's unpack.
+                            loop {
+                                inner.wait_for_unpacks(&mut stale_unpacks);
+                                std::thread::sleep(MERGE_SETTLE);
+                                if inner.unpacks().is_ok_and(|u| u.is_subset(&stale_unpacks)) {
+                                    break;
+                                }
+                            }
+                            if let Err(e) = inner.merge(id, on_use) {
+                                error!(id, "merged erofs image: {e}");
+                            }
+                        }
+                        Job::Gc => match inner.chunks.gc() {
+                            Ok(gc) if gc.chunks_reclaimed > 0 => {
+                                info!(?gc, "chunk store garbage collected")
+                            }
+                            Ok(_) => {}
+                            Err(e) => warn!("chunk store garbage collection failed: {e}"),
+                        },
                     }
-                    Job::Merge(id) => {
-                        inner.wait_for_unpacks(&mut stale_unpacks);
-                        if let Err(e) = inner.merge(id) {
-                            error!(id, "merged erofs image: {e}");
-                        }
-                    }
-                    Job::Gc => match inner.chunks.gc() {
-                        Ok(gc) if gc.chunks_reclaimed > 0 => {
-                            info!(?gc, "chunk store garbage collected")
-                        }
-                        Ok(_) => {}
-                        Err(e) => warn!("chunk store garbage collection failed: {e}"),
-                    },
                 }
-            }
-        })
-        .map(drop)
+            })?;
+    }
+    Ok(())
 }
 
 /// The mount points of this mount namespace (`/proc/self/mountinfo`, field 5, unescaped).
@@ -240,7 +270,7 @@ fn unmount_if_mounted(dir: &Path) -> Result<()> {
 impl Inner {
     /// Keys of the active snapshots containerd's unpacker is writing
     /// (`NS/N/extract-NANOS-RANDOM CHAINID`, containerd 1.6 and 1.7).
-    fn unpacks(&self) -> Result<BTreeSet<String>> {
+    pub(crate) fn unpacks(&self) -> Result<BTreeSet<String>> {
         Ok(self
             .store
             .read()?
@@ -473,48 +503,54 @@ impl Inner {
         }
         let all = self.store.read()?.all()?;
         for (key, rec) in &all {
-            if self.wants_merge(key, rec, &all) {
-                self.queue(Job::Merge(rec.id));
+            if self.wants_merge(key, rec, &all, false) {
+                self.queue(Job::Merge {
+                    id: rec.id,
+                    on_use: false,
+                });
             }
         }
         Ok(())
     }
 
     /// Whether committed layer `rec` (under `key`) should get a merged image: converted,
-    /// with a parent, none yet, not set aside, and no committed child (a layer below an
-    /// image's top is read through the top's merged image).
+    /// with a parent, none yet, not set aside, and either no committed child (a layer below
+    /// an image's top is read through the top's merged image) or `on_use` (a container was
+    /// made on it: it is some image's top).
     fn wants_merge(
         &self,
         key: &str,
         rec: &SnapshotRecord,
         all: &[(String, SnapshotRecord)],
+        on_use: bool,
     ) -> bool {
         self.options.merge
             && rec.kind == SnapshotKind::Committed
             && rec.storage.is_erofs()
             && rec.storage.merged_ns().is_none()
             && !rec.parent.is_empty()
-            && !rec
+            && rec
                 .conversion
                 .as_ref()
-                .is_some_and(|c| c.merge_set_aside.is_some())
-            && !all
-                .iter()
-                .any(|(_, r)| r.kind == SnapshotKind::Committed && r.parent == key)
+                .is_none_or(|c| c.merge_set_aside.is_none())
+            && (on_use
+                || !all
+                    .iter()
+                    .any(|(_, r)| r.kind == SnapshotKind::Committed && r.parent == key))
     }
 
     /// Writes, mounts and switches on the merged image of layer `id` if it
     /// [wants one](Self::wants_merge) and every layer below it is converted. A failure sets
     /// the merge aside (the layer stays served as an overlay of its layers' mounts).
-    pub(crate) fn merge(&self, id: u64) -> Result<()> {
-        let _guard = self.convert_lock.lock().unwrap_or_else(|p| p.into_inner());
+    pub(crate) fn merge(&self, id: u64, on_use: bool) -> Result<()> {
+        let _guard = self.layer_locks.lock(id);
         let (key, rec, inputs, layers) = {
             let txn = self.store.read()?;
             let all = txn.all()?;
             let Some((key, rec)) = all.iter().find(|(_, r)| r.id == id).cloned() else {
                 return Ok(());
             };
-            if !self.wants_merge(&key, &rec, &all) {
+            if !self.wants_merge(&key, &rec, &all, on_use) {
                 return Ok(());
             }
             let ancestors = txn.ancestors(&rec.parent)?;
@@ -668,7 +704,7 @@ impl Inner {
     /// A failure of any kind sets the layer aside, and so does a layer whose earlier tries
     /// were all cut short by the snapshotter dying ([`MAX_INTERRUPTED`] of them).
     pub(crate) fn convert(&self, id: u64) -> Result<()> {
-        let _guard = self.convert_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.layer_locks.lock(id);
         let Some((key, rec)) = self.record_of(id)? else {
             return Ok(());
         };
@@ -699,11 +735,10 @@ impl Inner {
         let started = Instant::now();
         match self.convert_once(&key, id, started) {
             Ok(()) => {
-                // An image's top layer gets its merged image next (queued, so that a
-                // layer converted right after, its child, can make it unneeded).
-                if self.options.merge {
-                    self.queue(Job::Merge(id));
-                }
+                // An image's top layer gets its merged image once it and every layer below
+                // it are converted: this one, or a top above it waiting for it (layers
+                // convert in parallel, so not always in order).
+                self.queue_pending_merges()?;
                 self.release_plain_dirs()
             }
             Err(e) => {

@@ -258,6 +258,7 @@ fn run() -> anyhow::Result<()> {
         mount_mode: config.erofs_mount_mode()?,
         limits: config.conversion_limits(),
         merge: config.merge_layers,
+        workers: config.conversion_workers as usize,
     };
     let snapshotter = HyperboxSnapshotter::open(&config.root, options)
         .with_context(|| format!("cannot open snapshotter root {}", config.root.display()))?;

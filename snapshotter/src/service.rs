@@ -137,6 +137,8 @@ pub struct LayerOptions {
     /// Give each image's top layer one merged EROFS image of all its layers (config
     /// `merge_layers`).
     pub merge: bool,
+    /// Layers converted at once (config `conversion_workers`).
+    pub workers: usize,
 }
 
 impl Default for LayerOptions {
@@ -144,6 +146,7 @@ impl Default for LayerOptions {
         LayerOptions {
             convert: true,
             merge: true,
+            workers: 1,
             mount_mode: MountMode::Auto,
             limits: ConversionLimits::default(),
         }
@@ -181,13 +184,47 @@ pub struct HyperboxSnapshotter {
     inner: Arc<Inner>,
 }
 
+/// The layers being converted, merged or removed: one of these at a time per layer.
+#[derive(Debug, Default)]
+pub(crate) struct LayerLocks {
+    busy: Mutex<BTreeSet<u64>>,
+    freed: std::sync::Condvar,
+}
+
+impl LayerLocks {
+    /// Waits until nothing works on layer `id`, then holds it until the guard is dropped.
+    pub(crate) fn lock(&self, id: u64) -> LayerLock<'_> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while busy.contains(&id) {
+            busy = self.freed.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+        busy.insert(id);
+        LayerLock { locks: self, id }
+    }
+}
+
+/// Held while one layer is worked on ([`LayerLocks::lock`]).
+pub(crate) struct LayerLock<'a> {
+    locks: &'a LayerLocks,
+    id: u64,
+}
+
+impl Drop for LayerLock<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.locks.busy.lock().unwrap_or_else(|p| p.into_inner());
+        busy.remove(&self.id);
+        self.locks.freed.notify_all();
+    }
+}
+
 /// Work for the background worker ([`crate::conversion`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Job {
     /// Convert committed layer `id` to an EROFS image.
     Convert(u64),
-    /// Write the merged image of committed layer `id`, if it is an image's top layer.
-    Merge(u64),
+    /// Write the merged image of committed layer `id`, if it is an image's top layer, or
+    /// (`on_use`) because a container or view was just made on it.
+    Merge { id: u64, on_use: bool },
     /// Reclaim pack space nothing references any more.
     Gc,
 }
@@ -200,9 +237,9 @@ pub(crate) struct Inner {
     staging_seq: AtomicU64,
     pub(crate) options: LayerOptions,
     pub(crate) chunks: ChunkStore,
-    /// Held while a layer is converted and while a committed layer is removed, so that the
-    /// two never work on one layer at once.
-    pub(crate) convert_lock: Mutex<()>,
+    /// Held per layer while it is converted or merged and while it is removed, so that no
+    /// two of these work on one layer at once (different layers convert in parallel).
+    pub(crate) layer_locks: LayerLocks,
     jobs: Mutex<mpsc::Sender<Job>>,
 }
 
@@ -226,11 +263,11 @@ impl HyperboxSnapshotter {
             staging_seq: AtomicU64::new(0),
             options,
             chunks,
-            convert_lock: Mutex::new(()),
+            layer_locks: LayerLocks::default(),
             jobs: Mutex::new(tx),
         });
         inner.recover()?;
-        crate::conversion::spawn_worker(Arc::downgrade(&inner), rx)
+        crate::conversion::spawn_workers(Arc::downgrade(&inner), rx, inner.options.workers)
             .map_err(io_err("cannot start the conversion worker for", root))?;
         inner.queue_pending_conversions()?;
         inner.queue_pending_merges()?;
@@ -311,10 +348,10 @@ fn labels_of(rec: &SnapshotRecord) -> BTreeMap<String, String> {
             labels.insert(
                 MERGED_LABEL.to_string(),
                 format!(
-                    "{} layers in one image, took {} ms, image {:.1} MiB, {} inodes, from {} images",
+                    "{} layers in one image, took {} ms, image {} KiB, {} inodes, from {} images",
                     m.layers,
                     m.millis,
-                    m.image_bytes as f64 / f64::from(1 << 20),
+                    m.image_bytes.div_ceil(1024),
                     m.inodes,
                     m.inputs
                 ),
@@ -484,6 +521,25 @@ impl Inner {
             placed = Some(dest);
             txn.commit()?;
             info!(key, id, ?kind, parent, "created snapshot");
+            // A container (or view) made on a layer without a merged image, that is not an
+            // unpack: the layer may be an image's top that has children in another image
+            // (`FROM` it, pulled first). Later ones get the merged image.
+            let unpack = key
+                .rsplit('/')
+                .next()
+                .is_some_and(|k| k.starts_with("extract-"));
+            if let Some((pid, storage)) = parents.first() {
+                if self.options.merge
+                    && !unpack
+                    && storage.is_erofs()
+                    && storage.merged_ns().is_none()
+                {
+                    self.queue(Job::Merge {
+                        id: *pid,
+                        on_use: true,
+                    });
+                }
+            }
             Ok(layer::mounts(
                 &self.layout,
                 id,
@@ -545,14 +601,15 @@ impl Inner {
     }
 
     fn remove(&self, key: &str) -> Result<()> {
-        // A committed layer may be converting: wait for that to finish (or give up) first.
+        // A committed layer may be converting or merging: wait for that to finish (or give
+        // up) first. Its id never changes (ids are not reused).
         let committed = self
             .store
             .read()?
             .get(key)?
-            .is_some_and(|r| r.kind == SnapshotKind::Committed);
-        let _converting =
-            committed.then(|| self.convert_lock.lock().unwrap_or_else(|p| p.into_inner()));
+            .filter(|r| r.kind == SnapshotKind::Committed)
+            .map(|r| r.id);
+        let _converting = committed.map(|id| self.layer_locks.lock(id));
         let mut txn = self.store.write()?;
         let rec = txn
             .get(key)?

@@ -67,6 +67,9 @@ fn build_top(root: &Path) {
     fs::write(root.join("links/only-this"), b"1").unwrap();
 }
 
+/// Fills one layer's directory.
+type Builder = Box<dyn Fn(&Path)>;
+
 struct Stack {
     _scratch: Scratch,
     dirs: Vec<PathBuf>,
@@ -189,7 +192,7 @@ fn a_hundred_and_twenty_layers_merge_into_one_image() {
     }
     // Each layer adds a file, changes a shared one, deletes the previous layer's, and
     // replaces a directory's content through an opaque dir every tenth layer.
-    let builders: Vec<Box<dyn Fn(&Path)>> = (0..120)
+    let builders: Vec<Builder> = (0..120)
         .map(|i: usize| {
             Box::new(move |root: &Path| {
                 fs::create_dir_all(root.join("shared")).unwrap();
@@ -207,7 +210,7 @@ fn a_hundred_and_twenty_layers_merge_into_one_image() {
                 }
                 fs::create_dir_all(root.join("box")).unwrap();
                 fs::write(root.join(format!("box/{i}")), b"in the box").unwrap();
-            }) as Box<dyn Fn(&Path)>
+            }) as Builder
         })
         .collect();
     let refs: Vec<&dyn Fn(&Path)> = builders.iter().map(|b| b.as_ref()).collect();
