@@ -34,7 +34,7 @@ use serde::Serialize;
 use crate::machine::Machine;
 use crate::report;
 use crate::runner::{self, describe, run_command, Plan, Timings, Variant, VariantTimes};
-use crate::snapshots::{render_timings, OVERLAYFS};
+use crate::snapshots::{render_timings, EROFS_PEER, OVERLAYFS};
 use crate::stats::rotation;
 
 /// The second hyperbox-snapshotter, without merged images.
@@ -57,6 +57,10 @@ pub struct LayersArgs {
     /// The containerd version.
     #[arg(long, default_value = "1.7")]
     containerd: ContainerdVersion,
+    /// containerd 2.x: also containerd's own EROFS snapshotter (`erofs`, its EROFS differ
+    /// running erofs-utils 1.8's `mkfs.erofs --tar=f`).
+    #[arg(long)]
+    peer_erofs: bool,
     /// Also write the report, with every sample, as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -79,6 +83,10 @@ pub struct LayersReport {
     pub find_stat: Timings,
     /// Entries find+stat visited per image.
     pub entries: Vec<(usize, usize)>,
+    /// Bytes under each snapshotter's root (`du -B1 -x`), every image imported.
+    pub disk: Vec<(String, u64)>,
+    /// With `--peer-erofs`: how containerd's EROFS snapshotter got its layers.
+    pub peer_path: Option<String>,
 }
 
 impl LayersReport {
@@ -113,6 +121,17 @@ impl LayersReport {
         s.push_str(&render_timings(&self.find_stat));
         for (depth, n) in &self.entries {
             s.push_str(&format!("{depth} layers: find+stat visits {n} entries\n"));
+        }
+        s.push_str("\ndisk under each root, every image imported (bytes; ratio to overlayfs)\n");
+        let base = self.disk.first().map_or(1, |d| d.1.max(1)) as f64;
+        for (name, bytes) in &self.disk {
+            s.push_str(&format!(
+                "{name:<18} {bytes:>12}  {:>6.3}\n",
+                *bytes as f64 / base
+            ));
+        }
+        if let Some(p) = &self.peer_path {
+            s.push_str(&format!("\ncontainerd's erofs snapshotter: {p}\n"));
         }
         s
     }
@@ -244,9 +263,12 @@ pub fn run(args: LayersArgs, command_line: String) -> anyhow::Result<()> {
     let merged = SnapshotterDaemon::start("").context("starting hyperbox-snapshotter")?;
     let layered = SnapshotterDaemon::start("merge_layers = false\n")
         .context("starting the second hyperbox-snapshotter")?;
-    let builder = Containerd::builder(args.containerd)
+    let mut builder = Containerd::builder(args.containerd)
         .with_proxy_plugin(PLUGIN, "snapshot", merged.socket())
         .with_proxy_plugin(UNMERGED, "snapshot", layered.socket());
+    if args.peer_erofs {
+        builder = builder.with_erofs_peer();
+    }
     let bed = TestBed::with_builder(builder).context("starting containerd")?;
     let c = &bed.containerd;
     let work = merged.dir().join("bench-layers");
@@ -255,13 +277,18 @@ pub fn run(args: LayersArgs, command_line: String) -> anyhow::Result<()> {
     for &depth in &args.depths {
         images.push((depth, build_image(&work, depth)?));
     }
-    let snapshotters = [OVERLAYFS, PLUGIN, UNMERGED];
+    let mut snapshotters = vec![OVERLAYFS, PLUGIN, UNMERGED];
+    if args.peer_erofs {
+        snapshotters.push(EROFS_PEER);
+    }
+    let snapshotters = snapshotters;
+    let k = snapshotters.len();
 
     // Import+unpack.
     let mut import_times = Vec::new();
     let mut ready = Vec::new();
     for (depth, _) in &images {
-        for s in snapshotters {
+        for &s in &snapshotters {
             import_times.push(VariantTimes {
                 name: format!("{depth} layers@{s}"),
                 command: format!("ctr images import --snapshotter {s} layers-{depth}.tar"),
@@ -279,7 +306,8 @@ pub fn run(args: LayersArgs, command_line: String) -> anyhow::Result<()> {
         for (_, (_, reference)) in &images {
             remove_image(c, reference)?;
         }
-        wait_ready(&merged, 0, 0)
+        wait_ready(&merged, 0, 0)?;
+        wait_ready(&layered, 0, 0)
     };
     for round in 0..args.import_rounds {
         for (ii, (depth, (archive, _))) in images.iter().enumerate() {
@@ -292,7 +320,7 @@ pub fn run(args: LayersArgs, command_line: String) -> anyhow::Result<()> {
                 let shown = describe(&cmd);
                 let start = Instant::now();
                 run_command(&mut cmd, &shown)?;
-                import_times[ii * 3 + si]
+                import_times[ii * k + si]
                     .samples_ms
                     .push(start.elapsed().as_secs_f64() * 1e3);
                 if s == PLUGIN {
@@ -314,14 +342,14 @@ pub fn run(args: LayersArgs, command_line: String) -> anyhow::Result<()> {
     };
     runner::rebase(
         &mut import,
-        &(0..n).map(|i| i / 3 * 3).collect::<Vec<_>>(),
+        &(0..n).map(|i| i / k * k).collect::<Vec<_>>(),
         "overlayfs, same image",
     );
 
     // Every image imported through all three, converted and merged.
     remove_all()?;
     for (_, (archive, _)) in &images {
-        for s in snapshotters {
+        for &s in &snapshotters {
             let mut cmd = c.ctr();
             cmd.args(["images", "import", "--snapshotter", s])
                 .arg(archive);
@@ -332,12 +360,23 @@ pub fn run(args: LayersArgs, command_line: String) -> anyhow::Result<()> {
     let all_layers = 1 + images.iter().map(|(d, _)| d - 1).sum::<usize>();
     wait_ready(&merged, all_layers, images.len())?;
     wait_ready(&layered, all_layers, 0)?;
+    let roots = snapshotters.iter().map(|&s| match s {
+        PLUGIN => merged.root(),
+        UNMERGED => layered.root(),
+        other => c
+            .dir()
+            .join(format!("root/io.containerd.snapshotter.v1.{other}")),
+    });
+    let mut disk = Vec::new();
+    for (&s, root) in snapshotters.iter().zip(roots) {
+        disk.push((s.to_string(), crate::snapshots::du(&root)?));
+    }
 
     let fifo = c.dir().join("fifo");
     let timed = |script: Option<&'static str>| -> anyhow::Result<Timings> {
         let mut variants = Vec::new();
         for (depth, (_, reference)) in &images {
-            for s in snapshotters {
+            for &s in &snapshotters {
                 let reference = reference.clone();
                 let fifo = fifo.clone();
                 let what = script.unwrap_or("true");
@@ -370,7 +409,7 @@ pub fn run(args: LayersArgs, command_line: String) -> anyhow::Result<()> {
         let n = t.variants.len();
         runner::rebase(
             &mut t,
-            &(0..n).map(|i| i / 3 * 3).collect::<Vec<_>>(),
+            &(0..n).map(|i| i / k * k).collect::<Vec<_>>(),
             "overlayfs, same image",
         );
         Ok(t)
@@ -408,6 +447,12 @@ pub fn run(args: LayersArgs, command_line: String) -> anyhow::Result<()> {
         run: run_timings,
         find_stat,
         entries,
+        disk,
+        peer_path: if args.peer_erofs {
+            Some(crate::snapshots::peer_erofs_path(c)?)
+        } else {
+            None
+        },
     };
     print!("{}", report.render());
     if let Some(path) = &args.json {

@@ -56,6 +56,14 @@ pub struct SnapshotterArgs {
     /// Test images, comma-separated: busybox, debian, debian-python.
     #[arg(long, value_delimiter = ',', default_value = "busybox,debian-python")]
     images: Vec<String>,
+    /// containerd 2.x: also containerd's own EROFS snapshotter (`erofs`, its EROFS differ
+    /// running erofs-utils 1.8's `mkfs.erofs --tar=f`), in the same runs.
+    #[arg(long)]
+    peer_erofs: bool,
+    /// Time to start this many containers of each image at once (`ctr run -d`, all
+    /// running), per snapshotter; 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    parallel: usize,
     /// MiB of random data committed as one layer for the chunk+hash figure.
     #[arg(long, default_value_t = 512)]
     commit_mib: u64,
@@ -95,7 +103,11 @@ pub struct SnapshotterReport {
     pub converted: Vec<VariantTimes>,
     /// `ctr run --rm ... true`, ms; ratios to overlayfs for the same image.
     pub run: Timings,
+    /// N containers of one image started at once, until all run, ms.
+    pub parallel: Vec<VariantTimes>,
     pub disk: Vec<DiskRow>,
+    /// With `--peer-erofs`: how containerd's EROFS snapshotter got its layers.
+    pub peer_path: Option<String>,
     pub throughput: Throughput,
 }
 
@@ -123,8 +135,19 @@ impl SnapshotterReport {
             self.run.rounds, self.run.warmup
         ));
         s.push_str(&render_timings(&self.run));
+        if !self.parallel.is_empty() {
+            s.push_str("\ncontainers of one image started at once, until every `ctr run -d` returned (ms)\n");
+            for v in &self.parallel {
+                if let Some(m) = Summary::of(&v.samples_ms) {
+                    s.push_str(&format!(
+                        "{:<36}  {:>4}  median {:>8.1}  min {:>8.1}  max {:>8.1}\n",
+                        v.name, m.runs, m.median, m.min, m.max
+                    ));
+                }
+            }
+        }
         s.push_str(&format!(
-            "\ndisk under each root, images {} pulled through both\n",
+            "\ndisk under each root, images {} pulled through each\n",
             self.images.join(", ")
         ));
         for d in &self.disk {
@@ -132,6 +155,9 @@ impl SnapshotterReport {
                 "{:<10}  {:>12} B  {:>6.3}\n",
                 d.snapshotter, d.bytes, d.ratio_to_overlayfs
             ));
+        }
+        if let Some(p) = &self.peer_path {
+            s.push_str(&format!("\ncontainerd's erofs snapshotter: {p}\n"));
         }
         let t = &self.throughput;
         s.push_str(&format!(
@@ -190,8 +216,11 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
     tracing::info!(?throughput, "chunk+hash measured");
 
     let snap = SnapshotterDaemon::start("").context("starting hyperbox-snapshotter")?;
-    let builder =
+    let mut builder =
         Containerd::builder(args.containerd).with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
+    if args.peer_erofs {
+        builder = builder.with_erofs_peer();
+    }
     let bed = TestBed::with_builder(builder).context("starting containerd and the registry")?;
     let c = &bed.containerd;
     let mut pushed = Vec::new();
@@ -221,11 +250,16 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
     };
 
     // Pull+unpack.
-    let snapshotters = [OVERLAYFS, PLUGIN];
+    let mut snapshotters = vec![OVERLAYFS, PLUGIN];
+    if args.peer_erofs {
+        snapshotters.push(EROFS_PEER);
+    }
+    let snapshotters = snapshotters;
+    let k = snapshotters.len();
     let mut pull_times: Vec<VariantTimes> = Vec::new();
     let mut converted: Vec<VariantTimes> = Vec::new();
     for p in &pushed {
-        for s in snapshotters {
+        for &s in &snapshotters {
             pull_times.push(VariantTimes {
                 name: format!("{}@{s}", p.name),
                 command: format!(
@@ -260,7 +294,7 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
                 let start = Instant::now();
                 run_command(&mut cmd, &shown)?;
                 let pulled = start.elapsed();
-                pull_times[pi * 2 + si]
+                pull_times[pi * k + si]
                     .samples_ms
                     .push(pulled.as_secs_f64() * 1e3);
                 if s == PLUGIN {
@@ -273,12 +307,12 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
         }
         tracing::info!("pull round {}/{} done", round + 1, args.pull_rounds);
     }
-    let pull = per_image_timings(pull_times, args.pull_rounds, 0);
+    let pull = per_image_timings(pull_times, args.pull_rounds, 0, k);
 
     // ctr run --rm, every image pulled through both.
     remove_all()?;
     for p in &pushed {
-        for s in snapshotters {
+        for &s in &snapshotters {
             c.ctr_run(&[
                 "images",
                 "pull",
@@ -294,7 +328,7 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
     let fifo = c.dir().join("fifo");
     let mut variants = Vec::new();
     for p in &pushed {
-        for s in snapshotters {
+        for &s in &snapshotters {
             let reference = p.reference.clone();
             let fifo = fifo.clone();
             let description = format!("ctr run --rm --snapshotter {s} {reference} id-{{n}} true");
@@ -322,14 +356,27 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
     };
     let mut run_timings = runner::run(&mut variants, &plan)?;
     drop(variants);
-    let baselines: Vec<usize> = (0..run_timings.variants.len()).map(|i| i / 2 * 2).collect();
+    let baselines: Vec<usize> = (0..run_timings.variants.len()).map(|i| i / k * k).collect();
     runner::rebase(&mut run_timings, &baselines, "overlayfs, same image");
+
+    // N containers of each image started at once.
+    let parallel = if args.parallel > 0 {
+        parallel_starts(
+            c,
+            &pushed,
+            &snapshotters,
+            args.parallel,
+            args.run_rounds.min(5),
+        )?
+    } else {
+        Vec::new()
+    };
 
     // Disk.
     let overlay_root = c.dir().join("root/io.containerd.snapshotter.v1.overlayfs");
     let overlay = du(&overlay_root)?;
     let hyperbox = du(&snap.root())?;
-    let disk = vec![
+    let mut disk = vec![
         DiskRow {
             snapshotter: OVERLAYFS.into(),
             bytes: overlay,
@@ -341,6 +388,19 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
             ratio_to_overlayfs: hyperbox as f64 / overlay as f64,
         },
     ];
+    if args.peer_erofs {
+        let peer = du(&c.dir().join("root/io.containerd.snapshotter.v1.erofs"))?;
+        disk.push(DiskRow {
+            snapshotter: EROFS_PEER.into(),
+            bytes: peer,
+            ratio_to_overlayfs: peer as f64 / overlay as f64,
+        });
+    }
+    let peer_path = if args.peer_erofs {
+        Some(peer_erofs_path(c)?)
+    } else {
+        None
+    };
     machine.finish();
     let report = SnapshotterReport {
         benchmark: "snapshotter".into(),
@@ -350,7 +410,9 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
         pull,
         converted,
         run: run_timings,
+        parallel,
         disk,
+        peer_path,
         throughput,
     };
     print!("{}", report.render());
@@ -363,7 +425,7 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
 }
 
 /// Timings of (image, overlayfs), (image, hyperbox) pairs, each ratio to its pair's first.
-fn per_image_timings(times: Vec<VariantTimes>, rounds: usize, warmup: usize) -> Timings {
+fn per_image_timings(times: Vec<VariantTimes>, rounds: usize, warmup: usize, k: usize) -> Timings {
     let n = times.len();
     let mut t = Timings {
         rounds,
@@ -371,9 +433,130 @@ fn per_image_timings(times: Vec<VariantTimes>, rounds: usize, warmup: usize) -> 
         baseline: String::new(),
         variants: runner::summarize(times, 0),
     };
-    let baselines: Vec<usize> = (0..n).map(|i| i / 2 * 2).collect();
+    let baselines: Vec<usize> = (0..n).map(|i| i / k * k).collect();
     runner::rebase(&mut t, &baselines, "overlayfs, same image");
     t
+}
+
+/// containerd's own EROFS snapshotter.
+pub const EROFS_PEER: &str = "erofs";
+
+/// How containerd's EROFS snapshotter got its layers: its differ (`mkfs.erofs --tar=f`) or
+/// the walking differ and a conversion of the directory at Commit, from the log of the
+/// `mkfs.erofs` wrapper on the daemon's `PATH` and `ctr plugins ls`.
+pub fn peer_erofs_path(c: &Containerd) -> anyhow::Result<String> {
+    let out = c.ctr_run(&["plugins", "ls"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let differ = text
+        .lines()
+        .find(|l| l.contains("io.containerd.differ.v1") && l.contains("erofs"))
+        .map(|l| l.split_whitespace().last().unwrap_or("?").to_string())
+        .unwrap_or_else(|| "absent".into());
+    let log = fs::read_to_string(
+        c.dir()
+            .join(hyperbox_integration::containerd::MKFS_EROFS_LOG),
+    )
+    .unwrap_or_default();
+    let tar = log.lines().filter(|l| l.contains("--tar=f")).count();
+    let dirs = log.lines().count() - tar;
+    let mkfs = Command::new(hyperbox_integration::host::mkfs_erofs_peer())
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    Ok(format!(
+        "EROFS differ {differ}, {mkfs}: {tar} layers unpacked by `mkfs.erofs --tar=f`, {dirs} \
+         converted from a directory"
+    ))
+}
+
+/// `n` containers of each image started at once through each snapshotter (`ctr run -d`,
+/// `sleep`), timed until the last `ctr run -d` returns (the task is started then); then
+/// all removed. `rounds` rounds, snapshotters rotated.
+fn parallel_starts(
+    c: &Containerd,
+    pushed: &[Pushed],
+    snapshotters: &[&str],
+    n: usize,
+    rounds: usize,
+) -> anyhow::Result<Vec<VariantTimes>> {
+    let mut out = Vec::new();
+    for p in pushed {
+        for &s in snapshotters {
+            out.push(VariantTimes {
+                name: format!("{}@{s} x{n}", p.name),
+                command: format!(
+                    "{n} x ctr run -d --snapshotter {s} {} ID sleep 600",
+                    p.reference
+                ),
+                samples_ms: Vec::new(),
+            });
+        }
+    }
+    let k = snapshotters.len();
+    for round in 0..rounds {
+        for (pi, p) in pushed.iter().enumerate() {
+            for si in rotation(k, round + pi) {
+                let s = snapshotters[si];
+                let start = Instant::now();
+                let children: Vec<_> = (0..n)
+                    .map(|i| {
+                        let mut cmd = c.ctr();
+                        cmd.args([
+                            "run",
+                            "-d",
+                            "--null-io",
+                            "--snapshotter",
+                            s,
+                            &p.reference,
+                            &format!("par-{i}"),
+                            "sleep",
+                            "600",
+                        ]);
+                        cmd.stdout(std::process::Stdio::null());
+                        cmd.spawn()
+                    })
+                    .collect::<Result<_, _>>()?;
+                let mut failed = 0;
+                for mut ch in children {
+                    if !ch.wait()?.success() {
+                        failed += 1;
+                    }
+                }
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                for i in 0..n {
+                    let id = format!("par-{i}");
+                    let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", &id]);
+                }
+                for i in 0..n {
+                    let id = format!("par-{i}");
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while c.ctr_run(&["tasks", "delete", &id]).is_err()
+                        && c.ctr_run(&["tasks", "ls", "-q"]).is_ok_and(|o| {
+                            String::from_utf8_lossy(&o.stdout).lines().any(|l| l == id)
+                        })
+                    {
+                        if Instant::now() > deadline {
+                            bail!("task {id} not deleted");
+                        }
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                    let _ = c.ctr_run(&["containers", "rm", &id]);
+                }
+                if failed > 0 {
+                    bail!("{failed} of {n} `ctr run -d` through {s} failed");
+                }
+                out[pi * k + si].samples_ms.push(ms);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Distinct layers of `images` (debian-python shares debian's).
@@ -414,7 +597,8 @@ fn wait_no_layers(snap: &SnapshotterDaemon) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn du(path: &Path) -> anyhow::Result<u64> {
+/// Bytes under `path` as `du -s -B1 -x` counts them.
+pub fn du(path: &Path) -> anyhow::Result<u64> {
     let out = Command::new("du")
         .args(["-s", "-B1", "-x"])
         .arg(path)

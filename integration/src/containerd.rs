@@ -223,6 +223,16 @@ pub struct ContainerdBuilder {
     log_level: String,
     cri: Option<CriOptions>,
     imports: Vec<PathBuf>,
+    erofs_peer: bool,
+}
+
+/// With [`ContainerdBuilder::with_erofs_peer`]: the file in the daemon's directory where
+/// every `mkfs.erofs` run's arguments are logged, one line each.
+pub const MKFS_EROFS_LOG: &str = "mkfs-erofs.log";
+
+/// `p` quoted for `sh`.
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
 }
 
 /// The containerd namespace of the CRI plugin's pods and containers.
@@ -258,7 +268,17 @@ impl ContainerdBuilder {
             log_level: "info".into(),
             cri: None,
             imports: Vec::new(),
+            erofs_peer: false,
         }
+    }
+
+    /// containerd 2.x only: enables its own EROFS snapshotter (`erofs`) and EROFS differ,
+    /// which unpacks into it (`mkfs.erofs --tar=f`), with erofs-utils 1.8's `mkfs.erofs`
+    /// ([`host::mkfs_erofs_peer`]) first on the daemon's `PATH`: the peer the snapshotter
+    /// benchmark measures hyperbox against.
+    pub fn with_erofs_peer(mut self) -> Self {
+        self.erofs_peer = true;
+        self
     }
 
     /// Enables the CRI plugin (disabled by default) with `options`. Its pods and containers
@@ -345,6 +365,31 @@ impl ContainerdBuilder {
                 }
             }
         }
+        if self.erofs_peer {
+            if !version.is_2x() {
+                return Err(ContainerdError::UnknownVersion(format!(
+                    "containerd {version:?} has no EROFS snapshotter (2.1 has)"
+                )));
+            }
+            let mkfs = host::mkfs_erofs_peer();
+            if !mkfs.exists() {
+                return Err(ContainerdError::UnknownVersion(format!(
+                    "{} is missing: scripts/setup-host builds it",
+                    mkfs.display()
+                )));
+            }
+            // A wrapper that logs each run's arguments, so a benchmark can tell which path
+            // containerd took: its differ (`--tar=f`) or a conversion of a directory.
+            let wrapper = bin.join("mkfs.erofs");
+            let script = format!(
+                "#!/bin/sh\necho \"$*\" >> {}\nexec {} \"$@\"\n",
+                shell_quote(&dir.join(MKFS_EROFS_LOG)),
+                shell_quote(&mkfs)
+            );
+            fs::write(&wrapper, script).map_err(io_err("cannot write", &wrapper))?;
+            fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))
+                .map_err(io_err("cannot chmod", &wrapper))?;
+        }
         let mut runtimes = Vec::new();
         for shim in &shims {
             let name = shim_binary_name(&shim.runtime).ok_or_else(|| {
@@ -427,7 +472,7 @@ impl ContainerdBuilder {
             .filter(|p| p.kind == "snapshot")
             .map(|p| p.name.as_str())
             .collect();
-        if self.version.is_2x() && !snapshotters.is_empty() {
+        if self.version.is_2x() && (!snapshotters.is_empty() || self.erofs_peer) {
             let platform = format!("linux/{}", go_arch());
             for name in std::iter::once("overlayfs").chain(snapshotters) {
                 s.push_str(&format!(
@@ -435,6 +480,16 @@ impl ContainerdBuilder {
                      platform = {}\n  snapshotter = {}\n  differ = \"walking\"\n\n",
                     toml_string(&platform),
                     toml_string(name)
+                ));
+            }
+            if self.erofs_peer {
+                // As containerd's docs/snapshotters/erofs.md advises for erofs-utils 1.8.2+.
+                s.push_str(&format!(
+                    "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  \
+                     platform = {}\n  snapshotter = \"erofs\"\n  differ = \"erofs\"\n\n\
+                     [plugins.\"io.containerd.differ.v1.erofs\"]\n  \
+                     mkfs_options = [\"-T0\", \"--mkfs-time\", \"--sort=none\"]\n\n",
+                    toml_string(&platform),
                 ));
             }
         }

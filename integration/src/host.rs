@@ -46,6 +46,12 @@ pub fn fsck_erofs() -> PathBuf {
     prefix().join("erofs-utils-1.8/usr/bin/fsck.erofs")
 }
 
+/// erofs-utils 1.8's `mkfs.erofs`, built from Debian 13's source by `scripts/setup-host`:
+/// what containerd 2.1's own EROFS differ runs in the side-by-side benchmark.
+pub fn mkfs_erofs_peer() -> PathBuf {
+    prefix().join("erofs-utils-1.8-built/bin/mkfs.erofs")
+}
+
 /// A file of the repository's `config/` directory.
 pub fn config_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -60,9 +60,24 @@ impl Fixture {
     }
 
     /// The snapshotter with `extra_config` lines added to its config file.
+    /// [`Fixture::start`], and on containerd 2.x also containerd's own EROFS snapshotter
+    /// (`erofs`, its EROFS differ running erofs-utils 1.8's `mkfs.erofs --tar=f`): the peer
+    /// the disk figures are compared with.
+    fn start_with_peer(v: ContainerdVersion) -> Fixture {
+        Self::start_inner(v, "", v.is_2x())
+    }
+
     fn start_with(v: ContainerdVersion, extra_config: &str) -> Fixture {
+        Self::start_inner(v, extra_config, false)
+    }
+
+    fn start_inner(v: ContainerdVersion, extra_config: &str, peer: bool) -> Fixture {
         let snap = SnapshotterDaemon::start(extra_config).expect("snapshotter started");
-        let builder = Containerd::builder(v).with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
+        let mut builder =
+            Containerd::builder(v).with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
+        if peer {
+            builder = builder.with_erofs_peer();
+        }
         let bed = TestBed::with_builder(builder).expect("test bed");
         let merges = !extra_config.contains("merge_layers = false")
             && !extra_config.contains("convert = false");
@@ -1647,7 +1662,8 @@ fn sh(script: &str) {
 /// holds less than the base tree plus what each variant adds, plus images and metadata),
 /// and the whole takes well below overlayfs's disk.
 fn dedup_set(v: ContainerdVersion) {
-    let f = Fixture::start(v);
+    let f = Fixture::start_with_peer(v);
+    let peer = v.is_2x();
     let debian = TestBed::build(TestImage::Debian).expect("debian built");
     assert_eq!(debian.layer_digests.len(), 1, "debian is one layer");
     let work = f.snap.dir().join("dedup");
@@ -1701,6 +1717,12 @@ fn dedup_set(v: ContainerdVersion) {
         .join("root/io.containerd.snapshotter.v1.overlayfs");
     let overlay_before = du(&overlay_root, &["-B1", "-x"]);
     let hyperbox_before = root_disk(&f);
+    let peer_root = f.c().dir().join("root/io.containerd.snapshotter.v1.erofs");
+    let peer_before = if peer {
+        du(&peer_root, &["-B1", "-x"])
+    } else {
+        0
+    };
     // One variant at a time, its archive deleted once imported: the host's disk is shared.
     let import = |tree: &Path, name: &str| {
         let archive = flat_image_archive(tree, &work, name);
@@ -1711,6 +1733,11 @@ fn dedup_set(v: ContainerdVersion) {
         f.c()
             .ctr_run(&["images", "import", "--snapshotter", "overlayfs", &a])
             .expect("import through overlayfs");
+        if peer {
+            f.c()
+                .ctr_run(&["images", "import", "--snapshotter", "erofs", &a])
+                .expect("import through containerd's erofs");
+        }
         fs::remove_file(&archive).unwrap();
         fs::remove_dir_all(work.join(format!("{name}.layout"))).unwrap();
     };
@@ -1757,6 +1784,18 @@ fn dedup_set(v: ContainerdVersion) {
         "hyperbox {hyperbox} B vs base {base_bytes} B + added {added} B"
     );
     assert!(ratio < 0.45, "dedup ratio {ratio:.3}");
+    if peer {
+        // containerd 2.1's own EROFS snapshotter keeps each image's layer whole.
+        let theirs = du(&peer_root, &["-B1", "-x"]) - peer_before;
+        let to_peer = hyperbox as f64 / theirs as f64;
+        eprintln!(
+            "dedup set: containerd's erofs {theirs} B; hyperbox = {to_peer:.3} of it (goal 0.5)"
+        );
+        assert!(
+            to_peer <= 0.5,
+            "hyperbox {to_peer:.3} of containerd's erofs"
+        );
+    }
     f.run_check(
         "docker.io/hyperbox/dedup-config:latest",
         "dd",
@@ -1814,7 +1853,8 @@ fn image_on_debian(debian: &images::BuiltImage, tree: &Path, work: &Path, name: 
 /// distinct layer (the base is shared by all four images), and hyperbox's root, with every
 /// layer converted to EROFS, takes no more disk than overlayfs's.
 fn multi_layer_set(v: ContainerdVersion) {
-    let f = Fixture::start(v);
+    let f = Fixture::start_with_peer(v);
+    let peer = v.is_2x();
     let debian = TestBed::build(TestImage::Debian).expect("debian built");
     let python = TestBed::build(TestImage::DebianPython).expect("debian-python built");
     assert_eq!(python.layer_digests[0], debian.layer_digests[0]);
@@ -1853,9 +1893,20 @@ fn multi_layer_set(v: ContainerdVersion) {
         .join("root/io.containerd.snapshotter.v1.overlayfs");
     let overlay_before = du(&overlay_root, &["-B1", "-x"]);
     let hyperbox_before = root_disk(&f);
+    let peer_root = f.c().dir().join("root/io.containerd.snapshotter.v1.erofs");
+    let peer_before = if peer {
+        du(&peer_root, &["-B1", "-x"])
+    } else {
+        0
+    };
+    let snapshotters: &[&str] = if peer {
+        &[PLUGIN, "overlayfs", "erofs"]
+    } else {
+        &[PLUGIN, "overlayfs"]
+    };
     for archive in &archives {
         let a = archive.to_string_lossy();
-        for snapshotter in [PLUGIN, "overlayfs"] {
+        for &snapshotter in snapshotters {
             f.c()
                 .ctr_run(&["images", "import", "--snapshotter", snapshotter, &a])
                 .unwrap_or_else(|e| panic!("import {a} through {snapshotter}: {e}"));
@@ -1880,6 +1931,13 @@ fn multi_layer_set(v: ContainerdVersion) {
     let hyperbox = root_disk(&f) - hyperbox_before;
     let ratio = hyperbox as f64 / overlay as f64;
     eprintln!("multi-layer set: overlayfs {overlay} B, hyperbox {hyperbox} B = {ratio:.3}");
+    if peer {
+        let theirs = du(&peer_root, &["-B1", "-x"]) - peer_before;
+        eprintln!(
+            "multi-layer set: containerd's erofs {theirs} B; hyperbox = {:.3} of it",
+            hyperbox as f64 / theirs as f64
+        );
+    }
     assert!(
         hyperbox <= overlay,
         "hyperbox {hyperbox} B is more than overlayfs {overlay} B"

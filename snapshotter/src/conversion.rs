@@ -9,7 +9,8 @@
 //!                                 switch can still name it
 //! ```
 //!
-//! One worker thread converts layers one at a time: the image and its chunks
+//! Worker threads (`conversion_workers`) convert layers, one thread per layer at a time
+//! (a per-layer lock, also held by Remove): the image and its chunks
 //! ([`hyperbox_erofs::commit_layer`], crash-safe on its own), the kernel mount, then one
 //! transaction switching the record to [`LayerStorage::Erofs`]. Until that transaction commits
 //! the layer is served from `fs`, so a `kill -9` anywhere leaves either the plain layer

@@ -472,19 +472,32 @@ impl Inner {
                 return Err(SnapshotterError::AlreadyExists(key));
             }
         }
-        let parent_top = if parent.is_empty() {
-            None
-        } else {
+        let parent_top = || -> Result<Option<PathBuf>> {
+            if parent.is_empty() {
+                return Ok(None);
+            }
             let txn = self.store.read()?;
             let p = txn
                 .get(&parent)?
                 .ok_or_else(|| SnapshotterError::ParentNotFound(parent.clone()))?;
-            Some(p.storage.lower_dir(&self.layout, p.id, u64::MAX))
+            Ok(Some(p.storage.lower_dir(&self.layout, p.id, u64::MAX)))
         };
         let staging = self.staging_path();
-        if let Err(e) = layer::make_snapshot_dirs(&staging, kind, parent_top.as_deref()) {
-            let _ = remove_tree(&staging);
-            return Err(io_err("cannot create snapshot directories in", &staging)(e));
+        // The parent's plain dir may be released (its conversion just switched it to EROFS)
+        // between reading its record and reading the dir's owner: read the record again.
+        let mut tries = 0;
+        loop {
+            let top = parent_top()?;
+            match layer::make_snapshot_dirs(&staging, kind, top.as_deref()) {
+                Ok(()) => break,
+                Err(e) => {
+                    let _ = remove_tree(&staging);
+                    tries += 1;
+                    if e.kind() != io::ErrorKind::NotFound || top.is_none() || tries == 3 {
+                        return Err(io_err("cannot create snapshot directories in", &staging)(e));
+                    }
+                }
+            }
         }
         let mut placed: Option<PathBuf> = None;
         let result = (|| {
