@@ -34,7 +34,7 @@ use serde::Serialize;
 use crate::machine::Machine;
 use crate::report;
 use crate::runner::{self, describe, run_command, Plan, Timings, Variant, VariantTimes};
-use crate::snapshots::{render_timings, EROFS_PEER, OVERLAYFS};
+use crate::snapshots::{render_medians, render_timings, EROFS_PEER, OVERLAYFS};
 use crate::stats::rotation;
 
 /// The second hyperbox-snapshotter, without merged images.
@@ -99,14 +99,7 @@ impl LayersReport {
         ));
         s.push_str(&render_timings(&self.import));
         s.push_str("\nhyperbox, import start until every layer is EROFS and the merged image is mounted (ms)\n");
-        for r in &self.ready {
-            if let Some(m) = crate::stats::Summary::of(&r.samples_ms) {
-                s.push_str(&format!(
-                    "{:<28}  {:>4}  median {:>8.1}  p95 {:>8.1}\n",
-                    r.name, m.runs, m.median, m.p95
-                ));
-            }
-        }
+        s.push_str(&render_medians(&self.ready));
         s.push_str(&format!(
             "\nctr run --rm IMAGE true ({} rounds after {} warm-up, rotated; ms; ratio to overlayfs \
              for the same image)\n",
@@ -146,19 +139,7 @@ fn build_image(work: &Path, depth: usize) -> anyhow::Result<(PathBuf, String)> {
     let _ = fs::remove_dir_all(&layout);
     let epoch = 1_700_000_000;
     let mut w = oci::LayoutWriter::create(&layout, epoch)?;
-    for (digest, diff_id) in debian.layer_digests.iter().zip(&debian.diff_ids) {
-        let size = fs::metadata(debian.blob_path(digest))?.len();
-        let base = oci::Layer {
-            descriptor: oci::Descriptor {
-                media_type: oci::MEDIA_TYPE_LAYER_GZIP.to_string(),
-                digest: digest.clone(),
-                size,
-                annotations: Default::default(),
-            },
-            diff_id: diff_id.clone(),
-        };
-        w.add_existing_layer(&debian.layout_dir, &base)?;
-    }
+    debian.add_layers_to(&mut w)?;
     for i in 1..depth {
         let mut e = vec![
             LayerEntry::dir("etc", 0o755),

@@ -121,14 +121,7 @@ impl SnapshotterReport {
         ));
         s.push_str(&render_timings(&self.pull));
         s.push_str("\nhyperbox, pull start until every layer is EROFS (ms)\n");
-        for c in &self.converted {
-            if let Some(m) = Summary::of(&c.samples_ms) {
-                s.push_str(&format!(
-                    "{:<28}  {:>4}  median {:>8.1}  p95 {:>8.1}\n",
-                    c.name, m.runs, m.median, m.p95
-                ));
-            }
-        }
+        s.push_str(&render_medians(&self.converted));
         s.push_str(&format!(
             "\nctr run --rm IMAGE true ({} rounds after {} warm-up, rotated; ms; ratio to \
              overlayfs for the same image)\n",
@@ -167,6 +160,20 @@ impl SnapshotterReport {
         ));
         s
     }
+}
+
+/// One line per variant: runs, median and p95 of its samples (ms).
+pub fn render_medians(times: &[VariantTimes]) -> String {
+    let mut s = String::new();
+    for c in times {
+        if let Some(m) = Summary::of(&c.samples_ms) {
+            s.push_str(&format!(
+                "{:<28}  {:>4}  median {:>8.1}  p95 {:>8.1}\n",
+                c.name, m.runs, m.median, m.p95
+            ));
+        }
+    }
+    s
 }
 
 /// A table of timings: one line per variant, its ratio last.

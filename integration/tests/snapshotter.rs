@@ -6,7 +6,9 @@
 //! become EROFS images over the chunk store (`erofs_*`): containers run from them (file-backed
 //! and loop mounts), a root built from every kind of entry equals overlayfs's (`fidelity`),
 //! five flattened Debian images share their data (`dedup`), four images sharing a base layer
-//! take no more disk than under overlayfs (`multi_layer`), and `kill -9` during conversions
+//! take no more disk than under overlayfs (`multi_layer`; on 2.1 both also measured against
+//! containerd's own EROFS snapshotter), images of 10, 40 and 120 layers run from one merged
+//! EROFS image each and equal overlayfs (`merged_fidelity`), and `kill -9` during conversions
 //! loses nothing.
 //!
 //! The snapshotter runs in a sandbox of its own (root, socket and log inside it), so the
@@ -1814,23 +1816,7 @@ fn image_on_debian(debian: &images::BuiltImage, tree: &Path, work: &Path, name: 
     let archive = work.join(format!("{name}.tar"));
     let epoch = 1_700_000_000;
     let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
-    for (digest, diff_id) in debian.layer_digests.iter().zip(&debian.diff_ids) {
-        let size = fs::metadata(debian.blob_path(digest))
-            .expect("base blob")
-            .len();
-        let base = oci::Layer {
-            descriptor: oci::Descriptor {
-                media_type: oci::MEDIA_TYPE_LAYER_GZIP.to_string(),
-                digest: digest.clone(),
-                size,
-                annotations: Default::default(),
-            },
-            diff_id: diff_id.clone(),
-        };
-        writer
-            .add_existing_layer(&debian.layout_dir, &base)
-            .expect("base layer");
-    }
+    debian.add_layers_to(&mut writer).expect("base layer");
     let mut entries = layer::scan_tree(tree).expect("scan tree");
     writer.add_layer(&mut entries).expect("layer written");
     let run = oci::RunConfig {

@@ -251,6 +251,25 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Removes `image`, its `.tmp` (a write cut short) and the (unmounted) mount point `mount`,
+/// whichever exist.
+fn remove_image_files(image: &Path, mount: &Path) -> Result<()> {
+    let mut tmp = image.as_os_str().to_owned();
+    tmp.push(".tmp");
+    for f in [image, Path::new(&tmp)] {
+        match fs::remove_file(f) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("cannot remove", f)(e))
+            }
+            _ => {}
+        }
+    }
+    match fs::remove_dir(mount) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("cannot remove", mount)(e)),
+        _ => Ok(()),
+    }
+}
+
 /// Unmounts `dir` if it is a mount point; lazily when it is busy.
 fn unmount_if_mounted(dir: &Path) -> Result<()> {
     let mounted =
@@ -354,22 +373,7 @@ impl Inner {
             info!(id, "released the layer's chunks");
         }
         let image = self.layout.image_path(id);
-        let mut tmp = image.clone().into_os_string();
-        tmp.push(".tmp");
-        for f in [image, PathBuf::from(tmp)] {
-            match fs::remove_file(&f) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(io_err("cannot remove", &f)(e))
-                }
-                _ => {}
-            }
-        }
-        match fs::remove_dir(&mount) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(io_err("cannot remove", &mount)(e))
-            }
-            _ => Ok(()),
-        }
+        remove_image_files(&image, &mount)
     }
 
     /// Start-up: unmounts EROFS mounts of layers that are not (or no longer) converted,
@@ -455,22 +459,11 @@ impl Inner {
     }
 
     fn mount_merged(&self, id: u64) -> Result<()> {
-        let target = self.layout.merged_dir(id);
-        match fs::DirBuilder::new().mode(0o755).create(&target) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                return Err(io_err("cannot create mount point", &target)(e))
-            }
-            _ => {}
-        }
-        mount_image(
+        self.mount_at(
+            id,
             &self.layout.merged_image_path(id),
-            &self.chunks.pack_paths(),
-            &target,
-            self.options.mount_mode,
+            &self.layout.merged_dir(id),
         )
-        .map_err(|source| SnapshotterError::Mount { id, source })?
-        .keep_mounted();
-        Ok(())
     }
 
     /// Unmounts and deletes layer `id`'s merged image, if it has one (or a piece of one).
@@ -478,22 +471,7 @@ impl Inner {
         let mount = self.layout.merged_dir(id);
         unmount_if_mounted(&mount)?;
         let image = self.layout.merged_image_path(id);
-        let mut tmp = image.clone().into_os_string();
-        tmp.push(".tmp");
-        for f in [image, PathBuf::from(tmp)] {
-            match fs::remove_file(&f) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(io_err("cannot remove", &f)(e))
-                }
-                _ => {}
-            }
-        }
-        match fs::remove_dir(&mount) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(io_err("cannot remove", &mount)(e))
-            }
-            _ => Ok(()),
-        }
+        remove_image_files(&image, &mount)
     }
 
     /// Queues a merge of every converted layer that is an image's top (no committed
@@ -652,18 +630,22 @@ impl Inner {
     }
 
     fn mount_layer(&self, id: u64) -> Result<()> {
-        let target = self.layout.erofs_dir(id);
-        match fs::DirBuilder::new().mode(0o755).create(&target) {
+        self.mount_at(id, &self.layout.image_path(id), &self.layout.erofs_dir(id))
+    }
+
+    /// Mounts `image` (of layer `id`) with the store's packs at `target`, made if missing,
+    /// and leaves it mounted.
+    fn mount_at(&self, id: u64, image: &Path, target: &Path) -> Result<()> {
+        match fs::DirBuilder::new().mode(0o755).create(target) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                return Err(io_err("cannot create mount point", &target)(e))
+                return Err(io_err("cannot create mount point", target)(e))
             }
             _ => {}
         }
-        let image = self.layout.image_path(id);
         mount_image(
-            &image,
+            image,
             &self.chunks.pack_paths(),
-            &target,
+            target,
             self.options.mount_mode,
         )
         .map_err(|source| SnapshotterError::Mount { id, source })?

@@ -304,6 +304,27 @@ pub struct BuiltImage {
 }
 
 impl BuiltImage {
+    /// Adds every layer of this image, bottom first, to `writer` (a `FROM` this image).
+    pub fn add_layers_to(&self, writer: &mut oci::LayoutWriter) -> Result<(), ImageError> {
+        for (digest, diff_id) in self.layer_digests.iter().zip(&self.diff_ids) {
+            let blob = self.blob_path(digest);
+            let size = fs::metadata(&blob)
+                .map_err(|e| ImageError::io("cannot stat", &blob, e))?
+                .len();
+            let layer = oci::Layer {
+                descriptor: oci::Descriptor {
+                    media_type: oci::MEDIA_TYPE_LAYER_GZIP.to_string(),
+                    digest: digest.clone(),
+                    size,
+                    annotations: Default::default(),
+                },
+                diff_id: diff_id.clone(),
+            };
+            writer.add_existing_layer(&self.layout_dir, &layer)?;
+        }
+        Ok(())
+    }
+
     /// The path of a blob of the image's layout.
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         oci::blob_path(&self.layout_dir, digest)
