@@ -121,6 +121,11 @@ pub(crate) fn spawn_workers(
                             }
                         }
                         Job::Merge { id, on_use } => {
+                            // Most are not wanted (already merged, queued once per
+                            // container): known without waiting.
+                            if !inner.merge_wanted(id, on_use) {
+                                continue;
+                            }
                             // An unpack commits a layer and only then prepares the next:
                             // one quiet moment is not the end of an image's unpack.
                             loop {
@@ -516,6 +521,17 @@ impl Inner {
                 || !all
                     .iter()
                     .any(|(_, r)| r.kind == SnapshotKind::Committed && r.parent == key))
+    }
+
+    /// Whether layer `id` [wants a merged image](Self::wants_merge) now; false when that
+    /// cannot be told (the merge itself tells errors).
+    pub(crate) fn merge_wanted(&self, id: u64, on_use: bool) -> bool {
+        let Ok(all) = self.store.read().and_then(|t| t.all()) else {
+            return true;
+        };
+        all.iter()
+            .find(|(_, r)| r.id == id)
+            .is_some_and(|(key, rec)| self.wants_merge(key, rec, &all, on_use))
     }
 
     /// Writes, mounts and switches on the merged image of layer `id` if it

@@ -542,8 +542,10 @@ impl Inner {
                 .next()
                 .is_some_and(|k| k.starts_with("extract-"));
             if let Some((pid, storage)) = parents.first() {
+                // A layer with no parent is its own flat tree: nothing to merge.
                 if self.options.merge
                     && !unpack
+                    && parents.len() > 1
                     && storage.is_erofs()
                     && storage.merged_ns().is_none()
                 {
