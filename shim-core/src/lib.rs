@@ -31,7 +31,7 @@ pub use options::{
     CheckpointOptions, CriOptions, LegacyCheckpointOptions, LegacyCreateOptions, RuncOptions,
     RuntimeOptions,
 };
-pub use reaper::exit_status;
+pub use reaper::{exit_status, output as owned_output, OwnedChild};
 pub use service::TaskService;
 pub use shim::run;
 pub use stdio::{IoOwner, StdioPaths};

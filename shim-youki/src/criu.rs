@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hyperbox_shim_core::EngineError;
+use hyperbox_shim_core::{owned_output, EngineError, OwnedChild};
 use std::io::IoSliceMut;
 use std::os::fd::FromRawFd;
 
@@ -83,12 +83,13 @@ impl Criu {
     }
 
     fn cpuinfo(&self, action: &str, dir: &Path) -> Result<(), String> {
-        let out = Command::new(&self.binary)
-            .args(["cpuinfo", action, "--cpu-cap=fpu,cpu", "-D"])
-            .arg(dir)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.binary.display()))?;
+        let out = owned_output(
+            Command::new(&self.binary)
+                .args(["cpuinfo", action, "--cpu-cap=fpu,cpu", "-D"])
+                .arg(dir)
+                .stdin(Stdio::null()),
+        )
+        .map_err(|e| format!("cannot run {}: {e}", self.binary.display()))?;
         if out.status.success() {
             return Ok(());
         }
@@ -268,7 +269,7 @@ impl Criu {
         unsafe {
             cmd.pre_exec(move || place_fds(&moves));
         }
-        let mut child = cmd.spawn().map_err(|e| failed("start", &e))?;
+        let mut child = OwnedChild::spawn(&mut cmd).map_err(|e| failed("start", &e))?;
         drop(theirs);
         let deadline = self.timeout.map(|t| (Instant::now() + t, t));
         let answer = (|| {
@@ -356,7 +357,7 @@ fn send(sock: &OwnedFd, bytes: &[u8]) -> nix::Result<()> {
 
 /// Stops a CRIU that is to give up: SIGTERM first (a chance to let go of the tasks it
 /// holds), SIGKILL if it is still there 5 s later.
-fn stop(child: &mut std::process::Child) {
+fn stop(child: &mut OwnedChild) {
     let pid = Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let until = Instant::now() + Duration::from_secs(5);
@@ -487,10 +488,7 @@ const VERSION_LINE: &str = "criu version: ";
 
 /// `criu --version`: `Version: 4.2.1`.
 fn ask_version(binary: &Path) -> Result<String, String> {
-    let out = Command::new(binary)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
+    let out = owned_output(Command::new(binary).arg("--version").stdin(Stdio::null()))
         .map_err(|e| format!("cannot run {} --version: {e}", binary.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
@@ -529,10 +527,7 @@ fn is_executable(p: &Path) -> bool {
 
 /// `criu check`: the kernel and CRIU agree on what CRIU needs.
 fn check(binary: &Path) -> Result<(), String> {
-    let out = Command::new(binary)
-        .arg("check")
-        .stdin(Stdio::null())
-        .output()
+    let out = owned_output(Command::new(binary).arg("check").stdin(Stdio::null()))
         .map_err(|e| format!("cannot run {} check: {e}: {INSTALL_HINT}", binary.display()))?;
     if out.status.success() {
         return Ok(());

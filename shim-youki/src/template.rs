@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hyperbox_shim_core::template::{
     check_name, check_owner, Captured, TemplateCapture, CRI_SANDBOX_NAMESPACE,
 };
-use hyperbox_shim_core::{CheckpointSpec, EngineError, RestoreSpec, RootfsMount};
+use hyperbox_shim_core::{CheckpointSpec, EngineError, OwnedChild, RestoreSpec, RootfsMount};
 use libcontainer::container::Container;
 use serde::{Deserialize, Serialize};
 
@@ -411,41 +411,47 @@ fn layer_identity(dir: &str) -> PathBuf {
 /// extended attributes (an overlay's opaque directories), device nodes (its whiteouts),
 /// links never followed.
 fn copy_tree(from: &Path, to: &Path, deadline: Instant) -> Result<(), EngineError> {
-    let mut child = Command::new("cp")
-        .args(["-a", "--no-target-directory", "--"])
-        .arg(from)
-        .arg(to)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| failed(format!("cannot run cp: {e}")))?;
-    // Past the capture's deadline the copy is stopped.
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(failed(format!(
-                    "the copy of {} did not finish within the template settings' \
-                     capture_timeout: it was stopped",
-                    from.display()
-                )));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(failed(format!("cannot wait for cp: {e}"))),
+    let mut child = OwnedChild::spawn(
+        Command::new("cp")
+            .args(["-a", "--no-target-directory", "--"])
+            .arg(from)
+            .arg(to)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .map_err(|e| failed(format!("cannot run cp: {e}")))?;
+    // Its errors are read meanwhile, so that many of them cannot fill the pipe and stall it.
+    let stderr = child.stderr().take();
+    let reading = std::thread::spawn(move || {
+        let mut said = Vec::new();
+        if let Some(mut e) = stderr {
+            let _ = io::Read::read_to_end(&mut e, &mut said);
         }
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| failed(format!("cannot wait for cp: {e}")))?;
-    if !out.status.success() {
+        said
+    });
+    // Past the capture's deadline the copy is stopped.
+    let left = deadline.saturating_duration_since(Instant::now());
+    let status = match child.wait_for(Some(left)) {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failed(format!(
+                "the copy of {} did not finish within the template settings' \
+                 capture_timeout: it was stopped",
+                from.display()
+            )));
+        }
+        Err(e) => return Err(failed(format!("cannot wait for cp: {e}"))),
+    };
+    let said = reading.join().unwrap_or_default();
+    if !status.success() {
         return Err(failed(format!(
             "cannot copy {} to {}: {}",
             from.display(),
             to.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&said).trim()
         )));
     }
     Ok(())
