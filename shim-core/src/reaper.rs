@@ -375,7 +375,7 @@ mod tests {
             // An unowned child ends meanwhile and is reported.
             let _ = spawn_command(&mut Command::new("/bin/true"));
         }
-        let mut killed = OwnedChild::spawn(&mut Command::new("/bin/sleep").arg("30")).unwrap();
+        let mut killed = OwnedChild::spawn(Command::new("/bin/sleep").arg("30")).unwrap();
         assert_eq!(killed.try_wait().unwrap(), None);
         assert_eq!(
             killed.wait_for(Some(Duration::from_millis(50))).unwrap(),
