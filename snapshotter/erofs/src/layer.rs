@@ -2,10 +2,11 @@
 //! durable and recorded, then the image renamed into place.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use crate::store::{ChunkStore, LayerStats, StoreError};
+use crate::from_tar::write_image_from_tar;
+use crate::store::{ChunkStore, LayerStats, LayerWriter, StoreError};
 use crate::writer::{write_image, ImageError, ImageOptions, ImageStats};
 
 /// Errors of [`commit_layer`].
@@ -46,6 +47,33 @@ pub fn commit_layer(
     image_path: &Path,
     options: &ImageOptions,
 ) -> Result<LayerReport, LayerError> {
+    commit_with(store, id, image_path, |file, tmp, writer| {
+        write_image(src, file, tmp, writer, options)
+    })
+}
+
+/// [`commit_layer`] of the layer archive read from `tar` (uncompressed), with
+/// [`write_image_from_tar`]: nothing of the layer is unpacked on disk. `shown` names the
+/// archive in errors.
+pub fn commit_layer_from_tar(
+    store: &ChunkStore,
+    id: &str,
+    tar: &mut dyn Read,
+    shown: &Path,
+    image_path: &Path,
+    options: &ImageOptions,
+) -> Result<LayerReport, LayerError> {
+    commit_with(store, id, image_path, |file, tmp, writer| {
+        write_image_from_tar(tar, shown, file, tmp, writer, options)
+    })
+}
+
+fn commit_with(
+    store: &ChunkStore,
+    id: &str,
+    image_path: &Path,
+    write: impl FnOnce(&File, &Path, &mut LayerWriter<'_>) -> Result<ImageStats, ImageError>,
+) -> Result<LayerReport, LayerError> {
     let io = |op, path: &Path| {
         let path = path.to_path_buf();
         move |source| LayerError::Io { op, path, source }
@@ -61,7 +89,7 @@ pub fn commit_layer(
         .open(&tmp)
         .map_err(io("create", &tmp))?;
     let mut writer = store.begin_layer(id)?;
-    let image = match write_image(src, &file, &tmp, &mut writer, options) {
+    let image = match write(&file, &tmp, &mut writer) {
         Ok(s) => s,
         Err(e) => {
             drop(writer);

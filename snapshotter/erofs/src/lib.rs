@@ -3,6 +3,7 @@
 //! as extra devices.
 //!
 //! - [`write_image`]: an EROFS image from a directory tree (the layer's upper dir).
+//! - [`write_image_from_tar`]: the same image straight from a layer's tar stream.
 //! - [`ChunkStore`]: the chunk store: packs, index, reference counts, GC, verify.
 //! - [`commit_layer`]: both of the above, crash-safe, for one layer.
 //! - [`write_merged_image`]: one image of a stack of layer images, flattened as overlayfs
@@ -10,6 +11,7 @@
 //! - [`mount_image`]: the kernel mount (file-backed, or through loop devices).
 
 pub mod format;
+mod from_tar;
 mod layer;
 mod merge;
 mod mount;
@@ -18,7 +20,8 @@ mod redb_file;
 mod store;
 mod writer;
 
-pub use layer::{commit_layer, LayerError, LayerReport};
+pub use from_tar::write_image_from_tar;
+pub use layer::{commit_layer, commit_layer_from_tar, LayerError, LayerReport};
 pub use merge::write_merged_image;
 pub use mount::{device_options, mount_image, MountError, MountMode, MountedImage};
 pub use redb_file::open_or_create_redb;

@@ -35,10 +35,11 @@ use crate::writer::{
 /// The xattr overlayfs marks an opaque directory with (containerd's applier writes it).
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
-/// A node of the tree being merged, with the names of a directory's entries.
-struct MNode {
-    node: Node,
-    children: BTreeMap<Vec<u8>, usize>,
+/// A node of a tree being built (merged, or read from an archive), with the names of a
+/// directory's entries.
+pub(crate) struct MNode {
+    pub(crate) node: Node,
+    pub(crate) children: BTreeMap<Vec<u8>, usize>,
 }
 
 struct Merger<'a> {
@@ -287,89 +288,98 @@ impl Merger<'_> {
         Ok(())
     }
 
-    /// The nodes reachable from the root, in the writer's form: root first, directory
-    /// entries pointing at their new indexes.
     fn flatten(&mut self, top: &Path) -> Result<Vec<Node>, ImageError> {
-        let mut new_index: Vec<Option<usize>> = vec![None; self.nodes.len()];
-        let mut order: Vec<usize> = Vec::new();
-        new_index[0] = Some(0);
-        order.push(0);
-        let mut i = 0;
-        while i < order.len() {
-            let old = order[i];
-            let children: Vec<usize> = self.nodes[old].children.values().copied().collect();
-            for c in children {
-                if new_index[c].is_none() {
-                    new_index[c] = Some(order.len());
-                    order.push(c);
-                }
-            }
-            i += 1;
-        }
-        if order.len() as u64 > self.options.max_inodes {
-            return Err(ImageError::OverLimit {
-                path: top.to_path_buf(),
-                what: "inodes in the merged tree",
-                needed: order.len() as u64,
-                limit: self.options.max_inodes,
-            });
-        }
-        let mut out = Vec::with_capacity(order.len());
-        for &old in &order {
-            let m = &mut self.nodes[old];
-            let children = std::mem::take(&mut m.children);
-            let mut node = std::mem::replace(
-                &mut m.node,
-                Node {
-                    mode: 0,
-                    uid: 0,
-                    gid: 0,
-                    mtime: 0,
-                    mtime_nsec: 0,
-                    rdev: 0,
-                    size: 0,
-                    nlink: 0,
-                    xattrs: Vec::new(),
-                    body: Body::Empty,
-                },
-            );
-            if let Body::Dir { entries, .. } = &mut node.body {
-                *entries = children
-                    .into_iter()
-                    .map(|(name, c)| (name, new_index[c].expect("reachable")))
-                    .collect();
-            }
-            out.push(node);
-        }
-        for n in &out {
-            match n.body {
-                Body::Chunked { count, stored, .. } => {
-                    self.stats.chunked_files += 1;
-                    self.stats.chunks += stored;
-                    self.stats.hole_chunks += count - stored;
-                }
-                Body::Spilled { .. } if n.mode & libc::S_IFMT == libc::S_IFREG => {
-                    self.stats.inline_bytes += n.size;
-                }
-                _ => {}
-            }
-        }
-        // Parents: every directory is reached through exactly one entry.
-        let mut parents = vec![0usize; out.len()];
-        for (i, n) in out.iter().enumerate() {
-            if let Body::Dir { entries, .. } = &n.body {
-                for &(_, c) in entries {
-                    parents[c] = i;
-                }
-            }
-        }
-        for (i, n) in out.iter_mut().enumerate() {
-            if let Body::Dir { parent, .. } = &mut n.body {
-                *parent = parents[i];
-            }
-        }
-        Ok(out)
+        flatten_tree(&mut self.nodes, self.options, top, &mut self.stats)
     }
+}
+
+/// The nodes of `nodes` reachable from the root (node 0), in the writer's form: root first, directory
+/// entries pointing at their new indexes.
+pub(crate) fn flatten_tree(
+    nodes: &mut [MNode],
+    options: &ImageOptions,
+    top: &Path,
+    stats: &mut ImageStats,
+) -> Result<Vec<Node>, ImageError> {
+    let mut new_index: Vec<Option<usize>> = vec![None; nodes.len()];
+    let mut order: Vec<usize> = Vec::new();
+    new_index[0] = Some(0);
+    order.push(0);
+    let mut i = 0;
+    while i < order.len() {
+        let old = order[i];
+        let children: Vec<usize> = nodes[old].children.values().copied().collect();
+        for c in children {
+            if new_index[c].is_none() {
+                new_index[c] = Some(order.len());
+                order.push(c);
+            }
+        }
+        i += 1;
+    }
+    if order.len() as u64 > options.max_inodes {
+        return Err(ImageError::OverLimit {
+            path: top.to_path_buf(),
+            what: "inodes in the merged tree",
+            needed: order.len() as u64,
+            limit: options.max_inodes,
+        });
+    }
+    let mut out = Vec::with_capacity(order.len());
+    for &old in &order {
+        let m = &mut nodes[old];
+        let children = std::mem::take(&mut m.children);
+        let mut node = std::mem::replace(
+            &mut m.node,
+            Node {
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                rdev: 0,
+                size: 0,
+                nlink: 0,
+                xattrs: Vec::new(),
+                body: Body::Empty,
+            },
+        );
+        if let Body::Dir { entries, .. } = &mut node.body {
+            *entries = children
+                .into_iter()
+                .map(|(name, c)| (name, new_index[c].expect("reachable")))
+                .collect();
+        }
+        out.push(node);
+    }
+    for n in &out {
+        match n.body {
+            Body::Chunked { count, stored, .. } => {
+                stats.chunked_files += 1;
+                stats.chunks += stored;
+                stats.hole_chunks += count - stored;
+            }
+            Body::Spilled { .. } if n.mode & libc::S_IFMT == libc::S_IFREG => {
+                stats.inline_bytes += n.size;
+            }
+            _ => {}
+        }
+    }
+    // Parents: every directory is reached through exactly one entry.
+    let mut parents = vec![0usize; out.len()];
+    for (i, n) in out.iter().enumerate() {
+        if let Body::Dir { entries, .. } = &n.body {
+            for &(_, c) in entries {
+                parents[c] = i;
+            }
+        }
+    }
+    for (i, n) in out.iter_mut().enumerate() {
+        if let Body::Dir { parent, .. } = &mut n.body {
+            *parent = parents[i];
+        }
+    }
+    Ok(out)
 }
 
 fn is_opaque(ino: &Inode) -> bool {

@@ -77,6 +77,10 @@ pub enum ImageError {
     /// An image read back (to merge it) is not one this crate writes, or is damaged.
     #[error("{path} is not a readable image: {what}")]
     Corrupt { path: PathBuf, what: &'static str },
+    /// A layer archive holds something an image cannot be made of directly (see
+    /// [`crate::write_image_from_tar`]), or is damaged.
+    #[error("layer archive {path}: {what}")]
+    Archive { path: PathBuf, what: String },
     /// Images to merge were written with different chunk sizes or device tables.
     #[error("{path} cannot be merged with the layers below it: {what}")]
     Mismatch { path: PathBuf, what: &'static str },
@@ -143,7 +147,7 @@ pub const DEFAULT_MAX_INODES: u64 = 2_000_000;
 /// Options of [`write_image`].
 #[derive(Debug, Clone)]
 pub struct ImageOptions {
-    inline_max: u64,
+    pub(crate) inline_max: u64,
     uuid: [u8; 16],
     pub(crate) max_depth: u32,
     pub(crate) max_image_bytes: u64,
