@@ -244,9 +244,10 @@ pub fn run(args: LayersArgs, command_line: String) -> anyhow::Result<()> {
     let merged = SnapshotterDaemon::start("").context("starting hyperbox-snapshotter")?;
     let layered = SnapshotterDaemon::start("merge_layers = false\n")
         .context("starting the second hyperbox-snapshotter")?;
-    let mut builder = Containerd::builder(args.containerd)
-        .with_proxy_plugin(PLUGIN, "snapshot", merged.socket())
-        .with_proxy_plugin(UNMERGED, "snapshot", layered.socket());
+    let mut builder = layered.register(
+        UNMERGED,
+        merged.register(PLUGIN, Containerd::builder(args.containerd)),
+    );
     if args.peer_erofs {
         builder = builder.with_erofs_peer();
     }

@@ -223,8 +223,7 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
     tracing::info!(?throughput, "chunk+hash measured");
 
     let snap = SnapshotterDaemon::start("").context("starting hyperbox-snapshotter")?;
-    let mut builder =
-        Containerd::builder(args.containerd).with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
+    let mut builder = snap.register(PLUGIN, Containerd::builder(args.containerd));
     if args.peer_erofs {
         builder = builder.with_erofs_peer();
     }

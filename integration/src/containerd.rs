@@ -224,6 +224,12 @@ pub struct ContainerdBuilder {
     cri: Option<CriOptions>,
     imports: Vec<PathBuf>,
     erofs_peer: bool,
+    /// (snapshotter, diff proxy plugin) pairs: the transfer service unpacks into the
+    /// snapshotter with that differ (2.x).
+    differs: Vec<(String, String)>,
+    /// Symlinks made to the daemon's socket (for a process that must name it before it
+    /// exists).
+    socket_links: Vec<PathBuf>,
 }
 
 /// With [`ContainerdBuilder::with_erofs_peer`]: the file in the daemon's directory where
@@ -269,6 +275,8 @@ impl ContainerdBuilder {
             cri: None,
             imports: Vec::new(),
             erofs_peer: false,
+            differs: Vec::new(),
+            socket_links: Vec::new(),
         }
     }
 
@@ -333,6 +341,29 @@ impl ContainerdBuilder {
         self
     }
 
+    /// containerd 2.x: a `type = "diff"` proxy plugin `name` at `address`, the differ the
+    /// transfer service unpacks into `snapshotter` with (1.6 and 1.7 have no diff proxy
+    /// plugins: nothing is added there).
+    pub fn with_diff_proxy(
+        mut self,
+        name: &str,
+        snapshotter: &str,
+        address: impl Into<PathBuf>,
+    ) -> Self {
+        if self.version.is_2x() {
+            self = self.with_proxy_plugin(name, "diff", address);
+            self.differs
+                .push((snapshotter.to_string(), name.to_string()));
+        }
+        self
+    }
+
+    /// A symlink at `link` to the daemon's socket, made before the daemon starts.
+    pub fn with_socket_link(mut self, link: impl Into<PathBuf>) -> Self {
+        self.socket_links.push(link.into());
+        self
+    }
+
     /// containerd's log level (default `info`).
     pub fn with_log_level(mut self, level: &str) -> Self {
         self.log_level = level.to_string();
@@ -351,6 +382,10 @@ impl ContainerdBuilder {
         });
         let socket = dir.join("containerd.sock");
         sandbox.record_containerd(&socket, &namespace)?;
+        for link in &self.socket_links {
+            let _ = fs::remove_file(link);
+            symlink(&socket, link).map_err(io_err("cannot link the socket at", link))?;
+        }
 
         let bin = dir.join("bin");
         fs::create_dir_all(&bin).map_err(io_err("cannot create", &bin))?;
@@ -475,11 +510,17 @@ impl ContainerdBuilder {
         if self.version.is_2x() && (!snapshotters.is_empty() || self.erofs_peer) {
             let platform = format!("linux/{}", go_arch());
             for name in std::iter::once("overlayfs").chain(snapshotters) {
+                let differ = self
+                    .differs
+                    .iter()
+                    .find(|(sn, _)| sn == name)
+                    .map_or("walking", |(_, d)| d.as_str());
                 s.push_str(&format!(
                     "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  \
-                     platform = {}\n  snapshotter = {}\n  differ = \"walking\"\n\n",
+                     platform = {}\n  snapshotter = {}\n  differ = {}\n\n",
                     toml_string(&platform),
-                    toml_string(name)
+                    toml_string(name),
+                    toml_string(differ)
                 ));
             }
             if self.erofs_peer {

@@ -318,7 +318,7 @@ impl CriBed {
             builder = builder.with_import(snippet);
         }
         if let Some(snap) = &snapshotter {
-            builder = builder.with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
+            builder = snap.register(PLUGIN, builder);
         }
         let containerd = builder.start()?;
         Ok(Self {

@@ -1,8 +1,8 @@
 //! A `hyperbox-snapshotter` process in a sandbox of its own (root, socket, config and log
 //! inside it), so the harness's guard kills it and removes its files whatever happens to
 //! the test or benchmark that started it. Register it with containerd through
-//! [`crate::containerd::ContainerdBuilder::with_proxy_plugin`]`(`[`PLUGIN`]`, "snapshot",
-//! daemon.socket())`.
+//! [`SnapshotterDaemon::register`]`(`[`PLUGIN`]`, builder)`: its snapshots API, and on
+//! containerd 2.x its differ.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::containerd::ContainerdBuilder;
 use crate::host;
 use crate::sandbox::{Sandbox, SandboxError};
 
@@ -22,6 +23,8 @@ use crate::sandbox::{Sandbox, SandboxError};
 pub const BINARY: &str = "hyperbox-snapshotter";
 /// The proxy plugin's name in containerd (`--snapshotter hyperbox`).
 pub const PLUGIN: &str = "hyperbox";
+/// The differ's proxy plugin name in containerd 2.x (`type = "diff"`).
+pub const DIFFER_PLUGIN: &str = "hyperbox-differ";
 /// The label the snapshotter reports on a layer served from its EROFS image.
 pub const STORAGE_LABEL: &str = "containerd.io/snapshot/hyperbox.storage";
 /// The computed label of a layer's merged image (what it cost, or `set aside: REASON`).
@@ -80,6 +83,28 @@ impl SnapshotterDaemon {
 
     pub fn socket(&self) -> PathBuf {
         self.dir().join("snapshotter.sock")
+    }
+
+    /// The differ's socket (containerd's diff API).
+    pub fn differ_socket(&self) -> PathBuf {
+        self.dir().join("differ.sock")
+    }
+
+    /// Where the config names containerd's socket: a symlink to the daemon's, made by
+    /// [`SnapshotterDaemon::register`].
+    pub fn containerd_link(&self) -> PathBuf {
+        self.dir().join("containerd.sock")
+    }
+
+    /// Registers this snapshotter with the daemon `builder` makes, as `name`: the snapshots
+    /// proxy plugin, and on containerd 2.x its differ as a diff proxy plugin (`NAME-differ`)
+    /// that the transfer service unpacks into it with, as
+    /// config/containerd-snapshotter.v3.toml tells users to.
+    pub fn register(&self, name: &str, builder: ContainerdBuilder) -> ContainerdBuilder {
+        builder
+            .with_proxy_plugin(name, "snapshot", self.socket())
+            .with_diff_proxy(&format!("{name}-differ"), name, self.differ_socket())
+            .with_socket_link(self.containerd_link())
     }
 
     pub fn root(&self) -> PathBuf {
@@ -149,10 +174,17 @@ impl SnapshotterDaemon {
     /// The config file, naming every option.
     fn write_config(&self) -> Result<PathBuf, SnapshotterError> {
         let path = self.dir().join("snapshotter.toml");
+        let differ = if self.extra_config.contains("differ_address") {
+            String::new()
+        } else {
+            format!("differ_address = \"{}\"\n", self.differ_socket().display())
+        };
         let text = format!(
-            "root = \"{}\"\naddress = \"{}\"\nsocket_mode = 0o600\nlog_level = \"info\"\n{}",
+            "root = \"{}\"\naddress = \"{}\"\nsocket_mode = 0o600\nlog_level = \"info\"\n\
+             {differ}containerd_address = \"{}\"\n{}",
             self.root().display(),
             self.socket().display(),
+            self.containerd_link().display(),
             self.extra_config,
         );
         fs::write(&path, text).map_err(|source| SnapshotterError::Io {

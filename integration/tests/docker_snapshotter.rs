@@ -24,8 +24,8 @@ struct Bed {
 
 fn bed(v: ContainerdVersion) -> Bed {
     let snapshotter = SnapshotterDaemon::start("").expect("snapshotter started");
-    let containerd = Containerd::builder(v)
-        .with_proxy_plugin(PLUGIN, "snapshot", snapshotter.socket())
+    let containerd = snapshotter
+        .register(PLUGIN, Containerd::builder(v))
         .start()
         .expect("containerd");
     let docker = Docker::builder()

@@ -75,8 +75,7 @@ impl Fixture {
 
     fn start_inner(v: ContainerdVersion, extra_config: &str, peer: bool) -> Fixture {
         let snap = SnapshotterDaemon::start(extra_config).expect("snapshotter started");
-        let mut builder =
-            Containerd::builder(v).with_proxy_plugin(PLUGIN, "snapshot", snap.socket());
+        let mut builder = snap.register(PLUGIN, Containerd::builder(v));
         if peer {
             builder = builder.with_erofs_peer();
         }
@@ -2898,3 +2897,122 @@ fn a_sparse_file_over_4_gib_through_tar() {
     drop(direct);
     teardown_leaves_nothing(f);
 }
+
+/// The differ (containerd 2.x, a `type = "diff"` proxy plugin named as hyperbox's differ in
+/// the transfer service's unpack config): a pulled image's layers become EROFS images during
+/// the unpack, straight from their archives. Every committed layer is served from its image
+/// as soon as the pull returns, no plain directory is left, the conversion label says the
+/// differ made it, and containers see the image. A layer it cannot reproduce exactly from
+/// the archive (here: an entry whose parent directories the archive lacks) it hands to
+/// containerd's walking differ, and that layer is converted after its Commit as before.
+/// containerd 1.6 and 1.7 have no diff proxy plugins: there every layer is converted.
+fn differ_unpacks(v: ContainerdVersion) {
+    use hyperbox_integration::images::layer::{self, LayerEntry};
+    use hyperbox_integration::images::oci;
+    use hyperbox_integration::snapshotter::CONVERSION_LABEL;
+    const BY_DIFFER: &str = "from the archive by the differ";
+    let f = Fixture::start(v);
+    let direct = f.direct();
+    let by_differ = |i: &Info| {
+        i.labels
+            .get(CONVERSION_LABEL)
+            .is_some_and(|l| l.starts_with(BY_DIFFER))
+    };
+    let debian = f.push(TestImage::Debian);
+    f.pull(&debian).expect("debian");
+    let committed = direct.list(&["kind==committed"]).expect("list");
+    assert!(!committed.is_empty());
+    for i in &committed {
+        eprintln!("{}: {:?}", i.name, i.labels.get(CONVERSION_LABEL));
+    }
+    if v.is_2x() {
+        for i in &committed {
+            assert!(by_differ(i), "{}: {:?}", i.name, i.labels);
+            assert_eq!(
+                i.labels.get(STORAGE_LABEL).map(String::as_str),
+                Some("erofs"),
+                "{}: served from its image when the pull returns",
+                i.name
+            );
+        }
+        let log = f.snap.log();
+        assert_eq!(
+            log.matches("layer unpacked by the differ").count(),
+            committed.len(),
+            "{log}"
+        );
+        assert!(!log.contains("layer converted to erofs"), "{log}");
+        // No layer directory was written.
+        for id in f.snap.image_ids() {
+            let fs_dir = f.snap.root().join("snapshots").join(&id).join("fs");
+            assert!(!fs_dir.exists(), "{} left", fs_dir.display());
+        }
+    } else {
+        assert!(committed.iter().all(|i| !by_differ(i)), "{committed:?}");
+        f.wait_converted(&direct);
+    }
+    f.run_check(
+        &debian,
+        "differ-debian",
+        "test -s /etc/debian_version && test -x /usr/bin/apt-get && test -L /bin",
+    );
+
+    // An upper layer whose entry's parent directories are not in the archive: handed over.
+    let work = f.snap.dir().join("differ");
+    let tree = work.join("tree");
+    extract_busybox(&tree);
+    let layout = work.join("layout");
+    let archive = work.join("orphan.tar");
+    let epoch = 2_000_000_000;
+    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
+    let mut lower = layer::scan_tree(&tree).expect("scan");
+    writer.add_layer(&mut lower).expect("lower layer");
+    let mut upper = vec![LayerEntry::file(
+        "etc/added/deep",
+        0o644,
+        b"unpacked by containerd".to_vec(),
+    )];
+    writer.add_layer(&mut upper).expect("upper layer");
+    let run = oci::RunConfig {
+        cmd: vec!["sh".into()],
+        env: vec!["PATH=/bin:/usr/bin".into()],
+        history: vec!["busybox".into(), "an entry without its parents".into()],
+    };
+    let reference = "docker.io/hyperbox/orphan:latest";
+    writer.finish(&run, "latest", reference).expect("finish");
+    oci::write_archive(&layout, &archive, epoch).expect("archive");
+    f.c()
+        .ctr_run(&[
+            "images",
+            "import",
+            "--snapshotter",
+            PLUGIN,
+            &archive.to_string_lossy(),
+        ])
+        .expect("import");
+    let converted = f.wait_converted(&direct);
+    let handed = converted.iter().filter(|i| !by_differ(i)).count();
+    eprintln!(
+        "{handed} of {} layers converted after their unpack",
+        converted.len()
+    );
+    if v.is_2x() {
+        assert_eq!(
+            handed, 1,
+            "the orphan layer alone is converted: {converted:?}"
+        );
+        let log = f.snap.log();
+        assert!(
+            log.contains("hands the layer to containerd")
+                && log.contains("its parent directory is not in the archive"),
+            "{log}"
+        );
+    }
+    f.run_check(
+        reference,
+        "differ-orphan",
+        "test \"$(cat /etc/added/deep)\" = 'unpacked by containerd' && test -x /bin/busybox",
+    );
+}
+
+per_version!(differ, differ_unpacks);

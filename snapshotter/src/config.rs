@@ -14,6 +14,12 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/hyperbox/snapshotter.toml";
 pub const DEFAULT_ROOT: &str = "/var/lib/hyperbox/snapshotter";
 /// Default socket, the address containerd's `[proxy_plugins.hyperbox]` names.
 pub const DEFAULT_ADDRESS: &str = "/run/hyperbox/snapshotter.sock";
+/// Default socket of the EROFS differ, the address containerd's `[proxy_plugins.hyperbox-differ]`
+/// names.
+pub const DEFAULT_DIFFER_ADDRESS: &str = "/run/hyperbox/differ.sock";
+/// Default containerd socket: the differ reads layers from containerd's content store and
+/// hands it the layers it does not unpack itself.
+pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
 /// Default socket mode: only root (containerd) may connect.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
@@ -85,6 +91,14 @@ pub struct Config {
     /// Layers converted at once (default 2). Each conversion takes a core while it runs,
     /// and at most four write to the chunk store at a time (one per pack file).
     pub conversion_workers: u32,
+    /// Unix socket serving containerd's diff API (containerd 2.x's `type = "diff"` proxy
+    /// plugin): layers unpacked into this snapshotter become EROFS images straight from
+    /// their archives, with no directory written and no conversion after. Default
+    /// `/run/hyperbox/differ.sock`; empty: no differ.
+    pub differ_address: PathBuf,
+    /// containerd's socket (default `/run/containerd/containerd.sock`): the differ reads
+    /// layer blobs from its content store and hands it the unpacks it does not do itself.
+    pub containerd_address: PathBuf,
 }
 
 impl Default for Config {
@@ -102,6 +116,8 @@ impl Default for Config {
             conversion_timeout_s: 600,
             merge_layers: true,
             conversion_workers: 2,
+            differ_address: PathBuf::from(DEFAULT_DIFFER_ADDRESS),
+            containerd_address: PathBuf::from(DEFAULT_CONTAINERD_ADDRESS),
         }
     }
 }
@@ -124,6 +140,11 @@ impl Config {
             source,
         })?;
         Self::from_toml(&text, path)
+    }
+
+    /// Whether the differ is served (`differ_address` is not empty).
+    pub fn differ_enabled(&self) -> bool {
+        !self.differ_address.as_os_str().is_empty()
     }
 
     /// The EROFS mount mode `mount_mode` names.
@@ -150,7 +171,11 @@ impl Config {
     /// known mount mode, limits of at least 1.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.erofs_mount_mode()?;
-        for (option, value) in [("root", &self.root), ("address", &self.address)] {
+        for (option, value) in [
+            ("root", &self.root),
+            ("address", &self.address),
+            ("containerd_address", &self.containerd_address),
+        ] {
             if !value.is_absolute() {
                 return Err(ConfigError::NotAbsolute {
                     option,
@@ -173,6 +198,20 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(option));
+            }
+        }
+        if self.differ_enabled() {
+            if !self.differ_address.is_absolute() {
+                return Err(ConfigError::NotAbsolute {
+                    option: "differ_address",
+                    value: self.differ_address.clone(),
+                });
+            }
+            if self.differ_address.starts_with(&self.root) {
+                return Err(ConfigError::AddressInRoot {
+                    address: self.differ_address.clone(),
+                    root: self.root.clone(),
+                });
             }
         }
         if self.address.starts_with(&self.root) {

@@ -33,13 +33,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Weak};
 use std::time::Instant;
 
-use hyperbox_erofs::{commit_layer, mount_image, write_merged_image, ImageOptions};
+use hyperbox_erofs::{
+    commit_layer, commit_layer_from_tar, mount_image, write_merged_image, ImageOptions,
+};
 use nix::mount::{umount2, MntFlags};
 use tracing::{error, info, warn};
 
@@ -792,6 +794,105 @@ impl Inner {
             image = ?report.image,
             chunks = ?report.chunks,
             "layer converted to erofs"
+        );
+        Ok(())
+    }
+
+    /// The differ's unpack of a layer archive into active snapshot `id`: the layer's EROFS
+    /// image is written straight from `tar` (uncompressed), mounted, and the record switched
+    /// to it in one transaction, so that Commit has nothing left to convert. Only an unpack's
+    /// snapshot (`extract-` key) still empty is taken. On any error nothing of it is left:
+    /// the snapshot is as it was, for another differ to unpack into.
+    pub(crate) fn unpack_archive(&self, id: u64, tar: &mut dyn Read, shown: &Path) -> Result<()> {
+        if !self.options.convert {
+            // Layers stay plain directories: the unpack is containerd's to do.
+            return Err(SnapshotterError::NotActive(format!(
+                "snapshot id {id}: convert = false keeps layers as directories"
+            )));
+        }
+        let _guard = self.layer_locks.lock(id);
+        let Some((key, rec)) = self.record_of(id)? else {
+            return Err(SnapshotterError::NotFound(format!("snapshot id {id}")));
+        };
+        let unpack = key
+            .rsplit('/')
+            .next()
+            .is_some_and(|k| k.starts_with("extract-"));
+        if rec.kind != SnapshotKind::Active || rec.storage.is_erofs() || !unpack {
+            return Err(SnapshotterError::NotActive(key));
+        }
+        let fs_dir = self.layout.fs_dir(id);
+        let empty = fs::read_dir(&fs_dir)
+            .map_err(io_err("cannot read", &fs_dir))?
+            .next()
+            .is_none();
+        if !empty {
+            return Err(SnapshotterError::NotActive(format!(
+                "{key}: its directory is not empty"
+            )));
+        }
+        reset_peak_rss();
+        let started = Instant::now();
+        // A try cut short earlier may have left pieces.
+        self.drop_erofs_layer(id)?;
+        let result = self.unpack_once(&key, id, tar, shown, started);
+        if result.is_err() {
+            if let Err(undo) = self.drop_erofs_layer(id) {
+                warn!(id, "cannot undo the failed unpack: {undo}");
+            }
+        }
+        result
+    }
+
+    fn unpack_once(
+        &self,
+        key: &str,
+        id: u64,
+        tar: &mut dyn Read,
+        shown: &Path,
+        started: Instant,
+    ) -> Result<()> {
+        let image = self.layout.image_path(id);
+        let limits = self.options.limits;
+        let options = ImageOptions::default()
+            .with_max_depth(limits.max_depth)
+            .with_max_inodes(limits.max_inodes)
+            .with_max_image_bytes(limits.max_image_bytes)
+            .with_time_limit(limits.timeout);
+        let report =
+            commit_layer_from_tar(&self.chunks, &id.to_string(), tar, shown, &image, &options)
+                .map_err(|source| SnapshotterError::Layer { id, source })?;
+        // What follows the end-of-archive marker is read too (the caller's digest covers it).
+        io::copy(tar, &mut io::sink()).map_err(io_err("cannot read the end of", shown))?;
+        self.mount_layer(id)?;
+        let cost = ConversionReport {
+            millis: started.elapsed().as_millis() as u64,
+            peak_rss_bytes: peak_rss_bytes(),
+            image_bytes: report.image.image_bytes,
+            inodes: report.image.inodes,
+            chunks: report.image.chunks,
+            new_chunks: report.chunks.new_chunks,
+        };
+        let switched = self.update_conversion(key, id, |rec| {
+            rec.storage = LayerStorage::Erofs {
+                converted_ns: store::now_ns(),
+                first_stored_bytes: report.chunks.new_bytes,
+                merged_ns: None,
+            };
+            let c = rec.conversion.get_or_insert_with(Default::default);
+            c.report = Some(cost.clone());
+            c.from_archive = true;
+        })?;
+        if !switched {
+            return Err(SnapshotterError::NotFound(key.to_string()));
+        }
+        info!(
+            key,
+            id,
+            millis = cost.millis,
+            image = ?report.image,
+            chunks = ?report.chunks,
+            "layer unpacked from its archive into an erofs image"
         );
         Ok(())
     }

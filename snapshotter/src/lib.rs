@@ -12,6 +12,8 @@
 //! - [`tree`]: walking and removing trees of any depth, one descriptor at a time;
 //! - [`usage`]: disk usage of a snapshot's own directory, as `du` counts it;
 //! - [`config`]: the TOML configuration file;
+//! - [`differ`]: containerd's diff API (containerd 2.x): unpacks into this snapshotter
+//!   become EROFS images straight from the layer archives;
 //! - `conversion`: committed layers converted to EROFS images over the chunk store, mounted,
 //!   re-mounted at start-up.
 //!
@@ -20,6 +22,7 @@
 
 pub mod config;
 mod conversion;
+pub mod differ;
 pub mod filter;
 pub mod layer;
 pub mod service;

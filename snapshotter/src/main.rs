@@ -1,4 +1,5 @@
-//! `hyperbox-snapshotter`: serves containerd's snapshots API on a unix socket.
+//! `hyperbox-snapshotter`: serves containerd's snapshots API on a unix socket, and its diff
+//! API (the EROFS differ, for containerd 2.x) on another.
 //!
 //! ```text
 //! hyperbox-snapshotter [--config FILE] [--root DIR] [--address SOCKET]
@@ -22,6 +23,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use containerd_snapshots::tonic::transport::Server;
 use hyperbox_snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
+use hyperbox_snapshotter::differ::{DiffServer, Differ};
 use hyperbox_snapshotter::{HyperboxSnapshotter, LayerOptions};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
@@ -190,10 +192,18 @@ fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<std::os::unix::net::Uni
 /// (a client holding its connection open must not keep the snapshotter alive).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// The differ's socket, and containerd's for what it hands over.
+struct DifferSocket {
+    listener: std::os::unix::net::UnixListener,
+    address: PathBuf,
+    containerd: PathBuf,
+}
+
 async fn serve(
     snapshotter: HyperboxSnapshotter,
     listener: std::os::unix::net::UnixListener,
     address: &Path,
+    differ: Option<DifferSocket>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::UnixListener::from_std(listener)
         .with_context(|| format!("cannot serve on {}", address.display()))?;
@@ -202,6 +212,24 @@ async fn serve(
     let stop = Arc::new(Notify::new());
     let stopped = stop.clone();
     info!(address = %address.display(), "serving the snapshots API");
+    let differ_address = differ.as_ref().map(|d| d.address.clone());
+    let differ_server = match differ {
+        Some(d) => {
+            let listener = tokio::net::UnixListener::from_std(d.listener)
+                .with_context(|| format!("cannot serve on {}", d.address.display()))?;
+            info!(address = %d.address.display(), containerd = %d.containerd.display(), "serving the diff API");
+            let service = DiffServer::new(Differ::new(snapshotter.clone(), d.containerd));
+            let stopped = stop.clone();
+            Some(tokio::spawn(
+                containerd_client::tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                        stopped.notified().await
+                    }),
+            ))
+        }
+        None => None,
+    };
     let server = Server::builder()
         .add_service(containerd_snapshots::server(Arc::new(snapshotter)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
@@ -220,6 +248,12 @@ async fn serve(
         }
     };
     let _ = fs::remove_file(address);
+    if let Some(d) = differ_server {
+        d.abort();
+    }
+    if let Some(a) = differ_address {
+        let _ = fs::remove_file(a);
+    }
     result.with_context(|| format!("serving on {}", address.display()))
 }
 
@@ -228,7 +262,7 @@ async fn drain<F, E>(stop: &Notify, server: &mut std::pin::Pin<&mut F>) -> Resul
 where
     F: std::future::Future<Output = Result<(), E>>,
 {
-    stop.notify_one();
+    stop.notify_waiters();
     match tokio::time::timeout(SHUTDOWN_GRACE, server.as_mut()).await {
         Ok(r) => r,
         Err(_) => {
@@ -264,11 +298,20 @@ fn run() -> anyhow::Result<()> {
         .with_context(|| format!("cannot open snapshotter root {}", config.root.display()))?;
     info!(root = %config.root.display(), "snapshotter state recovered");
     let listener = bind_socket(&config.address, config.socket_mode)?;
+    let differ = if config.differ_enabled() {
+        Some(DifferSocket {
+            listener: bind_socket(&config.differ_address, config.socket_mode)?,
+            address: config.differ_address.clone(),
+            containerd: config.containerd_address.clone(),
+        })
+    } else {
+        None
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(snapshotter, listener, &config.address))
+    runtime.block_on(serve(snapshotter, listener, &config.address, differ))
 }
 
 fn main() -> std::process::ExitCode {

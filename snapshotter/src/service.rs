@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -280,6 +280,21 @@ impl HyperboxSnapshotter {
         &self.inner.layout
     }
 
+    /// The snapshot whose plain directory `dir` is (`ROOT/snapshots/ID/fs`), if any.
+    pub fn snapshot_of_dir(&self, dir: &Path) -> Option<u64> {
+        let rest = dir.strip_prefix(self.inner.layout.snapshots_dir()).ok()?;
+        let mut parts = rest.components();
+        let id: u64 = parts.next()?.as_os_str().to_str()?.parse().ok()?;
+        (parts.next()?.as_os_str() == "fs" && parts.next().is_none()).then_some(id)
+    }
+
+    /// The differ's unpack of the layer archive `tar` (uncompressed) into unpack snapshot
+    /// `id`, as its EROFS image (blocking). `shown` names the archive in errors. On an
+    /// error the snapshot is left as it was.
+    pub fn unpack_archive(&self, id: u64, tar: &mut dyn Read, shown: &Path) -> Result<()> {
+        self.inner.unpack_archive(id, tar, shown)
+    }
+
     async fn blocking<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -332,7 +347,8 @@ fn labels_of(rec: &SnapshotRecord) -> BTreeMap<String, String> {
             labels.insert(
                 CONVERSION_LABEL.to_string(),
                 format!(
-                    "took {} ms, peak RSS {:.1} MiB, image {:.1} MiB, {} inodes, {} chunks ({} new)",
+                    "{}took {} ms, peak RSS {:.1} MiB, image {:.1} MiB, {} inodes, {} chunks ({} new)",
+                    if c.from_archive { "from the archive by the differ: " } else { "" },
                     r.millis,
                     mib(r.peak_rss_bytes),
                     mib(r.image_bytes),
@@ -609,7 +625,16 @@ impl Inner {
         txn.put(&name, &rec)?;
         txn.commit()?;
         info!(name, key, id = rec.id, "committed snapshot");
-        if self.options.convert {
+        if rec.storage.is_erofs() {
+            // Unpacked by the differ: already an EROFS image. It may complete an image whose
+            // top now gets its merged image, and its empty plain dir goes.
+            if let Err(e) = self.queue_pending_merges() {
+                warn!(name, "cannot queue merges: {e}");
+            }
+            if let Err(e) = self.release_plain_dirs() {
+                warn!(name, "cannot release plain layer directories: {e}");
+            }
+        } else if self.options.convert {
             self.queue(Job::Convert(rec.id));
         }
         Ok(())
@@ -622,7 +647,7 @@ impl Inner {
             .store
             .read()?
             .get(key)?
-            .filter(|r| r.kind == SnapshotKind::Committed)
+            .filter(|r| r.kind == SnapshotKind::Committed || r.storage.is_erofs())
             .map(|r| r.id);
         let _converting = committed.map(|id| self.layer_locks.lock(id));
         let mut txn = self.store.write()?;
@@ -639,7 +664,13 @@ impl Inner {
         // Cleanup also remove, so a failure is logged, not returned. An EROFS layer is
         // unmounted before its chunks are released (hyperbox-erofs's rule), and the pack
         // space is reclaimed in the background.
-        if rec.kind == SnapshotKind::Committed {
+        if rec.storage.is_erofs() && rec.kind != SnapshotKind::Committed {
+            // An unpack the differ wrote whose snapshot was never committed.
+            if let Err(e) = self.drop_erofs_layer(rec.id) {
+                warn!(key, id = rec.id, "cannot release the erofs layer: {e}");
+            }
+            self.queue(Job::Gc);
+        } else if rec.kind == SnapshotKind::Committed {
             if let Err(e) = self.drop_erofs_layer(rec.id) {
                 warn!(key, id = rec.id, "cannot release the erofs layer: {e}");
             }

@@ -125,6 +125,10 @@ pub struct Conversion {
     /// layers' own images instead); not tried again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge_set_aside: Option<String>,
+    /// The image was written by the differ straight from the layer's archive, during the
+    /// unpack; no directory was written and no conversion ran.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_archive: bool,
 }
 
 /// The cost of one merged image.

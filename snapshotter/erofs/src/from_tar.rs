@@ -10,7 +10,9 @@
 //! - a later entry of a name replaces an earlier one, except that a directory over a
 //!   directory only takes the new attributes;
 //! - a hard link (`Link`) is one more name of the inode it names;
-//! - PAX `SCHILY.xattr.*` records become xattrs, PAX `mtime` keeps its nanoseconds.
+//! - PAX `SCHILY.xattr.*` records become xattrs, except `trusted.*` (never taken from an
+//!   archive, as containerd's applier refuses them) and `user.*` on what is neither a file
+//!   nor a directory; PAX `mtime` keeps its nanoseconds.
 //!
 //! File data goes to the chunk sink as it streams past (all-zero chunks become holes), small
 //! files and symlink targets into the image, so nothing of the layer is written to a file
@@ -548,6 +550,15 @@ impl Builder<'_> {
             let Some(name) = key.strip_prefix(PAX_XATTR) else {
                 continue;
             };
+            // As containerd's applier: `trusted.*` from an archive is never set (an image
+            // must not steer overlayfs: `trusted.overlay.*`), and `user.*` only on regular
+            // files and directories (the kernel refuses it elsewhere; containerd ignores
+            // that).
+            if name.starts_with(b"trusted.")
+                || (name.starts_with(b"user.") && kind != libc::S_IFREG && kind != libc::S_IFDIR)
+            {
+                continue;
+            }
             let shown = || PathBuf::from(shown_name(raw));
             if format::xattr_name_index(name).is_none() {
                 return Err(ImageError::UnsupportedXattr {

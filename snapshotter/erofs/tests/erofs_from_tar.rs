@@ -75,8 +75,29 @@ fn full_tree_archived_by_gnu_tar_matches_the_tree() {
         "tar: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // What containerd's applier leaves: no `trusted.*` xattr is taken from an archive
+    // (the opaque mark comes from `.wh..wh..opq` entries only).
+    drop_trusted_xattrs(&src);
     let n = image_matches(&scratch, &out.stdout, &src, "full");
     assert!(n > 750, "compared {n} entries");
+}
+
+/// Removes every `trusted.*` xattr in the tree at `root` (links not followed: the `xattr`
+/// crate's calls are the `l*xattr` ones).
+fn drop_trusted_xattrs(root: &Path) {
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        for name in xattr::list(&p).unwrap() {
+            if name.to_string_lossy().starts_with("trusted.") {
+                xattr::remove(&p, &name).unwrap();
+            }
+        }
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            for e in fs::read_dir(&p).unwrap() {
+                todo.push(e.unwrap().path());
+            }
+        }
+    }
 }
 
 /// Appends an entry to an archive in the making.
@@ -140,6 +161,31 @@ fn oci_whiteouts_and_replaced_names_match_containerds_unpacked_form() {
     // A directory over a directory: new attributes, same contents.
     add(&mut b, "etc/again", Directory, 0o750, b"");
     add(&mut b, "zeros", Regular, 0o644, &vec![0u8; 300_000]);
+    // xattrs: `trusted.*` never taken from an archive, `user.*` only on files and dirs.
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(Regular);
+    h.set_mode(0o644);
+    h.set_uid(1000);
+    h.set_gid(1000);
+    h.set_mtime(1_700_000_000);
+    h.set_size(2);
+    b.append_pax_extensions([
+        ("SCHILY.xattr.trusted.overlay.redirect", &b"/etc"[..]),
+        ("SCHILY.xattr.user.kept", &b"line\nbreak"[..]),
+        ("SCHILY.xattr.security.capability", &common::CAPABILITY[..]),
+    ])
+    .unwrap();
+    b.append_data(&mut h, "xattrs", &b"xa"[..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(Symlink);
+    h.set_mode(0o777);
+    h.set_uid(1000);
+    h.set_gid(1000);
+    h.set_mtime(1_700_000_000);
+    h.set_size(0);
+    b.append_pax_extensions([("SCHILY.xattr.user.dropped", &b"x"[..])])
+        .unwrap();
+    b.append_link(&mut h, "xattr-link", "xattrs").unwrap();
     add_link(&mut b, "etc/config-link", Link, "etc/config");
     add_link(&mut b, "./etc/config-link2", Link, "./etc/config");
     let archive = b.into_inner().unwrap();
@@ -161,6 +207,9 @@ fn oci_whiteouts_and_replaced_names_match_containerds_unpacked_form() {
     fs::write(etc.join("again/kept"), b"kept").unwrap();
     fs::set_permissions(etc.join("again"), fs::Permissions::from_mode(0o750)).unwrap();
     fs::write(want.join("zeros"), vec![0u8; 300_000]).unwrap();
+    fs::write(want.join("xattrs"), b"xa").unwrap();
+    xattr::set(want.join("xattrs"), "user.kept", b"line\nbreak").unwrap();
+    std::os::unix::fs::symlink("xattrs", want.join("xattr-link")).unwrap();
     fs::hard_link(etc.join("config"), etc.join("config-link")).unwrap();
     fs::hard_link(etc.join("config"), etc.join("config-link2")).unwrap();
     // Owners and times as the archive gives them, deepest first.
@@ -179,6 +228,13 @@ fn oci_whiteouts_and_replaced_names_match_containerds_unpacked_form() {
         String::from_utf8_lossy(&out.stderr)
     );
     fs::set_permissions(&want, fs::Permissions::from_mode(0o755)).unwrap();
+    // After the chown, which drops file capabilities.
+    xattr::set(
+        want.join("xattrs"),
+        "security.capability",
+        &common::CAPABILITY,
+    )
+    .unwrap();
     let n = image_matches(&scratch, &archive, &want, "oci");
     assert!(n >= 12, "compared {n} entries");
 }
