@@ -1375,8 +1375,22 @@ fn containerd_reads_the_plugin_snippet(v: ContainerdVersion) {
             .collect();
         assert_eq!(
             entries,
-            [("overlayfs", "walking"), (PLUGIN, "walking")],
+            [("overlayfs", "walking"), (PLUGIN, "hyperbox-differ")],
             "{text}"
+        );
+        // The differ, at the address snapshotter.toml gives it.
+        let differ = dump
+            .get("proxy_plugins")
+            .and_then(|p| p.get("hyperbox-differ"))
+            .unwrap_or_else(|| panic!("no proxy plugin hyperbox-differ in the dump:\n{text}"));
+        assert_eq!(differ.get("type").and_then(toml::Value::as_str), Some("diff"));
+        assert_eq!(
+            differ.get("address").and_then(toml::Value::as_str),
+            ours.get("differ_address").and_then(toml::Value::as_str)
+        );
+        assert_eq!(
+            ours.get("containerd_address").and_then(toml::Value::as_str),
+            Some("/run/containerd/containerd.sock")
         );
     }
 
