@@ -87,6 +87,8 @@ pub struct LayersReport {
     pub disk: Vec<(String, u64)>,
     /// With `--peer-erofs`: how containerd's EROFS snapshotter got its layers.
     pub peer_path: Option<String>,
+    /// How the two hyperbox snapshotters got their layers (their differ, or conversions).
+    pub hyperbox_path: String,
 }
 
 impl LayersReport {
@@ -126,6 +128,7 @@ impl LayersReport {
         if let Some(p) = &self.peer_path {
             s.push_str(&format!("\ncontainerd's erofs snapshotter: {p}\n"));
         }
+        s.push_str(&format!("hyperbox: {}\n", self.hyperbox_path));
         s
     }
 }
@@ -435,6 +438,7 @@ pub fn run(args: LayersArgs, command_line: String) -> anyhow::Result<()> {
         } else {
             None
         },
+        hyperbox_path: crate::snapshots::hyperbox_path(&[&merged, &layered]),
     };
     print!("{}", report.render());
     if let Some(path) = &args.json {

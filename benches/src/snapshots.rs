@@ -108,6 +108,9 @@ pub struct SnapshotterReport {
     pub disk: Vec<DiskRow>,
     /// With `--peer-erofs`: how containerd's EROFS snapshotter got its layers.
     pub peer_path: Option<String>,
+    /// How hyperbox got its layers: its differ, or containerd's walking differ and a
+    /// conversion after Commit.
+    pub hyperbox_path: String,
     pub throughput: Throughput,
 }
 
@@ -152,6 +155,7 @@ impl SnapshotterReport {
         if let Some(p) = &self.peer_path {
             s.push_str(&format!("\ncontainerd's erofs snapshotter: {p}\n"));
         }
+        s.push_str(&format!("hyperbox: {}\n", self.hyperbox_path));
         let t = &self.throughput;
         s.push_str(&format!(
             "\none core: sha256 of 64 KiB chunks {:.2} GiB/s; commit_layer of {} MiB random \
@@ -407,6 +411,7 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
     } else {
         None
     };
+    let hyperbox_path = hyperbox_path(&[&snap]);
     machine.finish();
     let report = SnapshotterReport {
         benchmark: "snapshotter".into(),
@@ -419,6 +424,7 @@ pub fn run(args: SnapshotterArgs, command_line: String) -> anyhow::Result<()> {
         parallel,
         disk,
         peer_path,
+        hyperbox_path,
         throughput,
     };
     print!("{}", report.render());
@@ -480,6 +486,21 @@ pub fn peer_erofs_path(c: &Containerd) -> anyhow::Result<String> {
         "EROFS differ {differ}, {mkfs}: {tar} layers unpacked by `mkfs.erofs --tar=f`, {dirs} \
          converted from a directory"
     ))
+}
+
+/// How hyperbox's snapshotters got their layers, from their logs: unpacked by the differ
+/// straight from the archives (containerd 2.x), or by containerd's walking differ into a
+/// directory and converted after Commit.
+pub fn hyperbox_path(snaps: &[&SnapshotterDaemon]) -> String {
+    let count =
+        |needle: &str| -> usize { snaps.iter().map(|s| s.log().matches(needle).count()).sum() };
+    format!(
+        "{} layer unpacks by its differ straight from the archives, {} handed to containerd's \
+         walking differ; {} layers converted from a directory after Commit",
+        count("layer unpacked by the differ"),
+        count("hands the layer to containerd"),
+        count("layer converted to erofs"),
+    )
 }
 
 /// `n` containers of each image started at once through each snapshotter (`ctr run -d`,
@@ -605,10 +626,21 @@ fn wait_no_layers(snap: &SnapshotterDaemon) -> anyhow::Result<()> {
 
 /// Bytes under `path` as `du -s -B1 -x` counts them.
 pub fn du(path: &Path) -> anyhow::Result<u64> {
-    let out = Command::new("du")
-        .args(["-s", "-B1", "-x"])
-        .arg(path)
-        .output()?;
+    let mut tries = 0;
+    let out = loop {
+        let out = Command::new("du")
+            .args(["-s", "-B1", "-x"])
+            .arg(path)
+            .output()?;
+        // containerd's garbage collector may remove a snapshot while du walks: again, once
+        // it is done.
+        let vanished = String::from_utf8_lossy(&out.stderr).contains("No such file or directory");
+        tries += 1;
+        if out.status.success() || !vanished || tries == 5 {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
     if !out.status.success() {
         bail!(
             "du {}: {}",

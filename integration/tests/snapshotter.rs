@@ -1383,7 +1383,10 @@ fn containerd_reads_the_plugin_snippet(v: ContainerdVersion) {
             .get("proxy_plugins")
             .and_then(|p| p.get("hyperbox-differ"))
             .unwrap_or_else(|| panic!("no proxy plugin hyperbox-differ in the dump:\n{text}"));
-        assert_eq!(differ.get("type").and_then(toml::Value::as_str), Some("diff"));
+        assert_eq!(
+            differ.get("type").and_then(toml::Value::as_str),
+            Some("diff")
+        );
         assert_eq!(
             differ.get("address").and_then(toml::Value::as_str),
             ours.get("differ_address").and_then(toml::Value::as_str)

@@ -1118,6 +1118,135 @@ mod tests {
         fs::remove_dir_all(&root).unwrap();
     }
 
+    /// An archive with a directory and a file, or (with `orphan`) a file whose parent is not
+    /// in it.
+    fn layer_archive(orphan: bool) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, kind: tar::EntryType, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(0o755);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        if orphan {
+            add("missing/file", tar::EntryType::Regular, b"x");
+        } else {
+            add("etc/", tar::EntryType::Directory, b"");
+            add("etc/motd", tar::EntryType::Regular, &[7u8; 100_000]);
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// The differ's unpack: only into an empty unpack snapshot (`extract-` key) of this
+    /// snapshotter; a refused or broken archive leaves the snapshot as it was (no image, no
+    /// chunks, still a directory), and the next try works; Commit then needs no conversion.
+    #[test]
+    fn the_differ_unpacks_archives_into_empty_unpack_snapshots_only() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root to mount erofs");
+            return;
+        }
+        let root = temp_root("differ");
+        let s = HyperboxSnapshotter::open(&root, LayerOptions::default()).unwrap();
+        let i = &s.inner;
+        let key = "ns/7/extract-123-abc sha256:aa".to_string();
+        let m = i
+            .create(SnapshotKind::Active, key.clone(), "".into(), labels())
+            .unwrap();
+        let fs_dir = PathBuf::from(&m[0].source);
+        let id = s.snapshot_of_dir(&fs_dir).expect("our snapshot");
+        assert_eq!(i.layout.fs_dir(id), fs_dir);
+        for other in [
+            fs_dir.join("sub"),
+            fs_dir.parent().unwrap().to_path_buf(),
+            i.layout.snapshots_dir().join("x").join("fs"),
+            PathBuf::from("/var/lib/elsewhere/snapshots/1/fs"),
+        ] {
+            assert_eq!(s.snapshot_of_dir(&other), None, "{}", other.display());
+        }
+        let shown = Path::new("layer.tar");
+        let untouched = |i: &Inner| {
+            let rec = i.store.read().unwrap().get(&key).unwrap().unwrap();
+            assert!(!rec.storage.is_erofs());
+            assert!(!i.layout.image_path(id).exists());
+            assert!(i.chunks.layers().unwrap().is_empty());
+            assert!(!conversion::mount_points()
+                .unwrap()
+                .contains(&i.layout.erofs_dir(id)));
+        };
+        // Refused by the archive path, and cut short: nothing is left.
+        let orphan = layer_archive(true);
+        let e = s
+            .unpack_archive(id, &mut &orphan[..], shown)
+            .expect_err("parent not in the archive");
+        assert!(e.to_string().contains("parent directory"), "{e}");
+        untouched(i);
+        let good = layer_archive(false);
+        let cut = &good[..good.len() / 2];
+        assert!(s.unpack_archive(id, &mut &cut[..], shown).is_err());
+        untouched(i);
+        // Not an unpack's snapshot, or not empty: refused.
+        i.create(
+            SnapshotKind::Active,
+            "ns/7/container".into(),
+            "".into(),
+            labels(),
+        )
+        .unwrap();
+        let other = i
+            .store
+            .read()
+            .unwrap()
+            .get("ns/7/container")
+            .unwrap()
+            .unwrap();
+        assert!(s.unpack_archive(other.id, &mut &good[..], shown).is_err());
+        fs::write(fs_dir.join("written"), b"by someone").unwrap();
+        assert!(s.unpack_archive(id, &mut &good[..], shown).is_err());
+        fs::remove_file(fs_dir.join("written")).unwrap();
+        untouched(i);
+
+        s.unpack_archive(id, &mut &good[..], shown).unwrap();
+        let rec = i.store.read().unwrap().get(&key).unwrap().unwrap();
+        assert!(rec.storage.is_erofs());
+        assert!(rec.conversion.as_ref().unwrap().from_archive);
+        assert!(labels_of(&rec)[CONVERSION_LABEL].starts_with("from the archive by the differ"));
+        let mounted = i.layout.erofs_dir(id);
+        assert_eq!(fs::read(mounted.join("etc/motd")).unwrap(), [7u8; 100_000]);
+        // Twice: refused (no longer a directory).
+        assert!(s.unpack_archive(id, &mut &good[..], shown).is_err());
+        i.commit("ns/7/L".into(), key.clone(), labels()).unwrap();
+        let m = i
+            .create(
+                SnapshotKind::Active,
+                "ns/7/c".into(),
+                "ns/7/L".into(),
+                labels(),
+            )
+            .unwrap();
+        assert!(
+            m[0].options
+                .iter()
+                .any(|o| o.contains(&*mounted.to_string_lossy())),
+            "{m:?}"
+        );
+        assert!(
+            !fs_dir.exists(),
+            "the empty plain dir is released at Commit"
+        );
+        i.remove("ns/7/c").unwrap();
+        i.remove("ns/7/container").unwrap();
+        i.remove("ns/7/L").unwrap();
+        assert!(!conversion::mount_points().unwrap().contains(&mounted));
+        assert!(i.chunks.layers().unwrap().is_empty());
+        drop(s);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     fn busy(e: &str) -> bool {
         e.contains("already open") || e.contains("in use by another process")
     }
