@@ -320,17 +320,21 @@ mod tests {
     /// at a time, so that each sees only its own children.
     static ONE_REAPER: Mutex<()> = Mutex::new(());
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// Failed `exec`s while the reaper runs: without the guard, the reaper takes some of the
     /// failed children before std's own `waitpid`, and std panics.
     #[test]
     fn failed_execs_are_not_stolen_from_spawn() {
         use std::os::unix::process::CommandExt;
         let _one = ONE_REAPER.lock().unwrap_or_else(|p| p.into_inner());
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let _rx = rt.block_on(async { spawn() }).unwrap();
         for _ in 0..300 {
             let mut cmd = Command::new("/no/such/program");
@@ -353,11 +357,7 @@ mod tests {
     #[test]
     fn owned_children_are_handed_their_status_by_the_reaper() {
         let _one = ONE_REAPER.lock().unwrap_or_else(|p| p.into_inner());
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let mut rx = rt.block_on(async { spawn() }).unwrap();
         for i in 0..200 {
             let out = output(

@@ -40,7 +40,7 @@ use std::sync::{mpsc, Weak};
 use std::time::Instant;
 
 use hyperbox_erofs::{
-    commit_layer, commit_layer_from_tar, mount_image, write_merged_image, ImageOptions,
+    commit_layer, commit_layer_from_tar, mount_image, write_merged_image, ImageOptions, LayerReport,
 };
 use nix::mount::{umount2, MntFlags};
 use tracing::{error, info, warn};
@@ -597,12 +597,7 @@ impl Inner {
         let mut tmp = image.clone().into_os_string();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
-        let limits = self.options.limits;
-        let options = ImageOptions::default()
-            .with_max_depth(limits.max_depth)
-            .with_max_inodes(limits.max_inodes)
-            .with_max_image_bytes(limits.max_image_bytes)
-            .with_time_limit(limits.timeout);
+        let options = self.image_options();
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -756,14 +751,46 @@ impl Inner {
         self.drop_erofs_layer(id)?;
         let fs_dir = self.layout.fs_dir(id);
         let image = self.layout.image_path(id);
+        let options = self.image_options();
+        let report = commit_layer(&self.chunks, &id.to_string(), &fs_dir, &image, &options)
+            .map_err(|source| SnapshotterError::Layer { id, source })?;
+        let Some(cost) = self.switch_to_image(key, id, &report, started, false)? else {
+            // Removed meanwhile (cannot happen while the lock is held; kept for safety).
+            self.drop_erofs_layer(id)?;
+            return Ok(());
+        };
+        info!(
+            key,
+            id,
+            millis = cost.millis,
+            peak_rss_mib = cost.peak_rss_bytes >> 20,
+            image = ?report.image,
+            chunks = ?report.chunks,
+            "layer converted to erofs"
+        );
+        Ok(())
+    }
+
+    /// The limits of one layer's image, from the config.
+    fn image_options(&self) -> ImageOptions {
         let limits = self.options.limits;
-        let options = ImageOptions::default()
+        ImageOptions::default()
             .with_max_depth(limits.max_depth)
             .with_max_inodes(limits.max_inodes)
             .with_max_image_bytes(limits.max_image_bytes)
-            .with_time_limit(limits.timeout);
-        let report = commit_layer(&self.chunks, &id.to_string(), &fs_dir, &image, &options)
-            .map_err(|source| SnapshotterError::Layer { id, source })?;
+            .with_time_limit(limits.timeout)
+    }
+
+    /// Mounts layer `id`'s new image, then switches its record (under `key`) to it in one
+    /// transaction, with what it cost since `started`; `None` when the record is gone.
+    fn switch_to_image(
+        &self,
+        key: &str,
+        id: u64,
+        report: &LayerReport,
+        started: Instant,
+        from_archive: bool,
+    ) -> Result<Option<ConversionReport>> {
         self.mount_layer(id)?;
         let cost = ConversionReport {
             millis: started.elapsed().as_millis() as u64,
@@ -779,23 +806,11 @@ impl Inner {
                 first_stored_bytes: report.chunks.new_bytes,
                 merged_ns: None,
             };
-            rec.conversion.get_or_insert_with(Default::default).report = Some(cost.clone());
+            let c = rec.conversion.get_or_insert_with(Default::default);
+            c.report = Some(cost.clone());
+            c.from_archive = from_archive;
         })?;
-        if !switched {
-            // Removed meanwhile (cannot happen while the lock is held; kept for safety).
-            self.drop_erofs_layer(id)?;
-            return Ok(());
-        }
-        info!(
-            key,
-            id,
-            millis = cost.millis,
-            peak_rss_mib = cost.peak_rss_bytes >> 20,
-            image = ?report.image,
-            chunks = ?report.chunks,
-            "layer converted to erofs"
-        );
-        Ok(())
+        Ok(switched.then_some(cost))
     }
 
     /// The differ's unpack of a layer archive into active snapshot `id`: the layer's EROFS
@@ -853,39 +868,15 @@ impl Inner {
         started: Instant,
     ) -> Result<()> {
         let image = self.layout.image_path(id);
-        let limits = self.options.limits;
-        let options = ImageOptions::default()
-            .with_max_depth(limits.max_depth)
-            .with_max_inodes(limits.max_inodes)
-            .with_max_image_bytes(limits.max_image_bytes)
-            .with_time_limit(limits.timeout);
+        let options = self.image_options();
         let report =
             commit_layer_from_tar(&self.chunks, &id.to_string(), tar, shown, &image, &options)
                 .map_err(|source| SnapshotterError::Layer { id, source })?;
         // What follows the end-of-archive marker is read too (the caller's digest covers it).
         io::copy(tar, &mut io::sink()).map_err(io_err("cannot read the end of", shown))?;
-        self.mount_layer(id)?;
-        let cost = ConversionReport {
-            millis: started.elapsed().as_millis() as u64,
-            peak_rss_bytes: peak_rss_bytes(),
-            image_bytes: report.image.image_bytes,
-            inodes: report.image.inodes,
-            chunks: report.image.chunks,
-            new_chunks: report.chunks.new_chunks,
-        };
-        let switched = self.update_conversion(key, id, |rec| {
-            rec.storage = LayerStorage::Erofs {
-                converted_ns: store::now_ns(),
-                first_stored_bytes: report.chunks.new_bytes,
-                merged_ns: None,
-            };
-            let c = rec.conversion.get_or_insert_with(Default::default);
-            c.report = Some(cost.clone());
-            c.from_archive = true;
-        })?;
-        if !switched {
+        let Some(cost) = self.switch_to_image(key, id, &report, started, true)? else {
             return Err(SnapshotterError::NotFound(key.to_string()));
-        }
+        };
         info!(
             key,
             id,

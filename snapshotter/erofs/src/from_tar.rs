@@ -35,7 +35,7 @@ use tar::EntryType;
 use crate::format;
 use crate::merge::{flatten_tree, MNode};
 use crate::writer::{
-    write_layout, Body, ChunkSink, ImageError, ImageOptions, ImageStats, Node, Spill,
+    check_chunk_bits, Body, ChunkSink, ImageError, ImageOptions, ImageStats, Layout, Node, Spill,
     SPILL_CHUNK_RECORD,
 };
 
@@ -113,12 +113,7 @@ pub fn write_image_from_tar(
 ) -> Result<ImageStats, ImageError> {
     let started = Instant::now();
     let chunk_bits = sink.chunk_bits();
-    if !(format::BLOCK_BITS..=format::BLOCK_BITS + 31).contains(&chunk_bits) {
-        return Err(ImageError::TooLarge {
-            path: shown.to_path_buf(),
-            what: "chunk size must be a block size multiple below 2^43",
-        });
-    }
+    check_chunk_bits(chunk_bits, shown)?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -199,17 +194,15 @@ pub fn write_image_from_tar(
         }
     }
     let devices = b.sink.device_table();
-    let spill = b.spill.finish()?;
-    let mut stats = b.stats;
-    out.set_len(0).map_err(|source| ImageError::Io {
-        op: "truncate",
-        path: out_path.to_path_buf(),
-        source,
-    })?;
-    stats.image_bytes = write_layout(
-        &mut nodes, &devices, options, chunk_bits, shown, &spill, out, out_path, &mut stats,
-    )?;
-    stats.inodes = nodes.len() as u64;
+    let layout = Layout {
+        devices: &devices,
+        options,
+        chunk_bits,
+        root: shown,
+        out,
+        out_path,
+    };
+    let stats = layout.finish(&mut nodes, b.spill, b.stats)?;
     tracing::debug!(archive = %shown.display(), image = %out_path.display(), ?stats, "wrote erofs image from a layer archive");
     Ok(stats)
 }

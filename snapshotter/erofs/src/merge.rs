@@ -28,8 +28,7 @@ use std::time::Instant;
 use crate::format;
 use crate::reader::{Image, Inode};
 use crate::writer::{
-    write_layout, Body, DeviceSlot, ImageError, ImageOptions, ImageStats, Node, Spill,
-    SPILL_CHUNK_RECORD,
+    Body, DeviceSlot, ImageError, ImageOptions, ImageStats, Layout, Node, Spill, SPILL_CHUNK_RECORD,
 };
 
 /// The xattr overlayfs marks an opaque directory with (containerd's applier writes it).
@@ -97,17 +96,15 @@ pub fn write_merged_image(
     }
     let chunk_bits = m.chunk_bits.unwrap_or(format::BLOCK_BITS);
     let mut nodes = m.flatten(top)?;
-    let spill = m.spill.finish()?;
-    let mut stats = m.stats;
-    out.set_len(0).map_err(|source| ImageError::Io {
-        op: "truncate",
-        path: out_path.to_path_buf(),
-        source,
-    })?;
-    stats.image_bytes = write_layout(
-        &mut nodes, &devices, options, chunk_bits, top, &spill, out, out_path, &mut stats,
-    )?;
-    stats.inodes = nodes.len() as u64;
+    let layout = Layout {
+        devices: &devices,
+        options,
+        chunk_bits,
+        root: top,
+        out,
+        out_path,
+    };
+    let stats = layout.finish(&mut nodes, m.spill, m.stats)?;
     tracing::debug!(layers = layers.len(), image = %out_path.display(), ?stats, "wrote merged erofs image");
     Ok(stats)
 }

@@ -382,12 +382,7 @@ pub fn write_image(
 ) -> Result<ImageStats, ImageError> {
     let started = Instant::now();
     let chunk_bits = sink.chunk_bits();
-    if !(format::BLOCK_BITS..=format::BLOCK_BITS + 31).contains(&chunk_bits) {
-        return Err(ImageError::TooLarge {
-            path: root.to_path_buf(),
-            what: "chunk size must be a block size multiple below 2^43",
-        });
-    }
+    check_chunk_bits(chunk_bits, root)?;
     let spill = Spill::create(out_path.parent().unwrap_or(Path::new(".")))?;
     let mut walker = Walker {
         nodes: Vec::new(),
@@ -404,22 +399,15 @@ pub fn write_image(
     };
     walker.walk(root)?;
     let devices = walker.sink.device_table();
-    let mut stats = walker.stats;
-    let spill = walker.spill.finish()?;
-    out.set_len(0).map_err(std_io_err("truncate", out_path))?;
-    let written = write_layout(
-        &mut walker.nodes,
-        &devices,
+    let layout = Layout {
+        devices: &devices,
         options,
         chunk_bits,
         root,
-        &spill,
         out,
         out_path,
-        &mut stats,
-    )?;
-    stats.image_bytes = written;
-    stats.inodes = walker.nodes.len() as u64;
+    };
+    let stats = layout.finish(&mut walker.nodes, walker.spill, walker.stats)?;
     tracing::debug!(root = %root.display(), image = %out_path.display(), ?stats, "wrote erofs image");
     Ok(stats)
 }
@@ -967,6 +955,57 @@ fn dir_data(
     }
     debug_assert_eq!(out.len() as u64, size);
     out
+}
+
+/// The chunk size must be a whole number of blocks, below 2^43 bytes.
+pub(crate) fn check_chunk_bits(chunk_bits: u8, root: &Path) -> Result<(), ImageError> {
+    if (format::BLOCK_BITS..=format::BLOCK_BITS + 31).contains(&chunk_bits) {
+        return Ok(());
+    }
+    Err(ImageError::TooLarge {
+        path: root.to_path_buf(),
+        what: "chunk size must be a block size multiple below 2^43",
+    })
+}
+
+/// Where and how a tree of nodes becomes an image file.
+pub(crate) struct Layout<'a> {
+    pub(crate) devices: &'a [DeviceSlot],
+    pub(crate) options: &'a ImageOptions,
+    pub(crate) chunk_bits: u8,
+    /// Names the source in errors.
+    pub(crate) root: &'a Path,
+    pub(crate) out: &'a File,
+    pub(crate) out_path: &'a Path,
+}
+
+impl Layout<'_> {
+    /// Truncates the image file, writes `nodes` into it with the data gathered in `spill`,
+    /// and completes `stats` (image size, inodes).
+    pub(crate) fn finish(
+        &self,
+        nodes: &mut [Node],
+        spill: Spill,
+        mut stats: ImageStats,
+    ) -> Result<ImageStats, ImageError> {
+        let spill = spill.finish()?;
+        self.out
+            .set_len(0)
+            .map_err(std_io_err("truncate", self.out_path))?;
+        stats.image_bytes = write_layout(
+            nodes,
+            self.devices,
+            self.options,
+            self.chunk_bits,
+            self.root,
+            &spill,
+            self.out,
+            self.out_path,
+            &mut stats,
+        )?;
+        stats.inodes = nodes.len() as u64;
+        Ok(stats)
+    }
 }
 
 /// Lays the nodes out and streams the image into `out`; returns its size.
