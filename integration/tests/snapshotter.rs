@@ -36,7 +36,9 @@ use containerd_client::services::v1::{
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
 use containerd_client::types::Mount;
-use hyperbox_integration::containerd::{Containerd, ContainerdError, ContainerdVersion};
+use hyperbox_integration::containerd::{
+    Containerd, ContainerdBuilder, ContainerdError, ContainerdVersion,
+};
 use hyperbox_integration::images::{self, TestImage};
 use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::{Footprint, Sandbox};
@@ -74,11 +76,21 @@ impl Fixture {
     }
 
     fn start_inner(v: ContainerdVersion, extra_config: &str, peer: bool) -> Fixture {
+        Self::start_built(
+            v,
+            extra_config,
+            |b| if peer { b.with_erofs_peer() } else { b },
+        )
+    }
+
+    /// [`Fixture::start_with`], the daemon's builder changed by `change`.
+    fn start_built(
+        v: ContainerdVersion,
+        extra_config: &str,
+        change: impl FnOnce(ContainerdBuilder) -> ContainerdBuilder,
+    ) -> Fixture {
         let snap = SnapshotterDaemon::start(extra_config).expect("snapshotter started");
-        let mut builder = snap.register(PLUGIN, Containerd::builder(v));
-        if peer {
-            builder = builder.with_erofs_peer();
-        }
+        let builder = change(snap.register(PLUGIN, Containerd::builder(v)));
         let bed = TestBed::with_builder(builder).expect("test bed");
         let merges = !extra_config.contains("merge_layers = false")
             && !extra_config.contains("convert = false");
@@ -2924,8 +2936,6 @@ fn a_sparse_file_over_4_gib_through_tar() {
 /// containerd's walking differ, and that layer is converted after its Commit as before.
 /// containerd 1.6 and 1.7 have no diff proxy plugins: there every layer is converted.
 fn differ_unpacks(v: ContainerdVersion) {
-    use hyperbox_integration::images::layer::{self, LayerEntry};
-    use hyperbox_integration::images::oci;
     use hyperbox_integration::snapshotter::CONVERSION_LABEL;
     const BY_DIFFER: &str = "from the archive by the differ";
     let f = Fixture::start(v);
@@ -2975,29 +2985,7 @@ fn differ_unpacks(v: ContainerdVersion) {
     );
 
     // An upper layer whose entry's parent directories are not in the archive: handed over.
-    let work = f.snap.dir().join("differ");
-    let tree = work.join("tree");
-    extract_busybox(&tree);
-    let layout = work.join("layout");
-    let archive = work.join("orphan.tar");
-    let epoch = 2_000_000_000;
-    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
-    let mut lower = layer::scan_tree(&tree).expect("scan");
-    writer.add_layer(&mut lower).expect("lower layer");
-    let mut upper = vec![LayerEntry::file(
-        "etc/added/deep",
-        0o644,
-        b"unpacked by containerd".to_vec(),
-    )];
-    writer.add_layer(&mut upper).expect("upper layer");
-    let run = oci::RunConfig {
-        cmd: vec!["sh".into()],
-        env: vec!["PATH=/bin:/usr/bin".into()],
-        history: vec!["busybox".into(), "an entry without its parents".into()],
-    };
-    let reference = "docker.io/hyperbox/orphan:latest";
-    writer.finish(&run, "latest", reference).expect("finish");
-    oci::write_archive(&layout, &archive, epoch).expect("archive");
+    let (archive, reference) = orphan_image(&f);
     f.c()
         .ctr_run(&[
             "images",
@@ -3033,3 +3021,85 @@ fn differ_unpacks(v: ContainerdVersion) {
 }
 
 per_version!(differ, differ_unpacks);
+
+/// An image of busybox and one layer whose only entry's parent directories are not in its
+/// archive (`etc/added/deep`): hyperbox's differ hands that layer to containerd. Returns the
+/// image archive and its reference.
+fn orphan_image(f: &Fixture) -> (PathBuf, &'static str) {
+    use hyperbox_integration::images::layer::{self, LayerEntry};
+    use hyperbox_integration::images::oci;
+    let work = f.snap.dir().join("differ");
+    let tree = work.join("tree");
+    extract_busybox(&tree);
+    let layout = work.join("layout");
+    let archive = work.join("orphan.tar");
+    let epoch = 2_000_000_000;
+    let mut writer = oci::LayoutWriter::create(&layout, epoch).expect("layout");
+    let mut lower = layer::scan_tree(&tree).expect("scan");
+    writer.add_layer(&mut lower).expect("lower layer");
+    let mut upper = vec![LayerEntry::file(
+        "etc/added/deep",
+        0o644,
+        b"unpacked by containerd".to_vec(),
+    )];
+    writer.add_layer(&mut upper).expect("upper layer");
+    let run = oci::RunConfig {
+        cmd: vec!["sh".into()],
+        env: vec!["PATH=/bin:/usr/bin".into()],
+        history: vec!["busybox".into(), "an entry without its parents".into()],
+    };
+    let reference = "docker.io/hyperbox/orphan:latest";
+    writer.finish(&run, "latest", reference).expect("finish");
+    oci::write_archive(&layout, &archive, epoch).expect("archive");
+    (archive, reference)
+}
+
+/// containerd 2.x's diff service with hyperbox's differ in its `default` list, against the
+/// advice of config/containerd-snapshotter.v3.toml: a layer the differ hands over to that
+/// service comes back to it, and it answers Unimplemented, so that the service goes on to
+/// the walking differ instead of round in a loop. Through the diff service itself (`ctr
+/// images import --local`, not the transfer service).
+#[test]
+#[cfg_attr(
+    hyperbox_containerd2_unavailable,
+    ignore = "containerd 2.1 skipped: HYPERBOX_THIRD_PARTY_SRC does not name a folder holding \
+              containerd-2.1.9-src.tar.xz (CI sets it)"
+)]
+fn differ_listed_by_the_diff_service_on_containerd_2_1() {
+    let v = ContainerdVersion::V2_1;
+    if !ContainerdVersion::selected().contains(&v) {
+        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        return;
+    }
+    let snippet = std::env::temp_dir().join(format!("hb-diff-service-{}.toml", std::process::id()));
+    fs::write(
+        &snippet,
+        "version = 3\n[plugins.\"io.containerd.service.v1.diff-service\"]\n  \
+         default = [\"hyperbox-differ\", \"walking\"]\n",
+    )
+    .unwrap();
+    let f = Fixture::start_built(v, "", |b| b.with_import(&snippet));
+    let (archive, reference) = orphan_image(&f);
+    let started = Instant::now();
+    f.c()
+        .ctr_run(&[
+            "images",
+            "import",
+            "--local",
+            "--snapshotter",
+            PLUGIN,
+            &archive.to_string_lossy(),
+        ])
+        .expect("import through the diff service");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let log = f.snap.log();
+    assert!(log.contains("layer unpacked by the differ"), "{log}");
+    assert!(log.contains("hands the layer to containerd"), "{log}");
+    f.wait_converted(&f.direct());
+    f.run_check(
+        reference,
+        "differ-listed",
+        "test \"$(cat /etc/added/deep)\" = 'unpacked by containerd'",
+    );
+    let _ = fs::remove_file(&snippet);
+}

@@ -17,9 +17,11 @@
 //!   direct path, which leaves the snapshot as it was. That layer is unpacked on disk by the
 //!   walking differ and converted after its Commit, as without the differ.
 //!
-//! containerd's diff service must not list this differ itself (its `default` list of
-//! `io.containerd.service.v1.diff-service`), or a handed-over request would come back.
+//! containerd's diff service should not list this differ itself (its `default` list of
+//! `io.containerd.service.v1.diff-service`): a handed-over request would come back. One that
+//! does is answered Unimplemented, which sends the service on to its next differ.
 
+use std::collections::HashSet;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,6 +52,37 @@ const TAR_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 pub struct Differ {
     snapshotter: HyperboxSnapshotter,
     containerd: Arc<PathBuf>,
+    /// Applies being handed to containerd's diff service, by blob and mounts. One that
+    /// comes back while it is (containerd's diff service lists this differ in its `default`
+    /// list, against the advice) is answered Unimplemented, which sends the service on to
+    /// its next differ instead of round in a loop.
+    handing_over: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// Removes an Apply from [`Differ::handing_over`] when the hand-over ends.
+struct HandingOver {
+    set: Arc<std::sync::Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl Drop for HandingOver {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// What identifies an Apply: the blob and where it goes.
+fn apply_key(req: &ApplyRequest) -> String {
+    let digest = req.diff.as_ref().map_or("", |d| d.digest.as_str());
+    let mounts: Vec<String> = req
+        .mounts
+        .iter()
+        .map(|m| format!("{} {} {}", m.r#type, m.source, m.options.join(",")))
+        .collect();
+    format!("{digest} {}", mounts.join(" | "))
 }
 
 /// How a blob is compressed, told by its first bytes as containerd tells it.
@@ -133,6 +166,7 @@ impl Differ {
         Differ {
             snapshotter,
             containerd: Arc::new(containerd),
+            handing_over: Arc::default(),
         }
     }
 
@@ -169,6 +203,15 @@ impl Differ {
         namespace: Option<String>,
         req: ApplyRequest,
     ) -> Result<Response<ApplyResponse>, Status> {
+        let key = apply_key(&req);
+        self.handing_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        let _done = HandingOver {
+            set: self.handing_over.clone(),
+            key,
+        };
         let mut forwarded = Request::new(req);
         if let Some(ns) = namespace.and_then(|n| n.parse().ok()) {
             forwarded.metadata_mut().insert(NAMESPACE_HEADER, ns);
@@ -191,6 +234,17 @@ impl Differ {
         let Some(desc) = req.diff.clone() else {
             return Err(Status::invalid_argument("Apply without a descriptor"));
         };
+        if self
+            .handing_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&apply_key(&req))
+        {
+            return Err(Status::unimplemented(
+                "hyperbox's differ handed this layer to containerd's diff service, which asked \
+                 it back: that service's `default` list must not name hyperbox's differ",
+            ));
+        }
         let id = match self.snapshot_of(&req.mounts) {
             Some(id) if req.payloads.is_empty() && readable_layer_type(&desc.media_type) => id,
             _ => return self.hand_over(namespace, req).await,
