@@ -46,9 +46,9 @@ pub const WASM_V1: &str = "io.containerd.hyperbox-wasm.v1";
 /// Where the wasm shim keeps compiled guests (`hyperbox_shim_wasm::cache::CACHE_DIR`; not
 /// linked here, to keep wasmtime out of the benchmark).
 pub const COMPILE_CACHE_DIR: &str = "/var/lib/hyperbox/wasm-cache";
-/// Issue 6's goal: a warm wasm `ctr run --rm` at most this share of runc.v2's native one.
+/// The goal: a warm wasm `ctr run --rm` at most this share of runc.v2's native one.
 pub const GOAL_WARM_RATIO: f64 = 0.5;
-/// Issue 6's goal: at most this PSS (MiB) per running wasm container.
+/// The goal: at most this PSS (MiB) per running wasm container.
 pub const GOAL_PSS_MIB: f64 = 12.0;
 
 /// Prints `hello from wasm` and returns from `_start` (exit 0). `TAG` makes the module, and
@@ -308,7 +308,7 @@ pub struct KillTimings {
     pub until_kill_returned: Timings,
 }
 
-/// Issue 6's goals beside what was measured.
+/// The goals beside what was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Goals {
     /// Warm wasm (rootfs) median over runc.v2's.
@@ -459,7 +459,7 @@ impl WasmReport {
         s.push_str(&render_timings(&self.kill.until_kill_returned));
 
         let g = &self.goals;
-        s.push_str("\nissue 6 goals:\n");
+        s.push_str("\ngoals:\n");
         s.push_str(&format!(
             "warm wasm ctr run --rm ≤ {GOAL_WARM_RATIO} × runc.v2 native: {:.3} from a rootfs \
              ({})",

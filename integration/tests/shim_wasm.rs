@@ -526,7 +526,7 @@ fn native_containers_run_through_the_wasm_runtime(v: ContainerdVersion) {
 }
 per_version!(native, native_containers_run_through_the_wasm_runtime);
 
-/// Issue 6, test 6: 50 guests started at once (50 `ctr run`, 50 shims) all complete, each
+/// 50 guests started at once (50 `ctr run`, 50 shims) all complete, each
 /// with its own args and environment on its own stdout. No timing is asserted: on a small
 /// machine they queue for the CPUs, so each `ctr` gets a generous limit.
 fn many_guests_at_once_keep_their_own_output(v: ContainerdVersion) {
@@ -628,7 +628,7 @@ fn hex_of(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap()
 }
 
-/// Issue 6, test 2 (and item b): OCI wasm images in runwasi's format, `architecture: wasm`
+/// OCI wasm images in runwasi's format, `architecture: wasm`
 /// with the guest as a raw layer, pulled from a registry by containerd 1.7 (which accepts
 /// them from 1.7.7 on; 1.6 refuses the platform) and 2.1, and run from its content store. The wasm
 /// layer is not part of the root filesystem: containerd unpacks only the image's tar layers
@@ -980,7 +980,7 @@ fn get_in_netns(pid: u32, port: u16, path: &str) -> String {
     .expect("request thread")
 }
 
-/// Issue 6, test 4: a component exporting `wasi:http/incoming-handler` is served on the port
+/// A component exporting `wasi:http/incoming-handler` is served on the port
 /// from the container's environment, in the container's own network namespace, one instance
 /// per request; SIGTERM stops the server (143).
 fn an_http_component_answers_inside_its_netns(v: ContainerdVersion) {

@@ -635,7 +635,7 @@ fn teardown_leaves_nothing(f: Fixture) {
     }
 }
 
-/// Test 1: busybox, debian and debian-python pulled through the snapshotter (the two Debian
+/// Busybox, debian and debian-python pulled through the snapshotter (the two Debian
 /// images concurrently: they share the debian layer) run through the runc shim, from mounts
 /// of the snapshotter's directories.
 fn images_run_from_the_snapshotter(v: ContainerdVersion) {
@@ -699,7 +699,7 @@ fn images_run_from_the_snapshotter(v: ContainerdVersion) {
 }
 per_version!(images_run, images_run_from_the_snapshotter);
 
-/// Test 5: Usage of an active snapshot is exactly `du` of its upper dir (bytes and inodes),
+/// Usage of an active snapshot is exactly `du` of its upper dir (bytes and inodes),
 /// a committed layer's is `du` of its directory, and removing an image's snapshots gives its
 /// disk back.
 fn usage_and_disk(v: ContainerdVersion) {
@@ -853,7 +853,7 @@ fn bad_calls(calls: &Calls, tag: &str) -> Vec<Outcome> {
     out
 }
 
-/// Test 6: bad input gets clear errors with the codes containerd's overlayfs snapshotter gives
+/// Bad input gets clear errors with the codes containerd's overlayfs snapshotter gives
 /// for the same calls, the snapshotter itself answers containerd's codes, keys are never
 /// paths, and nothing else is damaged.
 fn bad_input(v: ContainerdVersion) {
@@ -1052,7 +1052,7 @@ fn assert_no_failed_reads(f: &Fixture) {
     panic!("no verdict from the reader container: {outputs:?}");
 }
 
-/// Test 4: `kill -9` of the snapshotter while containerd unpacks a layer. The pull fails, a
+/// `kill -9` of the snapshotter while containerd unpacks a layer. The pull fails, a
 /// running container keeps reading its files throughout, the restarted snapshotter recovers
 /// (earlier snapshots intact, nothing half-made left), and the retried pull succeeds.
 fn kill9_during_unpack(v: ContainerdVersion) {
@@ -1685,7 +1685,7 @@ fn sh(script: &str) {
     assert!(out.status.success(), "{script}: {out:?}");
 }
 
-/// Test 3, the dedup set: five single-layer images, each a whole Debian rootfs flattened
+/// The dedup set: five single-layer images, each a whole Debian rootfs flattened
 /// into one layer (the base and four variants adding a package or changing files), as
 /// separate pipelines produce them, so overlayfs shares nothing between them. Imported
 /// through overlayfs and through hyperbox: the shared data is stored once (hyperbox's root
@@ -1861,7 +1861,7 @@ fn image_on_debian(debian: &images::BuiltImage, tree: &Path, work: &Path, name: 
     archive
 }
 
-/// Test 3, the multi-layer set: debian, debian-python (debian's layer plus python's) and
+/// The multi-layer set: debian, debian-python (debian's layer plus python's) and
 /// two more images built `FROM debian` (a package added; configuration and a binary
 /// changed), imported through overlayfs and through hyperbox. Both keep one snapshot per
 /// distinct layer (the base is shared by all four images), and hyperbox's root, with every
@@ -2112,7 +2112,7 @@ fn differences(
     diffs
 }
 
-/// Test 2, fidelity: an image holding every kind of entry (regular, empty, sparse-ish,
+/// Fidelity: an image holding every kind of entry (regular, empty, sparse-ish,
 /// hard-linked, symlinks, dirs, device nodes, FIFOs, set-uid/set-gid/sticky, owners, mtimes,
 /// xattrs with `security.capability`), with deletions and an opaque dir in an upper layer,
 /// gives a running container a root identical, entry by entry (type, mode, owner, size,
