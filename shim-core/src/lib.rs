@@ -10,6 +10,7 @@
 //! ttrpc codes in [`ShimError::code`].
 
 mod cgroup;
+mod cgroup_warmup;
 mod console;
 mod engine;
 mod error;
@@ -20,6 +21,7 @@ mod service;
 mod shim;
 mod stdio;
 pub mod template;
+pub mod timeline;
 
 pub use cgroup::ContainerCgroup;
 pub use engine::{

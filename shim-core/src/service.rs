@@ -56,6 +56,7 @@ use crate::options::{CheckpointOptions, RuntimeOptions};
 use crate::reaper::Reaped;
 use crate::stdio::{IoOwner, OpenedStdio, OutputCopy, StdinFeeder, StdioPaths, StreamOwner};
 use crate::template::{self, CapturePlan, Captured, Readiness, TemplateCapture, TemplatePlan};
+use crate::timeline;
 
 /// How long Delete waits for a created-but-never-started init to die after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -142,9 +143,9 @@ struct Container {
     bundle: PathBuf,
     init: Process,
     execs: HashMap<String, Process>,
-    /// Its cgroup, for Pause/Resume, Update, Stats and OOM events; `None` when the engine's
-    /// cgroup could not be opened (logged at Create).
-    cgroup: Option<Arc<ContainerCgroup>>,
+    /// Its cgroup, for Pause/Resume, Update, Stats and OOM events; `None` inside when the
+    /// engine's cgroup could not be opened (logged).
+    cgroup: CgroupSlot,
     /// Frozen by Pause.
     paused: bool,
     /// Restored from a checkpoint: its init runs from Create on, Start only reports it.
@@ -397,6 +398,9 @@ impl Inner {
 
     /// Records the exit `r` of process `exec_id` of container `id` and reports it.
     async fn handle_exit(&self, id: &str, exec_id: &str, r: Reaped) {
+        if exec_id.is_empty() {
+            timeline::mark("exit.reaped", id);
+        }
         let exit = Exit {
             status: r.status,
             at: r.at,
@@ -461,8 +465,12 @@ impl Inner {
                 status = event.exit_status,
                 "exited"
             );
+            let init = (event.id == event.container_id).then(|| event.container_id.clone());
             self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event))
                 .await;
+            if let Some(id) = init {
+                timeline::mark("exit.published", &id);
+            }
         }
     }
 
@@ -621,7 +629,8 @@ impl Inner {
         init.console = console;
         init.fifo_readers = fifo_readers;
         init.announced = false;
-        let cgroup = self.open_cgroup(&id).await;
+        timeline::mark("create.engine_done", &id);
+        let cgroup = CgroupSlot::default();
         let early = {
             let mut table = self.table();
             table.insert(
@@ -630,7 +639,7 @@ impl Inner {
                     bundle: spec.bundle.clone(),
                     init,
                     execs: HashMap::new(),
-                    cgroup,
+                    cgroup: cgroup.clone(),
                     paused: false,
                     restored: spec.restore.is_some(),
                     capture: plan.capture.map(|plan| TemplateCapturePlan {
@@ -665,7 +674,14 @@ impl Inner {
             }),
         )
         .await;
+        timeline::mark("create.published", &id);
         self.announce(&id, "").await;
+        // Opened after the answer (runc's shim also watches for OOM only from Start on);
+        // Pause, Update, Stats and captures wait for it.
+        let inner = self.clone();
+        tokio::spawn(async move {
+            inner.cgroup_of_slot(&id, &cgroup).await;
+        });
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -674,8 +690,19 @@ impl Inner {
 
     /// Opens the container's cgroup and starts its OOM watch, which publishes TaskOOM.
     async fn open_cgroup(self: &Arc<Self>, id: &str) -> Option<Arc<ContainerCgroup>> {
+        // Off the runtime's thread: opening reads the mount table and every hierarchy, and the
+        // next request (Start) must not wait for it.
         let opened = match self.engine.cgroups_path(id).await {
-            Ok(path) => ContainerCgroup::open(id, &path),
+            Ok(path) => {
+                let id = id.to_string();
+                tokio::task::spawn_blocking(move || ContainerCgroup::open(&id, &path))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(EngineError::Failed(format!(
+                            "opening the cgroup panicked: {e}"
+                        )))
+                    })
+            }
             Err(e) => Err(e),
         };
         let cgroup = match opened {
@@ -712,34 +739,56 @@ impl Inner {
         Some(cgroup)
     }
 
+    /// The cgroup in container `id`'s `slot`, opened now unless it was (or is being) before.
+    async fn cgroup_of_slot(
+        self: &Arc<Self>,
+        id: &str,
+        slot: &CgroupSlot,
+    ) -> Option<Arc<ContainerCgroup>> {
+        let opened = slot.get_or_init(|| self.open_cgroup(id)).await.clone();
+        if opened.is_some() {
+            timeline::mark("create.cgroup_opened", id);
+        }
+        opened
+    }
+
     /// The cgroup of running container `id`, for a call named `what`.
-    fn cgroup_of(&self, id: &str, what: &str) -> Result<(Arc<ContainerCgroup>, bool), ShimError> {
-        self.cgroup_in(id, what, &[State::Running])
+    async fn cgroup_of(
+        self: &Arc<Self>,
+        id: &str,
+        what: &str,
+    ) -> Result<(Arc<ContainerCgroup>, bool), ShimError> {
+        self.cgroup_in(id, what, &[State::Running]).await
     }
 
     /// The cgroup of container `id` while its init is in one of `states`, for a call named
     /// `what`.
-    fn cgroup_in(
-        &self,
+    async fn cgroup_in(
+        self: &Arc<Self>,
         id: &str,
         what: &str,
         states: &[State],
     ) -> Result<(Arc<ContainerCgroup>, bool), ShimError> {
-        let table = self.table();
-        let c = table
-            .get(id)
-            .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
-        if !states.contains(&c.init.state) {
-            return Err(ShimError::FailedPrecondition(format!(
-                "cannot {what} container {id}: it is not running"
-            )));
-        }
-        let cgroup = c.cgroup.clone().ok_or_else(|| {
+        let slot = {
+            let table = self.table();
+            let c = table
+                .get(id)
+                .ok_or_else(|| ShimError::NotFound(format!("container {id}")))?;
+            if !states.contains(&c.init.state) {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "cannot {what} container {id}: it is not running"
+                )));
+            }
+            c.cgroup.clone()
+        };
+        let cgroup = self.cgroup_of_slot(id, &slot).await.ok_or_else(|| {
             ShimError::FailedPrecondition(format!(
                 "cannot {what} container {id}: its cgroup could not be opened (see the shim log)"
             ))
         })?;
-        Ok((cgroup, c.paused))
+        // Read after the wait: a Pause or Resume may have gone through meanwhile.
+        let paused = self.table().get(id).is_some_and(|c| c.paused);
+        Ok((cgroup, paused))
     }
 
     fn set_paused(&self, id: &str, paused: bool) {
@@ -748,9 +797,9 @@ impl Inner {
         }
     }
 
-    async fn pause(&self, req: PauseRequest) -> Result<(), ShimError> {
+    async fn pause(self: &Arc<Self>, req: PauseRequest) -> Result<(), ShimError> {
         let _order = self.order(&req.id).await;
-        let (cgroup, paused) = self.cgroup_of(&req.id, "pause")?;
+        let (cgroup, paused) = self.cgroup_of(&req.id, "pause").await?;
         if paused {
             return Err(ShimError::FailedPrecondition(format!(
                 "container {} is already paused",
@@ -771,9 +820,9 @@ impl Inner {
         Ok(())
     }
 
-    async fn resume(&self, req: ResumeRequest) -> Result<(), ShimError> {
+    async fn resume(self: &Arc<Self>, req: ResumeRequest) -> Result<(), ShimError> {
         let _order = self.order(&req.id).await;
-        let (cgroup, paused) = self.cgroup_of(&req.id, "resume")?;
+        let (cgroup, paused) = self.cgroup_of(&req.id, "resume").await?;
         if !paused {
             return Err(ShimError::FailedPrecondition(format!(
                 "container {} is not paused",
@@ -794,7 +843,7 @@ impl Inner {
         Ok(())
     }
 
-    async fn update(&self, req: UpdateTaskRequest) -> Result<(), ShimError> {
+    async fn update(self: &Arc<Self>, req: UpdateTaskRequest) -> Result<(), ShimError> {
         let resources = req.resources.into_option().ok_or_else(|| {
             ShimError::InvalidArgument(format!("update of container {} has no resources", req.id))
         })?;
@@ -805,25 +854,28 @@ impl Inner {
             )));
         }
         // As runc's shim: a created task's limits can be changed before it starts.
-        let (cgroup, _) = self.cgroup_in(&req.id, "update", &[State::Created, State::Running])?;
+        let (cgroup, _) = self
+            .cgroup_in(&req.id, "update", &[State::Created, State::Running])
+            .await?;
         blocking(move || cgroup.update(&resources.value)).await?;
         tracing::info!(id = req.id, "resources updated");
         Ok(())
     }
 
-    async fn stats(&self, req: StatsRequest) -> Result<StatsResponse, ShimError> {
-        let cgroup = {
+    async fn stats(self: &Arc<Self>, req: StatsRequest) -> Result<StatsResponse, ShimError> {
+        let slot = {
             let table = self.table();
             let c = table
                 .get(&req.id)
                 .ok_or_else(|| ShimError::NotFound(format!("container {}", req.id)))?;
-            c.cgroup.clone().ok_or_else(|| {
-                ShimError::FailedPrecondition(format!(
-                    "no stats for container {}: its cgroup could not be opened (see the shim log)",
-                    req.id
-                ))
-            })?
+            c.cgroup.clone()
         };
+        let cgroup = self.cgroup_of_slot(&req.id, &slot).await.ok_or_else(|| {
+            ShimError::FailedPrecondition(format!(
+                "no stats for container {}: its cgroup could not be opened (see the shim log)",
+                req.id
+            ))
+        })?;
         let stats = blocking(move || cgroup.metrics()).await?;
         Ok(StatsResponse {
             stats: MessageField::some(stats),
@@ -999,7 +1051,7 @@ impl Inner {
 
     /// The capture itself; no other capture or checkpoint of the container meanwhile.
     async fn capture(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         capture: &TemplateCapturePlan,
     ) -> Result<Captured, EngineError> {
@@ -1016,7 +1068,7 @@ impl Inner {
                 })?;
             (c.bundle.clone(), c.cgroup.clone(), c.paused)
         };
-        let cgroup = cgroup.ok_or_else(|| {
+        let cgroup = self.cgroup_of_slot(id, &cgroup).await.ok_or_else(|| {
             EngineError::Failed(format!(
                 "cannot capture container {id}: its cgroup is not open to freeze it"
             ))
@@ -1380,7 +1432,7 @@ impl Inner {
         let cgroup = {
             let table = self.table();
             match table.get(id) {
-                Some(c) if c.paused => c.cgroup.clone(),
+                Some(c) if c.paused => c.cgroup.get().cloned().flatten(),
                 _ => None,
             }
         };
@@ -1398,7 +1450,7 @@ impl Inner {
         let cgroup = {
             let table = self.table();
             match table.get(id) {
-                Some(c) if c.paused => c.cgroup.clone(),
+                Some(c) if c.paused => c.cgroup.get().cloned().flatten(),
                 _ => None,
             }
         };
@@ -1483,10 +1535,13 @@ impl Inner {
         }
 
         let _order = self.order(&id).await;
-        let bundle = match self.table().get(&id) {
-            Some(c) => c.bundle.clone(),
+        let (bundle, slot) = match self.table().get(&id) {
+            Some(c) => (c.bundle.clone(), c.cgroup.clone()),
             None => return Err(ShimError::NotFound(format!("container {id}"))),
         };
+        // A cgroup being opened is waited for, so that no OOM watch starts on a removed
+        // cgroup; one not opened yet never will be.
+        slot.get_or_init(|| async { None }).await;
         self.engine.delete(&id, &bundle).await?;
         let c = self
             .table()
@@ -1728,6 +1783,20 @@ async fn open_stdio(
     })?
 }
 
+/// A container's cgroup, opened (with its OOM watch) once Create has answered, off its
+/// critical path: whoever needs it first opens it, later callers wait for that (see
+/// [`Inner::cgroup_of_slot`]). `None` inside when it could not be opened.
+type CgroupSlot = Arc<tokio::sync::OnceCell<Option<Arc<ContainerCgroup>>>>;
+
+/// The id a timeline step is recorded under: the container's, or `ID/EXEC` for an exec.
+fn step_id(id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        id.to_string()
+    } else {
+        format!("{id}/{exec_id}")
+    }
+}
+
 fn describe(id: &str, exec_id: &str) -> String {
     if exec_id.is_empty() {
         format!("container {id}")
@@ -1745,11 +1814,19 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> TtrpcResult<CreateTaskResponse> {
-        Ok(self.inner.create(req).await?)
+        let id = req.id.clone();
+        timeline::mark("create.begin", &id);
+        let r = self.inner.create(req).await;
+        timeline::mark("create.end", &id);
+        Ok(r?)
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
-        Ok(self.inner.start(req).await?)
+        let id = step_id(&req.id, &req.exec_id);
+        timeline::mark("start.begin", &id);
+        let r = self.inner.start(req).await;
+        timeline::mark("start.end", &id);
+        Ok(r?)
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
@@ -1763,11 +1840,19 @@ impl Task for TaskService {
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
-        Ok(self.inner.wait(req).await?)
+        let id = step_id(&req.id, &req.exec_id);
+        timeline::mark("wait.begin", &id);
+        let r = self.inner.wait(req).await;
+        timeline::mark("wait.end", &id);
+        Ok(r?)
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
-        Ok(self.inner.delete(req).await?)
+        let id = step_id(&req.id, &req.exec_id);
+        timeline::mark("delete.begin", &id);
+        let r = self.inner.delete(req).await;
+        timeline::mark("delete.end", &id);
+        Ok(r?)
     }
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
@@ -1825,6 +1910,7 @@ impl Task for TaskService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
+        timeline::mark("shutdown", "");
         self.inner.shutdown();
         Ok(Empty::new())
     }

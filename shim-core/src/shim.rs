@@ -17,10 +17,12 @@ use containerd_shim::util::write_str_to_file;
 use containerd_shim::{spawn, Config, ExitSignal, Flags, Shim, StartOpts};
 use tracing_subscriber::EnvFilter;
 
+use crate::cgroup_warmup;
 use crate::engine::{Engine, ShimAction, ShimContext};
 use crate::error::EngineError;
 use crate::reaper;
 use crate::service::TaskService;
+use crate::timeline;
 
 /// The engine prepared in [`run`] before the async runtime, handed to the shim instance the
 /// `containerd-shim` crate constructs.
@@ -60,6 +62,14 @@ pub fn run(
         _ => Some(ShimAction::Serve),
     };
     init_logging(&flags, action);
+    // Opened before the zygote's fork, which inherits it.
+    timeline::init();
+    let role = match action {
+        None => "start",
+        Some(ShimAction::Delete) => "delete",
+        Some(ShimAction::Serve) => "serve",
+    };
+    timeline::mark(&format!("{role}.main"), &flags.id);
     if let Some(action) = action {
         let ctx = ShimContext {
             namespace: flags.namespace.clone(),
@@ -69,6 +79,11 @@ pub fn run(
         match prepare(&ctx) {
             Ok(engine) => {
                 let _ = ENGINE.set(engine);
+                timeline::mark(&format!("{role}.engine_ready"), &flags.id);
+                // The zygote is forked: threads may start now.
+                if action == ShimAction::Serve {
+                    cgroup_warmup::start();
+                }
             }
             Err(e) => {
                 tracing::error!(id = flags.id, "cannot prepare the engine: {e}");
@@ -101,6 +116,7 @@ pub fn run(
     ));
     // A stdin copy may still wait for a writer that never comes; do not wait for it.
     rt.shutdown_background();
+    timeline::mark(&format!("{role}.exit"), &flags.id);
     ExitCode::SUCCESS
 }
 
@@ -203,6 +219,7 @@ impl Shim for CoreShim {
         // socket: ours then finds it served, writes its address and exits (the crate's
         // create_server_with_retry), and the address returned is the group's either way.
         let address = spawn(opts, &key, Vec::new()).await?;
+        timeline::mark("start.spawned", &self.id);
         write_str_to_file("address", &address).await?;
         Ok(address)
     }
@@ -235,6 +252,7 @@ impl Shim for CoreShim {
             .cloned()
             .expect("the engine is prepared before the task server starts");
         let reaped = reaper::spawn().expect("SIGCHLD handler");
+        timeline::mark("serve.listening", &self.id);
         TaskService::new(
             engine,
             publisher,

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use hyperbox_shim_core::template::{Captured, TemplateCapture};
 use hyperbox_shim_core::{
     CheckpointSpec, CreateSpec, Engine, EngineError, ExecSpec, ProcessStdio, RestoreFrom,
-    ShimContext, Spawned,
+    ShimAction, ShimContext, Spawned,
 };
 use nix::unistd::Pid;
 
@@ -26,8 +26,10 @@ const STATE_ROOT: &str = "/run/hyperbox/youki";
 /// Containers through libcontainer, created by the zygote.
 #[derive(Debug)]
 pub struct YoukiEngine {
-    zygote: Arc<Mutex<OwnedFd>>,
-    zygote_pid: Pid,
+    /// The zygote's socket and pid; `None` in the `delete` action, which only cleans up after
+    /// a shim that went away (containerd runs it after every task server's exit) and does
+    /// that in-process, without forking a zygote it would not otherwise use.
+    zygote: Option<(Arc<Mutex<OwnedFd>>, Pid)>,
     /// containerd namespace, joined to a state root given in the runtime options.
     namespace: String,
     /// containerd's images, asked for what templates record and match; `None` without
@@ -46,12 +48,17 @@ pub fn prepare_with(
     ctx: &ShimContext,
     executors: Box<dyn ExecutorFactory>,
 ) -> Result<Arc<dyn Engine>, EngineError> {
-    let root = PathBuf::from(STATE_ROOT).join(&ctx.namespace);
-    let (sock, zygote_pid) = zygote::spawn(root, ctx.namespace.clone(), executors)?;
-    tracing::debug!(id = ctx.id, zygote = zygote_pid.as_raw(), "zygote started");
+    let zygote = match ctx.action {
+        ShimAction::Delete => None,
+        ShimAction::Serve => {
+            let root = PathBuf::from(STATE_ROOT).join(&ctx.namespace);
+            let (sock, pid) = zygote::spawn(root, ctx.namespace.clone(), executors)?;
+            tracing::debug!(id = ctx.id, zygote = pid.as_raw(), "zygote started");
+            Some((Arc::new(Mutex::new(sock)), pid))
+        }
+    };
     Ok(Arc::new(YoukiEngine {
-        zygote: Arc::new(Mutex::new(sock)),
-        zygote_pid,
+        zygote,
         namespace: ctx.namespace.clone(),
         images: containerd_address().map(|a| Images::new(a, ctx.namespace.clone())),
     }))
@@ -95,8 +102,11 @@ fn split(stdio: ProcessStdio, console: Option<&ConsoleSocket>) -> (StdioMask, Ve
 impl YoukiEngine {
     /// One request, one reply. The fds go to the zygote and are closed here once sent.
     async fn call(&self, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, EngineError> {
-        let sock = self.zygote.clone();
-        let zygote = self.zygote_pid;
+        let Some((sock, zygote)) = self.zygote.clone() else {
+            return Err(EngineError::Failed(
+                "the shim's delete action serves no task requests".into(),
+            ));
+        };
         let reply = tokio::task::spawn_blocking(move || {
             let (reply, mut fds) = {
                 let sock = sock.lock().unwrap_or_else(PoisonError::into_inner);
@@ -207,7 +217,10 @@ fn unexpected(r: Reply) -> EngineError {
 #[async_trait]
 impl Engine for YoukiEngine {
     fn helper_pids(&self) -> Vec<u32> {
-        vec![self.zygote_pid.as_raw() as u32]
+        self.zygote
+            .iter()
+            .map(|(_, pid)| pid.as_raw() as u32)
+            .collect()
     }
 
     async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<Spawned, EngineError> {
@@ -372,6 +385,15 @@ impl Engine for YoukiEngine {
     }
 
     async fn delete(&self, id: &str, bundle: &Path) -> Result<(), EngineError> {
+        if self.zygote.is_none() {
+            let root = PathBuf::from(STATE_ROOT).join(&self.namespace);
+            let (id, bundle) = (id.to_string(), bundle.to_path_buf());
+            return tokio::task::spawn_blocking(move || {
+                zygote::delete_after_lost_shim(root, &id, &bundle)
+            })
+            .await
+            .map_err(|e| EngineError::Failed(format!("cleanup panicked: {e}")))?;
+        }
         self.call_done(Request::Delete {
             id: id.to_string(),
             bundle: bundle.to_path_buf(),

@@ -43,16 +43,20 @@ impl ExecutorFactory for NativeExecutors {
 }
 
 /// A boxed executor in the form libcontainer's builder takes (`with_executor` wants a sized
-/// type).
+/// type), and the id of the container it runs (for its timeline marks).
 #[derive(Clone)]
-pub(crate) struct BoxedExecutor(pub Box<dyn Executor>);
+pub(crate) struct BoxedExecutor(pub Box<dyn Executor>, pub String);
 
 impl Executor for BoxedExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        hyperbox_shim_core::timeline::mark("init.exec", &self.1);
         self.0.exec(spec)
     }
 
+    /// Called in the container's init once its namespaces, root and mounts are set up, just
+    /// before it waits for Start.
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        hyperbox_shim_core::timeline::mark("init.ready", &self.1);
         validate_as_runc(self.0.as_ref(), spec)
     }
 

@@ -15,6 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use hyperbox_shim_core::timeline::mark;
 use hyperbox_shim_core::{EngineError, RestoreFrom};
 use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager};
 use libcontainer::container::builder::ContainerBuilder;
@@ -328,9 +329,11 @@ fn handle(
             created.map(Reply::Pid)
         }
         Request::Start { id } => {
+            mark("zygote.start.begin", &id);
             load(roots.of(&id), &id)?
                 .start()
                 .map_err(failed(&id, "start"))?;
+            mark("zygote.start.end", &id);
             Ok(Reply::Done)
         }
         Request::Exec {
@@ -378,9 +381,11 @@ fn handle(
             Ok(Reply::Path(config.cgroup_path))
         }
         Request::Delete { id, bundle } => {
+            mark("zygote.delete.begin", &id);
             let root = roots.for_delete(&id, &bundle);
             delete(&root, &id, &bundle)?;
             roots.forget(&id, &bundle);
+            mark("zygote.delete.end", &id);
             Ok(Reply::Done)
         }
     }
@@ -457,6 +462,7 @@ fn create(
     no_pivot_root: bool,
     executors: &mut dyn ExecutorFactory,
 ) -> Result<u32, EngineError> {
+    mark("zygote.create.begin", id);
     let mut spec = rootfs::SpecPaths::read(bundle).map_err(EngineError::InvalidSpec)?;
     if mounts.is_empty() && !spec.root.is_dir() {
         return Err(EngineError::InvalidSpec(format!(
@@ -470,6 +476,7 @@ fn create(
     let b = builder(root, id, stdio, fds)?;
     let target = bundle.join("rootfs");
     rootfs::mount_all(mounts, &target).map_err(EngineError::Failed)?;
+    mark("zygote.rootfs_mounted", id);
     if let Err(e) = spec.create_cwd() {
         tracing::warn!(id, "cannot create the process's cwd: {e}");
     }
@@ -488,7 +495,7 @@ fn create(
         }
     };
     let built = b.validate_id().and_then(|b| {
-        b.with_executor(BoxedExecutor(executor))
+        b.with_executor(BoxedExecutor(executor, id.to_string()))
             .as_init(bundle)
             .as_sibling(true)
             .with_systemd(false)
@@ -504,6 +511,7 @@ fn create(
         }) {
         Ok(c) => {
             let pid = c.pid().map(Pid::as_raw).unwrap_or_default();
+            mark("zygote.create.end", id);
             tracing::info!(id, pid, "container created");
             Ok(pid as u32)
         }
@@ -674,6 +682,25 @@ fn pids(root: &Path, id: &str) -> Result<Vec<u32>, EngineError> {
         .get_all_pids()
         .map_err(|e| EngineError::Failed(format!("pids of container {id}: {}", chain(&e))))?;
     Ok(pids.into_iter().map(|p| p.as_raw() as u32).collect())
+}
+
+/// The `delete` action's cleanup after a task server that went away, in the calling process:
+/// container `id`'s state (under the root its bundle records, else `default_root`) and its
+/// rootfs mounts, as the zygote's Delete does.
+pub(crate) fn delete_after_lost_shim(
+    default_root: PathBuf,
+    id: &str,
+    bundle: &Path,
+) -> Result<(), EngineError> {
+    let mut roots = StateRoots {
+        default: default_root,
+        by_id: HashMap::new(),
+        namespace: String::new(),
+    };
+    let root = roots.for_delete(id, bundle);
+    delete(&root, id, bundle)?;
+    roots.forget(id, bundle);
+    Ok(())
 }
 
 fn delete(root: &Path, id: &str, bundle: &Path) -> Result<(), EngineError> {
