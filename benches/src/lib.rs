@@ -1,5 +1,7 @@
 //! Side-by-side benchmarks of HyperBox against the engines' defaults.
 //!
+//! - [`breakdown`]: one lifecycle step by step (our shims' timeline, runc's calls);
+//! - [`density`]: hundreds of idle containers per runtime (time, memory, listing, removal);
 //! - [`runner`]: a round-robin timing runner over any number of variants, reporting median,
 //!   nearest-rank p95, mean, min, max and the ratio of each median to a baseline's;
 //! - [`engines`]: private containerd daemons (the integration harness's test beds) and the
@@ -20,7 +22,9 @@
 //!
 //! The `hyperbox-bench` binary drives them; `benches/README.md` says how to run it.
 
+pub mod breakdown;
 pub mod conversion;
+pub mod density;
 pub mod engines;
 pub mod gpu;
 pub mod layers;

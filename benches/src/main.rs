@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use hyperbox_benches::breakdown;
 use hyperbox_benches::engines::{self, Engine, HYPERBOX_V1, RUNC_V2};
 use hyperbox_benches::machine::Machine;
 use hyperbox_benches::memprobe;
@@ -61,6 +62,9 @@ enum Cmd {
     /// `ctr run --rm` through our shim (against the same without GPUs and runc.v2), NVML
     /// off the start path, and the generator's time.
     Gpu(hyperbox_benches::gpu::GpuArgs),
+    /// N idle containers per runtime on one containerd: time to have all running, total
+    /// runtime-side memory, `ctr tasks ls` latency, removal, and that nothing is left.
+    Density(hyperbox_benches::density::DensityArgs),
 }
 
 #[derive(Args)]
@@ -106,6 +110,10 @@ struct CtrRunArgs {
     /// (default: io.containerd.runc.v2@1.6, or runc.v2 on the first version given).
     #[arg(long)]
     baseline: Option<String>,
+    /// Instead of timing whole runs, show where one run's time goes, step by step: our shims'
+    /// timeline marks, runc's calls as a wrapper logs them (which slows runc.v2 a little).
+    #[arg(long)]
+    breakdown: bool,
     #[command(flatten)]
     output: Output,
 }
@@ -186,6 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Layers(args) => hyperbox_benches::layers::run(args, command_line()),
         Cmd::Pods(args) => hyperbox_benches::pods::run(args, command_line()),
         Cmd::Gpu(args) => hyperbox_benches::gpu::run(args, command_line()),
+        Cmd::Density(args) => hyperbox_benches::density::run(args, command_line()),
     }
 }
 
@@ -250,6 +259,20 @@ fn time(args: TimeArgs) -> anyhow::Result<()> {
 fn ctr_run(args: CtrRunArgs) -> anyhow::Result<()> {
     let versions = dedup_versions(args.containerd)?;
     let runtimes = engines::with_default_runtime(&args.runtime);
+    if args.breakdown {
+        let report = breakdown::run(
+            &versions,
+            &runtimes,
+            args.rounds,
+            args.warmup,
+            command_line(),
+        )?;
+        print!("{}", report.render());
+        if let Some(path) = &args.output.json {
+            report::write_json(path, &report)?;
+        }
+        return Ok(());
+    }
     let mut machine = Machine::collect(None);
     let started = start_engines(&versions, &runtimes, &mut machine)?;
     let mut variants: Vec<Variant<'_>> = started

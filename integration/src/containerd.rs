@@ -230,6 +230,7 @@ pub struct ContainerdBuilder {
     /// Symlinks made to the daemon's socket (for a process that must name it before it
     /// exists).
     socket_links: Vec<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 /// With [`ContainerdBuilder::with_erofs_peer`]: the file in the daemon's directory where
@@ -277,6 +278,7 @@ impl ContainerdBuilder {
             erofs_peer: false,
             differs: Vec::new(),
             socket_links: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -365,6 +367,13 @@ impl ContainerdBuilder {
     }
 
     /// containerd's log level (default `info`).
+    /// Sets `key` to `value` in the daemon's environment, which the shims it starts inherit
+    /// (e.g. `HYPERBOX_TIMELINE` for a benchmark's per-step timeline).
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     pub fn with_log_level(mut self, level: &str) -> Self {
         self.log_level = level.to_string();
         self
@@ -451,6 +460,7 @@ impl ContainerdBuilder {
             config,
             path_env,
             runtimes,
+            env: self.env.clone(),
             child: None,
             sandbox,
         };
@@ -779,6 +789,8 @@ pub struct Containerd {
     config: PathBuf,
     path_env: String,
     runtimes: Vec<String>,
+    /// What [`ContainerdBuilder::with_env`] added to the daemon's environment.
+    env: Vec<(String, String)>,
     child: Option<Child>,
     sandbox: Sandbox,
 }
@@ -816,6 +828,7 @@ impl Containerd {
             // a GPU request then fails as on a node without a driver).
             .env("HYPERBOX_GPU_CACHE", self.gpu_cache())
             .env("HYPERBOX_GPU_CONFIG", self.gpu_settings())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(log)
@@ -961,6 +974,41 @@ impl Containerd {
         fs::set_permissions(&fake, fs::Permissions::from_mode(0o755))
             .map_err(io_err("cannot make executable", &fake))?;
         Ok(fake)
+    }
+
+    /// Puts a `runc` first on this daemon's `PATH` (for the shims started from now on) that
+    /// runs the real one found further down and appends a line per call to `log`: the wall
+    /// clock in microseconds before and after it, its exit status and its arguments
+    /// (`T0 T1 STATUS ARGS...`). What a benchmark learns of runc's shim's steps; bash's
+    /// `EPOCHREALTIME` reads the clock without starting a process.
+    pub fn log_runc_calls(&self, log: &Path) -> Result<PathBuf, ContainerdError> {
+        let bin = self.dir().join("bin");
+        let real = std::env::split_paths(&self.path_env)
+            .filter(|d| *d != bin)
+            .map(|d| d.join("runc"))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                io_err("find a runc on the PATH beside", &bin)(io::Error::from(
+                    io::ErrorKind::NotFound,
+                ))
+            })?;
+        let bash = Path::new("/bin/bash");
+        if !bash.is_file() {
+            return Err(io_err("find", bash)(io::Error::from(
+                io::ErrorKind::NotFound,
+            )));
+        }
+        let wrapper = bin.join("runc");
+        let script = format!(
+            "#!/bin/bash\nt0=${{EPOCHREALTIME/./}}\n{} \"$@\"\nrc=$?\n\
+             echo \"$t0 ${{EPOCHREALTIME/./}} $rc $*\" >> {}\nexit $rc\n",
+            shell_quote(&real),
+            shell_quote(log)
+        );
+        fs::write(&wrapper, script).map_err(io_err("cannot write", &wrapper))?;
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))
+            .map_err(io_err("cannot make executable", &wrapper))?;
+        Ok(wrapper)
     }
 
     /// Runs `ctr ARGS` and returns its output, failing with its stderr when it fails.

@@ -454,3 +454,64 @@ fn terminal_through_ctr(v: ContainerdVersion) {
     assert_eq!(out.status.code(), Some(4), "{out:?}");
 }
 per_version!(terminal, terminal_through_ctr);
+
+/// `HYPERBOX_TIMELINE` in containerd's environment: each process of a lifecycle marks its
+/// steps, in order, in a root-only file (what `hyperbox-bench ctr-run --breakdown` reads).
+fn timeline_names_every_step(v: ContainerdVersion) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir =
+        std::env::temp_dir().join(format!("hb-timeline-{}-{}", v.as_str(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let file = dir.join("timeline.jsonl");
+    let builder = Containerd::builder(v).with_env("HYPERBOX_TIMELINE", &file.to_string_lossy());
+    let bed = TestBed::with_builder(builder).expect("test bed");
+    let image = bed.image(TestImage::Busybox).expect("busybox pulled");
+    let out = run_rm(&bed.containerd, &image, "timed", None, &["true"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    drop(bed);
+    let text = std::fs::read_to_string(&file).expect("timeline written");
+    let mode = std::fs::metadata(&file)
+        .expect("timeline")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the timeline is root-only");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a whole JSON line"))
+        .collect();
+    let steps: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["id"] == "timed")
+        .map(|l| l["step"].as_str().expect("step"))
+        .collect();
+    // Each process's steps in the order they happen; the processes' steps interleave.
+    let must_follow = [
+        ("start.main", "start.exit"),
+        ("serve.main", "serve.listening"),
+        ("create.begin", "zygote.create.begin"),
+        ("zygote.create.begin", "zygote.rootfs_mounted"),
+        ("zygote.rootfs_mounted", "init.ready"),
+        ("init.ready", "zygote.create.end"),
+        ("zygote.create.end", "create.end"),
+        ("create.end", "start.begin"),
+        ("start.begin", "init.exec"),
+        ("init.exec", "exit.reaped"),
+        ("exit.reaped", "exit.published"),
+        ("exit.published", "delete.begin"),
+        ("delete.begin", "zygote.delete.begin"),
+        ("zygote.delete.end", "delete.end"),
+        ("delete.end", "serve.exit"),
+    ];
+    let at = |step: &str| {
+        steps
+            .iter()
+            .position(|s| *s == step)
+            .unwrap_or_else(|| panic!("no {step} in {steps:?}"))
+    };
+    for (before, after) in must_follow {
+        assert!(at(before) < at(after), "{before} after {after}: {steps:?}");
+    }
+    std::fs::remove_dir_all(&dir).expect("scratch dir removed");
+}
+per_version!(timeline, timeline_names_every_step);
