@@ -705,7 +705,7 @@ mod tests {
     #[test]
     fn ldconfig_prints_the_cache_we_wrote() {
         let Some(ldconfig) = ldconfig() else {
-            eprintln!("skipped: no ldconfig");
+            hyperbox_testkit::skip("no ldconfig");
             return;
         };
         let scratch = Scratch::new("print");
@@ -810,11 +810,11 @@ mod tests {
     #[test]
     fn writes_what_ldconfig_writes() {
         let Some(ldconfig) = ldconfig() else {
-            eprintln!("skipped: no ldconfig");
+            hyperbox_testkit::skip("no ldconfig");
             return;
         };
         if !runs("gcc") {
-            eprintln!("skipped: no gcc");
+            hyperbox_testkit::skip("no gcc");
             return;
         }
         let scratch = Scratch::new("truth");
@@ -926,15 +926,15 @@ mod tests {
             ""
         };
         let Ok(loader_bytes) = std::fs::read(loader) else {
-            eprintln!("skipped: no glibc loader at {loader:?}");
+            hyperbox_testkit::skip(&format!("no glibc loader at {loader:?}"));
             return;
         };
         if !runs("gcc") {
-            eprintln!("skipped: no gcc");
+            hyperbox_testkit::skip("no gcc");
             return;
         }
         let Ok(host) = std::fs::read("/etc/ld.so.cache") else {
-            eprintln!("skipped: this host has no ld.so.cache");
+            hyperbox_testkit::skip("this host has no ld.so.cache");
             return;
         };
         let image = parse(&host).unwrap();
@@ -981,7 +981,7 @@ mod tests {
             at += i + wanted.len();
         }
         if found == 0 {
-            eprintln!("skipped: {loader} does not name /etc/ld.so.cache");
+            hyperbox_testkit::skip(&format!("{loader} does not name /etc/ld.so.cache"));
             return;
         }
         let patched_loader = dir.join("ld.so");

@@ -1144,7 +1144,7 @@ mod tests {
     #[test]
     fn builds_a_driver_the_loader_and_the_parsers_read() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+            crate::skip("needs root");
             return;
         }
         let dir = scratch("build");

@@ -16,7 +16,9 @@ use hyperbox_integration::{host, vm};
 #[test]
 fn shims_on_pure_cgroup_v2() {
     if !ContainerdVersion::selected().contains(&ContainerdVersion::V1_7) {
-        eprintln!("the VM runs containerd 1.7, not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(
+            "the VM runs containerd 1.7, not selected by HYPERBOX_CONTAINERD",
+        );
         return;
     }
     let bin_dir = host::workspace_bin_dir().expect("the workspace's target directory");

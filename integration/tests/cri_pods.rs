@@ -158,7 +158,9 @@ fn pod_on_one_shim(bed: &CriBed, handler: &str, dir: &Path) -> u64 {
 
 fn one_shim_per_pod(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     assert!(
@@ -258,7 +260,9 @@ fn counter_passes(bed: &CriBed, id: &str, above: u64) -> u64 {
 /// container's image is a checkpoint archive) carries on counting from where it was.
 fn checkpoint_through_cri(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));
@@ -385,7 +389,9 @@ const WASM_HELLO: &str = r#"
 /// both: both run, the guest's hello reaches its CRI log, and the pod has one shim.
 fn wasm_and_native_in_one_pod(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));
@@ -458,7 +464,9 @@ cri_versions!(wasm_and_native_in_one_pod);
 /// layers are converted to EROFS, and the container runs from them.
 fn snapshotter_for_a_handler(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let bed = CriBed::start_with_snapshotter(v)
@@ -528,7 +536,9 @@ cri_versions!(snapshotter_for_a_handler);
 /// count instead of starting at 1.
 fn templates_from_pod_annotations(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));

@@ -47,7 +47,9 @@ fn critest_runc_and_hyperbox_on_containerd_2_1() {
 
 fn critest_runc_and_hyperbox(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("critest on containerd {v}, not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "critest on containerd {v}, not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let critest = cri::critest_binary();

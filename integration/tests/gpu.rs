@@ -395,7 +395,9 @@ per_version!(one_gpu_through_our_shim, one_gpu);
 fn every_request_form_through_our_shim() {
     let v = ContainerdVersion::V1_7;
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let bed = TestBed::start(v).expect("test bed");

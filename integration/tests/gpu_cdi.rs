@@ -243,7 +243,9 @@ fn check_driver_parts(seen: &Seen) {
 /// container's start.
 fn runc_gets_gpus_through_cdi(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     assert!(

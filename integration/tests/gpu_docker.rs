@@ -352,7 +352,9 @@ impl Seen<'_> {
 #[test]
 fn docker_gets_gpus_through_cdi() {
     if !ContainerdVersion::selected().contains(&VERSION) {
-        eprintln!("containerd {VERSION} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {VERSION} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let started = Instant::now();

@@ -53,7 +53,9 @@ fn statuses(findings: &serde_json::Value, check: &str) -> Vec<String> {
 fn doctor_tells_a_bare_containerd_what_to_add() {
     let v = ContainerdVersion::V1_7;
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let bed = TestBed::start(v).expect("test bed");
@@ -216,7 +218,9 @@ fn release_dir() -> Option<std::path::PathBuf> {
             panic!("HYPERBOX_RELEASE_DIR is not set: scripts/test makes the release")
         }
         None => {
-            eprintln!("no HYPERBOX_RELEASE_DIR (scripts/release --profile dev makes one): skipped");
+            hyperbox_integration::skip(
+                "no HYPERBOX_RELEASE_DIR (scripts/release --profile dev makes one)",
+            );
             None
         }
     }

@@ -16,7 +16,9 @@ use hyperbox_integration::vm;
 
 fn run(version: ContainerdVersion, flag: &str) {
     if !ContainerdVersion::selected().contains(&version) {
-        eprintln!("the VM's containerd {flag} is not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "the VM's containerd {flag} is not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let mut cmd = Command::new(vm::script("vm-node"));

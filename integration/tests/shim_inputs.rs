@@ -731,7 +731,9 @@ fn runtime_info_through_containerd_2_1() {
     use prost::Message;
     let v = ContainerdVersion::V2_1;
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let bed = TestBed::start(v).expect("test bed");

@@ -650,7 +650,9 @@ fn oci_wasm_image_runs_from_the_content_store_on_2_1() {
 
 fn oci_wasm_image_runs_from_the_content_store_on(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let bed = TestBed::start(v).expect("test bed");
@@ -790,7 +792,9 @@ fn a_bad_oci_wasm_image_fails_create_clearly_on_2_1() {
 
 fn a_bad_oci_wasm_image_fails_create_clearly_on(v: ContainerdVersion) {
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let bed = TestBed::start(v).expect("test bed");

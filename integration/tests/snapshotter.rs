@@ -2838,7 +2838,9 @@ fn a_sparse_file_over_4_gib_through_tar() {
     use std::os::unix::fs::FileExt;
     let v = ContainerdVersion::V1_7;
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let f = Fixture::start(v);
@@ -3068,7 +3070,9 @@ fn orphan_image(f: &Fixture) -> (PathBuf, &'static str) {
 fn differ_listed_by_the_diff_service_on_containerd_2_1() {
     let v = ContainerdVersion::V2_1;
     if !ContainerdVersion::selected().contains(&v) {
-        eprintln!("containerd {v} not selected by HYPERBOX_CONTAINERD: skipped");
+        hyperbox_integration::skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
         return;
     }
     let snippet = std::env::temp_dir().join(format!("hb-diff-service-{}.toml", std::process::id()));

@@ -576,7 +576,7 @@ mod tests {
         // Where scripts/setup-host installs it; hosts without it have nothing to check.
         let bin = Path::new("/opt/hyperbox/bin");
         if !bin.join("criu").exists() {
-            eprintln!("no {}/criu: skipped", bin.display());
+            hyperbox_testkit::skip(&format!("no {}/criu", bin.display()));
             return;
         }
         let (found, version) = locate(bin.as_os_str()).unwrap();

@@ -1050,7 +1050,7 @@ mod tests {
     #[test]
     fn committed_layers_become_mounted_erofs_images_and_survive_a_restart() {
         if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: needs root to mount erofs");
+            hyperbox_testkit::skip("needs root to mount erofs");
             return;
         }
         let root = temp_root("erofs");
@@ -1147,7 +1147,7 @@ mod tests {
     #[test]
     fn the_differ_unpacks_archives_into_empty_unpack_snapshots_only() {
         if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: needs root to mount erofs");
+            hyperbox_testkit::skip("needs root to mount erofs");
             return;
         }
         let root = temp_root("differ");

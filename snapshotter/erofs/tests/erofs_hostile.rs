@@ -79,7 +79,7 @@ fn nothing_left(store: &ChunkStore, image: &Path) {
 
 #[test]
 fn a_1950_deep_tree_converts_on_a_small_stack() {
-    if !require_root("a_1950_deep_tree_converts_on_a_small_stack") {
+    if !require_root() {
         return;
     }
     let scratch = Scratch::new("deep1950");
@@ -107,7 +107,7 @@ fn a_1950_deep_tree_converts_on_a_small_stack() {
 
 #[test]
 fn a_tree_deeper_than_the_limit_fails_cleanly() {
-    if !require_root("a_tree_deeper_than_the_limit_fails_cleanly") {
+    if !require_root() {
         return;
     }
     let scratch = Scratch::new("deep5000");
@@ -145,7 +145,7 @@ fn a_tree_deeper_than_the_limit_fails_cleanly() {
 
 #[test]
 fn a_directory_moved_out_from_under_the_walk_is_refused() {
-    if !require_root("a_directory_moved_out_from_under_the_walk_is_refused") {
+    if !require_root() {
         return;
     }
     let scratch = Scratch::new("moved");
@@ -176,7 +176,7 @@ fn a_directory_moved_out_from_under_the_walk_is_refused() {
 /// `.`, such as `-x` and `+x`.
 #[test]
 fn every_directory_lists_dot_and_dotdot() {
-    if !require_root("every_directory_lists_dot_and_dotdot") {
+    if !require_root() {
         return;
     }
     let scratch = Scratch::new("dots");
@@ -219,7 +219,7 @@ fn every_directory_lists_dot_and_dotdot() {
 
 #[test]
 fn limits_on_inodes_image_size_and_time_fail_before_the_cost_is_paid() {
-    if !require_root("limits_on_inodes_image_size_and_time_fail_before_the_cost_is_paid") {
+    if !require_root() {
         return;
     }
     let scratch = Scratch::new("limits");

@@ -68,7 +68,7 @@ fn round_trip(name: &str, mode: MountMode, chunk_bits: u8) {
 
 #[test]
 fn full_tree_file_backed_mount_matches_source() {
-    if !require_root("full_tree_file_backed_mount_matches_source") {
+    if !require_root() {
         return;
     }
     round_trip("filebacked", MountMode::FileBacked, 20);
@@ -76,7 +76,7 @@ fn full_tree_file_backed_mount_matches_source() {
 
 #[test]
 fn full_tree_loop_mount_matches_source() {
-    if !require_root("full_tree_loop_mount_matches_source") {
+    if !require_root() {
         return;
     }
     round_trip("loop", MountMode::LoopDevices, 20);
@@ -84,7 +84,7 @@ fn full_tree_loop_mount_matches_source() {
 
 #[test]
 fn full_tree_with_64k_chunks_matches_source() {
-    if !require_root("full_tree_with_64k_chunks_matches_source") {
+    if !require_root() {
         return;
     }
     round_trip("chunk64k", MountMode::FileBacked, 16);
@@ -92,7 +92,7 @@ fn full_tree_with_64k_chunks_matches_source() {
 
 #[test]
 fn fsck_extracts_chunked_files_from_the_packs() {
-    if !require_root("fsck_extracts_chunked_files_from_the_packs") {
+    if !require_root() {
         return;
     }
     let scratch = Scratch::new("fsck-extract");
@@ -121,7 +121,7 @@ fn fsck_extracts_chunked_files_from_the_packs() {
 
 #[test]
 fn auto_mode_mounts_file_backed_on_this_kernel() {
-    if !require_root("auto_mode_mounts_file_backed_on_this_kernel") {
+    if !require_root() {
         return;
     }
     let scratch = Scratch::new("auto");
@@ -142,7 +142,7 @@ fn auto_mode_mounts_file_backed_on_this_kernel() {
 
 #[test]
 fn mounting_with_missing_devices_fails_cleanly() {
-    if !require_root("mounting_with_missing_devices_fails_cleanly") {
+    if !require_root() {
         return;
     }
     let scratch = Scratch::new("missing-dev");
@@ -176,7 +176,7 @@ fn mounting_with_missing_devices_fails_cleanly() {
 #[test]
 #[ignore = "needs HYPERBOX_EROFS_ROOTFS=tree[:tree...]"]
 fn real_rootfs_round_trip() {
-    if !require_root("real_rootfs_round_trip") {
+    if !require_root() {
         return;
     }
     let trees = std::env::var("HYPERBOX_EROFS_ROOTFS").expect("HYPERBOX_EROFS_ROOTFS");
@@ -206,7 +206,7 @@ fn real_rootfs_round_trip() {
 
 #[test]
 fn entries_swapped_for_symlinks_mid_walk_are_stored_as_symlinks() {
-    if !require_root("entries_swapped_for_symlinks_mid_walk_are_stored_as_symlinks") {
+    if !require_root() {
         return;
     }
     let scratch = Scratch::new("swap");

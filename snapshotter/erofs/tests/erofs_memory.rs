@@ -20,7 +20,7 @@ fn status_kib(field: &str) -> u64 {
 
 #[test]
 fn peak_memory_is_independent_of_sparse_file_size() {
-    if !require_root("peak_memory_is_independent_of_sparse_file_size") {
+    if !require_root() {
         return;
     }
     let scratch = Scratch::new("memory");

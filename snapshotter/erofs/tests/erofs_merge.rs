@@ -143,7 +143,7 @@ fn merge(s: &Stack, inputs: &[&Path], name: &str) -> PathBuf {
 
 #[test]
 fn merged_image_equals_overlayfs_of_its_layers() {
-    if !require_root("merged_image_equals_overlayfs_of_its_layers") {
+    if !require_root() {
         return;
     }
     let s = stack("merge3", &[&build_full_tree, &build_changes, &build_top]);
@@ -187,7 +187,7 @@ fn merged_image_equals_overlayfs_of_its_layers() {
 
 #[test]
 fn a_hundred_and_twenty_layers_merge_into_one_image() {
-    if !require_root("a_hundred_and_twenty_layers_merge_into_one_image") {
+    if !require_root() {
         return;
     }
     // Each layer adds a file, changes a shared one, deletes the previous layer's, and
@@ -237,7 +237,7 @@ fn a_hundred_and_twenty_layers_merge_into_one_image() {
 
 #[test]
 fn damaged_or_foreign_images_are_refused_with_a_reason() {
-    if !require_root("damaged_or_foreign_images_are_refused_with_a_reason") {
+    if !require_root() {
         return;
     }
     let s = stack("mbad", &[&build_changes]);

@@ -35,7 +35,7 @@ fn mount_and_compare(store: &ChunkStore, image: &Path, src: &Path, mnt: &Path) {
 
 #[test]
 fn shared_files_across_layers_are_stored_once() {
-    if !require_root("shared_files_across_layers_are_stored_once") {
+    if !require_root() {
         return;
     }
     let s = Scratch::new("dedup");
@@ -108,7 +108,7 @@ fn shared_files_across_layers_are_stored_once() {
 
 #[test]
 fn removing_layers_and_gc_return_the_disk_space() {
-    if !require_root("removing_layers_and_gc_return_the_disk_space") {
+    if !require_root() {
         return;
     }
     let s = Scratch::new("gc");
@@ -197,7 +197,7 @@ fn removing_layers_and_gc_return_the_disk_space() {
 
 #[test]
 fn concurrent_layers_use_separate_packs() {
-    if !require_root("concurrent_layers_use_separate_packs") {
+    if !require_root() {
         return;
     }
     let s = Scratch::new("concurrent");
@@ -265,7 +265,7 @@ fn reopening_with_other_settings_is_refused() {
 
 #[test]
 fn corrupt_and_truncated_packs_are_reported() {
-    if !require_root("corrupt_and_truncated_packs_are_reported") {
+    if !require_root() {
         return;
     }
     let s = Scratch::new("corrupt");
@@ -367,7 +367,7 @@ fn crash_child() {
 
 #[test]
 fn kill_9_while_writing_leaves_a_usable_store() {
-    if !require_root("kill_9_while_writing_leaves_a_usable_store") {
+    if !require_root() {
         return;
     }
     let s = Scratch::new("crash");

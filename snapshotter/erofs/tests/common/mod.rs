@@ -14,15 +14,11 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-/// True when the test may run; prints why it is skipped otherwise.
-pub fn require_root(test: &str) -> bool {
+/// True when the test may run; records it as skipped (`hyperbox_testkit::skip`) otherwise.
+pub fn require_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        // Straight to stderr, past the test harness's output capture, so the skip is seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: needs root (mount, mknod, chown, trusted.* xattrs)"
-        );
+        hyperbox_testkit::skip("needs root (mount, mknod, chown, trusted.* xattrs)");
         return false;
     }
     true
