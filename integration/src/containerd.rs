@@ -947,22 +947,27 @@ impl Containerd {
         self.sandbox.dir().join("templates.toml")
     }
 
+    /// The real `name` on this daemon's `PATH` past its own `bin` directory (where a test's
+    /// stand-ins go); `what` is what the error says could not be done.
+    fn beyond_bin(&self, what: &'static str, name: &str) -> Result<PathBuf, ContainerdError> {
+        let bin = self.dir().join("bin");
+        std::env::split_paths(&self.path_env)
+            .filter(|d| *d != bin)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+            .ok_or_else(|| io_err(what, &bin)(io::Error::from(io::ErrorKind::NotFound)))
+    }
+
     /// Puts a `criu` first on this daemon's `PATH` (so the shims started from now on find it)
     /// whose `swrk`, the RPC a dump or restore uses, never answers: it writes its pid to
     /// `pidfile` and sleeps. `check` and `--version` go to the real CRIU further down the
     /// `PATH`. Returns the fake's path (remove it to put the real CRIU back).
     pub fn hang_criu_requests(&self, pidfile: &Path) -> Result<PathBuf, ContainerdError> {
         let bin = self.dir().join("bin");
-        let real = std::env::split_paths(&self.path_env)
-            .filter(|d| *d != bin)
-            .map(|d| d.join("criu"))
-            .find(|p| p.is_file())
-            .ok_or_else(|| {
-                io_err(
-                    "find a criu (scripts/setup-host installs it) on the PATH beside",
-                    &bin,
-                )(io::Error::from(io::ErrorKind::NotFound))
-            })?;
+        let real = self.beyond_bin(
+            "find a criu (scripts/setup-host installs it) on the PATH beside",
+            "criu",
+        )?;
         let fake = bin.join("criu");
         let script = format!(
             "#!/bin/sh\nif [ \"$1\" = swrk ]; then echo $$ > {}; exec sleep 300; fi\n\
@@ -983,15 +988,7 @@ impl Containerd {
     /// `EPOCHREALTIME` reads the clock without starting a process.
     pub fn log_runc_calls(&self, log: &Path) -> Result<PathBuf, ContainerdError> {
         let bin = self.dir().join("bin");
-        let real = std::env::split_paths(&self.path_env)
-            .filter(|d| *d != bin)
-            .map(|d| d.join("runc"))
-            .find(|p| p.is_file())
-            .ok_or_else(|| {
-                io_err("find a runc on the PATH beside", &bin)(io::Error::from(
-                    io::ErrorKind::NotFound,
-                ))
-            })?;
+        let real = self.beyond_bin("find a runc on the PATH beside", "runc")?;
         let bash = Path::new("/bin/bash");
         if !bash.is_file() {
             return Err(io_err("find", bash)(io::Error::from(

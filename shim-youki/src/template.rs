@@ -1046,7 +1046,14 @@ impl Store {
             return;
         }
         let file = self.error_file(name);
-        if let Err(e) = fs::write(&file, reason) {
+        // Written beside and renamed over: a reader (`templates list`) never sees it half
+        // written.
+        let tmp = self
+            .dir
+            .join(format!(".{name}.error-{}.tmp", std::process::id()));
+        let written = fs::write(&tmp, reason).and_then(|()| fs::rename(&tmp, &file));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
             tracing::warn!("cannot write {}: {e}", file.display());
         }
     }
