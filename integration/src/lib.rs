@@ -13,6 +13,18 @@
 /// A skip counted as one (see `hyperbox_testkit`): every suite of this crate skips through it.
 pub use hyperbox_testkit::skip;
 
+/// Whether a test of containerd `v` may run: `HYPERBOX_CONTAINERD` selects it. When it does
+/// not, the test is recorded as skipped ([`skip`]) and should return.
+pub fn selected_or_skip(v: containerd::ContainerdVersion) -> bool {
+    let selected = containerd::ContainerdVersion::selected().contains(&v);
+    if !selected {
+        skip(&format!(
+            "containerd {v} not selected by HYPERBOX_CONTAINERD"
+        ));
+    }
+    selected
+}
+
 pub mod cli;
 pub mod client;
 pub mod containerd;
@@ -44,10 +56,7 @@ macro_rules! per_version {
             use super::*;
 
             fn run(v: $crate::containerd::ContainerdVersion) {
-                if !$crate::containerd::ContainerdVersion::selected().contains(&v) {
-                    $crate::skip(&format!(
-                        "containerd {v} not selected by HYPERBOX_CONTAINERD"
-                    ));
+                if !$crate::selected_or_skip(v) {
                     return;
                 }
                 $body(v)

@@ -157,10 +157,7 @@ fn pod_on_one_shim(bed: &CriBed, handler: &str, dir: &Path) -> u64 {
 }
 
 fn one_shim_per_pod(v: ContainerdVersion) {
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     assert!(
@@ -259,10 +256,7 @@ fn counter_passes(bed: &CriBed, id: &str, above: u64) -> u64 {
 /// created in a new pod from the archive (containerd 2.1's CRI restores one when a
 /// container's image is a checkpoint archive) carries on counting from where it was.
 fn checkpoint_through_cri(v: ContainerdVersion) {
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));
@@ -388,10 +382,7 @@ const WASM_HELLO: &str = r#"
 /// WebAssembly one (a `.wasm` in an ordinary image, run by wasmtime), as the wasm shim runs
 /// both: both run, the guest's hello reaches its CRI log, and the pod has one shim.
 fn wasm_and_native_in_one_pod(v: ContainerdVersion) {
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));
@@ -463,10 +454,7 @@ cri_versions!(wasm_and_native_in_one_pod);
 /// containers get their root filesystems from it (containerd records the snapshotter), the
 /// layers are converted to EROFS, and the container runs from them.
 fn snapshotter_for_a_handler(v: ContainerdVersion) {
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let bed = CriBed::start_with_snapshotter(v)
@@ -535,10 +523,7 @@ cri_versions!(snapshotter_for_a_handler);
 /// restore from it starts `app` from the template: its counter goes on from the captured
 /// count instead of starting at 1.
 fn templates_from_pod_annotations(v: ContainerdVersion) {
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let bed = CriBed::start(v).unwrap_or_else(|e| panic!("containerd {v} with CRI: {e}"));

@@ -394,10 +394,7 @@ per_version!(one_gpu_through_our_shim, one_gpu);
 #[test]
 fn every_request_form_through_our_shim() {
     let v = ContainerdVersion::V1_7;
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let bed = TestBed::start(v).expect("test bed");

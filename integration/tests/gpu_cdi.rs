@@ -242,10 +242,7 @@ fn check_driver_parts(seen: &Seen) {
 /// finds them; a container without the annotation gets nothing; NVML is never loaded by a
 /// container's start.
 fn runc_gets_gpus_through_cdi(v: ContainerdVersion) {
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     assert!(

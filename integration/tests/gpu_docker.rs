@@ -351,10 +351,7 @@ impl Seen<'_> {
 /// cgroup; nothing without `--device`; NVML never loaded by a container's start.
 #[test]
 fn docker_gets_gpus_through_cdi() {
-    if !ContainerdVersion::selected().contains(&VERSION) {
-        hyperbox_integration::skip(&format!(
-            "containerd {VERSION} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(VERSION) {
         return;
     }
     let started = Instant::now();

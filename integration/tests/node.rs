@@ -52,10 +52,7 @@ fn statuses(findings: &serde_json::Value, check: &str) -> Vec<String> {
 #[test]
 fn doctor_tells_a_bare_containerd_what_to_add() {
     let v = ContainerdVersion::V1_7;
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let bed = TestBed::start(v).expect("test bed");

@@ -730,10 +730,7 @@ fn runtime_info_through_containerd_2_1() {
     use containerd_client::services::v1::PluginInfoRequest;
     use prost::Message;
     let v = ContainerdVersion::V2_1;
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let bed = TestBed::start(v).expect("test bed");

@@ -649,10 +649,7 @@ fn oci_wasm_image_runs_from_the_content_store_on_2_1() {
 }
 
 fn oci_wasm_image_runs_from_the_content_store_on(v: ContainerdVersion) {
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let bed = TestBed::start(v).expect("test bed");
@@ -791,10 +788,7 @@ fn a_bad_oci_wasm_image_fails_create_clearly_on_2_1() {
 }
 
 fn a_bad_oci_wasm_image_fails_create_clearly_on(v: ContainerdVersion) {
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let bed = TestBed::start(v).expect("test bed");

@@ -2837,10 +2837,7 @@ fn a_sparse_file_over_4_gib_through_tar() {
     use hyperbox_integration::snapshotter::CONVERSION_LABEL;
     use std::os::unix::fs::FileExt;
     let v = ContainerdVersion::V1_7;
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let f = Fixture::start(v);
@@ -3069,10 +3066,7 @@ fn orphan_image(f: &Fixture) -> (PathBuf, &'static str) {
 )]
 fn differ_listed_by_the_diff_service_on_containerd_2_1() {
     let v = ContainerdVersion::V2_1;
-    if !ContainerdVersion::selected().contains(&v) {
-        hyperbox_integration::skip(&format!(
-            "containerd {v} not selected by HYPERBOX_CONTAINERD"
-        ));
+    if !hyperbox_integration::selected_or_skip(v) {
         return;
     }
     let snippet = std::env::temp_dir().join(format!("hb-diff-service-{}.toml", std::process::id()));
