@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
 use crate::options::RuntimeOptions;
-use crate::template::{Captured, TemplateCapture};
 
 /// A rootfs mount containerd passes in Create (from the snapshotter), to be mounted at
 /// `BUNDLE/rootfs` before the container is created.
@@ -235,4 +234,22 @@ pub trait Engine: Send + Sync + Debug + 'static {
     /// Removes the container: kills what is left of it, removes its cgroup and state, and
     /// unmounts the rootfs it mounted. Succeeds when there is nothing left to remove.
     async fn delete(&self, id: &str, bundle: &Path) -> Result<(), EngineError>;
+}
+
+/// What an engine needs to capture a template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateCapture {
+    pub name: String,
+    /// The mounts of the container's rootfs, as Create got them: the engine keeps the
+    /// container's changes to its image (an overlay's upper directory).
+    pub rootfs: Vec<RootfsMount>,
+}
+
+/// What came of a capture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Captured {
+    /// Kept at this path, of this many bytes on disk.
+    Kept { path: PathBuf, bytes: u64 },
+    /// A template of that name exists and is kept as it is.
+    Exists { path: PathBuf },
 }

@@ -12,9 +12,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use crate::engine::RootfsMount;
+pub use crate::engine::{Captured, TemplateCapture};
 use crate::error::EngineError;
 
 /// Capture this container as the template of this name once it is ready.
@@ -76,24 +76,6 @@ pub struct TemplatePlan {
     pub pull: Option<String>,
     /// Restore memory lazily.
     pub lazy: bool,
-}
-
-/// What an engine needs to capture a template.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TemplateCapture {
-    pub name: String,
-    /// The mounts of the container's rootfs, as Create got them: the engine keeps the
-    /// container's changes to its image (an overlay's upper directory).
-    pub rootfs: Vec<RootfsMount>,
-}
-
-/// What came of a capture.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Captured {
-    /// Kept at this path, of this many bytes on disk.
-    Kept { path: PathBuf, bytes: u64 },
-    /// A template of that name exists and is kept as it is.
-    Exists { path: PathBuf },
 }
 
 /// A template name: 1 to 128 of `[A-Za-z0-9_.-]`, starting with a letter or digit, so that
