@@ -68,14 +68,78 @@ impl ClientError {
     }
 }
 
-/// runc's runtime options (`containerd.runc.v1.Options`), CRI's (`runtimeoptions.v1.Options`)
-/// and runc's checkpoint options (`containerd.runc.v1.CheckpointOptions`), as Docker, nerdctl,
-/// CRI and `ctr` send them, and the legacy `containerd.linux.runc` family containerd's Go
-/// client sends to runtimes not named `io.containerd.runc*`: the shim's own definitions, so
-/// client and shim agree.
-pub use hyperbox_shim_core::{
-    CheckpointOptions, CriOptions, LegacyCheckpointOptions, LegacyCreateOptions, RuncOptions,
-};
+/// CRI's runtime options (`runtimeoptions.v1.Options`) and the legacy `containerd.linux.runc`
+/// family containerd's Go client sends to runtimes not named `io.containerd.runc*`: the shim's
+/// own definitions (no crate ships them).
+pub use hyperbox_shim_core::{CriOptions, LegacyCheckpointOptions, LegacyCreateOptions};
+
+/// runc's runtime options (`containerd.runc.v1.Options`) as Docker, nerdctl, CRI and `ctr`
+/// encode them, field for field from containerd's `api/types/runc/options/oci.proto`. The
+/// shim decodes them with `containerd-shim`'s protos; this encoder is the client's own, so the
+/// two are checked against each other.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RuncOptions {
+    #[prost(bool, tag = "1")]
+    pub no_pivot_root: bool,
+    #[prost(bool, tag = "2")]
+    pub no_new_keyring: bool,
+    #[prost(string, tag = "3")]
+    pub shim_cgroup: String,
+    #[prost(uint32, tag = "4")]
+    pub io_uid: u32,
+    #[prost(uint32, tag = "5")]
+    pub io_gid: u32,
+    #[prost(string, tag = "6")]
+    pub binary_name: String,
+    #[prost(string, tag = "7")]
+    pub root: String,
+    /// Removed in containerd 2.0; still sent by 1.x clients.
+    #[prost(string, tag = "8")]
+    pub criu_path: String,
+    #[prost(bool, tag = "9")]
+    pub systemd_cgroup: bool,
+    #[prost(string, tag = "10")]
+    pub criu_image_path: String,
+    #[prost(string, tag = "11")]
+    pub criu_work_path: String,
+    #[prost(string, tag = "12")]
+    pub task_api_address: String,
+    #[prost(uint32, tag = "13")]
+    pub task_api_version: u32,
+}
+
+impl prost::Name for RuncOptions {
+    const NAME: &'static str = "Options";
+    const PACKAGE: &'static str = "containerd.runc.v1";
+}
+
+/// runc's checkpoint options (`containerd.runc.v1.CheckpointOptions`) as clients encode them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CheckpointOptions {
+    #[prost(bool, tag = "1")]
+    pub exit: bool,
+    #[prost(bool, tag = "2")]
+    pub open_tcp: bool,
+    #[prost(bool, tag = "3")]
+    pub external_unix_sockets: bool,
+    #[prost(bool, tag = "4")]
+    pub terminal: bool,
+    #[prost(bool, tag = "5")]
+    pub file_locks: bool,
+    #[prost(string, repeated, tag = "6")]
+    pub empty_namespaces: Vec<String>,
+    #[prost(string, tag = "7")]
+    pub cgroups_mode: String,
+    #[prost(string, tag = "8")]
+    pub image_path: String,
+    #[prost(string, tag = "9")]
+    pub work_path: String,
+}
+
+impl prost::Name for CheckpointOptions {
+    const NAME: &'static str = "CheckpointOptions";
+    const PACKAGE: &'static str = "containerd.runc.v1";
+}
 
 /// Packs a message as containerd does: the type URL is the bare full name.
 pub fn to_any<M: Message + prost::Name>(m: &M) -> Any {
@@ -753,5 +817,77 @@ mod tests {
         }
         .encode_to_vec();
         assert_eq!(bytes, vec![0x48, 1]);
+    }
+
+    /// What this client encodes, the shim (with `containerd-shim`'s protos) decodes to the
+    /// same values; a 1.x client's `criu_path` is seen and refused.
+    #[test]
+    fn the_shim_decodes_what_the_client_encodes() {
+        use containerd_shim::protos::protobuf::well_known_types::any::Any as ShimAny;
+        let shim_any = |a: Any| {
+            let mut any = ShimAny::new();
+            any.type_url = a.type_url;
+            any.value = a.value;
+            any
+        };
+        let o = RuncOptions {
+            root: "/run/r".into(),
+            io_uid: 1000,
+            io_gid: 1001,
+            criu_image_path: "/img".into(),
+            criu_work_path: "/work".into(),
+            no_pivot_root: true,
+            ..Default::default()
+        };
+        let got =
+            hyperbox_shim_core::RuntimeOptions::from_any(Some(&shim_any(to_any(&o)))).unwrap();
+        assert_eq!(
+            got.state_root.as_deref(),
+            Some(std::path::Path::new("/run/r"))
+        );
+        assert_eq!(
+            got.io_owner,
+            Some(hyperbox_shim_core::IoOwner {
+                uid: 1000,
+                gid: 1001
+            })
+        );
+        assert_eq!(
+            got.criu_image_path.as_deref(),
+            Some(std::path::Path::new("/img"))
+        );
+        assert_eq!(
+            got.criu_work_path.as_deref(),
+            Some(std::path::Path::new("/work"))
+        );
+        assert!(got.no_pivot_root);
+        let refused = RuncOptions {
+            criu_path: "/usr/sbin/criu".into(),
+            ..Default::default()
+        };
+        let e = hyperbox_shim_core::RuntimeOptions::from_any(Some(&shim_any(to_any(&refused))))
+            .unwrap_err();
+        assert!(e.to_string().contains("criu_path (/usr/sbin/criu)"), "{e}");
+        let c = CheckpointOptions {
+            exit: true,
+            open_tcp: true,
+            file_locks: true,
+            empty_namespaces: vec!["network".into()],
+            cgroups_mode: "soft".into(),
+            image_path: "/i".into(),
+            work_path: "/w".into(),
+            ..Default::default()
+        };
+        let got = hyperbox_shim_core::checkpoint_options(Some(&shim_any(to_any(&c)))).unwrap();
+        assert!(got.exit && got.open_tcp && got.file_locks && !got.terminal);
+        assert_eq!(got.empty_namespaces, ["network"]);
+        assert_eq!(
+            (
+                got.cgroups_mode.as_str(),
+                got.image_path.as_str(),
+                got.work_path.as_str()
+            ),
+            ("soft", "/i", "/w")
+        );
     }
 }

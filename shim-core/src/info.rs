@@ -85,12 +85,11 @@ pub fn print_info(runtime_id: &str, features: Option<serde_json::Value>) -> Exit
 mod tests {
     use super::*;
     use crate::options::RuncOptions;
-    use prost::Message as _;
 
     fn runc_any(o: &RuncOptions) -> Any {
         Any {
             type_url: "containerd.runc.v1.Options".to_string(),
-            value: o.encode_to_vec(),
+            value: o.write_to_bytes().unwrap(),
             ..Default::default()
         }
     }
@@ -126,10 +125,7 @@ mod tests {
 
     #[test]
     fn options_the_shim_refuses_are_refused() {
-        let refused = runc_any(&RuncOptions {
-            criu_path: "/usr/bin/criu".into(),
-            ..Default::default()
-        });
+        let refused = runc_any(&crate::options::tests::with_criu_path("/usr/bin/criu"));
         let e = runtime_info("x", &refused.write_to_bytes().unwrap(), None).unwrap_err();
         assert!(e.contains("criu_path"), "{e}");
         let e = runtime_info("x", b"\xff\xff not protobuf", None).unwrap_err();

@@ -30,8 +30,8 @@ pub use engine::{
 };
 pub use error::{EngineError, ShimError};
 pub use options::{
-    CheckpointOptions, CriOptions, LegacyCheckpointOptions, LegacyCreateOptions, RuncOptions,
-    RuntimeOptions,
+    checkpoint_options, CheckpointOptions, CriOptions, LegacyCheckpointOptions,
+    LegacyCreateOptions, RuncOptions, RuntimeOptions,
 };
 pub use reaper::{exit_status, output as owned_output, OwnedChild};
 pub use service::TaskService;

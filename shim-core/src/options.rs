@@ -14,42 +14,15 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use crate::error::ShimError;
 use crate::stdio::IoOwner;
 
-/// runc's options, as containerd's `api/types/runc/options/oci.proto` defines them.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RuncOptions {
-    #[prost(bool, tag = "1")]
-    pub no_pivot_root: bool,
-    #[prost(bool, tag = "2")]
-    pub no_new_keyring: bool,
-    #[prost(string, tag = "3")]
-    pub shim_cgroup: String,
-    #[prost(uint32, tag = "4")]
-    pub io_uid: u32,
-    #[prost(uint32, tag = "5")]
-    pub io_gid: u32,
-    #[prost(string, tag = "6")]
-    pub binary_name: String,
-    #[prost(string, tag = "7")]
-    pub root: String,
-    /// Removed in containerd 2.0; still sent by 1.x clients.
-    #[prost(string, tag = "8")]
-    pub criu_path: String,
-    #[prost(bool, tag = "9")]
-    pub systemd_cgroup: bool,
-    #[prost(string, tag = "10")]
-    pub criu_image_path: String,
-    #[prost(string, tag = "11")]
-    pub criu_work_path: String,
-    #[prost(string, tag = "12")]
-    pub task_api_address: String,
-    #[prost(uint32, tag = "13")]
-    pub task_api_version: u32,
-}
+/// runc's options (`containerd.runc.v1.Options`), as `containerd-shim`'s protos define them.
+/// Their field 8, `criu_path`, which containerd 2.0 removed and 1.x clients still send, is
+/// read from the message's unknown fields ([`criu_path`]).
+pub use containerd_shim::protos::shim::oci::Options as RuncOptions;
 
-impl prost::Name for RuncOptions {
-    const NAME: &'static str = "Options";
-    const PACKAGE: &'static str = "containerd.runc.v1";
-}
+/// runc's checkpoint options (`containerd.runc.v1.CheckpointOptions`), sent in Checkpoint by
+/// clients that ask for more than containerd's defaults; [`checkpoint_options`] decodes and
+/// checks them.
+pub use containerd_shim::protos::shim::oci::CheckpointOptions;
 
 /// CRI's options for runtimes other than runc (`api/types/runtimeoptions/v1/api.proto`).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -148,37 +121,9 @@ impl From<LegacyCheckpointOptions> for CheckpointOptions {
             cgroups_mode: o.cgroups_mode,
             image_path: o.image_path,
             work_path: o.work_path,
+            ..Default::default()
         }
     }
-}
-
-/// runc's checkpoint options (`containerd.runc.v1.CheckpointOptions`), sent in Checkpoint by
-/// clients that ask for more than containerd's defaults.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct CheckpointOptions {
-    #[prost(bool, tag = "1")]
-    pub exit: bool,
-    #[prost(bool, tag = "2")]
-    pub open_tcp: bool,
-    #[prost(bool, tag = "3")]
-    pub external_unix_sockets: bool,
-    #[prost(bool, tag = "4")]
-    pub terminal: bool,
-    #[prost(bool, tag = "5")]
-    pub file_locks: bool,
-    #[prost(string, repeated, tag = "6")]
-    pub empty_namespaces: Vec<String>,
-    #[prost(string, tag = "7")]
-    pub cgroups_mode: String,
-    #[prost(string, tag = "8")]
-    pub image_path: String,
-    #[prost(string, tag = "9")]
-    pub work_path: String,
-}
-
-impl prost::Name for CheckpointOptions {
-    const NAME: &'static str = "CheckpointOptions";
-    const PACKAGE: &'static str = "containerd.runc.v1";
 }
 
 const CHECKPOINT_OPTIONS: &str = "containerd.runc.v1.CheckpointOptions";
@@ -187,49 +132,45 @@ const LEGACY_CHECKPOINT_OPTIONS: &str = "containerd.linux.runc.CheckpointOptions
 /// The cgroup modes CRIU takes (runc's `--manage-cgroups-mode`).
 const CGROUPS_MODES: [&str; 4] = ["soft", "full", "strict", "ignore"];
 
-impl CheckpointOptions {
-    /// Decodes and checks the options of a Checkpoint; `None` gives the defaults (leave
-    /// running, nothing optional).
-    pub fn from_any(any: Option<&Any>) -> Result<Self, ShimError> {
-        let Some(any) = any else {
-            return Ok(Self::default());
-        };
-        let name = any.type_url.rsplit('/').next().unwrap_or_default();
-        let o: Self = match name {
-            CHECKPOINT_OPTIONS => decode(name, &any.value)?,
-            LEGACY_CHECKPOINT_OPTIONS => {
-                decode::<LegacyCheckpointOptions>(name, &any.value)?.into()
-            }
-            _ => {
-                return Err(ShimError::InvalidArgument(format!(
-                    "unsupported checkpoint options type {:?}: this shim takes \
+/// Decodes and checks the options of a Checkpoint; `None` gives the defaults (leave running,
+/// nothing optional).
+pub fn checkpoint_options(any: Option<&Any>) -> Result<CheckpointOptions, ShimError> {
+    let Some(any) = any else {
+        return Ok(CheckpointOptions::default());
+    };
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let o: CheckpointOptions = match name {
+        CHECKPOINT_OPTIONS => decode_protobuf(name, &any.value)?,
+        LEGACY_CHECKPOINT_OPTIONS => decode::<LegacyCheckpointOptions>(name, &any.value)?.into(),
+        _ => {
+            return Err(ShimError::InvalidArgument(format!(
+                "unsupported checkpoint options type {:?}: this shim takes \
                      {CHECKPOINT_OPTIONS} or {LEGACY_CHECKPOINT_OPTIONS}",
-                    any.type_url
-                )))
-            }
-        };
-        if !o.cgroups_mode.is_empty() && !CGROUPS_MODES.contains(&o.cgroups_mode.as_str()) {
-            return Err(ShimError::InvalidArgument(format!(
-                "checkpoint option cgroups_mode {:?} is not one of {}",
-                o.cgroups_mode,
-                CGROUPS_MODES.join(", ")
-            )));
+                any.type_url
+            )))
         }
-        if let Some(ns) = o.empty_namespaces.iter().find(|n| n.as_str() != "network") {
-            return Err(ShimError::InvalidArgument(format!(
-                "checkpoint option empty_namespaces names {ns:?}: CRIU creates only the \
-                 network namespace empty"
-            )));
-        }
-        for (field, path) in [("image_path", &o.image_path), ("work_path", &o.work_path)] {
-            if !path.is_empty() && !Path::new(path).is_absolute() {
-                return Err(ShimError::InvalidArgument(format!(
-                    "checkpoint option {field} {path:?} is not an absolute path"
-                )));
-            }
-        }
-        Ok(o)
+    };
+    if !o.cgroups_mode.is_empty() && !CGROUPS_MODES.contains(&o.cgroups_mode.as_str()) {
+        return Err(ShimError::InvalidArgument(format!(
+            "checkpoint option cgroups_mode {:?} is not one of {}",
+            o.cgroups_mode,
+            CGROUPS_MODES.join(", ")
+        )));
     }
+    if let Some(ns) = o.empty_namespaces.iter().find(|n| n.as_str() != "network") {
+        return Err(ShimError::InvalidArgument(format!(
+            "checkpoint option empty_namespaces names {ns:?}: CRIU creates only the \
+                 network namespace empty"
+        )));
+    }
+    for (field, path) in [("image_path", &o.image_path), ("work_path", &o.work_path)] {
+        if !path.is_empty() && !Path::new(path).is_absolute() {
+            return Err(ShimError::InvalidArgument(format!(
+                "checkpoint option {field} {path:?} is not an absolute path"
+            )));
+        }
+    }
+    Ok(o)
 }
 
 const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
@@ -270,7 +211,7 @@ impl RuntimeOptions {
         };
         let name = any.type_url.rsplit('/').next().unwrap_or_default();
         match name {
-            RUNC_OPTIONS => Self::from_runc(decode(name, &any.value)?, &Host),
+            RUNC_OPTIONS => Self::from_runc(decode_protobuf(name, &any.value)?, &Host),
             CRI_OPTIONS => Self::from_cri(decode(name, &any.value)?),
             LEGACY_CREATE_OPTIONS => Self::from_runc(from_legacy(decode(name, &any.value)?), &Host),
             _ => Err(ShimError::InvalidArgument(format!(
@@ -289,11 +230,10 @@ impl RuntimeOptions {
                 "ignored: this shim runs no binary"
             );
         }
-        if !o.criu_path.is_empty() {
+        if let Some(path) = criu_path(&o) {
             return refuse(format!(
-                "runtime option criu_path ({}) cannot be honoured: this shim runs the criu \
-                 found on containerd's PATH; remove it from the runtime options",
-                o.criu_path
+                "runtime option criu_path ({path}) cannot be honoured: this shim runs the criu \
+                 found on containerd's PATH; remove it from the runtime options"
             ));
         }
         if o.no_new_keyring {
@@ -411,6 +351,27 @@ fn cgroup_path(path: &str) -> Result<PathBuf, ShimError> {
     Ok(PathBuf::from(format!("/{}", names.join("/"))))
 }
 
+/// runc's `criu_path` (field 8 of its options), when a 1.x client sent one: containerd 2.0
+/// removed the field, and the protos this shim is built with mark it reserved.
+pub fn criu_path(o: &RuncOptions) -> Option<String> {
+    use containerd_shim::protos::protobuf::UnknownValueRef;
+    match o.special_fields.unknown_fields().get(8)? {
+        UnknownValueRef::LengthDelimited(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => None,
+    }
+    .filter(|p| !p.is_empty())
+}
+
+/// Decodes a message of the protos `containerd-shim` ships (runc's options).
+fn decode_protobuf<M: containerd_shim::protos::protobuf::Message>(
+    name: &str,
+    bytes: &[u8],
+) -> Result<M, ShimError> {
+    M::parse_from_bytes(bytes).map_err(|e| {
+        ShimError::InvalidArgument(format!("cannot decode runtime options {name}: {e}"))
+    })
+}
+
 fn decode<M: prost::Message + Default>(name: &str, bytes: &[u8]) -> Result<M, ShimError> {
     M::decode(bytes).map_err(|e| {
         ShimError::InvalidArgument(format!("cannot decode runtime options {name}: {e}"))
@@ -439,9 +400,10 @@ impl HostFacts for Host {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use containerd_shim::protos::protobuf::Message as _;
     use containerd_shim::protos::ttrpc::Code;
-    use prost::Message;
+    use prost::Message as _;
 
     use super::*;
 
@@ -454,6 +416,15 @@ mod tests {
         fn pid1_name(&self) -> String {
             "tini".into()
         }
+    }
+
+    /// runc's options with field 8, `criu_path`, as a containerd 1.x client sends it.
+    pub(crate) fn with_criu_path(path: &str) -> RuncOptions {
+        let mut o = RuncOptions::default();
+        o.special_fields
+            .mut_unknown_fields()
+            .add_length_delimited(8, path.as_bytes().to_vec());
+        o
     }
 
     fn any(type_url: &str, value: Vec<u8>) -> Any {
@@ -482,7 +453,8 @@ mod tests {
             RUNC_OPTIONS,
             "type.googleapis.com/containerd.runc.v1.Options",
         ] {
-            let got = RuntimeOptions::from_any(Some(&any(url, o.encode_to_vec()))).unwrap();
+            let got =
+                RuntimeOptions::from_any(Some(&any(url, o.write_to_bytes().unwrap()))).unwrap();
             assert_eq!(
                 got.state_root,
                 Some(PathBuf::from("/run/elsewhere")),
@@ -509,13 +481,7 @@ mod tests {
     #[test]
     fn what_cannot_be_honoured_is_refused_naming_the_option() {
         let cases = [
-            (
-                RuncOptions {
-                    criu_path: "/usr/sbin/criu".into(),
-                    ..Default::default()
-                },
-                "criu_path",
-            ),
+            (with_criu_path("/usr/sbin/criu"), "criu_path"),
             (
                 RuncOptions {
                     no_new_keyring: true,
@@ -619,7 +585,7 @@ mod tests {
             ..Default::default()
         };
         let url = "type.googleapis.com/containerd.linux.runc.CheckpointOptions";
-        let got = CheckpointOptions::from_any(Some(&any(url, legacy.encode_to_vec()))).unwrap();
+        let got = checkpoint_options(Some(&any(url, legacy.encode_to_vec()))).unwrap();
         assert_eq!(
             got,
             CheckpointOptions {
@@ -655,7 +621,7 @@ mod tests {
     #[test]
     fn checkpoint_options_are_decoded_and_checked() {
         assert_eq!(
-            CheckpointOptions::from_any(None).unwrap(),
+            checkpoint_options(None).unwrap(),
             CheckpointOptions::default()
         );
         let o = CheckpointOptions {
@@ -665,8 +631,8 @@ mod tests {
             empty_namespaces: vec!["network".into()],
             ..Default::default()
         };
-        let got =
-            CheckpointOptions::from_any(Some(&any(CHECKPOINT_OPTIONS, o.encode_to_vec()))).unwrap();
+        let got = checkpoint_options(Some(&any(CHECKPOINT_OPTIONS, o.write_to_bytes().unwrap())))
+            .unwrap();
         assert_eq!(got, o);
         let bad = [
             (
@@ -692,12 +658,12 @@ mod tests {
             ),
         ];
         for (o, named) in bad {
-            let e = CheckpointOptions::from_any(Some(&any(CHECKPOINT_OPTIONS, o.encode_to_vec())))
+            let e = checkpoint_options(Some(&any(CHECKPOINT_OPTIONS, o.write_to_bytes().unwrap())))
                 .unwrap_err();
             assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
             assert!(e.to_string().contains(named), "{e}");
         }
-        let e = CheckpointOptions::from_any(Some(&any(RUNC_OPTIONS, vec![]))).unwrap_err();
+        let e = checkpoint_options(Some(&any(RUNC_OPTIONS, vec![]))).unwrap_err();
         assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
     }
 

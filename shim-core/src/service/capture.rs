@@ -9,7 +9,7 @@ use containerd_shim::api::CheckpointTaskRequest;
 
 use crate::engine::CheckpointSpec;
 use crate::error::{EngineError, ShimError};
-use crate::options::CheckpointOptions;
+use crate::options::checkpoint_options;
 use crate::template::{self, CapturePlan, Captured, Readiness, TemplateCapture};
 
 use super::state::{State, TemplateCapturePlan};
@@ -35,7 +35,7 @@ impl Inner {
     /// say, else where containerd asks (it then stores them in its content store).
     pub(super) async fn checkpoint(&self, req: CheckpointTaskRequest) -> Result<(), ShimError> {
         let id = req.id;
-        let options = CheckpointOptions::from_any(req.options.as_ref()).inspect_err(|e| {
+        let options = checkpoint_options(req.options.as_ref()).inspect_err(|e| {
             tracing::error!(id, "checkpoint refused: {e}");
         })?;
         let bundle = {
