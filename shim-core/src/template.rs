@@ -12,8 +12,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
 pub use crate::engine::{Captured, TemplateCapture};
 use crate::error::EngineError;
 
@@ -46,8 +44,6 @@ const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 const CRI_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
-/// What every annotation of this module starts with.
-const PREFIX: &str = "io.hyperbox.";
 
 /// When a container to capture is ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,25 +251,6 @@ impl TemplatePlan {
             pull,
             lazy,
         })
-    }
-
-    /// What the bundle's `config.json` asks for.
-    pub fn read(bundle: &Path) -> Result<Self, EngineError> {
-        #[derive(Deserialize)]
-        struct Annotated {
-            #[serde(default)]
-            annotations: Option<HashMap<String, String>>,
-        }
-        let path = bundle.join("config.json");
-        let bytes =
-            fs::read(&path).map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
-        // Every Create reads this: a spec that names none of these annotations is not parsed.
-        if !bytes.windows(PREFIX.len()).any(|w| w == PREFIX.as_bytes()) {
-            return Ok(TemplatePlan::default());
-        }
-        let spec: Annotated = serde_json::from_slice(&bytes)
-            .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
-        Self::from_annotations(&spec.annotations.unwrap_or_default())
     }
 }
 

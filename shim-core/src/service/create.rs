@@ -16,10 +16,10 @@ use crate::engine::{CreateSpec, RestoreFrom, RestoreSpec, RootfsMount, Spawned, 
 use crate::error::{EngineError, ShimError};
 use crate::options::RuntimeOptions;
 use crate::stdio::{IoOwner, OpenedStdio, StdioPaths, StreamOwner};
-use crate::template::TemplatePlan;
 use crate::timeline;
 
-use super::state::{CgroupSlot, Container, Process, State, TemplateCapturePlan};
+use super::bundle::BundleSpec;
+use super::state::{check_id, CgroupSlot, Container, Process, State, TemplateCapturePlan};
 use super::Inner;
 
 impl Inner {
@@ -41,6 +41,8 @@ impl Inner {
         req: CreateTaskRequest,
     ) -> Result<CreateTaskResponse, ShimError> {
         let id = req.id.clone();
+        // First: the id names the container's state, cgroup and mounts.
+        check_id(&id).inspect_err(|e| tracing::error!(id, "create refused: {e}"))?;
         if self.table().contains_key(&id) {
             return Err(ShimError::AlreadyExists(format!("container {id}")));
         }
@@ -69,9 +71,10 @@ impl Inner {
             lazy: false,
         });
         // A template to restore from, or to capture, is asked for in the spec's annotations.
-        let plan = TemplatePlan::read(Path::new(&req.bundle)).inspect_err(|e| {
+        let bundle_spec = BundleSpec::read(Path::new(&req.bundle)).inspect_err(|e| {
             tracing::error!(id, "create refused: {e}");
         })?;
+        let plan = bundle_spec.plan;
         let restore = match (checkpoint, plan.restore_from) {
             (None, None) => None,
             (Some(c), None) => Some(RestoreFrom::Checkpoint(c)),
@@ -161,6 +164,7 @@ impl Inner {
                     busy: None,
                     exec_spawns: 0,
                     io_owner,
+                    kills_all_on_exit: bundle_spec.kills_all_on_exit,
                 },
             );
             spawning.end(&table, pid)

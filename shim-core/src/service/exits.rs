@@ -2,7 +2,6 @@
 //! the event they follow is out, and the exits of pids not known yet kept for their spawn.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use containerd_shim::protos::events::task::TaskExit;
@@ -103,7 +102,7 @@ impl Inner {
         // The process's `file://` log gets everything it wrote before anyone hears of its
         // exit (a pid namespace's processes die with its init, so the pipe closes at once;
         // an exec's children may hold it, hence the limit).
-        let (output, bundle) = {
+        let (output, kill_all) = {
             let table = self.table();
             let Some(c) = table.get(id) else { return };
             let Ok(p) = c.process(id, exec_id) else {
@@ -111,7 +110,7 @@ impl Inner {
             };
             (
                 p.output.clone().filter(|_| ours(p)),
-                exec_id.is_empty().then(|| c.bundle.clone()),
+                exec_id.is_empty() && c.kills_all_on_exit,
             )
         };
         if let Some(copy) = output {
@@ -119,7 +118,7 @@ impl Inner {
         }
         // A container without a pid namespace of its own does not lose its processes with
         // its init: as runc's shim, kill them all before the exit is reported.
-        if bundle.is_some_and(|b| kills_all_on_exit(&b)) {
+        if kill_all {
             if let Err(e) = self.engine.signal_all(id, Signal::SIGKILL as i32).await {
                 tracing::warn!(id, "cannot kill what is left of it: {e}");
             }
@@ -204,63 +203,5 @@ impl Inner {
             let (inner, id, exec_id) = (self.clone(), id.to_string(), exec_id.to_string());
             tokio::spawn(async move { inner.handle_exit(&id, &exec_id, r).await });
         }
-    }
-}
-
-/// Whether the processes of the container of `bundle` must be killed when its init exits:
-/// when it has no pid namespace of its own (the host's, or another container's by path), as
-/// runc's shim decides (`ShouldKillAllOnExit`). An unreadable spec says yes, as there.
-pub(super) fn kills_all_on_exit(bundle: &Path) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Spec {
-        linux: Option<Linux>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Linux {
-        #[serde(default)]
-        namespaces: Vec<Namespace>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Namespace {
-        #[serde(rename = "type")]
-        kind: String,
-        #[serde(default)]
-        path: String,
-    }
-    let spec: Option<Spec> = std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    !spec.and_then(|s| s.linux).is_some_and(|l| {
-        l.namespaces
-            .iter()
-            .any(|n| n.kind == "pid" && n.path.is_empty())
-    })
-}
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_pid_namespace_of_its_own_keeps_the_processes_after_init() {
-        let bundle = std::env::temp_dir().join(format!("hb-killall-{}", std::process::id()));
-        std::fs::create_dir_all(&bundle).unwrap();
-        let cases = [
-            (
-                r#"{"linux":{"namespaces":[{"type":"pid"},{"type":"mount"}]}}"#,
-                false,
-            ),
-            (r#"{"linux":{"namespaces":[{"type":"mount"}]}}"#, true),
-            (
-                r#"{"linux":{"namespaces":[{"type":"pid","path":"/proc/9/ns/pid"}]}}"#,
-                true,
-            ),
-            (r#"{"process":{}}"#, true),
-            ("not json", true),
-        ];
-        for (spec, kill_all) in cases {
-            std::fs::write(bundle.join("config.json"), spec).unwrap();
-            assert_eq!(kills_all_on_exit(&bundle), kill_all, "{spec}");
-        }
-        std::fs::remove_dir_all(&bundle).unwrap();
     }
 }

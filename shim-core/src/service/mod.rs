@@ -23,6 +23,7 @@
 //! template captures, [`rpc`] the ttrpc `Task` service, and [`events`] where events go (an
 //! [`Events`] sink: containerd, or a channel in the unit tests).
 
+mod bundle;
 mod capture;
 mod create;
 mod events;

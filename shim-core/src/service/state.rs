@@ -111,6 +111,8 @@ pub(super) struct Container {
     pub(super) exec_spawns: usize,
     /// Who owns its processes' pipes (runtime options `io_uid`/`io_gid`).
     pub(super) io_owner: Option<IoOwner>,
+    /// Its processes are killed when its init exits (it has no pid namespace of its own).
+    pub(super) kills_all_on_exit: bool,
 }
 
 /// A capture a container asked for, with the rootfs mounts the engine needs for it.
@@ -314,6 +316,21 @@ pub(super) fn exec_while_paused() -> ShimError {
 /// `Inner::cgroup_of_slot`). `None` inside when it could not be opened.
 pub(super) type CgroupSlot = Arc<tokio::sync::OnceCell<Option<Arc<ContainerCgroup>>>>;
 
+/// A container id as runc and libcontainer take it: 1 to 1024 of `[A-Za-z0-9_+.-]`, not `.`
+/// or `..`, so that it is one path component wherever the engine puts it. containerd checks
+/// ids too (more strictly); this holds for a client that talks to the shim directly.
+pub(super) fn check_id(id: &str) -> Result<(), ShimError> {
+    let chars_ok = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '.'));
+    if id.is_empty() || id.len() > 1024 || !chars_ok || id == "." || id == ".." {
+        return Err(ShimError::InvalidArgument(format!(
+            "container id {id:?} is not 1 to 1024 of [A-Za-z0-9_+.-] (nor . or ..)"
+        )));
+    }
+    Ok(())
+}
+
 pub(super) fn describe(id: &str, exec_id: &str) -> String {
     if exec_id.is_empty() {
         format!("container {id}")
@@ -356,6 +373,7 @@ mod tests {
             busy: None,
             exec_spawns: 0,
             io_owner: None,
+            kills_all_on_exit: false,
         };
         // An exec added and not started (no pid yet), one running, one finished.
         c.execs.insert(
@@ -523,6 +541,26 @@ mod tests {
             }
         }
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn an_id_is_one_path_component() {
+        for good in ["c1", "a.b", "x_y-z+1", "A9", &"a".repeat(1024)] {
+            assert_eq!(outcome(check_id(good)), "ok", "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a b",
+            "é",
+            "a\0",
+            &"a".repeat(1025),
+        ] {
+            assert_eq!(outcome(check_id(bad)), "invalid", "{bad:?}");
+        }
     }
 
     #[test]
