@@ -25,6 +25,24 @@ pub fn selected_or_skip(v: containerd::ContainerdVersion) -> bool {
     selected
 }
 
+/// Waits until `condition` holds, checking it every 50 ms; panics naming `what` when it still
+/// does not after `timeout`. This is how a test waits for something to happen; a check that
+/// something does *not* happen within a time keeps its sleep and says so.
+pub fn wait_until(
+    timeout: std::time::Duration,
+    what: impl std::fmt::Display,
+    mut condition: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 pub mod cli;
 pub mod client;
 pub mod containerd;
@@ -84,4 +102,27 @@ macro_rules! per_version {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::wait_until;
+
+    #[test]
+    fn wait_until_returns_once_the_condition_holds() {
+        let mut checks = 0;
+        wait_until(Duration::from_secs(10), "the third check", || {
+            checks += 1;
+            checks == 3
+        });
+        assert_eq!(checks, 3);
+    }
+
+    #[test]
+    #[should_panic(expected = "timed out after 100ms waiting for nothing")]
+    fn wait_until_fails_naming_what_it_waited_for() {
+        wait_until(Duration::from_millis(100), "nothing", || false);
+    }
 }

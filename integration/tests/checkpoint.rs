@@ -296,6 +296,7 @@ fn checkpoint_through_the_task_api(v: ContainerdVersion) {
     assert!(paused_images.join("inventory.img").is_file());
     wait_status(c, "ck2", "PAUSED");
     let frozen = counter(c, "ck2").expect("counter");
+    // A check that the counter does NOT move: it is given time to, then compared.
     thread::sleep(Duration::from_millis(400));
     assert_eq!(
         counter(c, "ck2"),
@@ -464,6 +465,7 @@ fn restore_continues_a_counter(v: ContainerdVersion) {
     // the file stays empty until the resume (seen once in CI).
     let counter_text = || fs::read_to_string(format!("/proc/{pid}/root/tmp/n")).ok();
     let frozen = counter_text().expect("the counter file");
+    // A check that the counter does NOT move: it is given time to, then compared.
     thread::sleep(Duration::from_millis(400));
     assert_eq!(
         counter_text().as_deref(),

@@ -15,6 +15,7 @@ use hyperbox_integration::images::{self, BuildOptions, TestImage};
 use hyperbox_integration::per_version;
 use hyperbox_integration::registry::Registry;
 use hyperbox_integration::snapshotter::{SnapshotterDaemon, PLUGIN};
+use hyperbox_integration::wait_until;
 
 struct Bed {
     docker: Docker,
@@ -219,7 +220,11 @@ fn template_under_docker(v: ContainerdVersion) {
     assert!(reason.contains("mounted the rootfs itself"), "{reason}");
     let pid = docker(&b, &["inspect", "--format", "{{.State.Pid}}", &id]);
     let n = counter(&pid);
-    thread::sleep(Duration::from_millis(500));
+    wait_until(
+        Duration::from_secs(10),
+        "the container to count on after the refusal",
+        || counter(&pid) > n,
+    );
     assert!(
         counter(&pid) > n,
         "the container stopped counting after the refusal"

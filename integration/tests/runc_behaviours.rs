@@ -489,6 +489,7 @@ fn stdin_outlives_its_client_as_runc(v: ContainerdVersion) {
         }
         let _ = child.kill();
         let _ = child.wait();
+        // A check that the task does NOT end: it is given a second to, then looked at.
         std::thread::sleep(Duration::from_secs(1));
         let line = c
             .ctr_stdout(&["tasks", "ls"])

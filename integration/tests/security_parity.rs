@@ -23,6 +23,7 @@ use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
 use hyperbox_integration::spec::{config_spec, write};
 use hyperbox_integration::testbed::TestBed;
+use hyperbox_integration::wait_until;
 
 const RUNC: &str = "io.containerd.runc.v2";
 const OURS: &str = "io.containerd.hyperbox.v1";
@@ -242,7 +243,15 @@ fn state_is_private_as_runc(v: ContainerdVersion) {
                 .stdin(Stdio::null())
                 .spawn()
                 .expect("ctr tasks exec");
-            thread::sleep(Duration::from_millis(500));
+            // The directory is read while the exec runs: its process is in the task's pids.
+            wait_until(Duration::from_secs(20), "the exec `look` to run", || {
+                c.ctr_stdout(&["tasks", "ps", &id])
+                    .unwrap_or_default()
+                    .lines()
+                    .skip(1)
+                    .count()
+                    >= 2
+            });
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let path = entry.unwrap().path();
                 if path.is_file() {

@@ -16,6 +16,7 @@ use hyperbox_integration::images::TestImage;
 use hyperbox_integration::per_version;
 use hyperbox_integration::sandbox::Footprint;
 use hyperbox_integration::testbed::TestBed;
+use hyperbox_integration::wait_until;
 
 const OURS: &str = "io.containerd.hyperbox.v1";
 const RUNC: &str = "io.containerd.runc.v2";
@@ -130,6 +131,7 @@ fn pause_and_resume(v: ContainerdVersion) {
         rt.block_on(client.pause(&id)).expect("pause");
         wait_status(c, &id, "PAUSED");
         let frozen = read();
+        // A check that the counter does NOT move: it is given time to, then compared.
         thread::sleep(Duration::from_millis(400));
         assert_eq!(read(), frozen, "{runtime}: the counter moved while paused");
         rt.block_on(client.resume(&id)).expect("resume");
@@ -225,7 +227,21 @@ fn metrics_move_and_updates_apply(v: ContainerdVersion) {
             "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done",
         );
         exec(c, &id, "kids", true, "sleep 1000 & sleep 1000 & wait");
-        thread::sleep(Duration::from_millis(300));
+        let growth = [
+            ("memory.usage_in_bytes", 30_000_000),
+            ("cpuacct.usage", 10_000_000),
+            ("pids.current", 3),
+        ];
+        wait_until(
+            Duration::from_secs(10),
+            format!("{runtime}: the memory, CPU and pid counts to grow"),
+            || {
+                let after = metrics(c, &id);
+                growth
+                    .iter()
+                    .all(|&(name, by)| metric(&after, name) >= metric(&before, name) + by)
+            },
+        );
         let after = metrics(c, &id);
         let grew = |name: &str, by: u64| {
             let (b, a) = (metric(&before, name), metric(&after, name));
@@ -234,9 +250,9 @@ fn metrics_move_and_updates_apply(v: ContainerdVersion) {
                 "{runtime}: {name} went from {b} to {a}, expected +{by}"
             );
         };
-        grew("memory.usage_in_bytes", 30_000_000);
-        grew("cpuacct.usage", 10_000_000);
-        grew("pids.current", 3);
+        for (name, by) in growth {
+            grew(name, by);
+        }
         rows.push(
             after
                 .iter()

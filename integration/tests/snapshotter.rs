@@ -46,6 +46,7 @@ use hyperbox_integration::snapshotter::{
     SnapshotterDaemon, BINARY, MERGED_LABEL, PLUGIN, STORAGE_LABEL,
 };
 use hyperbox_integration::testbed::TestBed;
+use hyperbox_integration::wait_until;
 use nix::sys::signal::Signal;
 
 /// containerd with the snapshotter registered, and the registry. Field order is drop order:
@@ -1030,6 +1031,40 @@ fn reads_done(f: &Fixture, exec_id: &str) -> u64 {
     panic!("no count read from the reader container");
 }
 
+/// Waits until the reader container has written its first count, then returns it.
+fn first_reads(f: &Fixture, exec_id: &str) -> u64 {
+    let mut attempt = 0;
+    wait_until(
+        Duration::from_secs(30),
+        "the reader container's first count",
+        || {
+            attempt += 1;
+            let probe = format!("{exec_id}-wait{attempt}");
+            f.exec("reader", &probe, &["test", "-s", "/count"])
+                .status
+                .success()
+        },
+    );
+    reads_done(f, exec_id)
+}
+
+/// Waits until the reader container's count passes `after` (its reads go on), then returns
+/// that count.
+fn reads_past(f: &Fixture, exec_id: &str, after: u64) -> u64 {
+    let mut attempt = 0;
+    let mut n = after;
+    wait_until(
+        Duration::from_secs(30),
+        format!("the reader container's count to pass {after}"),
+        || {
+            attempt += 1;
+            n = reads_done(f, &format!("{exec_id}-{attempt}"));
+            n > after
+        },
+    );
+    n
+}
+
 /// Checks that the reader container never failed a read (it appends to `/failures` when
 /// one does). Told by the exec's exit status, which containerd reports reliably: `ctr` loses
 /// a short-lived exec's output now and then (one CI run saw `cat /failures` exit 1 with its
@@ -1074,8 +1109,7 @@ fn kill9_during_unpack(v: ContainerdVersion) {
         .map(|i| (i.name, i.kind, i.parent))
         .collect();
     drop(direct);
-    thread::sleep(Duration::from_millis(300));
-    let c0 = reads_done(&f, "c0");
+    let c0 = first_reads(&f, "c0");
 
     // Pull debian and kill the snapshotter as soon as its layer's extraction snapshot exists:
     // containerd is then writing the layer into it.
@@ -1114,8 +1148,7 @@ fn kill9_during_unpack(v: ContainerdVersion) {
     );
 
     // The container keeps reading its files while no snapshotter runs.
-    thread::sleep(Duration::from_millis(500));
-    let c1 = reads_done(&f, "c1");
+    let c1 = reads_past(&f, "c1", c0);
     assert!(
         c1 > c0,
         "reads stalled while the snapshotter was down: {c0} -> {c1}"
@@ -1232,6 +1265,7 @@ fn conversion_waits_for_running_unpacks() {
     calls
         .commit("ns/3/layer-a", "ns/1/extract-1-a sha256:aa")
         .expect("commit a");
+    // A check that the layer is NOT converted: it is given time to be, then looked at.
     thread::sleep(Duration::from_millis(1500));
     assert_ne!(
         storage("ns/3/layer-a"),
@@ -1507,12 +1541,10 @@ fn erofs_layers(v: ContainerdVersion, mount_mode: &str) {
     );
 
     // Killed and restarted: the mounts stay as they are, the container keeps reading.
-    thread::sleep(Duration::from_millis(300));
-    let c0 = reads_done(&f, "c0");
+    let c0 = first_reads(&f, "c0");
     drop(direct);
     f.snap.stop(Signal::SIGKILL);
-    thread::sleep(Duration::from_millis(500));
-    let c1 = reads_done(&f, "c1");
+    let c1 = reads_past(&f, "c1", c0);
     assert!(
         c1 > c0,
         "reads stalled with the snapshotter down: {c0} -> {c1}"
@@ -1596,8 +1628,7 @@ fn kill9_during_conversion(v: ContainerdVersion) {
         "n=0; while :; do if cat /bin/sh /etc/passwd >/dev/null; then n=$((n+1)); \
          echo $n >/count; else echo fail >>/failures; fi; sleep 0.05; done",
     );
-    thread::sleep(Duration::from_millis(300));
-    let mut count = reads_done(&f, "c0");
+    let mut count = first_reads(&f, "c0");
     f.pull(&debian).expect("debian");
     // Kill at growing delays after the restart that starts debian's conversion again.
     let mut killed_mid_conversion = 0;
@@ -2733,6 +2764,8 @@ fn hostile_layers_direct() {
     snap.stop(Signal::SIGKILL);
     snap.spawn().expect("restarted");
     let calls = Calls::direct(&snap.socket());
+    // A check that the conversion is NOT tried again: it is given time to be, then the log
+    // is read.
     thread::sleep(Duration::from_secs(2));
     let after_restart = snap.log()[log_start..].to_string();
     assert!(

@@ -20,6 +20,7 @@ use hyperbox_integration::templates::{
     cli as templates, run as run_in, run_ok as run_ok_in, store, wait_template,
 };
 use hyperbox_integration::testbed::TestBed;
+use hyperbox_integration::wait_until;
 use hyperbox_integration::workloads::{
     connect_in_network, get_in_network, network_with_loopback, remove_network, PY_SERVICE,
     PY_SERVICE_GET, PY_SERVICE_PORT,
@@ -886,7 +887,16 @@ fn template_work_is_bounded(v: ContainerdVersion) {
     capture("old", COUNTER);
     wait_template(c, "old", Duration::from_secs(30));
     remove(c, "old");
-    thread::sleep(Duration::from_millis(2100));
+    // A template unused for a second expires when the store is next swept, as `list` does.
+    wait_until(
+        Duration::from_secs(30),
+        "the unused template old to expire",
+        || {
+            let listing = templates(c, &["list"]);
+            let listing = String::from_utf8_lossy(&listing.stdout);
+            !store(c).join("old").exists() && !listing.contains(" old ")
+        },
+    );
     let listing = templates(c, &["list"]);
     let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
     assert!(
