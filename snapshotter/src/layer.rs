@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use containerd_snapshots::api::types::Mount;
 use serde::{Deserialize, Serialize};
 
-use crate::store::SnapshotKind;
+use crate::kind::SnapshotKind;
 
 /// How a snapshot's files are stored. Mounts are computed from it, so a committed layer can
 /// switch to an EROFS image without its children noticing.

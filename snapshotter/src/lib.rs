@@ -23,8 +23,11 @@
 pub mod config;
 mod conversion;
 pub mod differ;
+mod error;
 pub mod filter;
+mod kind;
 pub mod layer;
+mod options;
 pub mod service;
 pub mod store;
 pub mod tree;

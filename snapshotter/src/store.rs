@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+pub use crate::kind::SnapshotKind;
 use crate::layer::LayerStorage;
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -58,29 +59,6 @@ pub enum StoreError {
 
 fn db<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(Box::new(e.into()))
-}
-
-/// What containerd may do with a snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SnapshotKind {
-    /// Writable, may be committed.
-    Active,
-    /// Read-only view of its parent; never committed.
-    View,
-    /// Immutable; may be a parent.
-    Committed,
-}
-
-impl SnapshotKind {
-    /// The name containerd's filters use (`kind==committed`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SnapshotKind::Active => "active",
-            SnapshotKind::View => "view",
-            SnapshotKind::Committed => "committed",
-        }
-    }
 }
 
 /// One snapshot as stored.

@@ -182,6 +182,15 @@ pub fn encode_chunk_index(buf: &mut [u8], device_id: u16, blkaddr: u32) {
     b.u32(4, blkaddr);
 }
 
+/// One entry of an image's device table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSlot {
+    /// Name recorded in the slot (the device path where it fits in 64 bytes).
+    pub tag: Vec<u8>,
+    /// Size of the device in blocks when the image was written.
+    pub blocks: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,8 +34,9 @@ use tar::EntryType;
 
 use crate::format;
 use crate::merge::{flatten_tree, MNode};
+use crate::store::ChunkSink;
 use crate::writer::{
-    check_chunk_bits, Body, ChunkSink, ImageError, ImageOptions, ImageStats, Layout, Node, Spill,
+    check_chunk_bits, Body, ImageError, ImageOptions, ImageStats, Layout, Node, Spill,
     SPILL_CHUNK_RECORD,
 };
 

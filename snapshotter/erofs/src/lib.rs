@@ -20,16 +20,17 @@ mod redb_file;
 mod store;
 mod writer;
 
+pub use format::DeviceSlot;
 pub use from_tar::write_image_from_tar;
 pub use layer::{commit_layer, commit_layer_from_tar, LayerError, LayerReport};
 pub use merge::write_merged_image;
 pub use mount::{device_options, mount_image, MountError, MountMode, MountedImage};
 pub use redb_file::open_or_create_redb;
 pub use store::{
-    chunk_digest, ChunkDigest, ChunkProblem, ChunkStore, GcStats, LayerStats, LayerWriter,
-    StoreConfig, StoreError, StoreStats, VerifyReport, DEFAULT_CHUNK_BITS,
+    chunk_digest, ChunkDigest, ChunkLocation, ChunkProblem, ChunkSink, ChunkStore, GcStats,
+    LayerStats, LayerWriter, StoreConfig, StoreError, StoreStats, VerifyReport, DEFAULT_CHUNK_BITS,
 };
 pub use writer::{
-    write_image, ChunkLocation, ChunkSink, DeviceSlot, ImageError, ImageOptions, ImageStats,
-    DEFAULT_MAX_DEPTH, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_INODES,
+    write_image, ImageError, ImageOptions, ImageStats, DEFAULT_MAX_DEPTH, DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_INODES,
 };

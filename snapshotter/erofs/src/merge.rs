@@ -25,10 +25,10 @@ use std::fs::File;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::format;
+use crate::format::{self, DeviceSlot};
 use crate::reader::{Image, Inode};
 use crate::writer::{
-    Body, DeviceSlot, ImageError, ImageOptions, ImageStats, Layout, Node, Spill, SPILL_CHUNK_RECORD,
+    Body, ImageError, ImageOptions, ImageStats, Layout, Node, Spill, SPILL_CHUNK_RECORD,
 };
 
 /// The xattr overlayfs marks an opaque directory with (containerd's applier writes it).

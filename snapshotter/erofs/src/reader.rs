@@ -10,8 +10,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::format::{self, align_up, BLOCK_SIZE};
-use crate::writer::{DeviceSlot, ImageError, Xattrs};
+use crate::format::{self, align_up, DeviceSlot, BLOCK_SIZE};
+use crate::writer::{ImageError, Xattrs};
 
 /// An open image.
 pub(crate) struct Image {

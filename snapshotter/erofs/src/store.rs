@@ -25,8 +25,7 @@ use nix::fcntl::{FallocateFlags, FlockArg};
 use redb::{Database, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
 
-use crate::format::{align_up, BLOCK_BITS, BLOCK_SIZE, DEVT_TAG_SIZE};
-use crate::writer::{ChunkLocation, ChunkSink, DeviceSlot};
+use crate::format::{align_up, DeviceSlot, BLOCK_BITS, BLOCK_SIZE, DEVT_TAG_SIZE};
 
 /// sha256 of a chunk's bytes.
 pub type ChunkDigest = [u8; 32];
@@ -709,6 +708,24 @@ impl ChunkStore {
         }
         Ok(s)
     }
+}
+
+/// Where a stored chunk lies: `device_id` 1..=n is slot n-1 of the device table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkLocation {
+    pub device_id: u16,
+    pub blkaddr: u32,
+}
+
+/// Receives the data chunks of chunk-based files.
+pub trait ChunkSink {
+    /// log2 of the chunk size; at least [`BLOCK_BITS`].
+    fn chunk_bits(&self) -> u8;
+    /// Stores one chunk (at most the chunk size, the last one of a file may be shorter,
+    /// never all zeroes) and says where it lies.
+    fn put_chunk(&mut self, data: &[u8]) -> Result<ChunkLocation, StoreError>;
+    /// The device table the image must carry, in device id order.
+    fn device_table(&self) -> Vec<DeviceSlot>;
 }
 
 /// Writes the chunks of one layer into one pack; [`LayerWriter::commit`] records them and
