@@ -134,6 +134,10 @@ pub struct Spawned {
     pub pid: u32,
     /// The master side of the process's terminal, when [`ProcessStdio::terminal`] asked for one.
     pub console: Option<OwnedFd>,
+    /// The container's cgroup as the engine applied it (as [`Engine::cgroups_path`] gives
+    /// it), when the engine knows it at Create; the service then needs no second call for it.
+    /// `None` for an exec, or when the engine leaves it to [`Engine::cgroups_path`].
+    pub cgroups_path: Option<PathBuf>,
 }
 
 /// Who started the process, for [`ShimContext::action`].

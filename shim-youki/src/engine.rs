@@ -258,12 +258,16 @@ impl Engine for YoukiEngine {
             restore: spec.restore.clone(),
             image,
         };
-        let pid = match self.call(req, fds).await? {
-            Reply::Pid(pid) => pid,
+        let (pid, cgroups_path) = match self.call(req, fds).await? {
+            Reply::Created { pid, cgroups_path } => (pid, cgroups_path),
             other => return Err(unexpected(other)),
         };
         match receive_master(console).await {
-            Ok(console) => Ok(Spawned { pid, console }),
+            Ok(console) => Ok(Spawned {
+                pid,
+                console,
+                cgroups_path,
+            }),
             Err(e) => {
                 if let Err(clean) = self.delete(&spec.id, &spec.bundle).await {
                     tracing::warn!(id = spec.id, "cleanup after failed create: {clean}");
@@ -296,7 +300,11 @@ impl Engine for YoukiEngine {
             other => return Err(unexpected(other)),
         };
         match receive_master(console).await {
-            Ok(console) => Ok(Spawned { pid, console }),
+            Ok(console) => Ok(Spawned {
+                pid,
+                console,
+                cgroups_path: None,
+            }),
             Err(e) => {
                 // A process without its terminal's copies would hang its client.
                 let _ = nix::sys::signal::kill(

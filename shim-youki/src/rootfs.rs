@@ -212,6 +212,8 @@ pub struct SpecPaths {
     pub mount_destinations: Vec<String>,
     /// `linux.rootfsPropagation`.
     pub root_propagation: Option<String>,
+    /// `linux.cgroupsPath`.
+    pub cgroups_path: Option<PathBuf>,
 }
 
 impl SpecPaths {
@@ -238,6 +240,7 @@ impl SpecPaths {
                 .filter_map(|m| Some(m.get("destination")?.as_str()?.to_string()))
                 .collect(),
             root_propagation: text("/linux/rootfsPropagation"),
+            cgroups_path: text("/linux/cgroupsPath").map(PathBuf::from),
         })
     }
 

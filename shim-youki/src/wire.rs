@@ -93,6 +93,12 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
     Pid(u32),
+    /// A created (or restored) container's init, and its cgroup as libcontainer applied it
+    /// (`None` when it could not be told: the service then asks for it).
+    Created {
+        pid: u32,
+        cgroups_path: Option<PathBuf>,
+    },
     Pids(Vec<u32>),
     Path(PathBuf),
     Captured(Captured),

@@ -326,7 +326,7 @@ fn handle(
                     let _ = fs::remove_file(bundle.join(STATE_ROOT_FILE));
                 }
             }
-            created.map(Reply::Pid)
+            created.map(|(pid, cgroups_path)| Reply::Created { pid, cgroups_path })
         }
         Request::Start { id } => {
             mark("zygote.start.begin", &id);
@@ -461,7 +461,7 @@ fn create(
     fds: Vec<OwnedFd>,
     no_pivot_root: bool,
     executors: &mut dyn ExecutorFactory,
-) -> Result<u32, EngineError> {
+) -> Result<(u32, Option<PathBuf>), EngineError> {
     mark("zygote.create.begin", id);
     let mut spec = rootfs::SpecPaths::read(bundle).map_err(EngineError::InvalidSpec)?;
     if mounts.is_empty() && !spec.root.is_dir() {
@@ -513,7 +513,9 @@ fn create(
             let pid = c.pid().map(Pid::as_raw).unwrap_or_default();
             mark("zygote.create.end", id);
             tracing::info!(id, pid, "container created");
-            Ok(pid as u32)
+            // As libcontainer derives it from the spec (no systemd cgroups here).
+            let cgroups_path = libcontainer::utils::get_cgroup_path(&spec.cgroups_path, id);
+            Ok((pid as u32, Some(cgroups_path)))
         }
         Err(e) => {
             let mut text = format!("cannot create container {id}: {e}");
@@ -543,7 +545,7 @@ fn restore_container(
     image: Option<&ImageRef>,
     stdio: StdioMask,
     fds: Vec<OwnedFd>,
-) -> Result<u32, EngineError> {
+) -> Result<(u32, Option<PathBuf>), EngineError> {
     let spec = rootfs::SpecPaths::read(bundle).map_err(EngineError::InvalidSpec)?;
     if mounts.is_empty() && !spec.root.is_dir() {
         return Err(EngineError::InvalidSpec(format!(
@@ -578,7 +580,12 @@ fn restore_container(
             tracing::warn!(id, "cleanup after failed restore: {clean:?}");
         }
     }
-    restored
+    // Read back from the state the restore wrote; the service asks again if it cannot be.
+    let cgroups_path = |pid| {
+        let path = load(root, id).ok()?.spec().ok()?.cgroup_path;
+        Some((pid, Some(path)))
+    };
+    restored.map(|pid| cgroups_path(pid).unwrap_or((pid, None)))
 }
 
 /// Starts exec'd process `exec_id` in container `id`: `process` as containerd sent it, under

@@ -117,8 +117,12 @@ impl Inner {
         };
         let spawning = self.spawning();
         let created = self.engine.create(&spec, fds).await;
-        let (pid, console) = match created {
-            Ok(Spawned { pid, console }) => (pid, console),
+        let (pid, console, cgroups_path) = match created {
+            Ok(Spawned {
+                pid,
+                console,
+                cgroups_path,
+            }) => (pid, console, cgroups_path),
             Err(e) => {
                 if let Some(f) = feeder {
                     f.abort();
@@ -165,6 +169,7 @@ impl Inner {
                     exec_spawns: 0,
                     io_owner,
                     kills_all_on_exit: bundle_spec.kills_all_on_exit,
+                    cgroups_path,
                 },
             );
             spawning.end(&table, pid)

@@ -176,7 +176,7 @@ impl Inner {
         self.count_exec_spawn(&id, true);
         let spawned = self.engine.exec(&id, &exec, fds).await;
         let (pid, console) = match spawned {
-            Ok(Spawned { pid, console }) => (pid, console),
+            Ok(Spawned { pid, console, .. }) => (pid, console),
             Err(e) => return Err(self.exec_not_started(&id, None, feeder, e.into()).await),
         };
         let console = match attach_console(console, &stdio_paths) {

@@ -26,7 +26,12 @@ impl Inner {
     pub(super) async fn open_cgroup(self: &Arc<Self>, id: &str) -> Option<Arc<ContainerCgroup>> {
         // Off the runtime's thread: opening reads the mount table and every hierarchy, and the
         // next request (Start) must not wait for it.
-        let opened = match self.engine.cgroups_path(id).await {
+        let known = self.table().get(id).and_then(|c| c.cgroups_path.clone());
+        let path = match known {
+            Some(path) => Ok(path),
+            None => self.engine.cgroups_path(id).await,
+        };
+        let opened = match path {
             Ok(path) => {
                 let id = id.to_string();
                 tokio::task::spawn_blocking(move || ContainerCgroup::open(&id, &path))

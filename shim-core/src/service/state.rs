@@ -113,6 +113,8 @@ pub(super) struct Container {
     pub(super) io_owner: Option<IoOwner>,
     /// Its processes are killed when its init exits (it has no pid namespace of its own).
     pub(super) kills_all_on_exit: bool,
+    /// Its cgroup's path, when the engine gave it with Create.
+    pub(super) cgroups_path: Option<PathBuf>,
 }
 
 /// A capture a container asked for, with the rootfs mounts the engine needs for it.
@@ -374,6 +376,7 @@ mod tests {
             exec_spawns: 0,
             io_owner: None,
             kills_all_on_exit: false,
+            cgroups_path: None,
         };
         // An exec added and not started (no pid yet), one running, one finished.
         c.execs.insert(

@@ -80,7 +80,11 @@ impl Engine for Stub {
                 tokio::task::yield_now().await;
             }
         }
-        Ok(Spawned { pid, console: None })
+        Ok(Spawned {
+            pid,
+            console: None,
+            cgroups_path: None,
+        })
     }
 
     async fn start(&self, id: &str) -> Result<(), EngineError> {
@@ -98,6 +102,7 @@ impl Engine for Stub {
         Ok(Spawned {
             pid: self.pid(),
             console: None,
+            cgroups_path: None,
         })
     }
 
