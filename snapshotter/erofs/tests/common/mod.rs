@@ -1,4 +1,4 @@
-//! Helpers of the kernel tests: root check, scratch directories, a tree with every kind of
+//! Helpers of the kernel tests: root checks, scratch directories, a tree with every kind of
 //! entry, and a full comparison of a mounted image against its source tree.
 
 #![allow(dead_code)]
@@ -14,11 +14,28 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-/// True when the test may run; records it as skipped (`hyperbox_testkit::skip`) otherwise.
-pub fn require_root() -> bool {
+/// Whether this process runs as root: may mount, make device nodes, give files to other
+/// owners and set `trusted.*` and `security.*` xattrs.
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// True when the whole test may run; records it as skipped (`hyperbox_testkit::skip`)
+/// otherwise.
+pub fn require_root() -> bool {
+    if !is_root() {
         hyperbox_testkit::skip("needs root (mount, mknod, chown, trusted.* xattrs)");
+        return false;
+    }
+    true
+}
+
+/// True when `part` of a test may run; otherwise records that part as skipped ("`part`:
+/// needs root") and the test goes on with what needs no root.
+pub fn root_for(part: &str) -> bool {
+    if !is_root() {
+        hyperbox_testkit::skip(&format!("{part}: needs root"));
         return false;
     }
     true
@@ -147,8 +164,14 @@ pub const CAPABILITY: [u8; 20] = [
     0x01, 0x00, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 ];
 
-/// Builds a tree with every kind of entry the snapshotter must keep.
+/// Builds a tree with every kind of entry the snapshotter must keep. Without root, leaves
+/// out what needs it (device nodes other than whiteouts, a file of mode 0, other owners,
+/// `trusted.*` and `security.*` xattrs) and records that as skipped.
 pub fn build_full_tree(root: &Path) {
+    let privileged = root_for(
+        "the full tree's device nodes, mode-0 file, other owners and trusted.* and security.* \
+         xattrs",
+    );
     fs::create_dir_all(root).unwrap();
     write_file(&root.join("small.txt"), b"hello\n");
     write_file(&root.join("empty"), b"");
@@ -226,14 +249,16 @@ pub fn build_full_tree(root: &Path) {
 
     // Special files.
     fs::create_dir(root.join("dev")).unwrap();
-    mknod(&root.join("dev/null"), libc::S_IFCHR | 0o666, 1, 3);
-    mknod(&root.join("dev/loop200"), libc::S_IFBLK | 0o660, 7, 200);
-    mknod(
-        &root.join("dev/bigminor"),
-        libc::S_IFCHR | 0o600,
-        240,
-        0x12345,
-    );
+    if privileged {
+        mknod(&root.join("dev/null"), libc::S_IFCHR | 0o666, 1, 3);
+        mknod(&root.join("dev/loop200"), libc::S_IFBLK | 0o660, 7, 200);
+        mknod(
+            &root.join("dev/bigminor"),
+            libc::S_IFCHR | 0o600,
+            240,
+            0x12345,
+        );
+    }
     mknod(&root.join("dev/fifo"), libc::S_IFIFO | 0o644, 0, 0);
     let sock = root.join("dev/sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
@@ -241,7 +266,9 @@ pub fn build_full_tree(root: &Path) {
     mknod(&root.join("whiteout"), libc::S_IFCHR, 0, 0);
     fs::create_dir(root.join("opaque")).unwrap();
     write_file(&root.join("opaque/kept"), b"kept");
-    xattr::set(root.join("opaque"), "trusted.overlay.opaque", b"y").unwrap();
+    if privileged {
+        xattr::set(root.join("opaque"), "trusted.overlay.opaque", b"y").unwrap();
+    }
 
     // Permission bits and owners.
     for (name, mode) in [
@@ -250,32 +277,46 @@ pub fn build_full_tree(root: &Path) {
         ("sticky-file", 0o1644),
         ("none", 0),
     ] {
+        // A file of mode 0 is read by root only.
+        if mode == 0 && !privileged {
+            continue;
+        }
         write_file(&root.join(name), name.as_bytes());
         fs::set_permissions(root.join(name), fs::Permissions::from_mode(mode)).unwrap();
     }
     write_file(&root.join("owned-100000"), b"userns owner");
-    lchown(&root.join("owned-100000"), 100000, 100000);
     write_file(&root.join("owned-70000"), b"large uid, small gid");
-    lchown(&root.join("owned-70000"), 70000, 65534);
-    lchown(&root.join("sym-abs"), 1234, 5678);
-    lchown(&root.join("dev/fifo"), 42, 43);
+    if privileged {
+        lchown(&root.join("owned-100000"), 100000, 100000);
+        lchown(&root.join("owned-70000"), 70000, 65534);
+        lchown(&root.join("sym-abs"), 1234, 5678);
+        lchown(&root.join("dev/fifo"), 42, 43);
+    }
 
     // Xattrs.
     write_file(&root.join("caps"), b"\x7fELF pretend");
-    xattr::set(root.join("caps"), "security.capability", &CAPABILITY).unwrap();
+    if privileged {
+        xattr::set(root.join("caps"), "security.capability", &CAPABILITY).unwrap();
+    }
     xattr::set(root.join("small.txt"), "user.note", b"a note").unwrap();
     xattr::set(root.join("small.txt"), "user.empty", b"").unwrap();
-    xattr::set(root.join("small.txt"), "trusted.t", b"trusted value").unwrap();
+    if privileged {
+        xattr::set(root.join("small.txt"), "trusted.t", b"trusted value").unwrap();
+    }
     xattr::set(root.join("size-65537"), "user.big", &pattern(5, 3000)).unwrap();
     xattr::set(root.join("deep/a"), "user.dir", b"on a dir").unwrap();
-    xattr::set(root.join("dev/null"), "trusted.dev", b"on a device").unwrap();
-    xattr::set(root.join("sym-rel"), "trusted.link", b"on a symlink").unwrap();
+    if privileged {
+        xattr::set(root.join("dev/null"), "trusted.dev", b"on a device").unwrap();
+        xattr::set(root.join("sym-rel"), "trusted.link", b"on a symlink").unwrap();
+    }
     xattr::set(root, "user.root", b"on the root").unwrap();
     // One xattr on several inodes: stored once in the shared xattr area.
     for name in ["suid", "sgid", "hl-big", "deep/a/b", "size-4095"] {
         xattr::set(root.join(name), "user.shared", b"one value, many inodes").unwrap();
     }
-    xattr::set(root.join("size-2049"), "security.capability", &CAPABILITY).unwrap();
+    if privileged {
+        xattr::set(root.join("size-2049"), "security.capability", &CAPABILITY).unwrap();
+    }
     // Inline tail plus xattrs too big to share a block: falls back to a data block.
     write_file(&root.join("xattr-heavy"), &pattern(11, 1500));
     xattr::set(root.join("xattr-heavy"), "user.heavy", &pattern(12, 3000)).unwrap();
@@ -591,4 +632,49 @@ impl hyperbox_erofs::ChunkSink for OnFirstChunk<'_> {
     fn device_table(&self) -> Vec<hyperbox_erofs::DeviceSlot> {
         self.inner.device_table()
     }
+}
+
+/// Without root, the nearest check to a kernel mount: fsck.erofs extracts the image to `out`
+/// (reading file data from `devices`), and the names, kinds, symlink targets and file
+/// contents there must match `src`'s (owners, modes, times and xattrs are not extracted as
+/// they were). Returns the number of entries compared.
+pub fn extract_and_compare(image: &Path, devices: &[PathBuf], src: &Path, out: &Path) -> usize {
+    let _ = fs::remove_dir_all(out);
+    let (ok, text) = fsck(image, devices, Fsck::ExtractTo(out));
+    assert!(ok, "fsck.erofs --extract of {}: {text}", image.display());
+    let mut count = 0;
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let names = |d: &Path| {
+            let mut v: Vec<_> = fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let (sn, xn) = (names(&src.join(&rel)), names(&out.join(&rel)));
+        assert_eq!(sn, xn, "entries of {}", rel.display());
+        for name in sn {
+            let r = rel.join(name);
+            let (s, x) = (src.join(&r), out.join(&r));
+            let sm = fs::symlink_metadata(&s).unwrap();
+            let xm = fs::symlink_metadata(&x).unwrap();
+            assert_eq!(sm.file_type(), xm.file_type(), "kind of {}", r.display());
+            if sm.is_dir() {
+                todo.push(r);
+            } else if sm.file_type().is_symlink() {
+                assert_eq!(fs::read_link(&s).unwrap(), fs::read_link(&x).unwrap());
+            } else if sm.is_file() {
+                assert_eq!(
+                    file_digest(&s),
+                    file_digest(&x),
+                    "content of {}",
+                    r.display()
+                );
+            }
+            count += 1;
+        }
+    }
+    count
 }
