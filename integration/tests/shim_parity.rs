@@ -777,13 +777,23 @@ fn group_annotation_as_runc(v: ContainerdVersion) {
         let tag = if runtime == RUNC { "r" } else { "h" };
         let (a, b) = (format!("grp-{tag}a"), format!("grp-{tag}b"));
         for id in [&a, &b] {
-            detached(
+            let pid = detached(
                 c,
                 runtime,
                 &image,
                 id,
                 &["--annotation", group],
                 &["sleep", "1000"],
+            );
+            // Until it execs `sleep`, a container's init is still the shim's binary and the
+            // shim's child, which would count as a helper.
+            wait_until(
+                Duration::from_secs(10),
+                format!("{runtime}: the init of {id} to exec sleep"),
+                || {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c == "sleep\n")
+                },
             );
         }
         let (shims, helpers) = shims_of(binary);

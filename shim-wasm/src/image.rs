@@ -19,6 +19,7 @@ use containerd_client::services::v1::{GetContainerRequest, GetImageRequest, Read
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
 use containerd_client::with_namespace;
+use oci_spec::image::{Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
@@ -29,9 +30,6 @@ pub const WASM_LAYER_TYPES: [&str; 2] = [
     "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
     "application/wasm",
 ];
-
-/// The image configuration's architecture that marks a wasm image.
-const WASM_ARCHITECTURE: &str = "wasm";
 
 const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
@@ -45,9 +43,13 @@ pub enum ImageError {
     Connect { address: String, message: String },
     #[error("cannot get {what} from containerd: {status}")]
     Call { what: String, status: Box<Status> },
-    #[error("cannot decode {what} of image {image}: {source}")]
+    #[error(
+        "{kind} {digest} of image {image} is not a valid OCI {kind}: {source}: remove the image \
+         and pull a valid one"
+    )]
     Decode {
-        what: String,
+        kind: &'static str,
+        digest: String,
         image: String,
         source: serde_json::Error,
     },
@@ -176,41 +178,6 @@ impl Handoff {
     }
 }
 
-/// The parts of an OCI manifest or index the lookup reads.
-#[derive(Debug, Deserialize)]
-struct Manifest {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-    /// An index's entries.
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Platform {
-    #[serde(default)]
-    architecture: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct ImageConfig {
-    #[serde(default)]
-    architecture: String,
-}
-
 /// containerd's API, as the shim reaches it (`-address`, in the shim's namespace).
 #[derive(Debug)]
 pub struct ContentStore {
@@ -265,18 +232,10 @@ impl ContentStore {
         Ok(data)
     }
 
-    async fn json<T: for<'de> Deserialize<'de>>(
-        &self,
-        digest: &str,
-        what: &str,
-        image: &str,
-    ) -> Result<T, ImageError> {
-        let bytes = self.read(digest, what).await?;
-        serde_json::from_slice(&bytes).map_err(|source| ImageError::Decode {
-            what: format!("{what} {digest}"),
-            image: image.to_string(),
-            source,
-        })
+    /// The image manifest `digest`.
+    async fn manifest(&self, digest: &str, image: &str) -> Result<ImageManifest, ImageError> {
+        let bytes = self.read(digest, "manifest").await?;
+        serde_json::from_slice(&bytes).map_err(decode_error("image manifest", digest, image))
     }
 
     /// The wasm layer of container `id`'s image and its bytes, verified against the layer's
@@ -317,56 +276,115 @@ impl ContentStore {
         let Some(target) = target else {
             return Ok(None);
         };
-        let mut manifest: Manifest = self.json(&target.digest, "manifest", &image).await?;
-        if INDEX_TYPES.contains(&target.media_type.as_str())
-            || INDEX_TYPES.contains(&manifest.media_type.as_str())
+        let bytes = self.read(&target.digest, "manifest").await?;
+        let manifest = match TargetBlob::parse(&target.media_type, &bytes, &target.digest, &image)?
         {
-            let Some(wasm) = wasm_entry(&manifest) else {
-                // A native multi-platform image: nothing more to read.
-                return Ok(None);
-            };
-            manifest = self.json(&wasm.digest, "manifest", &image).await?;
-        }
-        let Some(config) = &manifest.config else {
-            return Ok(None);
-        };
-        let config: ImageConfig = self.json(&config.digest, "configuration", &image).await?;
-        if config.architecture != WASM_ARCHITECTURE {
-            return Ok(None);
-        }
-        let layers: Vec<&Descriptor> = manifest
-            .layers
-            .iter()
-            .filter(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()))
-            .collect();
-        let layer = match layers.as_slice() {
-            [] => return Err(ImageError::NoWasmLayer { image }),
-            [one] => *one,
-            many => {
-                return Err(ImageError::ManyWasmLayers {
-                    image,
-                    count: many.len(),
-                })
+            TargetBlob::Manifest(m) => *m,
+            TargetBlob::Index(index) => {
+                let Some(wasm) = wasm_entry(&index) else {
+                    // A native multi-platform image: nothing more to read.
+                    return Ok(None);
+                };
+                self.manifest(wasm.digest().as_ref(), &image).await?
             }
         };
-        let wasm = self.read(&layer.digest, "layer").await?;
+        let config_digest = manifest.config().digest().to_string();
+        let bytes = self.read(&config_digest, "configuration").await?;
+        let config: ImageConfiguration = serde_json::from_slice(&bytes).map_err(decode_error(
+            "image configuration",
+            &config_digest,
+            &image,
+        ))?;
+        if *config.architecture() != Arch::Wasm {
+            return Ok(None);
+        }
+        let layer = wasm_layer_of(&manifest, &image)?;
+        let digest = layer.digest().to_string();
+        let wasm = self.read(&digest, "layer").await?;
         let layer = ImageLayer {
             image,
-            digest: layer.digest.clone(),
-            media_type: layer.media_type.clone(),
+            digest,
+            media_type: layer.media_type().to_string(),
         };
         verify(&layer, &wasm)?;
         Ok(Some((layer, wasm)))
     }
 }
 
+/// The blob an image's name points to: a multi-platform index or one image's manifest.
+#[derive(Debug)]
+enum TargetBlob {
+    Index(Box<ImageIndex>),
+    Manifest(Box<ImageManifest>),
+}
+
+impl TargetBlob {
+    /// Parses blob `digest` of `image`: an index where containerd's `media_type` or the
+    /// blob's own `mediaType` says so, a manifest otherwise.
+    fn parse(
+        media_type: &str,
+        bytes: &[u8],
+        digest: &str,
+        image: &str,
+    ) -> Result<Self, ImageError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(decode_error("image manifest", digest, image))?;
+        let own_type = value.get("mediaType").and_then(serde_json::Value::as_str);
+        if INDEX_TYPES.contains(&media_type) || own_type.is_some_and(|t| INDEX_TYPES.contains(&t)) {
+            serde_json::from_value(value)
+                .map(|i| TargetBlob::Index(Box::new(i)))
+                .map_err(decode_error("image index", digest, image))
+        } else {
+            serde_json::from_value(value)
+                .map(|m| TargetBlob::Manifest(Box::new(m)))
+                .map_err(decode_error("image manifest", digest, image))
+        }
+    }
+}
+
+/// Maps a failed parse of blob `digest` (an OCI `kind`) of `image` to [`ImageError::Decode`].
+fn decode_error<'a>(
+    kind: &'static str,
+    digest: &'a str,
+    image: &'a str,
+) -> impl FnOnce(serde_json::Error) -> ImageError + 'a {
+    move |source| ImageError::Decode {
+        kind,
+        digest: digest.to_string(),
+        image: image.to_string(),
+        source,
+    }
+}
+
 /// An index's entry for architecture wasm.
-fn wasm_entry(index: &Manifest) -> Option<&Descriptor> {
-    index.manifests.iter().find(|m| {
-        m.platform
+fn wasm_entry(index: &ImageIndex) -> Option<&Descriptor> {
+    index.manifests().iter().find(|m| {
+        m.platform()
             .as_ref()
-            .is_some_and(|p| p.architecture == WASM_ARCHITECTURE)
+            .is_some_and(|p| *p.architecture() == Arch::Wasm)
     })
+}
+
+/// The one WebAssembly layer of a wasm image's manifest.
+fn wasm_layer_of<'m>(
+    manifest: &'m ImageManifest,
+    image: &str,
+) -> Result<&'m Descriptor, ImageError> {
+    let layers: Vec<&Descriptor> = manifest
+        .layers()
+        .iter()
+        .filter(|l| WASM_LAYER_TYPES.contains(&l.media_type().as_ref()))
+        .collect();
+    match layers.as_slice() {
+        [] => Err(ImageError::NoWasmLayer {
+            image: image.to_string(),
+        }),
+        [one] => Ok(one),
+        many => Err(ImageError::ManyWasmLayers {
+            image: image.to_string(),
+            count: many.len(),
+        }),
+    }
 }
 
 /// Checks that `wasm` is the layer's content (containerd checks digests when it ingests
@@ -434,22 +452,161 @@ mod tests {
         fs::remove_dir_all(&bundle).unwrap();
     }
 
+    /// A valid `sha256:` digest made of one repeated hex digit.
+    fn digest(hex: char) -> String {
+        format!("sha256:{}", hex.to_string().repeat(64))
+    }
+
+    fn index_json(media_type: &str, platforms: &[(&str, char)]) -> String {
+        let manifests: Vec<String> = platforms
+            .iter()
+            .map(|(arch, hex)| {
+                format!(
+                    r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json",
+                        "digest":"{}","size":1,
+                        "platform":{{"architecture":"{arch}","os":"linux"}}}}"#,
+                    digest(*hex)
+                )
+            })
+            .collect();
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{media_type}","manifests":[{}]}}"#,
+            manifests.join(",")
+        )
+    }
+
+    fn manifest_json(layers: &[(&str, char)]) -> String {
+        let layers: Vec<String> = layers
+            .iter()
+            .map(|(media_type, hex)| {
+                format!(
+                    r#"{{"mediaType":"{media_type}","digest":"{}","size":8}}"#,
+                    digest(*hex)
+                )
+            })
+            .collect();
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
+                "config":{{"mediaType":"application/vnd.oci.image.config.v1+json",
+                           "digest":"{}","size":2}},
+                "layers":[{}]}}"#,
+            digest('c'),
+            layers.join(",")
+        )
+    }
+
+    fn parse(media_type: &str, json: &str) -> Result<TargetBlob, ImageError> {
+        TargetBlob::parse(media_type, json.as_bytes(), &digest('0'), "r/w:1")
+    }
+
     #[test]
     fn an_index_entry_is_chosen_by_architecture() {
-        let index: Manifest = serde_json::from_str(
-            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",
-                "manifests":[
-                  {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:a",
-                   "size":1,"platform":{"architecture":"amd64","os":"linux"}},
-                  {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:b",
-                   "size":1,"platform":{"architecture":"wasm","os":"wasip1"}}]}"#,
-        )
-        .unwrap();
-        assert_eq!(wasm_entry(&index).unwrap().digest, "sha256:b");
-        let native: Manifest = serde_json::from_str(
-            r#"{"manifests":[{"digest":"sha256:a","platform":{"architecture":"amd64"}}]}"#,
-        )
-        .unwrap();
+        for media_type in INDEX_TYPES {
+            let json = index_json(media_type, &[("amd64", 'a'), ("wasm", 'b')]);
+            let Ok(TargetBlob::Index(index)) = parse(media_type, &json) else {
+                panic!("{media_type} is not parsed as an index");
+            };
+            assert_eq!(
+                wasm_entry(&index).unwrap().digest().to_string(),
+                digest('b')
+            );
+        }
+        let native = index_json(INDEX_TYPES[0], &[("amd64", 'a'), ("arm64", 'b')]);
+        let Ok(TargetBlob::Index(native)) = parse(INDEX_TYPES[0], &native) else {
+            panic!("a native index is not parsed as an index");
+        };
         assert!(wasm_entry(&native).is_none());
+    }
+
+    #[test]
+    fn a_blob_is_an_index_by_either_media_type() {
+        let index = index_json(INDEX_TYPES[0], &[("wasm", 'b')]);
+        let manifest_type = "application/vnd.oci.image.manifest.v1+json";
+        assert!(matches!(
+            parse(manifest_type, &index),
+            Ok(TargetBlob::Index(_))
+        ));
+        let manifest = manifest_json(&[(WASM_LAYER_TYPES[1], 'd')]);
+        assert!(matches!(
+            parse(manifest_type, &manifest),
+            Ok(TargetBlob::Manifest(_))
+        ));
+    }
+
+    #[test]
+    fn a_wasm_image_has_exactly_one_wasm_layer() {
+        let tar = "application/vnd.oci.image.layer.v1.tar";
+        let json = manifest_json(&[(tar, 'a'), (WASM_LAYER_TYPES[0], 'b')]);
+        let Ok(TargetBlob::Manifest(manifest)) = parse("", &json) else {
+            panic!("not a manifest: {json}");
+        };
+        let layer = wasm_layer_of(&manifest, "r/w:1").unwrap();
+        assert_eq!(layer.digest().to_string(), digest('b'));
+        assert_eq!(layer.media_type().to_string(), WASM_LAYER_TYPES[0]);
+
+        let json = manifest_json(&[(tar, 'a')]);
+        let Ok(TargetBlob::Manifest(manifest)) = parse("", &json) else {
+            panic!("not a manifest: {json}");
+        };
+        let err = wasm_layer_of(&manifest, "r/w:1").unwrap_err();
+        assert!(matches!(err, ImageError::NoWasmLayer { .. }), "{err}");
+
+        let json = manifest_json(&[(WASM_LAYER_TYPES[0], 'a'), (WASM_LAYER_TYPES[1], 'b')]);
+        let Ok(TargetBlob::Manifest(manifest)) = parse("", &json) else {
+            panic!("not a manifest: {json}");
+        };
+        let err = wasm_layer_of(&manifest, "r/w:1").unwrap_err();
+        assert!(
+            matches!(err, ImageError::ManyWasmLayers { count: 2, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_manifest_is_a_clear_error() {
+        let no_size = manifest_json(&[(WASM_LAYER_TYPES[1], 'd')]).replace(r#","size":8"#, "");
+        let no_os = index_json(INDEX_TYPES[0], &[("wasm", 'b')]).replace(r#","os":"linux""#, "");
+        let short_digest =
+            manifest_json(&[(WASM_LAYER_TYPES[1], 'd')]).replace(&digest('d'), "sha256:d");
+        for (media_type, json, kind, reason) in [
+            (
+                "",
+                no_size.as_str(),
+                "image manifest",
+                "missing field `size`",
+            ),
+            (
+                INDEX_TYPES[0],
+                no_os.as_str(),
+                "image index",
+                "missing field `os`",
+            ),
+            ("", short_digest.as_str(), "image manifest", "digest length"),
+            ("", "{not json", "image manifest", "key must be a string"),
+        ] {
+            let err = parse(media_type, json).unwrap_err();
+            assert!(matches!(err, ImageError::Decode { .. }), "{err}");
+            assert!(err.is_bad_image());
+            let text = err.to_string();
+            let expected = format!(
+                "{kind} {} of image r/w:1 is not a valid OCI {kind}",
+                digest('0')
+            );
+            assert!(text.starts_with(&expected), "{text}");
+            assert!(text.contains(reason), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_configuration_says_wasm_by_its_architecture() {
+        let config = |arch: &str| {
+            serde_json::from_str::<ImageConfiguration>(&format!(
+                r#"{{"architecture":"{arch}","os":"wasip1",
+                    "rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(*config("wasm").architecture(), Arch::Wasm);
+        assert_ne!(*config("amd64").architecture(), Arch::Wasm);
     }
 }

@@ -158,7 +158,11 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| {
                         format!("building the installer image of {}", payload.display())
                     })?;
-            println!("{reference} {} {}", written.manifest.digest, out.display());
+            println!(
+                "{reference} {} {}",
+                written.manifest.digest(),
+                out.display()
+            );
         }
         Cmd::Critest { registry, export } => {
             let started = Instant::now();

@@ -641,7 +641,7 @@ fn build_into(dir: &Path, inputs: &Inputs, epoch: u64) -> Result<Vec<CriImage>, 
         out.push(CriImage {
             references,
             dir: sub,
-            manifest_digest: written.manifest.digest,
+            manifest_digest: written.manifest.digest().to_string(),
         });
     }
     fs::remove_dir_all(&scratch).map_err(|e| ImageError::io("cannot remove", &scratch, e))?;

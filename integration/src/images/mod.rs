@@ -43,15 +43,16 @@ use std::str::FromStr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
+use oci_spec::image::Descriptor;
 use serde::{Deserialize, Serialize};
 
 use self::layer::LayerEntry;
-use self::oci::{Descriptor, Layer, LayoutWriter, RunConfig, MEDIA_TYPE_LAYER_GZIP};
+use self::oci::{Layer, LayoutWriter, RunConfig};
 use self::rootfs::DebootstrapRecipe;
 
 /// Version of the image writer; part of every cache key. Bump it when the bytes of a layer,
 /// configuration, manifest or archive change for the same recipe.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Version of the rootfs recipe (debootstrap invocation and [`rootfs::normalize`]); part of
 /// the rootfs cache keys.
 pub const ROOTFS_VERSION: u32 = 1;
@@ -102,6 +103,8 @@ pub enum ImageError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("invalid OCI {what}: {reason}")]
+    Spec { what: &'static str, reason: String },
     #[error("unknown test image `{0}`: expected busybox, debian, debian-python or all")]
     UnknownImage(String),
     #[error("invalid SOURCE_DATE_EPOCH `{value}`: {reason}")]
@@ -312,12 +315,7 @@ impl BuiltImage {
                 .map_err(|e| ImageError::io("cannot stat", &blob, e))?
                 .len();
             let layer = oci::Layer {
-                descriptor: oci::Descriptor {
-                    media_type: oci::MEDIA_TYPE_LAYER_GZIP.to_string(),
-                    digest: digest.clone(),
-                    size,
-                    annotations: Default::default(),
-                },
+                descriptor: oci::layer_descriptor(digest, size)?,
                 diff_id: diff_id.clone(),
             };
             writer.add_existing_layer(&self.layout_dir, &layer)?;
@@ -337,12 +335,12 @@ impl BuiltImage {
             reference: image.reference(),
             layout_dir: dir.join(LAYOUT_DIR),
             archive: dir.join(ARCHIVE),
-            manifest_digest: rec.manifest.digest.clone(),
-            config_digest: rec.config.digest.clone(),
+            manifest_digest: rec.manifest.digest().to_string(),
+            config_digest: rec.config.digest().to_string(),
             layer_digests: rec.layers.iter().map(|l| l.digest.clone()).collect(),
             diff_ids: rec.layers.iter().map(|l| l.diff_id.clone()).collect(),
-            size: rec.manifest.size
-                + rec.config.size
+            size: rec.manifest.size()
+                + rec.config.size()
                 + rec.layers.iter().map(|l| l.size).sum::<u64>(),
             from_cache,
         }
@@ -500,16 +498,11 @@ struct LayerRecord {
 }
 
 impl LayerRecord {
-    fn to_layer(&self) -> Layer {
-        Layer {
-            descriptor: Descriptor {
-                media_type: MEDIA_TYPE_LAYER_GZIP.to_owned(),
-                digest: self.digest.clone(),
-                size: self.size,
-                annotations: Default::default(),
-            },
+    fn to_layer(&self) -> Result<Layer, ImageError> {
+        Ok(Layer {
+            descriptor: oci::layer_descriptor(&self.digest, self.size)?,
             diff_id: self.diff_id.clone(),
-        }
+        })
     }
 }
 
@@ -596,7 +589,7 @@ impl Session<'_> {
             commit_partial(&partial, &entry)?;
             tracing::info!(
                 image = image.name(),
-                digest = %rec.manifest.digest,
+                digest = %rec.manifest.digest(),
                 seconds = started.elapsed().as_secs_f64(),
                 "image built"
             );
@@ -628,7 +621,7 @@ impl Session<'_> {
             TestImage::DebianPython => {
                 let (base_dir, base, _) = self.image(TestImage::Debian)?;
                 for l in &base.layers {
-                    writer.add_existing_layer(&base_dir.join(LAYOUT_DIR), &l.to_layer())?;
+                    writer.add_existing_layer(&base_dir.join(LAYOUT_DIR), &l.to_layer()?)?;
                     history.push(debootstrap_history(TestImage::Debian));
                 }
                 let lower = layer::scan_tree(&self.rootfs_tree(TestImage::Debian)?)?;
@@ -649,19 +642,18 @@ impl Session<'_> {
         };
         let written = writer.finish(&run, LAYOUT_REF, &image.reference())?;
         oci::write_archive(&layout, &dir.join(ARCHIVE), epoch)?;
+        let mut manifest = written.manifest;
+        manifest.set_annotations(None);
         Ok(ImageRecord {
             name: image.name().to_owned(),
-            manifest: Descriptor {
-                annotations: Default::default(),
-                ..written.manifest
-            },
+            manifest,
             config: written.config,
             layers: written
                 .layers
                 .iter()
                 .map(|l| LayerRecord {
-                    digest: l.descriptor.digest.clone(),
-                    size: l.descriptor.size,
+                    digest: l.descriptor.digest().to_string(),
+                    size: l.descriptor.size(),
                     diff_id: l.diff_id.clone(),
                 })
                 .collect(),

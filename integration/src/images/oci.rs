@@ -1,15 +1,20 @@
 //! OCI image layouts (`oci-layout`, `index.json`, `blobs/sha256/...`) and oci-archive tars of
-//! them, written deterministically.
+//! them, written deterministically: the JSON documents are `oci_spec`'s types with their
+//! object keys sorted.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use flate2::write::GzEncoder;
 use flate2::{Compression, GzBuilder};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use oci_spec::image::{
+    Arch, ConfigBuilder, Descriptor, HistoryBuilder, ImageConfigurationBuilder, ImageIndexBuilder,
+    ImageManifestBuilder, MediaType, Os, RootFsBuilder, SCHEMA_VERSION,
+};
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
 
 use super::layer::{self, EntryKind, LayerEntry};
 use super::ImageError;
@@ -28,17 +33,6 @@ const GZIP_LEVEL: u32 = 6;
 /// A layer's tar on its way into the blob: hashed (diff id), compressed, hashed (digest).
 type TarStream = HashingWriter<GzEncoder<HashingWriter<BufWriter<File>>>>;
 
-/// A content descriptor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Descriptor {
-    pub media_type: String,
-    pub digest: String,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
-}
-
 /// A layer blob written to a layout, with the digest of its uncompressed tar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layer {
@@ -55,36 +49,6 @@ pub struct RunConfig {
     pub history: Vec<String>,
 }
 
-#[derive(Serialize)]
-struct ImageConfigJson<'a> {
-    created: &'a str,
-    architecture: &'a str,
-    os: &'a str,
-    config: ContainerConfigJson<'a>,
-    rootfs: RootfsJson<'a>,
-    history: Vec<HistoryJson<'a>>,
-}
-
-#[derive(Serialize)]
-struct ContainerConfigJson<'a> {
-    #[serde(rename = "Env")]
-    env: &'a [String],
-    #[serde(rename = "Cmd")]
-    cmd: &'a [String],
-    #[serde(rename = "WorkingDir")]
-    working_dir: &'a str,
-    #[serde(rename = "Entrypoint", skip_serializing_if = "<[String]>::is_empty")]
-    entrypoint: &'a [String],
-    #[serde(rename = "User", skip_serializing_if = "str::is_empty")]
-    user: &'a str,
-    #[serde(rename = "ExposedPorts", skip_serializing_if = "BTreeMap::is_empty")]
-    exposed_ports: BTreeMap<&'a str, Empty>,
-}
-
-/// `{}`, the value of each `ExposedPorts` key.
-#[derive(Serialize)]
-struct Empty {}
-
 /// Parts of an image configuration that only some images set (the test images of Kubernetes'
 /// CRI suite): left empty, they are not written, so other images keep their bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,36 +59,6 @@ pub struct ConfigExtras {
     pub user: String,
     /// `ExposedPorts` keys, `80/tcp`.
     pub exposed_ports: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct RootfsJson<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    diff_ids: Vec<&'a str>,
-}
-
-#[derive(Serialize)]
-struct HistoryJson<'a> {
-    created: &'a str,
-    created_by: &'a str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ManifestJson<'a> {
-    schema_version: u32,
-    media_type: &'a str,
-    config: &'a Descriptor,
-    layers: Vec<&'a Descriptor>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct IndexJson<'a> {
-    schema_version: u32,
-    media_type: &'a str,
-    manifests: [&'a Descriptor; 1],
 }
 
 /// Writes one image into an OCI image layout directory.
@@ -196,7 +130,7 @@ impl LayoutWriter {
         let dest = self.blob_path(&digest);
         fs::rename(&tmp, &dest).map_err(|e| ImageError::io("cannot rename into", &dest, e))?;
         self.layers.push(Layer {
-            descriptor: descriptor(MEDIA_TYPE_LAYER_GZIP, digest, size),
+            descriptor: descriptor(MediaType::ImageLayerGzip, &digest, size)?,
             diff_id,
         });
         Ok(self.layers.last().expect("a layer was just pushed"))
@@ -213,8 +147,9 @@ impl LayoutWriter {
         from_layout: &Path,
         layer: &Layer,
     ) -> Result<(), ImageError> {
-        let src = blob_path(from_layout, &layer.descriptor.digest);
-        let dest = self.blob_path(&layer.descriptor.digest);
+        let digest = layer.descriptor.digest().as_ref();
+        let src = blob_path(from_layout, digest);
+        let dest = self.blob_path(digest);
         link_or_copy(&src, &dest)?;
         self.layers.push(layer.clone());
         Ok(())
@@ -229,56 +164,76 @@ impl LayoutWriter {
         containerd_name: &str,
     ) -> Result<Written, ImageError> {
         let created = rfc3339_utc(self.epoch);
-        let config = ImageConfigJson {
-            created: &created,
-            architecture: "amd64",
-            os: "linux",
-            config: ContainerConfigJson {
-                env: &run.env,
-                cmd: &run.cmd,
-                working_dir: "/",
-                entrypoint: &self.extras.entrypoint,
-                user: &self.extras.user,
-                exposed_ports: self
-                    .extras
-                    .exposed_ports
+        let mut run_config = ConfigBuilder::default()
+            .env(run.env.clone())
+            .cmd(run.cmd.clone())
+            .working_dir("/");
+        if !self.extras.entrypoint.is_empty() {
+            run_config = run_config.entrypoint(self.extras.entrypoint.clone());
+        }
+        if !self.extras.user.is_empty() {
+            run_config = run_config.user(self.extras.user.clone());
+        }
+        if !self.extras.exposed_ports.is_empty() {
+            run_config = run_config.exposed_ports(self.extras.exposed_ports.clone());
+        }
+        let history = run
+            .history
+            .iter()
+            .map(|h| {
+                HistoryBuilder::default()
+                    .created(created.clone())
+                    .created_by(h.clone())
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(spec_error("image history"))?;
+        let rootfs = RootFsBuilder::default()
+            .typ("layers")
+            .diff_ids(
+                self.layers
                     .iter()
-                    .map(|p| (p.as_str(), Empty {}))
-                    .collect(),
-            },
-            rootfs: RootfsJson {
-                kind: "layers",
-                diff_ids: self.layers.iter().map(|l| l.diff_id.as_str()).collect(),
-            },
-            history: run
-                .history
-                .iter()
-                .map(|h| HistoryJson {
-                    created: &created,
-                    created_by: h,
-                })
-                .collect(),
-        };
-        let config_desc = self.add_json_blob(MEDIA_TYPE_CONFIG, &config)?;
-        let manifest = ManifestJson {
-            schema_version: 2,
-            media_type: MEDIA_TYPE_MANIFEST,
-            config: &config_desc,
-            layers: self.layers.iter().map(|l| &l.descriptor).collect(),
-        };
-        let mut manifest_desc = self.add_json_blob(MEDIA_TYPE_MANIFEST, &manifest)?;
-        manifest_desc
-            .annotations
-            .insert(ANNOTATION_REF_NAME.to_owned(), ref_name.to_owned());
-        manifest_desc.annotations.insert(
-            ANNOTATION_CONTAINERD_NAME.to_owned(),
-            containerd_name.to_owned(),
-        );
-        let index = IndexJson {
-            schema_version: 2,
-            media_type: MEDIA_TYPE_INDEX,
-            manifests: [&manifest_desc],
-        };
+                    .map(|l| l.diff_id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .build()
+            .map_err(spec_error("image rootfs"))?;
+        let config = ImageConfigurationBuilder::default()
+            .created(created.clone())
+            .architecture(Arch::Amd64)
+            .os(Os::Linux)
+            .config(run_config.build().map_err(spec_error("image run config"))?)
+            .rootfs(rootfs)
+            .history(history)
+            .build()
+            .map_err(spec_error("image configuration"))?;
+        let config_desc = self.add_json_blob(MediaType::ImageConfig, &config)?;
+        let manifest = ImageManifestBuilder::default()
+            .schema_version(SCHEMA_VERSION)
+            .media_type(MediaType::ImageManifest)
+            .config(config_desc.clone())
+            .layers(
+                self.layers
+                    .iter()
+                    .map(|l| l.descriptor.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .build()
+            .map_err(spec_error("image manifest"))?;
+        let mut manifest_desc = self.add_json_blob(MediaType::ImageManifest, &manifest)?;
+        manifest_desc.set_annotations(Some(HashMap::from([
+            (ANNOTATION_REF_NAME.to_owned(), ref_name.to_owned()),
+            (
+                ANNOTATION_CONTAINERD_NAME.to_owned(),
+                containerd_name.to_owned(),
+            ),
+        ])));
+        let index = ImageIndexBuilder::default()
+            .schema_version(SCHEMA_VERSION)
+            .media_type(MediaType::ImageIndex)
+            .manifests(vec![manifest_desc.clone()])
+            .build()
+            .map_err(spec_error("image index"))?;
         let index_bytes = json_bytes(&index)?;
         write_file(&self.dir.join("index.json"), &index_bytes)?;
         Ok(Written {
@@ -290,13 +245,13 @@ impl LayoutWriter {
 
     fn add_json_blob<T: Serialize>(
         &self,
-        media_type: &str,
+        media_type: MediaType,
         value: &T,
     ) -> Result<Descriptor, ImageError> {
         let bytes = json_bytes(value)?;
         let digest = sha256_digest(&bytes);
         write_file(&self.blob_path(&digest), &bytes)?;
-        Ok(descriptor(media_type, digest, bytes.len() as u64))
+        descriptor(media_type, &digest, bytes.len() as u64)
     }
 
     fn blob_path(&self, digest: &str) -> PathBuf {
@@ -373,20 +328,37 @@ pub(crate) fn link_or_copy(src: &Path, dest: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-fn descriptor(media_type: &str, digest: String, size: u64) -> Descriptor {
-    Descriptor {
-        media_type: media_type.to_owned(),
-        digest,
-        size,
-        annotations: BTreeMap::new(),
-    }
+/// The descriptor of a blob `digest` (`sha256:HEX`) of `size` bytes.
+fn descriptor(media_type: MediaType, digest: &str, size: u64) -> Result<Descriptor, ImageError> {
+    let digest = digest
+        .parse::<oci_spec::image::Digest>()
+        .map_err(spec_error("blob digest"))?;
+    Ok(Descriptor::new(media_type, size, digest))
 }
 
+/// The descriptor of a gzip-compressed layer blob.
+pub fn layer_descriptor(digest: &str, size: u64) -> Result<Descriptor, ImageError> {
+    descriptor(MediaType::ImageLayerGzip, digest, size)
+}
+
+/// `value` as compact JSON with every object's keys sorted: `oci_spec` keeps annotations and
+/// `ExposedPorts` in hash maps, whose order would change the bytes from one build to the next.
 fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, ImageError> {
-    serde_json::to_vec(value).map_err(|source| ImageError::Json {
+    let json_error = |source| ImageError::Json {
         what: "image metadata".to_owned(),
         source,
-    })
+    };
+    let mut value = serde_json::to_value(value).map_err(json_error)?;
+    value.sort_all_objects();
+    serde_json::to_vec(&value).map_err(json_error)
+}
+
+/// Maps an `oci_spec` builder or parse failure on `what` to [`ImageError::Spec`].
+fn spec_error(what: &'static str) -> impl Fn(oci_spec::OciSpecError) -> ImageError {
+    move |e| ImageError::Spec {
+        what,
+        reason: e.to_string(),
+    }
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
@@ -461,6 +433,106 @@ mod tests {
         assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339_utc(1_704_067_200), "2024-01-01T00:00:00Z");
         assert_eq!(rfc3339_utc(951_827_696), "2000-02-29T12:34:56Z");
+    }
+
+    /// Writes a one-layer layout into a fresh directory named `name`.
+    fn write_layout(name: &str) -> (PathBuf, Written) {
+        let dir = std::env::temp_dir().join(format!("hb-oci-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut writer = LayoutWriter::create(&dir, 1_704_067_200).unwrap();
+        writer
+            .add_layer(&mut [LayerEntry::file("hello", 0o644, b"hi".to_vec())])
+            .unwrap();
+        writer.set_extras(ConfigExtras {
+            entrypoint: vec!["/bin/sh".into()],
+            user: "1000".into(),
+            exposed_ports: vec!["80/tcp".into(), "443/tcp".into(), "53/udp".into()],
+        });
+        let run = RunConfig {
+            cmd: vec!["true".into()],
+            env: vec!["PATH=/bin".into()],
+            history: vec!["one layer".into()],
+        };
+        let written = writer.finish(&run, "latest", "r/w:1").unwrap();
+        (dir, written)
+    }
+
+    fn read_json(path: &Path) -> serde_json::Value {
+        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_layout_has_the_oci_documents_and_is_reproducible() {
+        let (a, written) = write_layout("a");
+        let (b, _) = write_layout("b");
+        for file in ["oci-layout", "index.json"] {
+            assert!(fs::read(a.join(file)).unwrap() == fs::read(b.join(file)).unwrap());
+        }
+        let manifest_digest = written.manifest.digest().to_string();
+        let config_digest = written.config.digest().to_string();
+        let layer = &written.layers[0];
+        let layer_digest = layer.descriptor.digest().to_string();
+        for digest in [&manifest_digest, &config_digest, &layer_digest] {
+            let bytes = fs::read(blob_path(&a, digest)).unwrap();
+            assert!(
+                bytes == fs::read(blob_path(&b, digest)).unwrap(),
+                "{digest}"
+            );
+            assert_eq!(sha256_digest(&bytes), *digest);
+        }
+        assert_eq!(
+            read_json(&a.join("index.json")),
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": MEDIA_TYPE_INDEX,
+                "manifests": [{
+                    "mediaType": MEDIA_TYPE_MANIFEST,
+                    "digest": manifest_digest,
+                    "size": written.manifest.size(),
+                    "annotations": {
+                        ANNOTATION_REF_NAME: "latest",
+                        ANNOTATION_CONTAINERD_NAME: "r/w:1",
+                    },
+                }],
+            })
+        );
+        assert_eq!(
+            read_json(&blob_path(&a, &manifest_digest)),
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": MEDIA_TYPE_MANIFEST,
+                "config": {
+                    "mediaType": MEDIA_TYPE_CONFIG,
+                    "digest": config_digest,
+                    "size": written.config.size(),
+                },
+                "layers": [{
+                    "mediaType": MEDIA_TYPE_LAYER_GZIP,
+                    "digest": layer_digest,
+                    "size": layer.descriptor.size(),
+                }],
+            })
+        );
+        assert_eq!(
+            read_json(&blob_path(&a, &config_digest)),
+            serde_json::json!({
+                "created": "2024-01-01T00:00:00Z",
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {
+                    "Env": ["PATH=/bin"],
+                    "Cmd": ["true"],
+                    "WorkingDir": "/",
+                    "Entrypoint": ["/bin/sh"],
+                    "User": "1000",
+                    "ExposedPorts": { "80/tcp": {}, "443/tcp": {}, "53/udp": {} },
+                },
+                "rootfs": { "type": "layers", "diff_ids": [layer.diff_id] },
+                "history": [{ "created": "2024-01-01T00:00:00Z", "created_by": "one layer" }],
+            })
+        );
+        fs::remove_dir_all(&a).unwrap();
+        fs::remove_dir_all(&b).unwrap();
     }
 
     #[test]
