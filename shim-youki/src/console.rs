@@ -4,18 +4,19 @@
 //! (`SCM_RIGHTS`) before it reports ready. So the master lands in the shim, not the zygote,
 //! and is waiting on the connection by the time the zygote replies.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hyperbox_shim_core::EngineError;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     accept4, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog,
     ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
+
+use crate::error::YoukiError;
 
 /// How long, in milliseconds, to wait for the master once the zygote has said the process is
 /// ready (it sent the master before that, so this only bounds a broken peer).
@@ -28,20 +29,20 @@ pub struct ConsoleSocket {
     path: PathBuf,
 }
 
-fn failed(what: &str, path: &Path, e: impl std::fmt::Display) -> EngineError {
-    EngineError::Failed(format!(
-        "cannot {what} console socket {}: {e}",
-        path.display()
-    ))
+/// `what` (which names the console socket) of the one at `path` failed.
+fn failed<E: Into<io::Error>>(what: &'static str, path: &Path) -> impl FnOnce(E) -> YoukiError {
+    let path = path.to_path_buf();
+    move |e| YoukiError::io(what, path)(e.into())
 }
 
 impl ConsoleSocket {
     /// Listens on a new socket in `dir` (kept short: a socket path has at most 107 bytes).
-    pub fn bind(dir: &Path) -> Result<Self, EngineError> {
+    pub fn bind(dir: &Path) -> Result<Self, YoukiError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!(".console-{}-{n}.sock", std::process::id()));
-        std::fs::create_dir_all(dir).map_err(|e| failed("create the directory of", &path, e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(failed("create the directory of console socket", &path))?;
         let _ = std::fs::remove_file(&path);
         let listener = socket(
             AddressFamily::Unix,
@@ -49,15 +50,15 @@ impl ConsoleSocket {
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             None,
         )
-        .map_err(|e| failed("create", &path, e))?;
-        let addr = UnixAddr::new(&path).map_err(|e| failed("name", &path, e))?;
-        bind(listener.as_raw_fd(), &addr).map_err(|e| failed("bind", &path, e))?;
+        .map_err(failed("create console socket", &path))?;
+        let addr = UnixAddr::new(&path).map_err(failed("name console socket", &path))?;
+        bind(listener.as_raw_fd(), &addr).map_err(failed("bind console socket", &path))?;
         let socket = ConsoleSocket { listener, path };
         listen(
             &socket.listener,
             Backlog::new(1).expect("1 is a valid backlog"),
         )
-        .map_err(|e| failed("listen on", &socket.path, e))?;
+        .map_err(failed("listen on console socket", &socket.path))?;
         Ok(socket)
     }
 
@@ -66,11 +67,11 @@ impl ConsoleSocket {
     }
 
     /// The terminal master the process sent.
-    pub fn receive_master(&self) -> Result<OwnedFd, EngineError> {
+    pub fn receive_master(&self) -> Result<OwnedFd, YoukiError> {
         let path = &self.path;
         wait_readable(self.listener.as_fd(), path)?;
         let raw = accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
-            .map_err(|e| failed("accept on", path, e))?;
+            .map_err(failed("accept on console socket", path))?;
         // SAFETY: accept4 returned a new fd that nothing else owns.
         let conn = unsafe { OwnedFd::from_raw_fd(raw) };
         wait_readable(conn.as_fd(), path)?;
@@ -83,9 +84,9 @@ impl ConsoleSocket {
             Some(&mut cmsg),
             MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
         )
-        .map_err(|e| failed("receive the terminal from", path, e))?;
+        .map_err(failed("receive the terminal from console socket", path))?;
         let mut master = None;
-        for c in msg.cmsgs().map_err(|e| failed("read", path, e))? {
+        for c in msg.cmsgs().map_err(failed("read console socket", path))? {
             if let ControlMessageOwned::ScmRights(fds) = c {
                 for fd in fds {
                     // SAFETY: SCM_RIGHTS gave this process this new fd; nothing else owns it.
@@ -94,22 +95,24 @@ impl ConsoleSocket {
                 }
             }
         }
-        master.ok_or_else(|| failed("receive the terminal from", path, "no fd came"))
+        master.ok_or_else(|| {
+            failed("receive the terminal from console socket", path)(io::Error::other("no fd came"))
+        })
     }
 }
 
 /// Sends a terminal's `master` to the console socket at `path`, as a process that allocated
 /// it does (a restore hands on the master CRIU made for the restored terminal).
-pub fn send_master(path: &Path, master: &OwnedFd) -> Result<(), EngineError> {
+pub fn send_master(path: &Path, master: &OwnedFd) -> Result<(), YoukiError> {
     let peer = socket(
         AddressFamily::Unix,
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|e| failed("create a peer of", path, e))?;
-    let addr = UnixAddr::new(path).map_err(|e| failed("name", path, e))?;
-    connect(peer.as_raw_fd(), &addr).map_err(|e| failed("connect to", path, e))?;
+    .map_err(failed("create a peer of console socket", path))?;
+    let addr = UnixAddr::new(path).map_err(failed("name console socket", path))?;
+    connect(peer.as_raw_fd(), &addr).map_err(failed("connect to console socket", path))?;
     sendmsg::<()>(
         peer.as_raw_fd(),
         &[IoSlice::new(b"/dev/ptmx")],
@@ -117,18 +120,23 @@ pub fn send_master(path: &Path, master: &OwnedFd) -> Result<(), EngineError> {
         MsgFlags::empty(),
         None,
     )
-    .map_err(|e| failed("send the terminal to", path, e))?;
+    .map_err(failed("send the terminal to console socket", path))?;
     Ok(())
 }
 
-fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<(), EngineError> {
+fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<(), YoukiError> {
     loop {
         let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(RECEIVE_WAIT_MS)) {
-            Ok(0) => return Err(failed("receive the terminal from", path, "timed out")),
+            Ok(0) => {
+                let timed_out = io::Error::new(io::ErrorKind::TimedOut, "timed out");
+                return Err(failed("receive the terminal from console socket", path)(
+                    timed_out,
+                ));
+            }
             Ok(_) => return Ok(()),
             Err(Errno::EINTR) => continue,
-            Err(e) => return Err(failed("poll", path, e)),
+            Err(e) => return Err(failed("poll console socket", path)(e)),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hyperbox_shim_core::{owned_output, EngineError, OwnedChild};
+use hyperbox_shim_core::{owned_output, OwnedChild};
 use std::io::IoSliceMut;
 use std::os::fd::FromRawFd;
 
@@ -26,6 +26,8 @@ use nix::sys::socket::{
 use nix::unistd::Pid;
 use protobuf::Message;
 use rust_criu::rust_criu_protobuf::rpc;
+
+use crate::error::YoukiError;
 
 /// The CRIU of this host: found once on `PATH` and checked once with `criu check`.
 #[derive(Debug, Clone)]
@@ -47,6 +49,38 @@ const INSTALL_HINT: &str = "checkpoint and restore need CRIU 4.2 or later on the
      scripts/setup-host does, into /opt/hyperbox/criu with /opt/hyperbox/bin/criu on \
      containerd's PATH";
 
+/// What failed of CRIU's work.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    /// No working CRIU on this host: what to install.
+    #[error("{0}")]
+    Unavailable(String),
+    /// CRIU did not say its version.
+    #[error("{0}")]
+    Version(String),
+    /// Running or talking to CRIU failed.
+    #[error("criu {}: cannot {what}", binary.display())]
+    Run {
+        what: &'static str,
+        binary: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A request ran past its time and CRIU was stopped.
+    #[error("CRIU did not finish within the {:.1} s left to it: it was stopped", limit.as_secs_f64())]
+    TimedOut { limit: Duration },
+    /// CRIU answered `what` with a failure; `reason` is what its log or answer says.
+    #[error("cannot {what}: {reason}; CRIU's log: {}", log.display())]
+    Refused {
+        what: String,
+        reason: String,
+        log: PathBuf,
+    },
+    /// The lazy-pages daemon did not come up; `errors` are its log's.
+    #[error("CRIU's lazy-pages daemon did not start: {errors}; its log: {}", log.display())]
+    LazyPages { errors: String, log: PathBuf },
+}
+
 /// A request CRIU answered with a failure.
 #[derive(Debug)]
 pub struct Refused {
@@ -56,7 +90,7 @@ pub struct Refused {
 
 impl Criu {
     /// The working CRIU, looked up on `PATH` and checked on the first call of this process.
-    pub fn get() -> Result<Criu, EngineError> {
+    pub fn get() -> Result<Criu, CriuError> {
         static FOUND: OnceLock<Result<(PathBuf, Option<String>), String>> = OnceLock::new();
         FOUND
             .get_or_init(|| locate(&std::env::var_os("PATH").unwrap_or_default()))
@@ -66,12 +100,12 @@ impl Criu {
                 version,
                 timeout: None,
             })
-            .map_err(EngineError::Unsupported)
+            .map_err(CriuError::Unavailable)
     }
 
     /// CRIU's version (`criu --version`: `Version: 4.1.1`), asked once per process.
     /// Recorded with the check, so that a restore from a template runs no extra process.
-    pub fn version(&self) -> Result<String, EngineError> {
+    pub fn version(&self) -> Result<String, CriuError> {
         if let Some(v) = &self.version {
             return Ok(v.clone());
         }
@@ -79,7 +113,7 @@ impl Criu {
         VERSION
             .get_or_init(|| ask_version(&self.binary))
             .clone()
-            .map_err(EngineError::Failed)
+            .map_err(CriuError::Version)
     }
 
     fn cpuinfo(&self, action: &str, dir: &Path) -> Result<(), String> {
@@ -132,11 +166,11 @@ impl Criu {
     /// outlives neither its pages nor needs the zygote, and a shim killed meanwhile does not
     /// take it (and with it the restored processes' memory) along. Its log is
     /// `work/lazy-pages.log`.
-    pub fn start_lazy_pages(&self, images: &Path, work: &Path) -> Result<Pid, EngineError> {
+    pub fn start_lazy_pages(&self, images: &Path, work: &Path) -> Result<Pid, YoukiError> {
         use std::ffi::CString;
         let c = |s: &std::ffi::OsStr| {
             CString::new(s.as_encoded_bytes())
-                .map_err(|e| EngineError::Failed(format!("a path with a NUL byte: {e}")))
+                .map_err(YoukiError::sys("pass a path with a NUL byte to CRIU"))
         };
         let argv: Vec<CString> = vec![
             c(self.binary.as_os_str())?,
@@ -153,15 +187,15 @@ impl Criu {
         ];
         let _ = std::fs::remove_file(work.join("lazy-pages.socket"));
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| EngineError::Failed(format!("cannot make a pipe: {e}")))?;
+            .map_err(YoukiError::sys("make a pipe"))?;
         let null = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/null")
-            .map_err(|e| EngineError::Failed(format!("cannot open /dev/null: {e}")))?;
+            .map_err(YoukiError::io("open", "/dev/null"))?;
         // SAFETY: the zygote is single-threaded; the children only dup, fork and exec.
         match unsafe { nix::unistd::fork() } {
-            Err(e) => return Err(EngineError::Failed(format!("cannot fork: {e}"))),
+            Err(e) => return Err(YoukiError::sys("fork CRIU's lazy-pages daemon")(e)),
             // SAFETY: in the child of a single-threaded process: setsid, fork, dup2, execv and
             // _exit only, on descriptors and strings made before the fork.
             Ok(nix::unistd::ForkResult::Child) => unsafe {
@@ -192,8 +226,11 @@ impl Criu {
         let mut got = [0u8; 5];
         let mut have = 0;
         while have < got.len() {
-            let ready = readable_before(&read, limit)
-                .map_err(|e| EngineError::Failed(format!("lazy-pages daemon: {e}")))?;
+            let ready = readable_before(&read, limit).map_err(|source| CriuError::Run {
+                what: "wait for the lazy-pages daemon",
+                binary: self.binary.clone(),
+                source,
+            })?;
             match ready.then(|| nix::unistd::read(read.as_raw_fd(), &mut got[have..])) {
                 Some(Ok(n)) if n > 0 => have += n,
                 _ => break,
@@ -205,11 +242,8 @@ impl Criu {
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             }
             let log = work.join(LAZY_PAGES_LOG);
-            return Err(EngineError::Failed(format!(
-                "CRIU's lazy-pages daemon did not start: {}; its log: {}",
-                log_errors(&log, 3).join("; "),
-                log.display()
-            )));
+            let errors = log_errors(&log, 3).join("; ");
+            return Err(CriuError::LazyPages { errors, log }.into());
         }
         Ok(pid)
     }
@@ -229,8 +263,8 @@ impl Criu {
         &self,
         req: &mut rpc::Criu_req,
         inherit: &[(RawFd, BorrowedFd<'_>)],
-        started: impl FnOnce(Pid, &mut rpc::Criu_req) -> Result<(), EngineError>,
-    ) -> Result<Result<rpc::Criu_resp, Refused>, EngineError> {
+        started: impl FnOnce(Pid, &mut rpc::Criu_req) -> Result<(), YoukiError>,
+    ) -> Result<Result<rpc::Criu_resp, Refused>, YoukiError> {
         self.call_notified(req, inherit, started, |_, _| Ok(()))
     }
 
@@ -241,22 +275,27 @@ impl Criu {
         &self,
         req: &mut rpc::Criu_req,
         inherit: &[(RawFd, BorrowedFd<'_>)],
-        started: impl FnOnce(Pid, &mut rpc::Criu_req) -> Result<(), EngineError>,
-        mut notified: impl FnMut(&str, Option<OwnedFd>) -> Result<(), EngineError>,
-    ) -> Result<Result<rpc::Criu_resp, Refused>, EngineError> {
-        let failed = |what: &str, e: &dyn std::fmt::Display| {
-            EngineError::Failed(format!(
-                "criu {}: cannot {what}: {e}",
-                self.binary.display()
-            ))
+        started: impl FnOnce(Pid, &mut rpc::Criu_req) -> Result<(), YoukiError>,
+        mut notified: impl FnMut(&str, Option<OwnedFd>) -> Result<(), YoukiError>,
+    ) -> Result<Result<rpc::Criu_resp, Refused>, YoukiError> {
+        let failed = |what: &'static str| {
+            move |source: io::Error| -> YoukiError {
+                CriuError::Run {
+                    what,
+                    binary: self.binary.clone(),
+                    source,
+                }
+                .into()
+            }
         };
+        let protobuf = |e: protobuf::Error| io::Error::other(e);
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
             None,
             SockFlag::SOCK_CLOEXEC,
         )
-        .map_err(|e| failed("create its socket", &e))?;
+        .map_err(|e| failed("create its socket")(e.into()))?;
         let mut moves: Vec<(RawFd, RawFd)> = vec![(theirs.as_raw_fd(), 3)];
         moves.extend(inherit.iter().map(|(n, fd)| (fd.as_raw_fd(), *n)));
         let mut cmd = Command::new(&self.binary);
@@ -269,27 +308,24 @@ impl Criu {
         unsafe {
             cmd.pre_exec(move || place_fds(&moves));
         }
-        let mut child = OwnedChild::spawn(&mut cmd).map_err(|e| failed("start", &e))?;
+        let mut child = OwnedChild::spawn(&mut cmd).map_err(failed("start"))?;
         drop(theirs);
         let deadline = self.timeout.map(|t| (Instant::now() + t, t));
         let answer = (|| {
             started(Pid::from_raw(child.id() as i32), req)?;
             let bytes = req
                 .write_to_bytes()
-                .map_err(|e| failed("encode a request", &e))?;
-            send(&ours, &bytes).map_err(|e| failed("send a request", &e))?;
+                .map_err(|e| failed("encode a request")(protobuf(e)))?;
+            send(&ours, &bytes).map_err(|e| failed("send a request")(e.into()))?;
             loop {
                 if let Some((at, limit)) = deadline {
-                    if !readable_before(&ours, at).map_err(|e| failed("wait for it", &e))? {
-                        return Err(EngineError::Failed(format!(
-                            "CRIU did not finish within the {:.1} s left to it: it was stopped",
-                            limit.as_secs_f64()
-                        )));
+                    if !readable_before(&ours, at).map_err(failed("wait for it"))? {
+                        return Err(CriuError::TimedOut { limit }.into());
                     }
                 }
-                let (bytes, fd) = receive(&ours).map_err(|e| failed("read its answer", &e))?;
+                let (bytes, fd) = receive(&ours).map_err(failed("read its answer"))?;
                 let resp = rpc::Criu_resp::parse_from_bytes(&bytes)
-                    .map_err(|e| failed("decode its answer", &e))?;
+                    .map_err(|e| failed("decode its answer")(protobuf(e)))?;
                 if !resp.success() {
                     return Ok(Err(Refused {
                         errno: resp.cr_errno(),
@@ -303,8 +339,8 @@ impl Criu {
                     ack.set_notify_success(true);
                     let bytes = ack
                         .write_to_bytes()
-                        .map_err(|e| failed("encode a notify answer", &e))?;
-                    send(&ours, &bytes).map_err(|e| failed("answer a notify", &e))?;
+                        .map_err(|e| failed("encode a notify answer")(protobuf(e)))?;
+                    send(&ours, &bytes).map_err(|e| failed("answer a notify")(e.into()))?;
                     continue;
                 }
                 return Ok(Ok(resp));

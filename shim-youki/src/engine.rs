@@ -13,10 +13,11 @@ use hyperbox_shim_core::{
 use nix::unistd::Pid;
 
 use crate::console::ConsoleSocket;
+use crate::error::YoukiError;
 use crate::executor::{ExecutorFactory, NativeExecutors};
 use crate::image::{containerd_address, ImageRef, Images};
 use crate::template;
-use crate::wire::{self, Reply, Request, StdioMask};
+use crate::wire::{self, Reply, Request, StdioMask, WireError};
 use crate::zygote;
 
 /// Where container state lives: one directory per containerd namespace, one per container in
@@ -66,7 +67,7 @@ pub fn prepare_with(
 
 /// A console socket for a process that asks for a terminal. It lives beside the state
 /// directories, whatever the runtime options say of those, so that its path stays short.
-fn console_socket(stdio: &ProcessStdio) -> Result<Option<ConsoleSocket>, EngineError> {
+fn console_socket(stdio: &ProcessStdio) -> Result<Option<ConsoleSocket>, YoukiError> {
     stdio
         .terminal
         .then(|| ConsoleSocket::bind(Path::new(STATE_ROOT)))
@@ -75,13 +76,16 @@ fn console_socket(stdio: &ProcessStdio) -> Result<Option<ConsoleSocket>, EngineE
 
 /// The terminal master the new process sent on `console`, if it asked for one; received off
 /// the runtime's threads, as it may take up to the console's limit.
-async fn receive_master(console: Option<ConsoleSocket>) -> Result<Option<OwnedFd>, EngineError> {
+async fn receive_master(console: Option<ConsoleSocket>) -> Result<Option<OwnedFd>, YoukiError> {
     let Some(console) = console else {
         return Ok(None);
     };
     tokio::task::spawn_blocking(move || console.receive_master())
         .await
-        .map_err(|e| EngineError::Failed(format!("receiving the terminal panicked: {e}")))?
+        .map_err(|source| YoukiError::Task {
+            what: "receiving the terminal",
+            source,
+        })?
         .map(Some)
 }
 
@@ -101,9 +105,9 @@ fn split(stdio: ProcessStdio, console: Option<&ConsoleSocket>) -> (StdioMask, Ve
 
 impl YoukiEngine {
     /// One request, one reply. The fds go to the zygote and are closed here once sent.
-    async fn call(&self, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, EngineError> {
+    async fn call(&self, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, YoukiError> {
         let Some((sock, zygote)) = self.zygote.clone() else {
-            return Err(EngineError::Failed(
+            return Err(YoukiError::Failed(
                 "the shim's delete action serves no task requests".into(),
             ));
         };
@@ -113,25 +117,25 @@ impl YoukiEngine {
                 wire::send(sock.as_fd(), &req, &fds)?;
                 drop(fds);
                 wire::recv::<Reply>(sock.as_fd())?
-                    .ok_or_else(|| format!("the zygote (pid {zygote}) exited"))?
+                    .ok_or(WireError::ZygoteExited(zygote.as_raw()))?
             };
             // A long request goes on in a worker of the zygote: its answer comes on a socket
             // of its own, waited for without holding the zygote's.
             if !matches!(reply, Reply::Detached) {
                 return Ok(reply);
             }
-            let worker = fds
-                .pop()
-                .ok_or_else(|| "the zygote detached a request without a socket".to_string())?;
+            let worker = fds.pop().ok_or(WireError::NoWorkerSocket)?;
             wire::recv::<Reply>(worker.as_fd())?
                 .map(|(r, _)| r)
-                .ok_or_else(|| "the zygote's worker exited without an answer".to_string())
+                .ok_or(WireError::WorkerExited)
         })
         .await
-        .map_err(|e| EngineError::Failed(format!("zygote call: {e}")))?
-        .map_err(EngineError::Failed)?;
+        .map_err(|source| YoukiError::Task {
+            what: "the zygote call",
+            source,
+        })??;
         match reply {
-            Reply::Failed(e) => Err(e),
+            Reply::Failed(e) => Err(e.into()),
             r => Ok(r),
         }
     }
@@ -158,7 +162,7 @@ impl YoukiEngine {
         name: &str,
         reference: &str,
         image: Option<&ImageRef>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), YoukiError> {
         let store = template::Store::for_bundle(&self.namespace, &spec.bundle)?;
         if store.path(name).exists() {
             return Ok(());
@@ -169,14 +173,14 @@ impl YoukiEngine {
             .iter()
             .any(|prefix| !prefix.is_empty() && reference.starts_with(prefix.as_str()))
         {
-            return Err(EngineError::InvalidSpec(format!(
+            return Err(YoukiError::invalid(format!(
                 "template {name} is not on this node, and {reference} is not a source the node \
                  pulls templates from: an administrator lists those in pull_from of {}",
                 template::Settings::path().display()
             )));
         }
         let Some(image) = image.cloned() else {
-            return Err(EngineError::Unsupported(format!(
+            return Err(YoukiError::Unsupported(format!(
                 "cannot pull template {name} for container {}: containerd did not say its \
                  image, which a pulled template is matched to",
                 spec.id
@@ -189,8 +193,11 @@ impl YoukiEngine {
             crate::distribution::pull(&store, &reference, Some(&name), &access, Some(&image), true)
         })
         .await
-        .map_err(|e| EngineError::Failed(format!("template pull: {e}")))?
-        .map_err(EngineError::Unsupported)?;
+        .map_err(|source| YoukiError::Task {
+            what: "the template pull",
+            source,
+        })?
+        .map_err(YoukiError::Unsupported)?;
         tracing::info!(
             id = spec.id,
             template = pulled.name,
@@ -202,7 +209,7 @@ impl YoukiEngine {
         Ok(())
     }
 
-    async fn call_done(&self, req: Request) -> Result<(), EngineError> {
+    async fn call_done(&self, req: Request) -> Result<(), YoukiError> {
         match self.call(req, Vec::new()).await? {
             Reply::Done => Ok(()),
             other => Err(unexpected(other)),
@@ -210,8 +217,8 @@ impl YoukiEngine {
     }
 }
 
-fn unexpected(r: Reply) -> EngineError {
-    EngineError::Failed(format!("unexpected zygote reply {r:?}"))
+fn unexpected(r: Reply) -> YoukiError {
+    WireError::Unexpected(format!("{r:?}")).into()
 }
 
 #[async_trait]
@@ -225,11 +232,12 @@ impl Engine for YoukiEngine {
 
     async fn create(&self, spec: &CreateSpec, stdio: ProcessStdio) -> Result<Spawned, EngineError> {
         if spec.options.systemd_cgroup {
-            return Err(EngineError::Unsupported(format!(
+            return Err(YoukiError::Unsupported(format!(
                 "container {}: SystemdCgroup requested but this shim is built without systemd \
                  cgroup support; set SystemdCgroup = false in the runtime options",
                 spec.id
-            )));
+            ))
+            .into());
         }
         let image = match &spec.restore {
             Some(RestoreFrom::Template(t)) => {
@@ -260,7 +268,7 @@ impl Engine for YoukiEngine {
         };
         let (pid, cgroups_path) = match self.call(req, fds).await? {
             Reply::Created { pid, cgroups_path } => (pid, cgroups_path),
-            other => return Err(unexpected(other)),
+            other => return Err(unexpected(other).into()),
         };
         match receive_master(console).await {
             Ok(console) => Ok(Spawned {
@@ -272,13 +280,15 @@ impl Engine for YoukiEngine {
                 if let Err(clean) = self.delete(&spec.id, &spec.bundle).await {
                     tracing::warn!(id = spec.id, "cleanup after failed create: {clean}");
                 }
-                Err(e)
+                Err(e.into())
             }
         }
     }
 
     async fn start(&self, id: &str) -> Result<(), EngineError> {
-        self.call_done(Request::Start { id: id.to_string() }).await
+        Ok(self
+            .call_done(Request::Start { id: id.to_string() })
+            .await?)
     }
 
     async fn exec(
@@ -297,7 +307,7 @@ impl Engine for YoukiEngine {
         };
         let pid = match self.call(req, fds).await? {
             Reply::Pid(pid) => pid,
-            other => return Err(unexpected(other)),
+            other => return Err(unexpected(other).into()),
         };
         match receive_master(console).await {
             Ok(console) => Ok(Spawned {
@@ -311,17 +321,18 @@ impl Engine for YoukiEngine {
                     Pid::from_raw(pid as i32),
                     nix::sys::signal::Signal::SIGKILL,
                 );
-                Err(e)
+                Err(e.into())
             }
         }
     }
 
     async fn signal_all(&self, id: &str, signal: i32) -> Result<(), EngineError> {
-        self.call_done(Request::SignalAll {
-            id: id.to_string(),
-            signal,
-        })
-        .await
+        Ok(self
+            .call_done(Request::SignalAll {
+                id: id.to_string(),
+                signal,
+            })
+            .await?)
     }
 
     async fn pids(&self, id: &str) -> Result<Vec<u32>, EngineError> {
@@ -330,7 +341,7 @@ impl Engine for YoukiEngine {
             .await?
         {
             Reply::Pids(p) => Ok(p),
-            other => Err(unexpected(other)),
+            other => Err(unexpected(other).into()),
         }
     }
 
@@ -340,7 +351,7 @@ impl Engine for YoukiEngine {
             .await?
         {
             Reply::Path(p) => Ok(p),
-            other => Err(unexpected(other)),
+            other => Err(unexpected(other).into()),
         }
     }
 
@@ -350,12 +361,13 @@ impl Engine for YoukiEngine {
         bundle: &Path,
         spec: &CheckpointSpec,
     ) -> Result<(), EngineError> {
-        self.call_done(Request::Checkpoint {
-            id: id.to_string(),
-            bundle: bundle.to_path_buf(),
-            spec: spec.clone(),
-        })
-        .await
+        Ok(self
+            .call_done(Request::Checkpoint {
+                id: id.to_string(),
+                bundle: bundle.to_path_buf(),
+                spec: spec.clone(),
+            })
+            .await?)
     }
 
     async fn capture_template(
@@ -377,7 +389,7 @@ impl Engine for YoukiEngine {
             .await?
         {
             Reply::Captured(c) => Ok(c),
-            other => Err(unexpected(other)),
+            other => Err(unexpected(other).into()),
         }
     }
 
@@ -396,16 +408,19 @@ impl Engine for YoukiEngine {
         if self.zygote.is_none() {
             let root = PathBuf::from(STATE_ROOT).join(&self.namespace);
             let (id, bundle) = (id.to_string(), bundle.to_path_buf());
-            return tokio::task::spawn_blocking(move || {
-                zygote::delete_after_lost_shim(root, &id, &bundle)
-            })
-            .await
-            .map_err(|e| EngineError::Failed(format!("cleanup panicked: {e}")))?;
+            tokio::task::spawn_blocking(move || zygote::delete_after_lost_shim(root, &id, &bundle))
+                .await
+                .map_err(|source| YoukiError::Task {
+                    what: "the cleanup",
+                    source,
+                })??;
+            return Ok(());
         }
-        self.call_done(Request::Delete {
-            id: id.to_string(),
-            bundle: bundle.to_path_buf(),
-        })
-        .await
+        Ok(self
+            .call_done(Request::Delete {
+                id: id.to_string(),
+                bundle: bundle.to_path_buf(),
+            })
+            .await?)
     }
 }

@@ -25,9 +25,10 @@ use hyperbox_gpu::plan;
 use std::collections::BTreeMap;
 
 use hyperbox_gpu::request::{Environment, GpuRequest, VISIBLE_DEVICES};
-use hyperbox_shim_core::EngineError;
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+use crate::error::YoukiError;
 
 /// The hook's file name, looked for beside the shim's binary.
 pub const HOOK: &str = "hyperbox-gpu-hook";
@@ -57,19 +58,16 @@ impl Default for Settings {
 
 impl Settings {
     /// Reads the settings; a missing file is the defaults, a bad one an error naming it.
-    pub fn read() -> Result<Self, EngineError> {
+    pub fn read() -> Result<Self, YoukiError> {
         let path = std::env::var_os("HYPERBOX_GPU_CONFIG")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(SETTINGS));
         match std::fs::read_to_string(&path) {
             Ok(text) => toml::from_str(&text).map_err(|e| {
-                EngineError::Failed(format!("the GPU settings {}: {e}", path.display()))
+                YoukiError::io("parse the GPU settings", path)(std::io::Error::other(e))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
-            Err(e) => Err(EngineError::Failed(format!(
-                "cannot read the GPU settings {}: {e}",
-                path.display()
-            ))),
+            Err(e) => Err(YoukiError::io("read the GPU settings", path)(e)),
         }
     }
 }
@@ -101,9 +99,8 @@ fn cache_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
 }
 
-fn hook_path() -> Result<PathBuf, EngineError> {
-    let exe = std::env::current_exe()
-        .map_err(|e| EngineError::Failed(format!("cannot find the shim's own binary: {e}")))?;
+fn hook_path() -> Result<PathBuf, YoukiError> {
+    let exe = std::env::current_exe().map_err(YoukiError::sys("find the shim's own binary"))?;
     Ok(exe.with_file_name(HOOK))
 }
 
@@ -120,12 +117,14 @@ fn process_env(config: &Value) -> Vec<String> {
 
 /// Adds the GPUs container `id` asks for to the spec in `bundle`; does nothing for a
 /// container that asks for none.
-pub fn prepare(id: &str, bundle: &Path) -> Result<(), EngineError> {
+pub fn prepare(id: &str, bundle: &Path) -> Result<(), YoukiError> {
     let path = bundle.join("config.json");
     let config: Value = std::fs::read(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(|e| EngineError::InvalidSpec(format!("cannot read {}: {e}", path.display())))?;
+        .and_then(|b| Ok(serde_json::from_slice(&b)?))
+        .map_err(|e| YoukiError::Config {
+            path,
+            source: e.into(),
+        })?;
     let env = Environment::from_entries(process_env(&config));
     let annotations = annotations(&config);
     let mentions_gpus = env.get(VISIBLE_DEVICES).is_some()
@@ -138,21 +137,21 @@ pub fn prepare(id: &str, bundle: &Path) -> Result<(), EngineError> {
     }
     let env_allowed = privileged(&config) || Settings::read()?.accept_env_when_unprivileged;
     let request = GpuRequest::from_spec(&env, &annotations, env_allowed)
-        .map_err(|e| EngineError::InvalidSpec(format!("container {id}: {e}")))?;
+        .map_err(|e| YoukiError::invalid_because(format!("container {id}"), e))?;
     let Some(request) = request else {
         return Ok(());
     };
     let asked = request.devices.env_value();
     let cache_path = cache_path();
     let cache = NodeCache::read(&cache_path).map_err(|e| {
-        EngineError::InvalidSpec(format!("container {id} asks for GPUs ({asked}): {e}"))
+        YoukiError::invalid_because(format!("container {id} asks for GPUs ({asked})"), e)
     })?;
     let injection = plan::plan(&cache, &request)
         .and_then(|i| plan::check_requirements(&cache, &i, &env).map(|()| i))
-        .map_err(|e| EngineError::InvalidSpec(format!("container {id}: {e}")))?;
+        .map_err(|e| YoukiError::invalid_because(format!("container {id}"), e))?;
     let hook = hook_path()?;
     if !hook.is_file() {
-        return Err(EngineError::Failed(format!(
+        return Err(YoukiError::Failed(format!(
             "container {id} asks for GPUs, but {} is missing (install it beside the shim)",
             hook.display()
         )));
@@ -188,8 +187,7 @@ pub fn prepare(id: &str, bundle: &Path) -> Result<(), EngineError> {
                    "args": [HOOK, "--cache", cache_path.display().to_string(),
                             "--visible-devices", asked]}),
         );
-    })
-    .map_err(EngineError::Failed)?;
+    })?;
     tracing::info!(
         id,
         devices = injection.nodes.len(),
@@ -212,6 +210,7 @@ fn push(slot: &mut Value, item: Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyperbox_shim_core::EngineError;
 
     #[test]
     fn a_container_without_gpus_is_left_alone() {
@@ -243,7 +242,7 @@ mod tests {
         let text = json!({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=bogus"]}}).to_string();
         std::fs::write(dir.join("config.json"), &text).unwrap();
         assert!(matches!(
-            prepare("c", &dir),
+            prepare("c", &dir).map_err(EngineError::from),
             Err(EngineError::InvalidSpec(_))
         ));
         std::fs::remove_dir_all(&dir).unwrap();

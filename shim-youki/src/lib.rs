@@ -9,6 +9,7 @@ mod console;
 mod criu;
 mod distribution;
 mod engine;
+mod error;
 mod exec_security;
 mod executor;
 mod features;

@@ -1,6 +1,7 @@
 //! Mounting the rootfs containerd describes in Create at `BUNDLE/rootfs`, and unmounting it at
 //! delete, as runc's shim does. Runs in the zygote.
 
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
@@ -9,6 +10,8 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{mkdirat, Mode};
+
+use crate::error::YoukiError;
 
 /// Mount options that are flags rather than filesystem data: (name, flag, clears it).
 const FLAGS: &[(&str, MsFlags, bool)] = &[
@@ -54,12 +57,11 @@ pub fn parse_options(options: &[String]) -> (MsFlags, String) {
 }
 
 /// Mounts `mounts` one over the other at `target`.
-pub fn mount_all(mounts: &[RootfsMount], target: &Path) -> Result<(), String> {
+pub fn mount_all(mounts: &[RootfsMount], target: &Path) -> Result<(), YoukiError> {
     if mounts.is_empty() {
         return Ok(());
     }
-    std::fs::create_dir_all(target)
-        .map_err(|e| format!("cannot create rootfs mount point {}: {e}", target.display()))?;
+    std::fs::create_dir_all(target).map_err(YoukiError::io("create rootfs mount point", target))?;
     for (i, m) in mounts.iter().enumerate() {
         if let Err(e) = mount_one(m, target) {
             for _ in 0..i {
@@ -74,7 +76,7 @@ pub fn mount_all(mounts: &[RootfsMount], target: &Path) -> Result<(), String> {
 /// The mount(2) data limit: one page.
 const PAGE: usize = 4096;
 
-fn mount_one(m: &RootfsMount, target: &Path) -> Result<(), String> {
+fn mount_one(m: &RootfsMount, target: &Path) -> Result<(), YoukiError> {
     let (flags, data) = parse_options(&m.options);
     // Long overlay lowerdir lists (images of many layers) overflow the page mount(2) takes:
     // as runc's shim does, the lowerdirs are given relative to their common parent, which
@@ -85,11 +87,11 @@ fn mount_one(m: &RootfsMount, target: &Path) -> Result<(), String> {
         (data, None)
     };
     if data.len() >= PAGE {
-        return Err(format!(
+        return Err(YoukiError::Failed(format!(
             "rootfs mount options of {} bytes are too long (more than a page) for {}",
             data.len(),
             target.display()
-        ));
+        )));
     }
     let fstype = (!m.kind.is_empty() && m.kind != "bind").then_some(m.kind.as_str());
     let data = (!data.is_empty()).then_some(data.as_str());
@@ -99,18 +101,16 @@ fn mount_one(m: &RootfsMount, target: &Path) -> Result<(), String> {
         }),
         None => mount(Some(m.source.as_str()), target, fstype, flags, data),
     };
-    mounted.map_err(|e| {
-        format!(
-            "cannot mount {} ({}) at {}: {e}",
-            m.source,
-            m.kind,
-            target.display()
-        )
+    mounted.map_err(|e| YoukiError::Mount {
+        from: m.source.clone(),
+        kind: m.kind.clone(),
+        target: target.to_path_buf(),
+        source: e.into(),
     })?;
     // A read-only bind mount needs a remount to become read-only.
     if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
         mount::<str, Path, str, str>(None, target, None, flags | MsFlags::MS_REMOUNT, None)
-            .map_err(|e| format!("cannot make {} read-only: {e}", target.display()))?;
+            .map_err(|e| YoukiError::io("remount read-only", target)(e.into()))?;
     }
     Ok(())
 }
@@ -180,15 +180,15 @@ fn libcontainer_propagation(name: &str) -> Option<&'static str> {
 pub fn rewrite_config(
     bundle: &Path,
     edit: impl FnOnce(&mut serde_json::Value),
-) -> Result<(), String> {
+) -> Result<(), YoukiError> {
     let path = bundle.join("config.json");
     let mut config: serde_json::Value = std::fs::read(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        .and_then(|b| Ok(serde_json::from_slice(&b)?))
+        .map_err(YoukiError::io("read", &path))?;
     edit(&mut config);
     let tmp = bundle.join(".config.json.hyperbox");
-    let bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
+    let bytes =
+        serde_json::to_vec(&config).map_err(|e| YoukiError::io("encode", &path)(e.into()))?;
     std::fs::write(&tmp, bytes)
         .and_then(|()| {
             let mode = std::fs::metadata(&path)?.permissions();
@@ -197,7 +197,7 @@ pub fn rewrite_config(
         })
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            format!("cannot rewrite {}: {e}", path.display())
+            YoukiError::io("rewrite", path)(e)
         })
 }
 
@@ -217,12 +217,14 @@ pub struct SpecPaths {
 }
 
 impl SpecPaths {
-    pub fn read(bundle: &Path) -> Result<Self, String> {
+    pub fn read(bundle: &Path) -> Result<Self, YoukiError> {
         let path = bundle.join("config.json");
         let config: serde_json::Value = std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            .and_then(|b| Ok(serde_json::from_slice(&b)?))
+            .map_err(|e| YoukiError::Config {
+                path,
+                source: e.into(),
+            })?;
         let text = |p: &str| {
             config
                 .pointer(p)
@@ -251,7 +253,7 @@ impl SpecPaths {
     /// recursively to the mounts it sets up (`MS_REC`), so `rshared` becomes `shared` and so on;
     /// `runbindable` becomes `unbindable`. Any other value is left for libcontainer to refuse.
     /// The file is replaced whole (a temporary file renamed over it).
-    pub fn normalize_root_propagation(&mut self, bundle: &Path) -> Result<(), String> {
+    pub fn normalize_root_propagation(&mut self, bundle: &Path) -> Result<(), YoukiError> {
         let Some(known) = self
             .root_propagation
             .as_deref()
@@ -271,7 +273,7 @@ impl SpecPaths {
     /// symlinks (a symlinked component is left to the runtime, which resolves it inside the
     /// container); a cwd under one of the spec's mounts is left alone too (it lives in that
     /// mount, not in the rootfs).
-    pub fn create_cwd(&self) -> Result<(), String> {
+    pub fn create_cwd(&self) -> Result<(), YoukiError> {
         let Some(cwd) = &self.cwd else {
             return Ok(());
         };
@@ -285,7 +287,7 @@ impl SpecPaths {
         }
         let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_PATH;
         let raw = nix::fcntl::open(&self.root, flags, Mode::empty())
-            .map_err(|e| format!("cannot open rootfs {}: {e}", self.root.display()))?;
+            .map_err(|e| YoukiError::io("open rootfs", &self.root)(e.into()))?;
         // SAFETY: `open` returned a new fd that nothing else owns.
         let mut dir = unsafe { OwnedFd::from_raw_fd(raw) };
         for part in cwd_path.components() {
@@ -298,10 +300,15 @@ impl SpecPaths {
                     let mode = Mode::from_bits_truncate(0o755);
                     match mkdirat(Some(dir.as_raw_fd()), name, mode) {
                         Ok(()) | Err(Errno::EEXIST) => {}
-                        Err(e) => return Err(format!("cannot create {cwd:?} in the rootfs: {e}")),
+                        Err(e) => {
+                            return Err(YoukiError::io("create the cwd", self.root.join(name))(
+                                e.into(),
+                            ))
+                        }
                     }
-                    openat(Some(dir.as_raw_fd()), name, flags, Mode::empty())
-                        .map_err(|e| format!("cannot open {cwd:?} in the rootfs: {e}"))?
+                    openat(Some(dir.as_raw_fd()), name, flags, Mode::empty()).map_err(|e| {
+                        YoukiError::io("open the cwd", self.root.join(name))(e.into())
+                    })?
                 }
                 // A symlink or a file: the runtime decides (and names it when it fails).
                 Err(_) => return Ok(()),
@@ -337,19 +344,19 @@ impl SpecPaths {
 }
 
 /// Unmounts everything mounted at `target`; nothing mounted there is fine.
-pub fn unmount_all(target: &Path) -> Result<(), String> {
+pub fn unmount_all(target: &Path) -> Result<(), YoukiError> {
+    let failed = |e: Errno| YoukiError::io("unmount", target)(e.into());
     for _ in 0..16 {
         match umount2(target, MntFlags::empty()) {
             Ok(()) => continue,
             Err(Errno::EINVAL) | Err(Errno::ENOENT) => return Ok(()),
-            Err(Errno::EBUSY) => {
-                umount2(target, MntFlags::MNT_DETACH)
-                    .map_err(|e| format!("cannot unmount {}: {e}", target.display()))?;
-            }
-            Err(e) => return Err(format!("cannot unmount {}: {e}", target.display())),
+            Err(Errno::EBUSY) => umount2(target, MntFlags::MNT_DETACH).map_err(failed)?,
+            Err(e) => return Err(failed(e)),
         }
     }
-    Err(format!("{} stays mounted", target.display()))
+    Err(YoukiError::io("unmount", target)(io::Error::other(
+        "it stays mounted after 16 unmounts",
+    )))
 }
 
 #[cfg(test)]

@@ -109,6 +109,30 @@ pub enum Reply {
     Detached,
 }
 
+/// What failed on the zygote's socket.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("cannot encode message")]
+    Encode(#[source] serde_json::Error),
+    #[error("cannot send to the zygote socket")]
+    Send(#[source] nix::Error),
+    #[error("cannot receive from the zygote socket")]
+    Receive(#[source] nix::Error),
+    #[error("bad control message")]
+    ControlMessage(#[source] nix::Error),
+    #[error("bad message")]
+    Decode(#[source] serde_json::Error),
+    #[error("the zygote (pid {0}) exited")]
+    ZygoteExited(i32),
+    #[error("the zygote detached a request without a socket")]
+    NoWorkerSocket,
+    #[error("the zygote's worker exited without an answer")]
+    WorkerExited,
+    /// A reply that does not answer the request sent.
+    #[error("unexpected zygote reply {0}")]
+    Unexpected(String),
+}
+
 /// A connected socket pair: (shim end, zygote end), both close-on-exec.
 pub fn pair() -> nix::Result<(OwnedFd, OwnedFd)> {
     socketpair(
@@ -120,8 +144,8 @@ pub fn pair() -> nix::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Sends `msg` with `fds`.
-pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[OwnedFd]) -> Result<(), String> {
-    let data = serde_json::to_vec(msg).map_err(|e| format!("cannot encode message: {e}"))?;
+pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[OwnedFd]) -> Result<(), WireError> {
+    let data = serde_json::to_vec(msg).map_err(WireError::Encode)?;
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let cmsgs = if raw.is_empty() {
         vec![]
@@ -135,14 +159,14 @@ pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[OwnedFd]) -> Res
         MsgFlags::empty(),
         None,
     )
-    .map_err(|e| format!("cannot send to the zygote socket: {e}"))?;
+    .map_err(WireError::Send)?;
     Ok(())
 }
 
 /// Receives one message and the fds that came with it; `Ok(None)` when the peer is gone.
 pub fn recv<T: for<'de> Deserialize<'de>>(
     sock: BorrowedFd<'_>,
-) -> Result<Option<(T, Vec<OwnedFd>)>, String> {
+) -> Result<Option<(T, Vec<OwnedFd>)>, WireError> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut cmsg = nix::cmsg_space!([RawFd; 3]);
     let (len, fds) = loop {
@@ -155,10 +179,7 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
         ) {
             Ok(msg) => {
                 let mut fds = Vec::new();
-                for c in msg
-                    .cmsgs()
-                    .map_err(|e| format!("bad control message: {e}"))?
-                {
+                for c in msg.cmsgs().map_err(WireError::ControlMessage)? {
                     if let ControlMessageOwned::ScmRights(raw) = c {
                         // SAFETY: SCM_RIGHTS gave this process these new fds; nothing else
                         // owns them.
@@ -171,13 +192,13 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
                 break (msg.bytes, fds);
             }
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(format!("cannot receive from the zygote socket: {e}")),
+            Err(e) => return Err(WireError::Receive(e)),
         }
     };
     if len == 0 {
         return Ok(None);
     }
-    let msg = serde_json::from_slice(&buf[..len]).map_err(|e| format!("bad message: {e}"))?;
+    let msg = serde_json::from_slice(&buf[..len]).map_err(WireError::Decode)?;
     Ok(Some((msg, fds)))
 }
 

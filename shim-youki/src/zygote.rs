@@ -26,6 +26,7 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::unistd::{fork, ForkResult, Pid};
 
 use crate::checkpoint::{self, RestoreStdio};
+use crate::error::YoukiError;
 use crate::exec_security;
 use crate::executor::{BoxedExecutor, ExecutorFactory, NewContainer};
 use crate::image::ImageRef;
@@ -39,15 +40,14 @@ pub fn spawn(
     root: PathBuf,
     namespace: String,
     mut executors: Box<dyn ExecutorFactory>,
-) -> Result<(OwnedFd, Pid), EngineError> {
+) -> Result<(OwnedFd, Pid), YoukiError> {
     let threads = thread_count();
     if threads != Some(1) {
-        return Err(EngineError::Failed(format!(
+        return Err(YoukiError::Failed(format!(
             "the zygote must be forked while the shim is single-threaded, found {threads:?} threads"
         )));
     }
-    let (shim_end, zygote_end) = wire::pair()
-        .map_err(|e| EngineError::Failed(format!("cannot create a socket pair: {e}")))?;
+    let (shim_end, zygote_end) = wire::pair().map_err(YoukiError::sys("create a socket pair"))?;
     let parent = nix::unistd::getpid();
     // SAFETY: the process has exactly one thread (checked above), so the child is a complete
     // copy and may run any code.
@@ -69,7 +69,7 @@ pub fn spawn(
             // destructors, which belong to the shim.
             unsafe { libc::_exit(code) }
         }
-        Err(e) => Err(EngineError::Failed(format!("cannot fork the zygote: {e}"))),
+        Err(e) => Err(YoukiError::sys("fork the zygote")(e)),
     }
 }
 
@@ -129,12 +129,12 @@ fn serve(
         let (reply, fds) = if runs_long(&req) {
             match detach(sock, shim, &mut roots, executors, req, fds) {
                 Ok(worker) => (Reply::Detached, vec![worker]),
-                Err(e) => (Reply::Failed(e), Vec::new()),
+                Err(e) => (Reply::Failed(e.into()), Vec::new()),
             }
         } else {
             match handle(&mut roots, executors, req, fds) {
                 Ok(r) => (r, Vec::new()),
-                Err(e) => (Reply::Failed(e), Vec::new()),
+                Err(e) => (Reply::Failed(e.into()), Vec::new()),
             }
         };
         if let Err(e) = wire::send(sock.as_fd(), &reply, &fds) {
@@ -164,9 +164,8 @@ fn detach(
     executors: &mut dyn ExecutorFactory,
     req: Request,
     fds: Vec<OwnedFd>,
-) -> Result<OwnedFd, EngineError> {
-    let (shim_end, worker_end) = wire::pair()
-        .map_err(|e| EngineError::Failed(format!("cannot create a socket pair: {e}")))?;
+) -> Result<OwnedFd, YoukiError> {
+    let (shim_end, worker_end) = wire::pair().map_err(YoukiError::sys("create a socket pair"))?;
     // SAFETY: the zygote has one thread, so the child is a complete copy and may run any code.
     match unsafe { fork() } {
         Ok(ForkResult::Parent { child }) => {
@@ -191,7 +190,7 @@ fn detach(
                 Ok(()) => {
                     let reply = match handle(roots, executors, req, fds) {
                         Ok(r) => r,
-                        Err(e) => Reply::Failed(e),
+                        Err(e) => Reply::Failed(e.into()),
                     };
                     match wire::send(worker_end.as_fd(), &reply, &[]) {
                         Ok(()) => 0,
@@ -209,9 +208,7 @@ fn detach(
             // SAFETY: as the zygote's own end.
             unsafe { libc::_exit(code) }
         }
-        Err(e) => Err(EngineError::Failed(format!(
-            "cannot fork a zygote worker: {e}"
-        ))),
+        Err(e) => Err(YoukiError::sys("fork a zygote worker")(e)),
     }
 }
 
@@ -275,7 +272,7 @@ fn handle(
     executors: &mut dyn ExecutorFactory,
     req: Request,
     fds: Vec<OwnedFd>,
-) -> Result<Reply, EngineError> {
+) -> Result<Reply, YoukiError> {
     match req {
         Request::Create {
             id,
@@ -290,9 +287,8 @@ fn handle(
             let root = state_root.unwrap_or_else(|| roots.default.clone());
             if root != roots.default {
                 let file = bundle.join(STATE_ROOT_FILE);
-                fs::write(&file, root.as_os_str().as_encoded_bytes()).map_err(|e| {
-                    EngineError::Failed(format!("cannot write {}: {e}", file.display()))
-                })?;
+                fs::write(&file, root.as_os_str().as_encoded_bytes())
+                    .map_err(YoukiError::io("write", &file))?;
             }
             let created = match &restore {
                 Some(from) => restore_container(
@@ -332,7 +328,7 @@ fn handle(
             mark("zygote.start.begin", &id);
             load(roots.of(&id), &id)?
                 .start()
-                .map_err(failed(&id, "start"))?;
+                .map_err(YoukiError::container(&id, "start"))?;
             mark("zygote.start.end", &id);
             Ok(Reply::Done)
         }
@@ -344,10 +340,10 @@ fn handle(
         } => exec(roots.of(&id), &id, &exec_id, &process, stdio, fds).map(Reply::Pid),
         Request::SignalAll { id, signal } => {
             let sig = Signal::try_from(signal)
-                .map_err(|e| EngineError::InvalidSpec(format!("signal {signal}: {e}")))?;
+                .map_err(|e| YoukiError::invalid_because(format!("signal {signal}"), e))?;
             load(roots.of(&id), &id)?
                 .kill(sig, true)
-                .map_err(failed(&id, "signal"))?;
+                .map_err(YoukiError::container(&id, "signal"))?;
             Ok(Reply::Done)
         }
         Request::Checkpoint { id, bundle, spec } => {
@@ -362,9 +358,14 @@ fn handle(
             image,
         } => {
             let c = load(roots.of(&id), &id)?;
-            Store::for_bundle(&roots.namespace, &bundle)?
-                .capture(&c, &id, &bundle, &spec, image.as_ref())
-                .map(Reply::Captured)
+            let captured = Store::for_bundle(&roots.namespace, &bundle)?.capture(
+                &c,
+                &id,
+                &bundle,
+                &spec,
+                image.as_ref(),
+            )?;
+            Ok(Reply::Captured(captured))
         }
         Request::TemplateFailed {
             name,
@@ -377,7 +378,9 @@ fn handle(
         Request::Pids { id } => pids(roots.of(&id), &id).map(Reply::Pids),
         Request::CgroupsPath { id } => {
             let c = load(roots.of(&id), &id)?;
-            let config = c.spec().map_err(failed(&id, "read the config of"))?;
+            let config = c
+                .spec()
+                .map_err(YoukiError::container(&id, "read the config of"))?;
             Ok(Reply::Path(config.cgroup_path))
         }
         Request::Delete { id, bundle } => {
@@ -391,37 +394,15 @@ fn handle(
     }
 }
 
-fn failed<'a>(
-    id: &'a str,
-    what: &'a str,
-) -> impl FnOnce(libcontainer::error::LibcontainerError) -> EngineError + 'a {
-    move |e| EngineError::Failed(format!("cannot {what} container {id}: {}", chain(&e)))
-}
-
-/// An error with its sources, which is where libcontainer puts the detail.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
-}
-
-fn load(root: &Path, id: &str) -> Result<Container, EngineError> {
+fn load(root: &Path, id: &str) -> Result<Container, YoukiError> {
     let dir = root.join(id);
     if !dir.exists() {
-        return Err(EngineError::NotFound(format!(
+        return Err(YoukiError::NotFound(format!(
             "container {id} has no state in {}",
             dir.display()
         )));
     }
-    Container::load(dir).map_err(failed(id, "load"))
+    Container::load(dir).map_err(YoukiError::container(id, "load"))
 }
 
 fn builder(
@@ -429,11 +410,11 @@ fn builder(
     id: &str,
     stdio: StdioMask,
     fds: Vec<OwnedFd>,
-) -> Result<ContainerBuilder, EngineError> {
+) -> Result<ContainerBuilder, YoukiError> {
     create_state_root(root)?;
     let mut b = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
-        .map_err(failed(id, "use state dir for"))?;
+        .map_err(YoukiError::container(id, "use state dir for"))?;
     let mut fds = fds.into_iter();
     let mut next = |wanted: bool| if wanted { fds.next() } else { None };
     if let Some(fd) = next(stdio.stdin) {
@@ -461,21 +442,20 @@ fn create(
     fds: Vec<OwnedFd>,
     no_pivot_root: bool,
     executors: &mut dyn ExecutorFactory,
-) -> Result<(u32, Option<PathBuf>), EngineError> {
+) -> Result<(u32, Option<PathBuf>), YoukiError> {
     mark("zygote.create.begin", id);
-    let mut spec = rootfs::SpecPaths::read(bundle).map_err(EngineError::InvalidSpec)?;
+    let mut spec = rootfs::SpecPaths::read(bundle)?;
     if mounts.is_empty() && !spec.root.is_dir() {
-        return Err(EngineError::InvalidSpec(format!(
+        return Err(YoukiError::invalid(format!(
             "cannot create container {id}: its rootfs {} does not exist",
             spec.root.display()
         )));
     }
-    spec.normalize_root_propagation(bundle)
-        .map_err(EngineError::Failed)?;
+    spec.normalize_root_propagation(bundle)?;
     crate::gpu::prepare(id, bundle)?;
     let b = builder(root, id, stdio, fds)?;
     let target = bundle.join("rootfs");
-    rootfs::mount_all(mounts, &target).map_err(EngineError::Failed)?;
+    rootfs::mount_all(mounts, &target)?;
     mark("zygote.rootfs_mounted", id);
     if let Err(e) = spec.create_cwd() {
         tracing::warn!(id, "cannot create the process's cwd: {e}");
@@ -491,7 +471,7 @@ fn create(
             if let Err(clean) = delete(root, id, bundle) {
                 tracing::warn!(id, "cleanup after failed create: {clean:?}");
             }
-            return Err(e);
+            return Err(e.into());
         }
     };
     let built = b.validate_id().and_then(|b| {
@@ -503,12 +483,15 @@ fn create(
             .with_detach(true)
             .build()
     });
-    match built
-        .map_err(|e| EngineError::Failed(chain(&e)))
-        .and_then(|c| {
-            secure_state(&root.join(id))?;
-            Ok(c)
-        }) {
+    let built = built.map_err(|source| YoukiError::Create {
+        id: id.to_string(),
+        hint: spec.diagnose_cwd(),
+        source: Box::new(source),
+    });
+    match built.and_then(|c| {
+        secure_state(&root.join(id))?;
+        Ok(c)
+    }) {
         Ok(c) => {
             let pid = c.pid().map(Pid::as_raw).unwrap_or_default();
             mark("zygote.create.end", id);
@@ -518,16 +501,10 @@ fn create(
             Ok((pid as u32, Some(cgroups_path)))
         }
         Err(e) => {
-            let mut text = format!("cannot create container {id}: {e}");
-            if let Some(hint) = spec.diagnose_cwd() {
-                text.push_str(": ");
-                text.push_str(&hint);
-            }
-            let err = EngineError::Failed(text);
             if let Err(clean) = delete(root, id, bundle) {
                 tracing::warn!(id, "cleanup after failed create: {clean:?}");
             }
-            Err(err)
+            Err(e)
         }
     }
 }
@@ -545,10 +522,10 @@ fn restore_container(
     image: Option<&ImageRef>,
     stdio: StdioMask,
     fds: Vec<OwnedFd>,
-) -> Result<(u32, Option<PathBuf>), EngineError> {
-    let spec = rootfs::SpecPaths::read(bundle).map_err(EngineError::InvalidSpec)?;
+) -> Result<(u32, Option<PathBuf>), YoukiError> {
+    let spec = rootfs::SpecPaths::read(bundle)?;
     if mounts.is_empty() && !spec.root.is_dir() {
-        return Err(EngineError::InvalidSpec(format!(
+        return Err(YoukiError::invalid(format!(
             "cannot restore container {id}: its rootfs {} does not exist",
             spec.root.display()
         )));
@@ -571,7 +548,7 @@ fn restore_container(
         }
     };
     let from = &from;
-    rootfs::mount_all(&mounts, &bundle.join("rootfs")).map_err(EngineError::Failed)?;
+    rootfs::mount_all(&mounts, &bundle.join("rootfs"))?;
     create_state_root(root)?;
     let restored = checkpoint::restore(id, bundle, &root.join(id), from, streams)
         .and_then(|pid| secure_state(&root.join(id)).map(|()| pid));
@@ -597,18 +574,17 @@ fn exec(
     process: &serde_json::Value,
     stdio: StdioMask,
     fds: Vec<OwnedFd>,
-) -> Result<u32, EngineError> {
+) -> Result<u32, YoukiError> {
     let dir = root.join(id);
     if !dir.exists() {
-        return Err(EngineError::NotFound(format!("container {id}")));
+        return Err(YoukiError::NotFound(format!("container {id}")));
     }
     let container = load(root, id)?;
     let config = container.bundle().join("config.json");
-    let spec = Spec::load(&config).map_err(|e| {
-        EngineError::Failed(format!("cannot read {}: {}", config.display(), chain(&e)))
-    })?;
+    let spec =
+        Spec::load(&config).map_err(|e| YoukiError::io("read", &config)(io::Error::other(e)))?;
     let process: Process = serde_json::from_value(process.clone()).map_err(|e| {
-        EngineError::InvalidSpec(format!("the process spec of exec {exec_id}: {e}"))
+        YoukiError::invalid_because(format!("the process spec of exec {exec_id}"), e)
     })?;
     let plan = exec_security::plan(&spec, process, exec_security::selinux_enabled())?;
     // The process spec holds its environment: readable by root only, as the state is.
@@ -624,7 +600,7 @@ fn exec(
                 .open(&path)?
                 .write_all(&bytes)
         });
-    written.map_err(|e| EngineError::Failed(format!("cannot write {}: {e}", path.display())))?;
+    written.map_err(YoukiError::io("write", &path))?;
     let built = builder(root, id, stdio, fds).and_then(|b| {
         b.with_executor(plan.security)
             .as_tenant()
@@ -633,11 +609,10 @@ fn exec(
             .as_sibling(true)
             .with_detach(true)
             .build()
-            .map_err(|e| {
-                EngineError::Failed(format!(
-                    "cannot exec {exec_id} in container {id}: {}",
-                    chain(&e)
-                ))
+            .map_err(|source| YoukiError::Exec {
+                exec_id: exec_id.to_string(),
+                id: id.to_string(),
+                source: Box::new(source),
             })
     });
     let _ = fs::remove_file(&path);
@@ -646,48 +621,50 @@ fn exec(
 
 /// Creates a state root (`/run/hyperbox/youki/NAMESPACE`, or the `root` runtime option's)
 /// readable by root only, as runc keeps its root (0700), and tightens one made earlier.
-fn create_state_root(root: &Path) -> Result<(), EngineError> {
-    let failed = |e: io::Error| {
-        EngineError::Failed(format!("cannot create state dir {}: {e}", root.display()))
-    };
+fn create_state_root(root: &Path) -> Result<(), YoukiError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(root)
-        .map_err(failed)?;
-    fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(failed)
+        .map_err(YoukiError::io("create state dir", root))?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+        .map_err(YoukiError::io("create state dir", root))
 }
 
 /// Gives a container's state runc's modes: its directory 0711, and its files (`state.json`,
 /// libcontainer's copy of the config, with every annotation and environment variable) 0600.
-fn secure_state(dir: &Path) -> Result<(), EngineError> {
-    let failed = |p: &Path, e: io::Error| {
-        EngineError::Failed(format!("cannot restrict the state {}: {e}", p.display()))
-    };
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o711)).map_err(|e| failed(dir, e))?;
-    for entry in fs::read_dir(dir).map_err(|e| failed(dir, e))? {
-        let entry = entry.map_err(|e| failed(dir, e))?;
+fn secure_state(dir: &Path) -> Result<(), YoukiError> {
+    let failed = |p: &Path| YoukiError::io("restrict the state", p.to_path_buf());
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o711)).map_err(failed(dir))?;
+    for entry in fs::read_dir(dir).map_err(failed(dir))? {
+        let entry = entry.map_err(failed(dir))?;
         if entry.file_type().is_ok_and(|t| t.is_file()) {
             let path = entry.path();
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-                .map_err(|e| failed(&path, e))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(failed(&path))?;
         }
     }
     Ok(())
 }
 
-fn pids(root: &Path, id: &str) -> Result<Vec<u32>, EngineError> {
+fn pids(root: &Path, id: &str) -> Result<Vec<u32>, YoukiError> {
     let c = load(root, id)?;
-    let config = c.spec().map_err(failed(id, "read the config of"))?;
+    let config = c
+        .spec()
+        .map_err(YoukiError::container(id, "read the config of"))?;
+    let cgroup = |what, source| YoukiError::Cgroup {
+        what,
+        id: id.to_string(),
+        source,
+    };
     let manager = create_cgroup_manager(CgroupConfig {
         cgroup_path: config.cgroup_path,
         systemd_cgroup: false,
         container_name: id.to_string(),
     })
-    .map_err(|e| EngineError::Failed(format!("cgroup of container {id}: {}", chain(&e))))?;
+    .map_err(|e| cgroup("open", e.into()))?;
     let pids = manager
         .get_all_pids()
-        .map_err(|e| EngineError::Failed(format!("pids of container {id}: {}", chain(&e))))?;
+        .map_err(|e| cgroup("list the pids in", e.into()))?;
     Ok(pids.into_iter().map(|p| p.as_raw() as u32).collect())
 }
 
@@ -698,7 +675,7 @@ pub(crate) fn delete_after_lost_shim(
     default_root: PathBuf,
     id: &str,
     bundle: &Path,
-) -> Result<(), EngineError> {
+) -> Result<(), YoukiError> {
     let mut roots = StateRoots {
         default: default_root,
         by_id: HashMap::new(),
@@ -710,26 +687,24 @@ pub(crate) fn delete_after_lost_shim(
     Ok(())
 }
 
-fn delete(root: &Path, id: &str, bundle: &Path) -> Result<(), EngineError> {
+fn delete(root: &Path, id: &str, bundle: &Path) -> Result<(), YoukiError> {
     let dir = root.join(id);
     let mut result = Ok(());
     if dir.exists() {
         match Container::load(dir.clone()) {
             Ok(mut c) => {
                 if let Err(e) = c.delete(true) {
-                    result = Err(EngineError::Failed(format!(
-                        "cannot delete container {id}: {}",
-                        chain(&e)
-                    )));
+                    result = Err(YoukiError::container(id, "delete")(e));
                 }
             }
             Err(e) => {
-                tracing::warn!(id, "unreadable state, removing it: {}", chain(&e));
+                let e = EngineError::from(YoukiError::container(id, "load")(e));
+                tracing::warn!(id, "unreadable state, removing it: {e}");
                 let _ = fs::remove_dir_all(&dir);
             }
         }
     }
-    rootfs::unmount_all(&bundle.join("rootfs")).map_err(EngineError::Failed)?;
+    rootfs::unmount_all(&bundle.join("rootfs"))?;
     // The namespace's state dir goes with its last container.
     let _ = fs::remove_dir(root);
     result

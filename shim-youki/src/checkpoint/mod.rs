@@ -28,7 +28,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use hyperbox_shim_core::{CheckpointSpec, EngineError, RestoreSpec};
+use hyperbox_shim_core::{CheckpointSpec, RestoreSpec};
 use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
 use libcontainer::config::YoukiConfig;
 use libcontainer::container::{Container, ContainerStatus};
@@ -37,7 +37,8 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use rust_criu::rust_criu_protobuf::rpc;
 use serde::{Deserialize, Serialize};
 
-use crate::criu::{self, Criu};
+use crate::criu::{self, Criu, CriuError};
+use crate::error::YoukiError;
 
 /// What a dump records beside CRIU's images for the restore.
 const METADATA: &str = "hyperbox-checkpoint.json";
@@ -83,14 +84,12 @@ struct Metadata {
     empty_tmpfs: Vec<String>,
 }
 
-fn failed(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Failed(e.to_string())
-}
-
-pub(crate) fn load_spec(bundle: &Path) -> Result<Spec, EngineError> {
+pub(crate) fn load_spec(bundle: &Path) -> Result<Spec, YoukiError> {
     let path = bundle.join("config.json");
-    Spec::load(&path)
-        .map_err(|e| EngineError::InvalidSpec(format!("cannot read {}: {e}", path.display())))
+    Spec::load(&path).map_err(|e| YoukiError::Config {
+        path,
+        source: e.into(),
+    })
 }
 
 fn rootfs_of(bundle: &Path, spec: &Spec) -> PathBuf {
@@ -102,15 +101,15 @@ fn rootfs_of(bundle: &Path, spec: &Spec) -> PathBuf {
     bundle.join(root)
 }
 
-fn open_dir(path: &Path, create: bool) -> Result<fs::File, EngineError> {
+fn open_dir(path: &Path, create: bool) -> Result<fs::File, YoukiError> {
     if create {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(path)
-            .map_err(|e| failed(format!("cannot create {}: {e}", path.display())))?;
+            .map_err(YoukiError::io("create", path))?;
     }
-    fs::File::open(path).map_err(|e| failed(format!("cannot open {}: {e}", path.display())))
+    fs::File::open(path).map_err(YoukiError::io("open", path))
 }
 
 /// A standard stream from outside the container, as CRIU knows it.
@@ -138,17 +137,17 @@ fn describe(refused: &criu::Refused, log: &Path) -> String {
 }
 
 /// Checkpoints container `c` (whose bundle is `bundle`) as `spec` says.
-pub fn dump(c: &Container, bundle: &Path, spec: &CheckpointSpec) -> Result<(), EngineError> {
+pub fn dump(c: &Container, bundle: &Path, spec: &CheckpointSpec) -> Result<(), YoukiError> {
     let id = c.id().to_string();
     let criu = Criu::get()?.with_timeout(spec.timeout);
     let pid = c
         .pid()
-        .ok_or_else(|| EngineError::NotFound(format!("container {id} has no init pid")))?
+        .ok_or_else(|| YoukiError::NotFound(format!("container {id} has no init pid")))?
         .as_raw();
     let oci = load_spec(bundle)?;
     let cgroup_path = c
         .spec()
-        .map_err(|e| failed(format!("cannot read the config of container {id}: {e}")))?
+        .map_err(YoukiError::container(&id, "read the config of"))?
         .cgroup_path;
 
     let images = open_dir(&spec.image_dir, true)?;
@@ -189,7 +188,7 @@ pub fn dump(c: &Container, bundle: &Path, spec: &CheckpointSpec) -> Result<(), E
     let (opts, meta) = request::dump(&choices, &oci, facts);
     let meta_path = spec.image_dir.join(METADATA);
     fs::write(&meta_path, serde_json::to_vec(&meta).unwrap_or_default())
-        .map_err(|e| failed(format!("cannot write {}: {e}", meta_path.display())))?;
+        .map_err(YoukiError::io("write", &meta_path))?;
 
     let mut req = rpc::Criu_req::new();
     req.set_type(rpc::Criu_req_type::DUMP);
@@ -212,16 +211,17 @@ pub fn dump(c: &Container, bundle: &Path, spec: &CheckpointSpec) -> Result<(), E
                     .and_then(|()| {
                         fs::write(&path, serde_json::to_vec(&record).unwrap_or_default())
                     })
-                    .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
+                    .map_err(YoukiError::io("write", &path))?;
             }
             tracing::info!(id, pid, "dumped");
             Ok(())
         }
-        Err(refused) => Err(EngineError::Failed(format!(
-            "cannot checkpoint container {id}: {}; the container runs on; CRIU's log: {}",
-            describe(&refused, &log),
-            log.display()
-        ))),
+        Err(refused) => Err(CriuError::Refused {
+            what: format!("checkpoint container {id}"),
+            reason: format!("{}; the container runs on", describe(&refused, &log)),
+            log,
+        }
+        .into()),
     }
 }
 
@@ -271,16 +271,12 @@ struct FreshTmpfs {
 }
 
 impl FreshTmpfs {
-    fn mount(path: &Path, flags: MsFlags, data: &str) -> Result<FreshTmpfs, EngineError> {
-        fs::create_dir(path)
-            .map_err(|e| failed(format!("cannot create {}: {e}", path.display())))?;
+    fn mount(path: &Path, flags: MsFlags, data: &str) -> Result<FreshTmpfs, YoukiError> {
+        fs::create_dir(path).map_err(YoukiError::io("create", path))?;
         let data = (!data.is_empty()).then_some(data);
         if let Err(e) = mount(Some("tmpfs"), path, Some("tmpfs"), flags, data) {
             let _ = fs::remove_dir(path);
-            return Err(failed(format!(
-                "cannot mount a tmpfs at {}: {e}",
-                path.display()
-            )));
+            return Err(YoukiError::io("mount a tmpfs at", path)(e.into()));
         }
         Ok(FreshTmpfs {
             path: path.to_path_buf(),
@@ -295,18 +291,18 @@ impl Drop for FreshTmpfs {
     }
 }
 
-fn read_metadata(id: &str, dir: &Path) -> Result<Metadata, EngineError> {
+fn read_metadata(id: &str, dir: &Path) -> Result<Metadata, YoukiError> {
     let path = dir.join(METADATA);
     fs::read(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(|e| {
-            EngineError::InvalidSpec(format!(
+        .and_then(|b| Ok(serde_json::from_slice(&b)?))
+        .map_err(|e: std::io::Error| {
+            let message = format!(
                 "cannot restore container {id}: {} is not a checkpoint of this shim: cannot \
-                 read {}: {e}",
+                 read {}",
                 dir.display(),
                 path.display()
-            ))
+            );
+            YoukiError::invalid_because(message, e)
         })
 }
 
@@ -318,7 +314,7 @@ pub fn restore(
     state_dir: &Path,
     from: &RestoreSpec,
     stdio: RestoreStdio,
-) -> Result<u32, EngineError> {
+) -> Result<u32, YoukiError> {
     let criu = Criu::get()?.with_timeout(from.timeout);
     let oci = load_spec(bundle)?;
     let mut meta = read_metadata(id, &from.image_dir)?;
@@ -336,7 +332,7 @@ pub fn restore(
     };
     let images = open_dir(&from.image_dir, false)?;
     if state_dir.exists() {
-        return Err(EngineError::InvalidSpec(format!(
+        return Err(YoukiError::invalid(format!(
             "cannot restore container {id}: its state {} exists",
             state_dir.display()
         )));
@@ -345,7 +341,7 @@ pub fn restore(
         .recursive(true)
         .mode(0o711)
         .create(state_dir)
-        .map_err(|e| failed(format!("cannot create {}: {e}", state_dir.display())))?;
+        .map_err(YoukiError::io("create", state_dir))?;
     let mut undo = Undo {
         state_dir,
         cgroup: None,
@@ -380,7 +376,7 @@ pub fn restore(
             .flatten()
             .find(|m| m.destination() == Path::new(dest) && m.typ().as_deref() == Some("tmpfs"))
             .ok_or_else(|| {
-                EngineError::InvalidSpec(format!(
+                YoukiError::invalid(format!(
                     "cannot restore container {id}: the checkpoint has a tmpfs at {dest}, its \
                      spec has none"
                 ))
@@ -390,8 +386,7 @@ pub fn restore(
         fresh.push((format!("{EMPTY_TMPFS}{dest}"), dir));
     }
     let criu_root = state_dir.join(CRIU_ROOT);
-    fs::create_dir(&criu_root)
-        .map_err(|e| failed(format!("cannot create {}: {e}", criu_root.display())))?;
+    fs::create_dir(&criu_root).map_err(YoukiError::io("create", &criu_root))?;
     mount(
         Some(&rootfs),
         &criu_root,
@@ -399,7 +394,7 @@ pub fn restore(
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|e| failed(format!("cannot bind {} for CRIU: {e}", rootfs.display())))?;
+    .map_err(|e| YoukiError::io("bind for CRIU the rootfs", &rootfs)(e.into()))?;
     // Lazily: the daemon that serves the memory listens in the work directory before CRIU
     // restores, and CRIU's restore leaves the pages to it.
     // A restore that fails leaves no daemon waiting for it.
@@ -424,25 +419,24 @@ pub fn restore(
     let pid = match restored? {
         Ok(pid) => pid,
         Err(refused) => {
-            return Err(EngineError::Failed(format!(
-                "cannot restore container {id} from {}: {}; CRIU's log: {}",
-                from.image_dir.display(),
-                describe(&refused, &log),
-                log.display()
-            )));
+            return Err(CriuError::Refused {
+                what: format!("restore container {id} from {}", from.image_dir.display()),
+                reason: describe(&refused, &log),
+                log,
+            }
+            .into());
         }
     };
     // libcontainer's state, as if it had created the container: exec, kill, pids and delete
     // find the init and the cgroup through it.
     let mut c = Container::new(id, ContainerStatus::Running, Some(pid), bundle, state_dir)
-        .map_err(|e| failed(format!("cannot record container {id}: {e}")))?;
+        .map_err(YoukiError::container(id, "record"))?;
     c.set_systemd(false);
     c.set_creator(nix::unistd::geteuid().as_raw());
-    c.save()
-        .map_err(|e| failed(format!("cannot save container {id}: {e}")))?;
+    c.save().map_err(YoukiError::container(id, "save"))?;
     YoukiConfig::from_spec(&oci, id)
         .and_then(|config| config.save(state_dir))
-        .map_err(|e| failed(format!("cannot save the config of container {id}: {e}")))?;
+        .map_err(|e| YoukiError::container(id, "save the config of")(e.into()))?;
     undo.armed = false;
     tracing::info!(id, pid, "restored");
     Ok(pid as u32)
@@ -461,7 +455,7 @@ fn run_restore(
     stdio: RestoreStdio,
     from: &RestoreSpec,
     undo: &mut Undo<'_>,
-) -> Result<Result<i32, criu::Refused>, EngineError> {
+) -> Result<Result<i32, criu::Refused>, YoukiError> {
     let v1_cgroup_mounts = probe::v1_cgroup_mounts(oci)?;
     let console_socket = stdio.console_socket.clone();
     let facts = request::RestoreFacts {
@@ -483,7 +477,7 @@ fn run_restore(
         .read(true)
         .write(true)
         .open("/dev/null")
-        .map_err(|e| failed(format!("cannot open /dev/null: {e}")))?;
+        .map_err(YoukiError::io("open", "/dev/null"))?;
     let mut held: Vec<(RawFd, OwnedFd)> = Vec::new();
     let mut streams = stdio.streams;
     for (n, what) in inherit {
@@ -493,16 +487,17 @@ fn run_restore(
                     Some(fd) => fd,
                     None => null
                         .try_clone()
-                        .map_err(|e| failed(format!("cannot duplicate /dev/null: {e}")))?
+                        .map_err(YoukiError::io("duplicate", "/dev/null"))?
                         .into(),
                 }
             }
             request::Inherited::Namespace(path) => fs::File::open(&path)
                 .map_err(|e| {
-                    EngineError::InvalidSpec(format!(
-                        "cannot restore container {id}: namespace {} does not exist: {e}",
+                    let message = format!(
+                        "cannot restore container {id}: namespace {} does not exist",
                         path.display()
-                    ))
+                    );
+                    YoukiError::invalid_because(message, e)
                 })?
                 .into(),
         };
@@ -517,8 +512,11 @@ fn run_restore(
         systemd_cgroup: false,
         container_name: id.to_string(),
     };
-    let manager = create_cgroup_manager(config)
-        .map_err(|e| failed(format!("cgroup of container {id}: {e}")))?;
+    let manager = create_cgroup_manager(config).map_err(|e| YoukiError::Cgroup {
+        what: "open",
+        id: id.to_string(),
+        source: e.into(),
+    })?;
     undo.cgroup = Some(manager);
     let resources = oci
         .linux()
@@ -533,10 +531,15 @@ fn run_restore(
     // CRIU joins the container's cgroup before it restores, and re-roots the images' cgroups
     // onto the one it is in (runc's criuApplyCgroups).
     let manager = undo.cgroup.as_ref().expect("set above");
-    let started = |criu_pid: nix::unistd::Pid| -> Result<(), EngineError> {
-        manager
-            .add_task(criu_pid)
-            .map_err(|e| failed(format!("cannot put CRIU in the cgroup of {id}: {e}")))?;
+    let cgroup = |what| {
+        move |e: libcgroups::common::AnyManagerError| YoukiError::Cgroup {
+            what,
+            id: id.to_string(),
+            source: e.into(),
+        }
+    };
+    let started = |criu_pid: nix::unistd::Pid| -> Result<(), YoukiError> {
+        manager.add_task(criu_pid).map_err(cgroup("put CRIU in"))?;
         manager
             .apply(&ControllerOpt {
                 resources: &resources,
@@ -544,18 +547,18 @@ fn run_restore(
                 oom_score_adj: None,
                 freezer_state: None,
             })
-            .map_err(|e| failed(format!("cannot set the cgroup of {id}: {e}")))?;
+            .map_err(cgroup("set"))?;
         Ok(())
     };
     // The cgroup roots are known only once CRIU runs in the cgroup, so the request is built
     // around a hook: the roots come from the CRIU process's /proc entry.
     let mut terminal_sent = false;
-    let notified = |script: &str, fd: Option<OwnedFd>| -> Result<(), EngineError> {
+    let notified = |script: &str, fd: Option<OwnedFd>| -> Result<(), YoukiError> {
         if script != "orphan-pts-master" {
             return Ok(());
         }
         let (Some(socket), Some(master)) = (&console_socket, fd) else {
-            return Err(failed(format!(
+            return Err(YoukiError::Failed(format!(
                 "cannot restore container {id}: CRIU sent a terminal it was not asked for"
             )));
         };
@@ -587,7 +590,7 @@ fn run_restore(
                 nix::unistd::Pid::from_raw(resp.restore.pid()),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            return Err(EngineError::InvalidSpec(format!(
+            return Err(YoukiError::invalid(format!(
                 "cannot restore container {id} with a terminal: its checkpoint has none"
             )));
         }

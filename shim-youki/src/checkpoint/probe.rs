@@ -8,26 +8,31 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use hyperbox_shim_core::EngineError;
 use libcgroups::common::{get_cgroup_setup, CgroupSetup};
 use libcgroups::v1::ControllerType;
 use libcontainer::oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::request::{masked_paths, namespace_path, Masked};
-use super::{failed, Stream};
+use super::Stream;
+use crate::error::YoukiError;
 
 /// The host's cgroup v1 hierarchies, which libcontainer bind-mounts into a container whose
 /// spec mounts `cgroup`: external mounts for CRIU, under the same path on both sides.
-pub(super) fn v1_cgroup_mounts(spec: &Spec) -> Result<Vec<String>, EngineError> {
+pub(super) fn v1_cgroup_mounts(spec: &Spec) -> Result<Vec<String>, YoukiError> {
     let wants = spec
         .mounts()
         .iter()
         .flatten()
         .any(|m| m.typ().as_deref() == Some("cgroup"));
-    if !wants || matches!(get_cgroup_setup().map_err(failed)?, CgroupSetup::Unified) {
+    if !wants {
         return Ok(Vec::new());
     }
-    let points = libcgroups::v1::util::list_subsystem_mount_points().map_err(failed)?;
+    let setup = get_cgroup_setup().map_err(YoukiError::sys("tell the host's cgroup setup"))?;
+    if matches!(setup, CgroupSetup::Unified) {
+        return Ok(Vec::new());
+    }
+    let points = libcgroups::v1::util::list_subsystem_mount_points()
+        .map_err(YoukiError::sys("find the host's cgroup v1 mounts"))?;
     Ok(points
         .into_iter()
         .filter(|p| p.starts_with("/sys/fs/cgroup"))
@@ -36,13 +41,13 @@ pub(super) fn v1_cgroup_mounts(spec: &Spec) -> Result<Vec<String>, EngineError> 
 }
 
 /// The freezer directory of a container's cgroup (`cgroup_path` as libcontainer applied it).
-pub(super) fn freezer_dir(cgroup_path: &Path) -> Result<PathBuf, EngineError> {
+pub(super) fn freezer_dir(cgroup_path: &Path) -> Result<PathBuf, YoukiError> {
     let relative = cgroup_path.strip_prefix("/").unwrap_or(cgroup_path);
-    match get_cgroup_setup().map_err(failed)? {
+    match get_cgroup_setup().map_err(YoukiError::sys("tell the host's cgroup setup"))? {
         CgroupSetup::Unified => Ok(Path::new("/sys/fs/cgroup").join(relative)),
         _ => Ok(
             libcgroups::v1::util::get_subsystem_mount_point(&ControllerType::Freezer)
-                .map_err(failed)?
+                .map_err(YoukiError::sys("find the host's freezer cgroup mount"))?
                 .join(relative),
         ),
     }
@@ -104,12 +109,12 @@ pub(super) fn masked(spec: &Spec, pid: i32) -> BTreeMap<String, Masked> {
 /// with its inode.
 pub(super) fn external_namespaces(
     spec: &Spec,
-) -> Result<Vec<(LinuxNamespaceType, u64)>, EngineError> {
+) -> Result<Vec<(LinuxNamespaceType, u64)>, YoukiError> {
     let mut out = Vec::new();
     for ns in [LinuxNamespaceType::Network, LinuxNamespaceType::Pid] {
         if let Some(path) = namespace_path(spec, ns) {
             let ino = fs::metadata(&path)
-                .map_err(|e| failed(format!("cannot stat namespace {}: {e}", path.display())))?
+                .map_err(YoukiError::io("stat namespace", &path))?
                 .ino();
             out.push((ns, ino));
         }
@@ -147,9 +152,10 @@ pub(super) fn stdio_stream(pid: i32, n: u32) -> Option<Stream> {
 }
 
 /// The cgroup of each controller of `pid`, from `/proc/PID/cgroup` (`ID:CONTROLLERS:PATH`).
-pub(super) fn cgroup_roots(pid: i32) -> Result<Vec<(String, String)>, EngineError> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .map_err(|e| failed(format!("cannot read the cgroups of CRIU (pid {pid}): {e}")))?;
+pub(super) fn cgroup_roots(pid: i32) -> Result<Vec<(String, String)>, YoukiError> {
+    let path = format!("/proc/{pid}/cgroup");
+    let text =
+        fs::read_to_string(&path).map_err(YoukiError::io("read the cgroups of CRIU in", path))?;
     Ok(text
         .lines()
         .filter_map(|l| {

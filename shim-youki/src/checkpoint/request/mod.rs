@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use hyperbox_shim_core::{CheckpointSpec, EngineError, RestoreSpec};
+use hyperbox_shim_core::{CheckpointSpec, RestoreSpec};
 use libcontainer::oci_spec::runtime::{LinuxNamespaceType, Spec};
 use rust_criu::rust_criu_protobuf::rpc;
 
 use super::{Metadata, Stream, DUMP_LOG, EMPTY_TMPFS, MASKED_DIR, RESTORE_LOG};
+use crate::error::YoukiError;
 
 /// CRIU's log level: 4 is what runc uses (debug).
 const LOG_LEVEL: i32 = 4;
@@ -36,7 +37,7 @@ pub(super) struct DumpChoices {
 }
 
 impl DumpChoices {
-    pub(super) fn of(spec: &CheckpointSpec) -> Result<DumpChoices, EngineError> {
+    pub(super) fn of(spec: &CheckpointSpec) -> Result<DumpChoices, YoukiError> {
         let empty_ns = empty_ns(&spec.empty_namespaces)?;
         let cgroups_mode = cg_mode(spec.cgroups_mode.as_deref())?;
         Ok(DumpChoices {
@@ -314,7 +315,7 @@ fn skip_network_lock(opts: &mut rpc::Criu_opts, tcp_established: bool) {
     }
 }
 
-fn cg_mode(mode: Option<&str>) -> Result<Option<rpc::Criu_cg_mode>, EngineError> {
+fn cg_mode(mode: Option<&str>) -> Result<Option<rpc::Criu_cg_mode>, YoukiError> {
     Ok(match mode {
         None => None,
         Some("soft") => Some(rpc::Criu_cg_mode::SOFT),
@@ -322,20 +323,20 @@ fn cg_mode(mode: Option<&str>) -> Result<Option<rpc::Criu_cg_mode>, EngineError>
         Some("strict") => Some(rpc::Criu_cg_mode::STRICT),
         Some("ignore") => Some(rpc::Criu_cg_mode::IGNORE),
         Some(other) => {
-            return Err(EngineError::InvalidSpec(format!(
+            return Err(YoukiError::invalid(format!(
                 "unknown CRIU cgroup mode {other:?}"
             )))
         }
     })
 }
 
-fn empty_ns(names: &[String]) -> Result<u32, EngineError> {
+fn empty_ns(names: &[String]) -> Result<u32, YoukiError> {
     let mut mask = 0;
     for n in names {
         match n.as_str() {
             "network" => mask |= libc::CLONE_NEWNET as u32,
             other => {
-                return Err(EngineError::InvalidSpec(format!(
+                return Err(YoukiError::invalid(format!(
                     "CRIU cannot create the {other} namespace empty (only network)"
                 )))
             }

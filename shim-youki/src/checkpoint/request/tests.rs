@@ -1,6 +1,7 @@
 //! The request builder case by case: each option, each finding, dump against restore.
 
 use super::*;
+use hyperbox_shim_core::EngineError;
 use protobuf::reflect::ReflectFieldRef;
 use protobuf::MessageFull;
 use serde_json::json;
@@ -285,7 +286,7 @@ fn options_criu_cannot_take_are_refused_before_anything_is_probed() {
     for (what, asked, says) in cases {
         let mut checkpoint = CheckpointSpec::default();
         asked(&mut checkpoint);
-        let e = DumpChoices::of(&checkpoint).unwrap_err();
+        let e = EngineError::from(DumpChoices::of(&checkpoint).unwrap_err());
         assert!(
             matches!(&e, EngineError::InvalidSpec(m) if m.contains(says)),
             "{what}: {e}"
