@@ -119,9 +119,14 @@ pub(super) fn copy_tree(from: &Path, to: &Path, deadline: Instant) -> Result<(),
 /// The mount points of overlays (in this mount namespace, the host's and the shims') that
 /// have `layer` as a lower directory.
 pub(super) fn overlays_using(layer: &Path) -> Vec<PathBuf> {
-    let wanted = layer.to_string_lossy();
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
+    overlays_in(&text, layer)
+}
+
+/// [`overlays_using`] over the mount table `mountinfo`.
+fn overlays_in(mountinfo: &str, layer: &Path) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             let mut fields = right.split(' ');
@@ -129,10 +134,35 @@ pub(super) fn overlays_using(layer: &Path) -> Vec<PathBuf> {
             let lower = options
                 .split(',')
                 .find_map(|o| o.strip_prefix("lowerdir="))?;
-            (fstype == "overlay" && lower.split(':').any(|d| d == wanted))
-                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap_or_default()))
+            let uses = lower.split(':').any(|d| Path::new(&unescape(d)) == layer);
+            (fstype == "overlay" && uses)
+                .then(|| PathBuf::from(unescape(left.split(' ').nth(4).unwrap_or_default())))
         })
         .collect()
+}
+
+/// A mountinfo field as it was given: the kernel writes space, tab, newline and backslash (and
+/// in overlay options, comma) as `\ooo`. (procfs' `MountInfo` leaves them escaped.)
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Puts the overlay upper directory `upper` over the layer `dest` (a copy of a lower layer),
@@ -329,8 +359,28 @@ mod tests {
     }
 
     #[test]
+    fn escaped_paths_in_the_mount_table_are_read_as_given() {
+        let table = "\
+90 22 0:50 / /run/a\\040b/rootfs rw - overlay overlay rw,lowerdir=/t/my\\040layer:/t/base,upperdir=/t/u
+91 22 0:51 / /run/c/rootfs rw - overlay overlay rw,lowerdir=/t/my,upperdir=/t/u2
+92 22 8:1 /t/my\\040layer /mnt/bind rw - ext4 /dev/vda rw
+";
+        assert_eq!(
+            overlays_in(table, Path::new("/t/my layer")),
+            [PathBuf::from("/run/a b/rootfs")]
+        );
+        assert_eq!(
+            overlays_in(table, Path::new("/t/my")),
+            [PathBuf::from("/run/c/rootfs")]
+        );
+        assert!(overlays_in(table, Path::new("/t/my\\040layer")).is_empty());
+        assert_eq!(unescape("/x\\134y\\011z"), "/x\\y\tz");
+    }
+
+    #[test]
     fn a_layer_in_use_by_an_overlay_is_found() {
-        let root = std::env::temp_dir().join(format!("hb-in-use-{}", std::process::id()));
+        // A space in the path: the kernel's mount table escapes it.
+        let root = std::env::temp_dir().join(format!("hb in-use-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         for d in ["layer", "base", "upper", "work", "merged"] {
             fs::create_dir_all(root.join(d)).unwrap();
