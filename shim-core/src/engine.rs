@@ -157,6 +157,9 @@ pub struct ShimContext {
     /// Container id the shim was started for.
     pub id: String,
     pub action: ShimAction,
+    /// containerd's gRPC address (`-address`, as containerd starts shims), for engines that
+    /// ask containerd about a container's image; empty when none was given.
+    pub address: String,
 }
 
 /// A container engine behind the task service.

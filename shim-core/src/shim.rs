@@ -75,6 +75,7 @@ pub fn run(
             namespace: flags.namespace.clone(),
             id: flags.id.clone(),
             action,
+            address: flags.address.clone(),
         };
         match prepare(&ctx) {
             Ok(engine) => {

@@ -21,7 +21,8 @@ use containerd_client::tonic::{Code, Request, Status};
 use containerd_client::with_namespace;
 use oci_spec::image::{Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
-use tokio::sync::OnceCell;
+
+use hyperbox_shim_youki::Containerd;
 
 use crate::cache::sha256_hex;
 
@@ -39,7 +40,8 @@ const INDEX_TYPES: [&str; 2] = [
 /// Errors finding a container's image guest.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("cannot connect to containerd at {address}: {message}")]
+    /// `message` names the address and why (from the shim's containerd client).
+    #[error("{message}")]
     Connect { address: String, message: String },
     #[error("cannot get {what} from containerd: {status}")]
     Call { what: String, status: Box<Status> },
@@ -178,36 +180,26 @@ impl Handoff {
     }
 }
 
-/// containerd's API, as the shim reaches it (`-address`, in the shim's namespace).
+/// containerd's content and image services, as the shim reaches them (`-address`, in the
+/// shim's namespace), through the youki shim's client.
 #[derive(Debug)]
 pub struct ContentStore {
-    address: String,
-    namespace: String,
-    channel: OnceCell<Channel>,
+    containerd: Containerd,
 }
 
 impl ContentStore {
-    pub fn new(address: String, namespace: String) -> Self {
-        ContentStore {
-            address,
-            namespace,
-            channel: OnceCell::new(),
-        }
+    pub fn new(containerd: Containerd) -> Self {
+        ContentStore { containerd }
     }
 
     async fn channel(&self) -> Result<Channel, ImageError> {
-        self.channel
-            .get_or_try_init(|| async {
-                let path = self.address.trim_start_matches("unix://");
-                containerd_client::connect(path)
-                    .await
-                    .map_err(|e| ImageError::Connect {
-                        address: self.address.clone(),
-                        message: format!("{e:?}"),
-                    })
-            })
+        self.containerd
+            .channel()
             .await
-            .cloned()
+            .map_err(|message| ImageError::Connect {
+                address: self.containerd.address().to_string(),
+                message,
+            })
     }
 
     /// The whole blob `digest`.
@@ -221,7 +213,7 @@ impl ContentStore {
             ..Default::default()
         };
         let mut stream = ContentClient::new(self.channel().await?)
-            .read(with_namespace!(req, self.namespace))
+            .read(with_namespace!(req, self.containerd.namespace()))
             .await
             .map_err(call)?
             .into_inner();
@@ -244,7 +236,7 @@ impl ContentStore {
         let channel = self.channel().await?;
         let req = GetContainerRequest { id: id.to_string() };
         let container = ContainersClient::new(channel.clone())
-            .get(with_namespace!(req, self.namespace))
+            .get(with_namespace!(req, self.containerd.namespace()))
             .await
             .map_err(|status| ImageError::Call {
                 what: format!("container {id}"),
@@ -260,7 +252,7 @@ impl ContentStore {
             name: image.clone(),
         };
         let target = match ImagesClient::new(channel)
-            .get(with_namespace!(req, self.namespace))
+            .get(with_namespace!(req, self.containerd.namespace()))
             .await
         {
             Ok(r) => r.into_inner().image.and_then(|i| i.target),

@@ -29,8 +29,8 @@ pub const RUNTIME: &str = "io.containerd.hyperbox-wasm.v1";
 pub fn prepare(ctx: &ShimContext) -> Result<Arc<dyn Engine>, EngineError> {
     let executors = WasmExecutors::new(CompileCache::new(CACHE_DIR));
     let containers = hyperbox_shim_youki::prepare_with(ctx, Box::new(executors))?;
-    let images = hyperbox_shim_youki::containerd_address()
-        .map(|a| image::ContentStore::new(a, ctx.namespace.clone()));
+    let images = hyperbox_shim_youki::Containerd::new(&ctx.address, &ctx.namespace)
+        .map(image::ContentStore::new);
     if images.is_none() {
         tracing::warn!("no containerd address (-address): OCI wasm images cannot be read");
     }

@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 use crate::console::ConsoleSocket;
 use crate::error::YoukiError;
 use crate::executor::{ExecutorFactory, NativeExecutors};
-use crate::image::{containerd_address, ImageRef, Images};
+use crate::image::{Containerd, ImageRef, Images};
 use crate::template;
 use crate::wire::{self, Reply, Request, StdioMask, WireError};
 use crate::zygote;
@@ -61,7 +61,7 @@ pub fn prepare_with(
     Ok(Arc::new(YoukiEngine {
         zygote,
         namespace: ctx.namespace.clone(),
-        images: containerd_address().map(|a| Images::new(a, ctx.namespace.clone())),
+        images: Containerd::new(&ctx.address, &ctx.namespace).map(Images::new),
     }))
 }
 

@@ -18,34 +18,38 @@ pub struct ImageRef {
     pub digest: String,
 }
 
-/// containerd's gRPC address, from the `-address` flag containerd starts shims with.
-pub fn containerd_address() -> Option<String> {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    containerd_shim::parse(&args)
-        .ok()
-        .map(|f| f.address)
-        .filter(|a| !a.is_empty())
-}
-
-/// Lookups of containers' images in one containerd namespace, on one connection made when
-/// first needed.
+/// A connection to containerd's gRPC API, in one namespace, made when first needed: the one
+/// client both shims use (this one for a container's image, the wasm shim for its content).
 #[derive(Debug)]
-pub struct Images {
+pub struct Containerd {
     address: String,
     namespace: String,
     channel: OnceCell<Channel>,
 }
 
-impl Images {
-    pub fn new(address: String, namespace: String) -> Self {
-        Images {
-            address,
-            namespace,
+impl Containerd {
+    /// A client of containerd at `address` (`unix://PATH` or a path), for `namespace`; `None`
+    /// when the shim was given no address.
+    pub fn new(address: &str, namespace: &str) -> Option<Self> {
+        (!address.is_empty()).then(|| Containerd {
+            address: address.to_string(),
+            namespace: namespace.to_string(),
             channel: OnceCell::new(),
-        }
+        })
     }
 
-    async fn channel(&self) -> Result<Channel, String> {
+    /// The namespace its requests are made in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The address it connects to, for messages.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The connection, made on first use and kept.
+    pub async fn channel(&self) -> Result<Channel, String> {
         self.channel
             .get_or_try_init(|| async {
                 containerd_client::connect(self.address.trim_start_matches("unix://"))
@@ -55,13 +59,26 @@ impl Images {
             .await
             .cloned()
     }
+}
+
+/// Lookups of containers' images in one containerd namespace.
+#[derive(Debug)]
+pub struct Images {
+    containerd: Containerd,
+}
+
+impl Images {
+    pub fn new(containerd: Containerd) -> Self {
+        Images { containerd }
+    }
 
     /// Container `id`'s image; `None` when it was made without one or the image is gone.
     pub async fn of(&self, id: &str) -> Result<Option<ImageRef>, String> {
-        let channel = self.channel().await?;
+        let channel = self.containerd.channel().await?;
+        let namespace = self.containerd.namespace();
         let req = GetContainerRequest { id: id.to_string() };
         let container = ContainersClient::new(channel.clone())
-            .get(with_namespace!(req, self.namespace))
+            .get(with_namespace!(req, namespace))
             .await
             .map_err(|s| format!("cannot get container {id} from containerd: {s}"))?
             .into_inner()
@@ -71,7 +88,7 @@ impl Images {
         };
         let req = GetImageRequest { name: name.clone() };
         match ImagesClient::new(channel)
-            .get(with_namespace!(req, self.namespace))
+            .get(with_namespace!(req, namespace))
             .await
         {
             Ok(r) => Ok(r

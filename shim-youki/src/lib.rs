@@ -25,4 +25,4 @@ pub use cli::templates;
 pub use engine::{prepare, prepare_with};
 pub use executor::{ExecutorFactory, NativeExecutors, NewContainer};
 pub use features::oci_features;
-pub use image::containerd_address;
+pub use image::Containerd;
